@@ -1,0 +1,221 @@
+//! The contract between the layer and a database: where to read, where to
+//! write, and where the last write landed.
+//!
+//! The layer knows nothing about any database driver. A backend owns the
+//! connection pools and knows how far each replica has replayed;
+//! [`PgReplicaSet`](crate::pg::PgReplicaSet) is the sqlx implementation for
+//! PostgreSQL.
+//!
+//! # Example
+//!
+//! A backend for a single database with no replicas: every read is "caught
+//! up" because it goes to the primary.
+//!
+//! ```
+//! use read_after_write::{Backend, Lsn, RouteReason, Routed, WritePosition};
+//! use std::time::Duration;
+//!
+//! struct SingleNode {
+//!     pool: String, // stands in for a real connection pool
+//! }
+//!
+//! impl Backend for SingleNode {
+//!     type Pool = String;
+//!     type Error = std::io::Error;
+//!
+//!     fn primary(&self) -> &String {
+//!         &self.pool
+//!     }
+//!     fn eventual(&self) -> Routed<'_, String> {
+//!         Routed::primary(&self.pool, RouteReason::NoHealthyReplica)
+//!     }
+//!     async fn session(&self, _required: WritePosition, _max_wait: Duration) -> Routed<'_, String> {
+//!         Routed::primary(&self.pool, RouteReason::NoHealthyReplica)
+//!     }
+//!     async fn write_position(&self) -> Result<WritePosition, std::io::Error> {
+//!         Ok(WritePosition::new(Lsn::ZERO, 1, 0))
+//!     }
+//! }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use crate::position::WritePosition;
+
+/// A database topology the layer can route reads and writes over.
+///
+/// Implementations must make [`eventual`](Self::eventual) and, when a replica
+/// is already caught up, [`session`](Self::session) cheap: they run on every
+/// read and should cost no database round trip.
+pub trait Backend: Send + Sync + 'static {
+    /// What handlers run queries on, e.g. `sqlx::PgPool`.
+    type Pool: Send + Sync + 'static;
+    /// Why [`write_position`](Self::write_position) failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The primary, for writes and critical reads.
+    fn primary(&self) -> &Self::Pool;
+
+    /// Any healthy replica, or the primary when none is healthy. Ignores
+    /// every position.
+    fn eventual(&self) -> Routed<'_, Self::Pool>;
+
+    /// A node that has replayed at least `required`.
+    ///
+    /// If no replica has, wait at most `max_wait` for one, then fall back to
+    /// the primary. A `required` position from another timeline or cluster is
+    /// the backend's to rule on, and it must document its rule.
+    fn session(
+        &self,
+        required: WritePosition,
+        max_wait: Duration,
+    ) -> impl Future<Output = Routed<'_, Self::Pool>> + Send;
+
+    /// The primary's current write position, asked after the request's
+    /// commits so that it covers them.
+    fn write_position(&self) -> impl Future<Output = Result<WritePosition, Self::Error>> + Send;
+}
+
+/// Where a read went and why.
+#[derive(Debug)]
+pub struct Routed<'a, P> {
+    /// The pool to run the read on.
+    pub pool: &'a P,
+    /// Primary or replica.
+    pub target: Target,
+    /// The node's name, for logs and the debug header (e.g. `replica-1`).
+    pub node: &'a str,
+    /// Why it went there.
+    pub reason: RouteReason,
+}
+
+impl<'a, P> Routed<'a, P> {
+    /// A route to the primary, named `primary`.
+    ///
+    /// ```
+    /// use read_after_write::{RouteReason, Routed, Target};
+    ///
+    /// let pool = ();
+    /// let routed = Routed::primary(&pool, RouteReason::Critical);
+    /// assert_eq!((routed.target, routed.node), (Target::Primary, "primary"));
+    /// ```
+    pub fn primary(pool: &'a P, reason: RouteReason) -> Self {
+        Routed {
+            pool,
+            target: Target::Primary,
+            node: "primary",
+            reason,
+        }
+    }
+
+    /// A route to the replica called `node`.
+    ///
+    /// ```
+    /// use read_after_write::{RouteReason, Routed, Target};
+    ///
+    /// let pool = ();
+    /// let routed = Routed::replica(&pool, "replica-1", RouteReason::CaughtUp);
+    /// assert_eq!(routed.target, Target::Replica);
+    /// ```
+    pub fn replica(pool: &'a P, node: &'a str, reason: RouteReason) -> Self {
+        Routed {
+            pool,
+            target: Target::Replica,
+            node,
+            reason,
+        }
+    }
+}
+
+/// The kind of node a read went to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// The primary.
+    Primary,
+    /// A read replica.
+    Replica,
+}
+
+impl Target {
+    /// `primary` or `replica`, the metric label.
+    ///
+    /// ```
+    /// assert_eq!(read_after_write::Target::Replica.as_str(), "replica");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Primary => "primary",
+            Target::Replica => "replica",
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a read went where it did. Each is a `reason` label on
+/// `read_after_write_reads_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RouteReason {
+    /// Session read, no token: nothing to wait for, so any replica.
+    NoToken,
+    /// Session read; the replica had already replayed the token's position.
+    CaughtUp,
+    /// Session read; a replica caught up within `max_wait`.
+    CaughtUpAfterWait,
+    /// Session read; no replica caught up with `max_wait` of zero.
+    Lagging,
+    /// Session read; no replica caught up within `max_wait`.
+    WaitTimedOut,
+    /// Session read with a token from another timeline (a failover happened
+    /// since the write); only the primary is sure to hold what survived.
+    TimelineChanged,
+    /// Session read within the time window after a write, in time-window mode.
+    TimeWindow,
+    /// Session read after this same request wrote.
+    WroteThisRequest,
+    /// An explicitly eventual read.
+    Eventual,
+    /// A read for which no replica was healthy.
+    NoHealthyReplica,
+    /// An explicit critical read from the primary.
+    Critical,
+    /// A write.
+    Write,
+}
+
+impl RouteReason {
+    /// The metric label, e.g. `caught_up`.
+    ///
+    /// ```
+    /// assert_eq!(read_after_write::RouteReason::WaitTimedOut.as_str(), "wait_timed_out");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteReason::NoToken => "no_token",
+            RouteReason::CaughtUp => "caught_up",
+            RouteReason::CaughtUpAfterWait => "caught_up_after_wait",
+            RouteReason::Lagging => "lagging",
+            RouteReason::WaitTimedOut => "wait_timed_out",
+            RouteReason::TimelineChanged => "timeline_changed",
+            RouteReason::TimeWindow => "time_window",
+            RouteReason::WroteThisRequest => "wrote_this_request",
+            RouteReason::Eventual => "eventual",
+            RouteReason::NoHealthyReplica => "no_healthy_replica",
+            RouteReason::Critical => "critical",
+            RouteReason::Write => "write",
+        }
+    }
+}
+
+impl fmt::Display for RouteReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

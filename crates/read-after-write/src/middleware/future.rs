@@ -1,0 +1,176 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::{HeaderValue, Response};
+use pin_project_lite::pin_project;
+
+use super::{transport, Mode, Shared};
+use crate::backend::Backend;
+use crate::handle::{RequestState, Required};
+use crate::position::WritePosition;
+use crate::token::AffinityToken;
+
+type CaptureFuture = Pin<Box<dyn Future<Output = Option<WritePosition>> + Send>>;
+
+pin_project! {
+    /// Response future of [`ReadAfterWrite`](super::ReadAfterWrite).
+    ///
+    /// Once the handler's response is ready, and if the request wrote, it
+    /// asks the backend for the write position and attaches a fresh token.
+    pub struct ResponseFuture<F, B, ResBody>
+    where
+        B: Backend,
+    {
+        #[pin]
+        inner: F,
+        shared: Arc<Shared<B>>,
+        state: Arc<RequestState>,
+        // The handler's response, held while the write position is captured.
+        capturing: Option<(Response<ResBody>, CaptureFuture)>,
+    }
+}
+
+impl<F, B: Backend, ResBody> ResponseFuture<F, B, ResBody> {
+    pub(crate) fn new(inner: F, shared: Arc<Shared<B>>, state: Arc<RequestState>) -> Self {
+        ResponseFuture {
+            inner,
+            shared,
+            state,
+            capturing: None,
+        }
+    }
+}
+
+impl<F, B: Backend, ResBody> fmt::Debug for ResponseFuture<F, B, ResBody> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("capturing", &self.capturing.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, B, ResBody, E> Future for ResponseFuture<F, B, ResBody>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    B: Backend,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let (mut response, mut capture) = match this.capturing.take() {
+            Some(capturing) => capturing,
+            None => {
+                let mut response = ready!(this.inner.poll(cx))?;
+                match start_capture(this.shared, this.state, &mut response) {
+                    Some(capture) => (response, capture),
+                    None => {
+                        finish(this.shared, this.state, &mut response);
+                        return Poll::Ready(Ok(response));
+                    }
+                }
+            }
+        };
+        match capture.as_mut().poll(cx) {
+            Poll::Pending => {
+                *this.capturing = Some((response, capture));
+                Poll::Pending
+            }
+            Poll::Ready(written) => {
+                if let Some(written) = written {
+                    issue_token(this.shared, this.state, &mut response, written);
+                }
+                finish(this.shared, this.state, &mut response);
+                Poll::Ready(Ok(response))
+            }
+        }
+    }
+}
+
+/// Decides what a finished handler's response needs. Returns the capture of
+/// the write position when the request wrote in position mode; issues the
+/// token at once in time-window mode.
+fn start_capture<B: Backend, ResBody>(
+    shared: &Arc<Shared<B>>,
+    state: &RequestState,
+    response: &mut Response<ResBody>,
+) -> Option<CaptureFuture> {
+    if !state.wrote() {
+        return None;
+    }
+    metrics::counter!("read_after_write_writes_total").increment(1);
+    if state.user.is_none() {
+        tracing::debug!("request wrote but has no identity; no affinity token issued");
+        return None;
+    }
+    match shared.mode {
+        Mode::TimeWindow(_) => {
+            issue_token(shared, state, response, WritePosition::default());
+            None
+        }
+        Mode::Position => {
+            // The handler has returned, so its commits are done: a position
+            // asked for now covers them. This runs for 4xx and 5xx responses
+            // too, since a commit may still have happened.
+            let shared = Arc::clone(shared);
+            Some(Box::pin(async move {
+                match shared.backend.write_position().await {
+                    Ok(position) => Some(position),
+                    Err(error) => {
+                        metrics::counter!("read_after_write_capture_failures_total").increment(1);
+                        tracing::warn!(%error, "could not capture the write position; no affinity token issued");
+                        None
+                    }
+                }
+            }))
+        }
+    }
+}
+
+/// Signs a token for max(carried, written) and attaches it.
+fn issue_token<B: Backend, ResBody>(
+    shared: &Shared<B>,
+    state: &RequestState,
+    response: &mut Response<ResBody>,
+    written: WritePosition,
+) {
+    let Some(user) = state.user.clone() else {
+        return;
+    };
+    let position = match state.required {
+        Required::Position(carried) => carried.max(written),
+        Required::Nothing | Required::Primary => written,
+    };
+    let ttl = transport::ttl_seconds(shared).unsigned_abs();
+    let expires_at = shared.clock.now_unix().saturating_add(ttl);
+    let token =
+        AffinityToken::new(user, position, expires_at).sign(&shared.cookie_name, &shared.keys);
+    transport::attach_token(response.headers_mut(), shared, token);
+    metrics::counter!("read_after_write_tokens_issued_total").increment(1);
+    tracing::debug!(lsn = %position.lsn, timeline = position.timeline, "affinity token issued");
+}
+
+/// Adds the debug header when it is on.
+fn finish<B: Backend, ResBody>(
+    shared: &Shared<B>,
+    state: &RequestState,
+    response: &mut Response<ResBody>,
+) {
+    let Some(name) = &shared.debug_header else {
+        return;
+    };
+    let route = state.last_route.lock().ok().and_then(|last| last.clone());
+    let text = match route {
+        Some((node, reason)) => format!(
+            "node={node}; reason={reason}; token={}",
+            state.token.as_str()
+        ),
+        None => format!("node=none; token={}", state.token.as_str()),
+    };
+    if let Ok(value) = HeaderValue::try_from(text) {
+        response.headers_mut().insert(name.clone(), value);
+    }
+}

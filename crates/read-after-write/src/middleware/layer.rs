@@ -1,0 +1,169 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use tower_layer::Layer;
+
+use super::{IdentityFn, Mode, ReadAfterWrite, Shared, DEBUG_HEADER};
+use crate::backend::Backend;
+use crate::clock::Clock;
+use crate::token::{KeySet, UserId};
+
+/// Layer that applies [`ReadAfterWrite`]: verifies affinity tokens, gives
+/// handlers a [`Db`](crate::Db) handle and issues a fresh token after a
+/// request writes.
+///
+/// Cheap to clone; every clone shares one configuration. See the
+/// [module docs](crate::middleware) for an example.
+pub struct ReadAfterWriteLayer<B: Backend> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B: Backend> ReadAfterWriteLayer<B> {
+    /// A layer over `backend`, signing and verifying with `keys`.
+    ///
+    /// Defaults: cookie `primary_affinity` and header `x-primary-affinity`,
+    /// TTL 30 s, `max_wait` 20 ms, cookie `Secure`, tokens bound to no user
+    /// until [`identity`](Self::identity) is set.
+    pub fn new(backend: B, keys: impl Into<KeySet>) -> Self {
+        Self::from_arc(Arc::new(backend), keys)
+    }
+
+    /// Like [`new`](Self::new) for a backend that is already shared, e.g.
+    /// with a background task or a second layer.
+    pub fn from_arc(backend: Arc<B>, keys: impl Into<KeySet>) -> Self {
+        ReadAfterWriteLayer {
+            shared: Arc::new(Shared::new(backend, keys.into())),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Shared<B>)) -> Self {
+        f(Arc::make_mut(&mut self.shared));
+        self
+    }
+
+    /// Binds tokens to the requester's identity, read from the request parts
+    /// (headers, or extensions set by an authentication layer that runs
+    /// before this one).
+    ///
+    /// A token whose user differs from the requester's is ignored. A request
+    /// for which `identify` returns `None` gets no token and has its token
+    /// ignored, unless [`allow_anonymous`](Self::allow_anonymous) is set.
+    pub fn identity<F>(self, identify: F) -> Self
+    where
+        F: Fn(&http::request::Parts) -> Option<UserId> + Send + Sync + 'static,
+    {
+        let identify: IdentityFn = Arc::new(identify);
+        self.edit(|s| s.identity = Some(identify))
+    }
+
+    /// Whether requests without an identity read and receive tokens bound to
+    /// the anonymous user. On by default until an identity function is set;
+    /// the cookie jar itself is then what ties a token to a browser.
+    pub fn allow_anonymous(self, allow: bool) -> Self {
+        self.edit(|s| s.allow_anonymous = Some(allow))
+    }
+
+    /// The cookie's name, also mixed into every token's MAC.
+    pub fn cookie_name(self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.edit(|s| s.cookie_name = name)
+    }
+
+    /// The request and response header that carries the token for API and
+    /// gRPC clients, which send back what they were given.
+    pub fn token_header(self, name: HeaderName) -> Self {
+        self.edit(|s| s.token_header = Some(name))
+    }
+
+    /// Use the cookie only: no token header is read or set.
+    pub fn without_token_header(self) -> Self {
+        self.edit(|s| s.token_header = None)
+    }
+
+    /// How long a token stays valid, and the cookie's `Max-Age`.
+    ///
+    /// This bounds how long a user stays sticky, not how long reads go to
+    /// the primary: routing is by position, so a replica that has caught up
+    /// serves the user straight away. Make it longer than the worst replica
+    /// lag you want to cover.
+    pub fn ttl(self, ttl: Duration) -> Self {
+        self.edit(|s| s.ttl = ttl)
+    }
+
+    /// How long a session read waits for a replica to catch up before it
+    /// goes to the primary. Zero means never wait.
+    pub fn max_wait(self, max_wait: Duration) -> Self {
+        self.edit(|s| s.max_wait = max_wait)
+    }
+
+    /// Whether the cookie is `Secure` (default true). Turn off only for
+    /// plain-HTTP development.
+    pub fn secure(self, secure: bool) -> Self {
+        self.edit(|s| s.secure = secure)
+    }
+
+    /// Sets the cookie's `Domain`, to share it across subdomains.
+    pub fn domain(self, domain: impl Into<String>) -> Self {
+        let domain = domain.into();
+        self.edit(|s| s.domain = Some(domain))
+    }
+
+    /// Adds an `x-read-after-write` response header naming the node of the
+    /// last routed read, its reason and the token outcome. Off by default:
+    /// it tells clients about your topology.
+    pub fn debug_header(self, enabled: bool) -> Self {
+        self.edit(|s| s.debug_header = enabled.then(|| HeaderName::from_static(DEBUG_HEADER)))
+    }
+
+    /// Whether requests with an unsafe method (POST, PUT, PATCH, DELETE) count
+    /// as writing even if the handler never asks for
+    /// [`Db::write`](crate::Db::write). Off by default.
+    pub fn writes_on_unsafe_methods(self, enabled: bool) -> Self {
+        self.edit(|s| s.writes_on_unsafe_methods = enabled)
+    }
+
+    /// Time-window mode, for backends that cannot report write positions:
+    /// for `window` after a write, the user's session reads go to the
+    /// primary. No position is captured. Costs far more primary reads than
+    /// position mode; see the README's results.
+    pub fn time_window(self, window: Duration) -> Self {
+        self.edit(|s| s.mode = Mode::TimeWindow(window))
+    }
+
+    /// The clock token expiry is checked against (default: the system clock).
+    pub fn clock(self, clock: impl Clock) -> Self {
+        let clock: Arc<dyn Clock> = Arc::new(clock);
+        self.edit(|s| s.clock = clock)
+    }
+
+    /// The backend this layer routes over.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.shared.backend
+    }
+}
+
+impl<B: Backend> Clone for ReadAfterWriteLayer<B> {
+    fn clone(&self) -> Self {
+        ReadAfterWriteLayer {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<B: Backend> fmt::Debug for ReadAfterWriteLayer<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadAfterWriteLayer")
+            .field("config", &self.shared)
+            .finish()
+    }
+}
+
+impl<S, B: Backend> Layer<S> for ReadAfterWriteLayer<B> {
+    type Service = ReadAfterWrite<S, B>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ReadAfterWrite::from_shared(inner, Arc::clone(&self.shared))
+    }
+}

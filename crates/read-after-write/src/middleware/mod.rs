@@ -1,0 +1,192 @@
+//! The Tower middleware: [`ReadAfterWriteLayer`], [`ReadAfterWrite`] and its
+//! [`ResponseFuture`].
+//!
+//! On each request the middleware
+//! 1. reads the token from the `primary_affinity` cookie (every `Cookie`
+//!    header) or from the token header;
+//! 2. verifies it and checks that it belongs to the requester; a token that
+//!    fails any check is treated as absent and counted by reason, never
+//!    turned into an error response;
+//! 3. inserts a [`Db`](crate::Db) handle into the request extensions;
+//! 4. after the handler returns, if the request wrote, asks the backend for
+//!    the write position and appends a `Set-Cookie` (and sets the token
+//!    header) for a token at the larger of the old and new positions. This
+//!    happens for error responses too: a commit may have happened.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{Request, Response};
+//! use read_after_write::{Backend, Db, KeySet, ReadAfterWriteLayer, SigningKey, UserId};
+//! use std::convert::Infallible;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! # use read_after_write::{Lsn, RouteReason, Routed, WritePosition};
+//! # use std::time::Duration;
+//! # #[derive(Default)]
+//! # struct MyBackend { pool: () }
+//! # impl Backend for MyBackend {
+//! #     type Pool = ();
+//! #     type Error = std::io::Error;
+//! #     fn primary(&self) -> &() { &self.pool }
+//! #     fn eventual(&self) -> Routed<'_, ()> { Routed::replica(&self.pool, "replica-1", RouteReason::Eventual) }
+//! #     async fn session(&self, _: WritePosition, _: Duration) -> Routed<'_, ()> {
+//! #         Routed::replica(&self.pool, "replica-1", RouteReason::CaughtUp)
+//! #     }
+//! #     async fn write_position(&self) -> Result<WritePosition, std::io::Error> {
+//! #         Ok(WritePosition::new(Lsn::new(0x1000), 1, 7))
+//! #     }
+//! # }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let keys = KeySet::from(SigningKey::from_bytes(&[7; 32])?);
+//! let layer = ReadAfterWriteLayer::new(MyBackend::default(), keys)
+//!     // Bind tokens to the user an auth layer (or a header, here) identified.
+//!     .identity(|parts| {
+//!         let id = parts.headers.get("x-user-id")?.to_str().ok()?.parse::<u64>().ok()?;
+//!         Some(UserId::from(id))
+//!     })
+//!     .max_wait(Duration::from_millis(20));
+//!
+//! let service = ServiceBuilder::new().layer(layer).service_fn(|req: Request<()>| async move {
+//!     let db = req.extensions().get::<Db<MyBackend>>().expect("layer installed");
+//!     let _pool = db.write(); // run the INSERT on this pool
+//!     Ok::<_, Infallible>(Response::new(()))
+//! });
+//!
+//! let request = Request::post("/posts").header("x-user-id", "42").body(())?;
+//! let response = service.oneshot(request).await?;
+//! let cookie = response.headers()["set-cookie"].to_str()?;
+//! assert!(cookie.starts_with("primary_affinity="));
+//! assert!(cookie.contains("HttpOnly"));
+//! # Ok(())
+//! # }
+//! ```
+
+mod future;
+mod layer;
+mod service;
+mod transport;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+
+pub use self::future::ResponseFuture;
+pub use self::layer::ReadAfterWriteLayer;
+pub use self::service::ReadAfterWrite;
+use crate::clock::{Clock, SystemClock};
+use crate::token::{KeySet, UserId};
+
+/// Name of the affinity cookie unless configured otherwise.
+pub const DEFAULT_COOKIE_NAME: &str = "primary_affinity";
+/// Name of the token header for API and gRPC clients unless configured
+/// otherwise. Lower case, so it is also valid gRPC metadata.
+pub const DEFAULT_TOKEN_HEADER: &str = "x-primary-affinity";
+/// Name of the optional debug response header.
+pub const DEBUG_HEADER: &str = "x-read-after-write";
+
+pub(crate) type IdentityFn = Arc<dyn Fn(&http::request::Parts) -> Option<UserId> + Send + Sync>;
+
+/// How session reads are kept consistent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Tokens carry the write position; reads go to a replica that has it.
+    Position,
+    /// Tokens carry only "wrote recently"; reads go to the primary for the
+    /// window.
+    TimeWindow(Duration),
+}
+
+/// Configuration shared by the layer, every service it builds and every
+/// request's handle.
+pub(crate) struct Shared<B> {
+    pub(crate) backend: Arc<B>,
+    pub(crate) keys: KeySet,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) identity: Option<IdentityFn>,
+    /// `None`: allowed exactly when no identity function is set.
+    pub(crate) allow_anonymous: Option<bool>,
+    pub(crate) cookie_name: String,
+    pub(crate) token_header: Option<HeaderName>,
+    pub(crate) ttl: Duration,
+    pub(crate) max_wait: Duration,
+    pub(crate) secure: bool,
+    pub(crate) domain: Option<String>,
+    pub(crate) debug_header: Option<HeaderName>,
+    pub(crate) writes_on_unsafe_methods: bool,
+    pub(crate) mode: Mode,
+}
+
+impl<B> Shared<B> {
+    fn new(backend: Arc<B>, keys: KeySet) -> Self {
+        Shared {
+            backend,
+            keys,
+            clock: Arc::new(SystemClock),
+            identity: None,
+            allow_anonymous: None,
+            cookie_name: DEFAULT_COOKIE_NAME.to_owned(),
+            token_header: Some(HeaderName::from_static(DEFAULT_TOKEN_HEADER)),
+            ttl: Duration::from_secs(30),
+            max_wait: Duration::from_millis(20),
+            secure: true,
+            domain: None,
+            debug_header: None,
+            writes_on_unsafe_methods: false,
+            mode: Mode::Position,
+        }
+    }
+
+    /// The requester's identity; `None` means no token may be read or issued.
+    pub(crate) fn identify(&self, parts: &http::request::Parts) -> Option<UserId> {
+        let found = self.identity.as_ref().and_then(|identify| identify(parts));
+        let anonymous_ok = self.allow_anonymous.unwrap_or(self.identity.is_none());
+        found.or_else(|| anonymous_ok.then(UserId::anonymous))
+    }
+}
+
+impl<B> Clone for Shared<B> {
+    fn clone(&self) -> Self {
+        Shared {
+            backend: Arc::clone(&self.backend),
+            keys: self.keys.clone(),
+            clock: Arc::clone(&self.clock),
+            identity: self.identity.clone(),
+            allow_anonymous: self.allow_anonymous,
+            cookie_name: self.cookie_name.clone(),
+            token_header: self.token_header.clone(),
+            ttl: self.ttl,
+            max_wait: self.max_wait,
+            secure: self.secure,
+            domain: self.domain.clone(),
+            debug_header: self.debug_header.clone(),
+            writes_on_unsafe_methods: self.writes_on_unsafe_methods,
+            mode: self.mode,
+        }
+    }
+}
+
+impl<B> fmt::Debug for Shared<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("keys", &self.keys)
+            .field("identity", &self.identity.as_ref().map(|_| "<fn>"))
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("cookie_name", &self.cookie_name)
+            .field("token_header", &self.token_header)
+            .field("ttl", &self.ttl)
+            .field("max_wait", &self.max_wait)
+            .field("secure", &self.secure)
+            .field("domain", &self.domain)
+            .field("debug_header", &self.debug_header.is_some())
+            .field("writes_on_unsafe_methods", &self.writes_on_unsafe_methods)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests;

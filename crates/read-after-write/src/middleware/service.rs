@@ -1,0 +1,149 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::{transport, ResponseFuture, Shared};
+use crate::backend::Backend;
+use crate::handle::{Db, RequestState, Required, TokenOutcome};
+use crate::token::{AffinityToken, TokenError, UserId};
+
+/// Middleware that gives each request a [`Db`] handle bound to the
+/// requester's last write, and issues a token when the request writes.
+///
+/// Built by [`ReadAfterWriteLayer`](crate::ReadAfterWriteLayer).
+pub struct ReadAfterWrite<S, B: Backend> {
+    inner: S,
+    shared: Arc<Shared<B>>,
+}
+
+impl<S, B: Backend> ReadAfterWrite<S, B> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<B>>) -> Self {
+        ReadAfterWrite { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, B: Backend> Clone for ReadAfterWrite<S, B> {
+    fn clone(&self) -> Self {
+        ReadAfterWrite {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: fmt::Debug, B: Backend> fmt::Debug for ReadAfterWrite<S, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadAfterWrite")
+            .field("inner", &self.inner)
+            .field("config", &self.shared)
+            .finish()
+    }
+}
+
+impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for ReadAfterWrite<S, B>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    B: Backend,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, B, ResBody>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        let shared = &self.shared;
+        let user = shared.identify(&parts);
+        let (required, token) = read_token(shared, &parts.headers, user.as_ref());
+        if token != TokenOutcome::Absent {
+            metrics::counter!("read_after_write_tokens_total", "outcome" => token.as_str())
+                .increment(1);
+            if token != TokenOutcome::Valid {
+                tracing::debug!(outcome = token.as_str(), "affinity token ignored");
+            }
+        }
+        let writes_by_method = shared.writes_on_unsafe_methods && !parts.method.is_safe();
+        let state = Arc::new(RequestState::new(required, user, token, writes_by_method));
+        parts
+            .extensions
+            .insert(Db::new(Arc::clone(shared), Arc::clone(&state)));
+        let future = self.inner.call(Request::from_parts(parts, body));
+        ResponseFuture::new(future, Arc::clone(shared), state)
+    }
+}
+
+/// Finds, verifies and binds the request's token. Every failure is an
+/// outcome, never an error: a bad token is treated as absent.
+fn read_token<B: Backend>(
+    shared: &Shared<B>,
+    headers: &http::HeaderMap,
+    user: Option<&UserId>,
+) -> (Required, TokenOutcome) {
+    let mut verified = None;
+    let mut first_failure = None;
+    let found = transport::for_each_candidate(
+        headers,
+        &shared.cookie_name,
+        shared.token_header.as_ref(),
+        |text| match AffinityToken::verify(
+            text,
+            &shared.cookie_name,
+            &shared.keys,
+            shared.clock.now_unix(),
+        ) {
+            Ok(token) if Some(token.user()) == user => {
+                verified = Some(token);
+                true
+            }
+            Ok(_) => {
+                let outcome = if user.is_none() {
+                    TokenOutcome::NoIdentity
+                } else {
+                    TokenOutcome::OtherUser
+                };
+                first_failure.get_or_insert(outcome);
+                false
+            }
+            Err(reason) => {
+                first_failure.get_or_insert(TokenOutcome::Rejected(reason));
+                false
+            }
+        },
+    );
+    match verified {
+        Some(token) => {
+            let required = match shared.mode {
+                super::Mode::Position => Required::Position(token.position()),
+                super::Mode::TimeWindow(_) => Required::Primary,
+            };
+            (required, TokenOutcome::Valid)
+        }
+        None if found => (
+            Required::Nothing,
+            first_failure.unwrap_or(TokenOutcome::Rejected(TokenError::Malformed)),
+        ),
+        None => (Required::Nothing, TokenOutcome::Absent),
+    }
+}

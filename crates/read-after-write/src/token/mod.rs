@@ -1,0 +1,599 @@
+//! The signed affinity token: "this user wrote up to this WAL position".
+//!
+//! # Format (version 1)
+//!
+//! All integers big-endian; every byte before the tag is covered by it.
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 1 | version, `1` |
+//! | 1 | key id (see [`SigningKey::id`]) |
+//! | 1 | user id length `n` (0–255) |
+//! | n | user id |
+//! | 8 | LSN |
+//! | 4 | timeline id |
+//! | 8 | cluster system identifier |
+//! | 8 | expiry, Unix seconds |
+//! | 16 | tag: HMAC-SHA256 over `name ‖ 0x00 ‖ all bytes above`, first 128 bits |
+//!
+//! The bytes are encoded as base64url without padding, so the token needs no
+//! escaping in a cookie or a header. `name` is the cookie name: a token minted
+//! for one cookie does not verify under another. A token for an 8-byte user id
+//! is 74 characters. Anything longer than [`MAX_ENCODED_LEN`] is rejected
+//! before it is decoded, and parsing never panics.
+//!
+//! # Example
+//!
+//! ```
+//! use read_after_write::{AffinityToken, KeySet, Lsn, SigningKey, UserId, WritePosition};
+//!
+//! let keys = KeySet::new(SigningKey::from_bytes(&[7; 32])?);
+//! let position = WritePosition::new(Lsn::new(0x16B_3748), 1, 7_301_234_567_890_123_456);
+//! let token = AffinityToken::new(UserId::from(42u64), position, 1_700_000_030);
+//!
+//! let text = token.sign("primary_affinity", &keys);
+//! let back = AffinityToken::verify(&text, "primary_affinity", &keys, 1_700_000_000)?;
+//! assert_eq!(back.position(), position);
+//! assert_eq!(back.user(), &UserId::from(42u64));
+//!
+//! // Past its expiry, or under another name, it is refused.
+//! assert!(AffinityToken::verify(&text, "primary_affinity", &keys, 1_700_000_031).is_err());
+//! assert!(AffinityToken::verify(&text, "other", &keys, 1_700_000_000).is_err());
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! ```
+
+mod keys;
+
+use std::fmt;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::Mac;
+use smallvec::SmallVec;
+
+pub use keys::{KeyError, KeySet, SigningKey};
+
+use crate::position::{Lsn, WritePosition};
+
+/// The token format version this crate writes and reads.
+pub const TOKEN_VERSION: u8 = 1;
+
+/// Bytes of HMAC-SHA256 output kept in a token (128 bits).
+const TAG_LEN: usize = 16;
+/// version, key id, user id length.
+const HEAD_LEN: usize = 3;
+/// LSN, timeline, system identifier, expiry.
+const FIXED_LEN: usize = 8 + 4 + 8 + 8;
+/// The longest raw token: a 255-byte user id.
+const MAX_RAW_LEN: usize = HEAD_LEN + UserId::MAX_LEN + FIXED_LEN + TAG_LEN;
+/// The shortest raw token: an empty user id.
+const MIN_RAW_LEN: usize = HEAD_LEN + FIXED_LEN + TAG_LEN;
+
+/// The longest encoded token accepted, in characters. Longer input is
+/// rejected as [`TokenError::TooLong`] before any decoding.
+pub const MAX_ENCODED_LEN: usize = (MAX_RAW_LEN * 4).div_ceil(3);
+
+/// Why a token was refused. Each is a reason to treat the token as absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// Not base64url, or the bytes do not have the token's layout.
+    #[error("affinity token is malformed")]
+    Malformed,
+    /// The tag does not match: tampered with, or signed for another name.
+    #[error("affinity token signature does not verify")]
+    BadSignature,
+    /// No key in the key set has the token's key id.
+    #[error("affinity token was signed with a key this server does not have")]
+    UnknownKey,
+    /// The token's expiry has passed.
+    #[error("affinity token has expired")]
+    Expired,
+    /// The token has a format version this crate does not read.
+    #[error("affinity token has an unsupported version")]
+    WrongVersion,
+    /// The token is longer than [`MAX_ENCODED_LEN`].
+    #[error("affinity token is longer than any valid token")]
+    TooLong,
+}
+
+impl TokenError {
+    /// A short, stable label for metrics and logs.
+    ///
+    /// ```
+    /// use read_after_write::TokenError;
+    ///
+    /// assert_eq!(TokenError::BadSignature.as_str(), "bad_signature");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenError::Malformed => "malformed",
+            TokenError::BadSignature => "bad_signature",
+            TokenError::UnknownKey => "unknown_key",
+            TokenError::Expired => "expired",
+            TokenError::WrongVersion => "wrong_version",
+            TokenError::TooLong => "too_long",
+        }
+    }
+}
+
+/// Who a token belongs to: opaque bytes, at most 255 of them.
+///
+/// Integers convert to their 8- or 16-byte big-endian form; text to its UTF-8
+/// bytes. Ids of up to 24 bytes are stored inline, without allocating.
+///
+/// ```
+/// use read_after_write::UserId;
+///
+/// let a = UserId::from(42u64);
+/// assert_eq!(a.as_bytes(), &42u64.to_be_bytes());
+/// let b = UserId::try_from("alice@example.com")?;
+/// assert_eq!(b.as_bytes(), b"alice@example.com");
+/// assert!(UserId::try_from("x".repeat(256).as_str()).is_err());
+/// assert!(UserId::anonymous().is_anonymous());
+/// # Ok::<_, read_after_write::UserIdTooLong>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct UserId(SmallVec<[u8; 24]>);
+
+/// A user id was longer than [`UserId::MAX_LEN`] bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("user id is {len} bytes; affinity tokens carry at most 255 (hash longer ids first)")]
+pub struct UserIdTooLong {
+    /// Length of the rejected id in bytes.
+    pub len: usize,
+}
+
+impl UserId {
+    /// The longest id a token can carry, in bytes.
+    pub const MAX_LEN: usize = 255;
+
+    /// The empty id used for requests without an identity, when anonymous
+    /// tokens are allowed.
+    pub fn anonymous() -> Self {
+        UserId(SmallVec::new())
+    }
+
+    /// An id from raw bytes.
+    ///
+    /// ```
+    /// use read_after_write::UserId;
+    ///
+    /// assert_eq!(UserId::new(b"u-1")?.as_bytes(), b"u-1");
+    /// # Ok::<_, read_after_write::UserIdTooLong>(())
+    /// ```
+    pub fn new(bytes: &[u8]) -> Result<Self, UserIdTooLong> {
+        if bytes.len() > Self::MAX_LEN {
+            return Err(UserIdTooLong { len: bytes.len() });
+        }
+        Ok(UserId(SmallVec::from_slice(bytes)))
+    }
+
+    /// The id's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Whether this is the [anonymous](Self::anonymous) id.
+    pub fn is_anonymous(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) if !text.is_empty() && text.chars().all(|c| !c.is_control()) => {
+                write!(f, "UserId({text:?})")
+            }
+            _ => write!(f, "UserId({:02x?})", self.0.as_slice()),
+        }
+    }
+}
+
+macro_rules! user_id_from_int {
+    ($($t:ty),*) => {$(
+        impl From<$t> for UserId {
+            fn from(id: $t) -> Self {
+                UserId(SmallVec::from_slice(&id.to_be_bytes()))
+            }
+        }
+    )*};
+}
+user_id_from_int!(u32, i32, u64, i64, u128);
+
+impl TryFrom<&[u8]> for UserId {
+    type Error = UserIdTooLong;
+    fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
+        UserId::new(bytes)
+    }
+}
+
+impl TryFrom<&str> for UserId {
+    type Error = UserIdTooLong;
+    fn try_from(text: &str) -> Result<Self, Self::Error> {
+        UserId::new(text.as_bytes())
+    }
+}
+
+impl TryFrom<String> for UserId {
+    type Error = UserIdTooLong;
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        UserId::new(text.as_bytes())
+    }
+}
+
+/// A decoded affinity token: who wrote, up to which position, valid until
+/// when, and which key signed it.
+///
+/// Build one with [`new`](Self::new) and [`sign`](Self::sign) it; read one
+/// with [`verify`](Self::verify). The layer does both for you; use this type
+/// directly to mint tokens elsewhere, for example in a gRPC client test.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AffinityToken {
+    key_id: u8,
+    user: UserId,
+    position: WritePosition,
+    expires_at: u64,
+}
+
+impl AffinityToken {
+    /// A token promising `position` to `user` until `expires_at` (Unix
+    /// seconds). The key id is set when it is signed.
+    pub fn new(user: UserId, position: WritePosition, expires_at: u64) -> Self {
+        AffinityToken {
+            key_id: 0,
+            user,
+            position,
+            expires_at,
+        }
+    }
+
+    /// The format version, always [`TOKEN_VERSION`].
+    pub fn version(&self) -> u8 {
+        TOKEN_VERSION
+    }
+
+    /// Id of the key that signed the token (0 before it is signed).
+    pub fn key_id(&self) -> u8 {
+        self.key_id
+    }
+
+    /// The user the token belongs to.
+    pub fn user(&self) -> &UserId {
+        &self.user
+    }
+
+    /// The write position the token promises.
+    pub fn position(&self) -> WritePosition {
+        self.position
+    }
+
+    /// Expiry in Unix seconds; the token is valid while `now < expires_at`.
+    pub fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+
+    /// Signs with the set's current key, binding the token to `name` (the
+    /// cookie name), and returns it as base64url without padding.
+    pub fn sign(&self, name: &str, keys: &KeySet) -> String {
+        let key = keys.current();
+        let mut raw: SmallVec<[u8; 128]> = SmallVec::new();
+        raw.push(TOKEN_VERSION);
+        raw.push(key.id());
+        // UserId guarantees at most 255 bytes.
+        raw.push(self.user.0.len() as u8);
+        raw.extend_from_slice(&self.user.0);
+        raw.extend_from_slice(&self.position.lsn.as_u64().to_be_bytes());
+        raw.extend_from_slice(&self.position.timeline.to_be_bytes());
+        raw.extend_from_slice(&self.position.system_id.to_be_bytes());
+        raw.extend_from_slice(&self.expires_at.to_be_bytes());
+        let mut mac = key.mac();
+        mac.update(name.as_bytes());
+        mac.update(&[0]);
+        mac.update(&raw);
+        let tag = mac.finalize().into_bytes();
+        raw.extend_from_slice(&tag[..TAG_LEN]);
+        URL_SAFE_NO_PAD.encode(&raw)
+    }
+
+    /// Checks a token's length, layout, version, key, tag (in constant time)
+    /// and expiry against `now_unix`, in that order, and decodes it.
+    ///
+    /// Never panics, whatever `text` holds.
+    ///
+    /// ```
+    /// use read_after_write::{AffinityToken, KeySet, SigningKey, TokenError};
+    ///
+    /// let keys = KeySet::new(SigningKey::from_bytes(&[7; 32])?);
+    /// let err = AffinityToken::verify("not a token", "primary_affinity", &keys, 0);
+    /// assert_eq!(err, Err(TokenError::Malformed));
+    /// # Ok::<_, read_after_write::KeyError>(())
+    /// ```
+    pub fn verify(
+        text: &str,
+        name: &str,
+        keys: &KeySet,
+        now_unix: u64,
+    ) -> Result<Self, TokenError> {
+        if text.len() > MAX_ENCODED_LEN {
+            return Err(TokenError::TooLong);
+        }
+        let mut buf = [0u8; MAX_RAW_LEN];
+        let len = URL_SAFE_NO_PAD
+            .decode_slice(text.as_bytes(), &mut buf)
+            .map_err(|_| TokenError::Malformed)?;
+        let raw = &buf[..len];
+        if raw.len() < MIN_RAW_LEN {
+            return Err(TokenError::Malformed);
+        }
+        if raw[0] != TOKEN_VERSION {
+            return Err(TokenError::WrongVersion);
+        }
+        let key_id = raw[1];
+        let user_len = usize::from(raw[2]);
+        if raw.len() != MIN_RAW_LEN + user_len {
+            return Err(TokenError::Malformed);
+        }
+        let (payload, tag) = raw.split_at(raw.len() - TAG_LEN);
+
+        let mut keys_with_id = keys.with_id(key_id).peekable();
+        if keys_with_id.peek().is_none() {
+            return Err(TokenError::UnknownKey);
+        }
+        let authentic = keys_with_id.any(|key| {
+            let mut mac = key.mac();
+            mac.update(name.as_bytes());
+            mac.update(&[0]);
+            mac.update(payload);
+            mac.verify_truncated_left(tag).is_ok()
+        });
+        if !authentic {
+            return Err(TokenError::BadSignature);
+        }
+
+        let (user, fixed) = payload[HEAD_LEN..].split_at(user_len);
+        let lsn = u64::from_be_bytes(array(&fixed[0..8]));
+        let timeline = u32::from_be_bytes(array(&fixed[8..12]));
+        let system_id = u64::from_be_bytes(array(&fixed[12..20]));
+        let expires_at = u64::from_be_bytes(array(&fixed[20..28]));
+        if now_unix >= expires_at {
+            return Err(TokenError::Expired);
+        }
+        Ok(AffinityToken {
+            key_id,
+            user: UserId(SmallVec::from_slice(user)),
+            position: WritePosition::new(Lsn::new(lsn), timeline, system_id),
+            expires_at,
+        })
+    }
+}
+
+/// Copies a slice whose length the caller has already checked.
+fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(bytes);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NAME: &str = "primary_affinity";
+    const NOW: u64 = 1_700_000_000;
+
+    fn keys(byte: u8) -> KeySet {
+        KeySet::new(SigningKey::from_bytes(&[byte; 32]).unwrap())
+    }
+
+    fn sample(user: u64) -> AffinityToken {
+        let position =
+            WritePosition::new(Lsn::new(0x0000_0001_0203_0405), 3, 0xDEAD_BEEF_0000_0001);
+        AffinityToken::new(UserId::from(user), position, NOW + 30)
+    }
+
+    #[test]
+    fn round_trip_keeps_every_field() {
+        let keys = keys(1);
+        let token = sample(42);
+        let text = token.sign(NAME, &keys);
+        assert!(text.len() < 100, "{} chars", text.len());
+        assert!(text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        let back = AffinityToken::verify(&text, NAME, &keys, NOW).unwrap();
+        assert_eq!(back.user(), token.user());
+        assert_eq!(back.position(), token.position());
+        assert_eq!(back.expires_at(), token.expires_at());
+        assert_eq!(back.key_id(), keys.current().id());
+        assert_eq!(back.version(), TOKEN_VERSION);
+    }
+
+    #[test]
+    fn longest_user_id_round_trips_and_fits_the_limit() {
+        let keys = keys(1);
+        let user = UserId::new(&[0xAB; 255]).unwrap();
+        let token = AffinityToken::new(user.clone(), WritePosition::default(), NOW + 1);
+        let text = token.sign(NAME, &keys);
+        assert_eq!(text.len(), MAX_ENCODED_LEN);
+        assert_eq!(
+            AffinityToken::verify(&text, NAME, &keys, NOW)
+                .unwrap()
+                .user(),
+            &user
+        );
+    }
+
+    #[test]
+    fn every_single_byte_tamper_is_rejected() {
+        let keys = keys(1);
+        let text = sample(7).sign(NAME, &keys);
+        let raw = URL_SAFE_NO_PAD.decode(&text).unwrap();
+        for i in 0..raw.len() {
+            for flip in [0x01u8, 0x80, 0xFF] {
+                let mut tampered = raw.clone();
+                tampered[i] ^= flip;
+                let forged = URL_SAFE_NO_PAD.encode(&tampered);
+                assert!(
+                    AffinityToken::verify(&forged, NAME, &keys, NOW).is_err(),
+                    "byte {i} ^ {flip:#x} verified"
+                );
+            }
+        }
+        // And at the text level: every character replaced by every other.
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        for i in 0..text.len() {
+            for &c in alphabet {
+                if text.as_bytes()[i] == c {
+                    continue;
+                }
+                let mut forged = text.clone().into_bytes();
+                forged[i] = c;
+                let forged = String::from_utf8(forged).unwrap();
+                assert!(
+                    AffinityToken::verify(&forged, NAME, &keys, NOW).is_err(),
+                    "char {i} -> {}",
+                    c as char
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_key_other_name_and_expiry_are_refused_by_reason() {
+        let text = sample(1).sign(NAME, &keys(1));
+        // A different key with a different id, and one forced to share the id.
+        let other = keys(2);
+        let outcome = AffinityToken::verify(&text, NAME, &other, NOW).unwrap_err();
+        if other.current().id() == keys(1).current().id() {
+            assert_eq!(outcome, TokenError::BadSignature);
+        } else {
+            assert_eq!(outcome, TokenError::UnknownKey);
+        }
+        let same_id = (3u8..=255)
+            .map(keys)
+            .find(|k| k.current().id() == keys(1).current().id())
+            .expect("some key shares a one-byte id");
+        assert_eq!(
+            AffinityToken::verify(&text, NAME, &same_id, NOW),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            AffinityToken::verify(&text, "session", &keys(1), NOW),
+            Err(TokenError::BadSignature)
+        );
+        assert!(AffinityToken::verify(&text, NAME, &keys(1), NOW + 29).is_ok());
+        assert_eq!(
+            AffinityToken::verify(&text, NAME, &keys(1), NOW + 30),
+            Err(TokenError::Expired)
+        );
+    }
+
+    #[test]
+    fn oversize_garbage_and_foreign_versions_are_refused() {
+        let keys = keys(1);
+        let long = "A".repeat(MAX_ENCODED_LEN + 1);
+        assert_eq!(
+            AffinityToken::verify(&long, NAME, &keys, NOW),
+            Err(TokenError::TooLong)
+        );
+        let huge = "A".repeat(1 << 20);
+        assert_eq!(
+            AffinityToken::verify(&huge, NAME, &keys, NOW),
+            Err(TokenError::TooLong)
+        );
+        for junk in [
+            "",
+            "=",
+            "AAAA=",
+            "a b",
+            "🍪",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(
+                AffinityToken::verify(junk, NAME, &keys, NOW).is_err(),
+                "{junk:?}"
+            );
+        }
+        let mut raw = URL_SAFE_NO_PAD.decode(sample(1).sign(NAME, &keys)).unwrap();
+        raw[0] = 2;
+        assert_eq!(
+            AffinityToken::verify(&URL_SAFE_NO_PAD.encode(&raw), NAME, &keys, NOW),
+            Err(TokenError::WrongVersion)
+        );
+        // A user-length byte that disagrees with the real length.
+        let mut raw = URL_SAFE_NO_PAD.decode(sample(1).sign(NAME, &keys)).unwrap();
+        raw[2] = 200;
+        assert_eq!(
+            AffinityToken::verify(&URL_SAFE_NO_PAD.encode(&raw), NAME, &keys, NOW),
+            Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn previous_keys_still_verify_after_rotation() {
+        let old = SigningKey::from_bytes(&[1; 32]).unwrap();
+        let new = SigningKey::from_bytes(&[2; 32]).unwrap();
+        let text = sample(5).sign(NAME, &KeySet::new(old.clone()));
+        let rotated = KeySet::new(new.clone()).with_previous(old.clone());
+        let back = AffinityToken::verify(&text, NAME, &rotated, NOW).unwrap();
+        assert_eq!(back.key_id(), old.id());
+        let resigned = back.sign(NAME, &rotated);
+        assert_eq!(
+            AffinityToken::verify(&resigned, NAME, &rotated, NOW)
+                .unwrap()
+                .key_id(),
+            new.id()
+        );
+        // Once the old key is dropped, its tokens stop verifying.
+        assert!(AffinityToken::verify(&text, NAME, &KeySet::new(new), NOW).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,600}") {
+            let _ = AffinityToken::verify(&text, NAME, &keys(1), NOW);
+        }
+
+        #[test]
+        fn arbitrary_base64_bytes_never_verify(bytes in proptest::collection::vec(any::<u8>(), 0..320)) {
+            let text = URL_SAFE_NO_PAD.encode(&bytes);
+            prop_assert!(AffinityToken::verify(&text, NAME, &keys(1), NOW).is_err());
+        }
+
+        #[test]
+        fn no_mutation_of_a_valid_token_verifies(
+            user in proptest::collection::vec(any::<u8>(), 0..=255),
+            lsn in any::<u64>(),
+            timeline in any::<u32>(),
+            system in any::<u64>(),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+            truncate in proptest::option::of(any::<usize>()),
+            extra in proptest::collection::vec(any::<u8>(), 0..4),
+        ) {
+            let keys = keys(1);
+            let token = AffinityToken::new(
+                UserId::new(&user).unwrap(),
+                WritePosition::new(Lsn::new(lsn), timeline, system),
+                NOW + 60,
+            );
+            let original = URL_SAFE_NO_PAD.decode(token.sign(NAME, &keys)).unwrap();
+            let mut raw = original.clone();
+            for (at, xor) in edits {
+                let at = at % raw.len();
+                raw[at] ^= xor;
+            }
+            if let Some(cut) = truncate {
+                raw.truncate(cut % (raw.len() + 1));
+            }
+            raw.extend_from_slice(&extra);
+            prop_assume!(raw != original);
+            let forged = URL_SAFE_NO_PAD.encode(&raw);
+            prop_assert!(AffinityToken::verify(&forged, NAME, &keys, NOW).is_err());
+        }
+    }
+}
