@@ -176,6 +176,9 @@ pub enum RouteReason {
     /// Session read with a token from another timeline (a failover happened
     /// since the write); only the primary is sure to hold what survived.
     TimelineChanged,
+    /// Session read with a token from another cluster (another system
+    /// identifier); the token is ignored and the read is eventual.
+    ForeignCluster,
     /// Session read within the time window after a write, in time-window mode.
     TimeWindow,
     /// Session read after this same request wrote.
@@ -204,6 +207,7 @@ impl RouteReason {
             RouteReason::Lagging => "lagging",
             RouteReason::WaitTimedOut => "wait_timed_out",
             RouteReason::TimelineChanged => "timeline_changed",
+            RouteReason::ForeignCluster => "foreign_cluster",
             RouteReason::TimeWindow => "time_window",
             RouteReason::WroteThisRequest => "wrote_this_request",
             RouteReason::Eventual => "eventual",

@@ -25,8 +25,9 @@
 //!   and its [`ResponseFuture`].
 //! - [`handle`]: [`Db`], the per-request handle with `read`, `eventual`,
 //!   `primary` and `write`.
-//! - `pg` (feature `postgres`, on by default): the sqlx backend for a
-//!   primary and its streaming replicas.
+//! - `pg` (feature `postgres`, on by default): [`PgReplicaSet`](pg::PgReplicaSet),
+//!   the sqlx backend for a primary and its streaming replicas, and the
+//!   [`ReplicaTracker`](pg::ReplicaTracker) that follows their replay positions.
 //!
 //! # Example
 //!
@@ -47,6 +48,8 @@ pub mod backend;
 pub mod clock;
 pub mod handle;
 pub mod middleware;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod position;
 pub mod token;
 

@@ -355,7 +355,8 @@ async fn bad_tokens_are_ignored_and_counted_never_an_error() {
     let foreign = AffinityToken::new(UserId::from(3u64), WritePosition::default(), NOW + 30)
         .sign(DEFAULT_COOKIE_NAME, &keys(9));
 
-    let cases: Vec<(Vec<(&str, Vec<u8>)>, TokenOutcome)> = vec![
+    type Headers = Vec<(&'static str, Vec<u8>)>;
+    let cases: Vec<(Headers, TokenOutcome)> = vec![
         (
             vec![(
                 "cookie",

@@ -1,0 +1,166 @@
+//! Capturing the primary's write position after a commit, one query shared by
+//! every concurrent writer that may safely share it.
+//!
+//! PostgreSQL does not report a commit's LSN on the wire, so a writing request
+//! costs one `pg_current_wal_insert_lsn()` round trip after its commit. A
+//! result may be shared only by requests whose commits finished before the
+//! query *started*. So a request joins the batch that has not started yet;
+//! one driver task runs batches back to back, taking the pending batch just
+//! before it sends each query. Under load, every writer that arrives while a
+//! query is in flight shares the next one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::position::{Lsn, WalGeometry};
+
+/// The primary's insert position and timeline, as one query reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PrimaryPosition {
+    pub(crate) lsn: Lsn,
+    pub(crate) timeline: u32,
+}
+
+/// Why the write position could not be captured. The layer then returns the
+/// response without a token and logs this.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaptureError {
+    /// The capture query failed (primary down, connection lost, ...).
+    #[error("capture query on the primary failed: {0}")]
+    Query(#[source] Arc<sqlx::Error>),
+    /// The capture query did not answer in time.
+    #[error("capture query on the primary did not answer within {0:?}")]
+    TimedOut(Duration),
+    /// The primary answered with something that is not a position.
+    #[error("primary returned an unreadable WAL position: {0}")]
+    Unreadable(String),
+    /// The task running the query ended without an answer (runtime shutting
+    /// down).
+    #[error("capture task ended without an answer")]
+    Abandoned,
+}
+
+type Slot = Option<Result<PrimaryPosition, CaptureError>>;
+
+/// Single-flight capture of the primary's write position.
+pub(crate) struct Capture {
+    primary: PgPool,
+    geometry: WalGeometry,
+    timeout: Duration,
+    state: Mutex<State>,
+    queries: AtomicU64,
+}
+
+struct State {
+    /// A driver task is running batches.
+    running: bool,
+    /// The batch whose query has not started; new writers join it.
+    pending: Option<watch::Sender<Slot>>,
+}
+
+impl Capture {
+    pub(crate) fn new(primary: PgPool, geometry: WalGeometry, timeout: Duration) -> Arc<Self> {
+        Arc::new(Capture {
+            primary,
+            geometry,
+            timeout,
+            state: Mutex::new(State {
+                running: false,
+                pending: None,
+            }),
+            queries: AtomicU64::new(0),
+        })
+    }
+
+    /// Capture queries sent so far.
+    pub(crate) fn queries(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
+    }
+
+    /// The write position covering every commit that finished before this
+    /// call. Bounded: at most the query in flight plus this caller's own.
+    pub(crate) async fn capture(self: &Arc<Self>) -> Result<PrimaryPosition, CaptureError> {
+        let mut receiver = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let receiver = match &state.pending {
+                Some(batch) => batch.subscribe(),
+                None => {
+                    let (batch, receiver) = watch::channel(None);
+                    state.pending = Some(batch);
+                    receiver
+                }
+            };
+            if !state.running {
+                state.running = true;
+                tokio::spawn(Arc::clone(self).drive());
+            }
+            receiver
+        };
+        let bound = self.timeout.saturating_mul(2) + Duration::from_millis(100);
+        let outcome = match tokio::time::timeout(bound, receiver.wait_for(Option::is_some)).await {
+            Ok(Ok(slot)) => slot.clone().unwrap_or(Err(CaptureError::Abandoned)),
+            Ok(Err(_closed)) => Err(CaptureError::Abandoned),
+            Err(_elapsed) => Err(CaptureError::TimedOut(bound)),
+        };
+        outcome
+    }
+
+    /// Runs pending batches one after another until none is left.
+    async fn drive(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                match state.pending.take() {
+                    Some(batch) => batch,
+                    None => {
+                        state.running = false;
+                        return;
+                    }
+                }
+            };
+            // Every member joined before `take` above, so before this query
+            // starts: their commits are covered.
+            self.queries.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("read_after_write_capture_queries_total").increment(1);
+            let result =
+                match tokio::time::timeout(self.timeout, query_position(&self.primary)).await {
+                    Ok(Ok(position)) => Ok(PrimaryPosition {
+                        lsn: position.lsn.round_down_page_header(self.geometry),
+                        timeline: position.timeline,
+                    }),
+                    Ok(Err(error)) => Err(error),
+                    Err(_elapsed) => Err(CaptureError::TimedOut(self.timeout)),
+                };
+            batch.send_replace(Some(result));
+        }
+    }
+}
+
+/// One round trip: the primary's insert position and current timeline.
+///
+/// `pg_current_wal_insert_lsn()`, not `pg_current_wal_lsn()`: the latter can
+/// be behind a commit under `synchronous_commit = off`. The timeline is the
+/// first 8 hex digits of the WAL file name for that position.
+pub(crate) async fn query_position(primary: &PgPool) -> Result<PrimaryPosition, CaptureError> {
+    let (lsn, timeline): (String, String) = sqlx::query_as(
+        "select pg_current_wal_insert_lsn()::text, \
+                substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8)",
+    )
+    .fetch_one(primary)
+    .await
+    .map_err(|error| CaptureError::Query(Arc::new(error)))?;
+    let parsed_lsn = lsn
+        .parse::<Lsn>()
+        .map_err(|_| CaptureError::Unreadable(lsn.clone()))?;
+    let timeline =
+        u32::from_str_radix(&timeline, 16).map_err(|_| CaptureError::Unreadable(timeline))?;
+    Ok(PrimaryPosition {
+        lsn: parsed_lsn,
+        timeline,
+    })
+}

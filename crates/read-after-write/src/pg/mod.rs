@@ -1,0 +1,570 @@
+//! The sqlx backend: a PostgreSQL primary and its streaming replicas.
+//!
+//! [`PgReplicaSet`] implements [`Backend`]:
+//! - **Write position.** After a writing request's handler returns, one
+//!   `pg_current_wal_insert_lsn()` query on the primary, shared by concurrent
+//!   writers when that is safe, rounded down off a WAL page header.
+//! - **Replica positions.** A [`ReplicaTracker`] task per replica polls
+//!   `pg_last_wal_replay_lsn()` every `poll_interval` on its own connection
+//!   and keeps it in an atomic. A session read that finds no replica caught up
+//!   asks for an immediate poll and sleeps on a notification, up to
+//!   `max_wait`.
+//! - **Routing.** A session read goes to a replica that has replayed the
+//!   token's position (round-robin or least-lag among them); after
+//!   `max_wait`, to the primary. Eventual reads go to any healthy replica,
+//!   the primary when none is. Routing is a few atomic loads: no database
+//!   round trip is added to a read.
+//! - **Health.** A replica that errors or times out is excluded and re-probed
+//!   with exponential backoff; it is readmitted once it answers in recovery
+//!   with a replay position. A node that answers `NULL` (promoted, or not a
+//!   standby) is excluded and logged. The primary is never excluded.
+//!
+//! # Tokens from another timeline or cluster
+//!
+//! LSNs keep rising across a promotion, so comparing a token's LSN with a
+//! replica on another timeline proves nothing. The rule:
+//! - **Another cluster** (the token's system identifier is not this
+//!   primary's, e.g. the database was rebuilt, or two environments share
+//!   keys): the token is ignored and the read is eventual
+//!   (`reason="foreign_cluster"`).
+//! - **Another timeline** of this cluster (a failover happened between the
+//!   write and the read, or this instance has not seen it yet): the read goes
+//!   to the primary (`reason="timeline_changed"`), the only node sure to hold
+//!   whatever of the write survived. This lasts at most one token TTL, and
+//!   the user's next write replaces the token with one on the new timeline.
+//! - **Same timeline**: a replica qualifies only if its WAL receiver is on
+//!   that timeline too (when PostgreSQL lets the tracker see it) and its
+//!   replay position is at or past the token's.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use read_after_write::pg::PgReplicaSet;
+//! use read_after_write::{KeySet, ReadAfterWriteLayer};
+//! use std::time::Duration;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let replicas = PgReplicaSet::builder()
+//!     .primary_url("postgres://app@db-primary/app")
+//!     .replica_url("replica-1", "postgres://app@db-replica-1/app")
+//!     .replica_url("replica-2", "postgres://app@db-replica-2/app")
+//!     .poll_interval(Duration::from_millis(20))
+//!     .connect()
+//!     .await?;
+//! let layer = ReadAfterWriteLayer::new(replicas, KeySet::from_env("AFFINITY_KEY")?);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+
+mod capture;
+mod tracker;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use self::capture::Capture;
+pub use self::capture::CaptureError;
+use self::tracker::{Outages, PrimaryState, ReplicaState, TrackerConfig};
+pub use self::tracker::{ReplicaTracker, TRACKER_APPLICATION_NAME};
+use crate::backend::{Backend, RouteReason, Routed};
+use crate::handle::Db;
+use crate::position::{Lsn, WalGeometry, WritePosition};
+
+/// The [`Db`] handle for a [`PgReplicaSet`], as handlers take it.
+pub type PgDb = Db<PgReplicaSet>;
+
+/// How a read picks among replicas that qualify.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Selection {
+    /// Take turns, spreading load evenly.
+    #[default]
+    RoundRobin,
+    /// The replica with the highest replay position.
+    LeastLag,
+}
+
+/// Why a [`PgReplicaSet`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgSetupError {
+    /// No primary was configured.
+    #[error("no primary configured: call primary_url or primary_pool")]
+    NoPrimary,
+    /// A URL could not be parsed.
+    #[error("invalid PostgreSQL URL for {node}: {source}")]
+    InvalidUrl {
+        /// The node the URL was for.
+        node: String,
+        /// The parser's complaint.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The primary could not be reached or queried.
+    #[error("could not query the primary: {0}")]
+    Primary(#[source] sqlx::Error),
+    /// The primary URL points at a server in recovery.
+    #[error("the primary URL points to a standby (pg_is_in_recovery() is true); give the read-write server")]
+    PrimaryIsStandby,
+    /// The primary reported something unreadable.
+    #[error("could not read the primary's WAL position: {0}")]
+    Capture(#[from] CaptureError),
+    /// Two replicas share a name.
+    #[error("two replicas are named {0:?}; names must be unique")]
+    DuplicateName(String),
+}
+
+enum Source {
+    Url(String),
+    Pool(PgPool),
+}
+
+/// Builder for [`PgReplicaSet`]; start with [`PgReplicaSet::builder`].
+pub struct PgReplicaSetBuilder {
+    primary: Option<Source>,
+    replicas: Vec<(String, Source)>,
+    poll_interval: Duration,
+    probe_timeout: Duration,
+    max_backoff: Duration,
+    capture_timeout: Duration,
+    selection: Selection,
+    max_connections: u32,
+    acquire_timeout: Duration,
+}
+
+impl fmt::Debug for PgReplicaSetBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgReplicaSetBuilder")
+            .field(
+                "replicas",
+                &self
+                    .replicas
+                    .iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
+            )
+            .field("poll_interval", &self.poll_interval)
+            .field("selection", &self.selection)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgReplicaSetBuilder {
+    /// The primary, by URL. The pool built for it fails fast when the
+    /// primary is down (`acquire_timeout`).
+    pub fn primary_url(mut self, url: impl Into<String>) -> Self {
+        self.primary = Some(Source::Url(url.into()));
+        self
+    }
+
+    /// The primary, as an existing pool.
+    pub fn primary_pool(mut self, pool: PgPool) -> Self {
+        self.primary = Some(Source::Pool(pool));
+        self
+    }
+
+    /// A replica, by URL, under a name used in metrics and logs.
+    pub fn replica_url(mut self, name: impl Into<String>, url: impl Into<String>) -> Self {
+        self.replicas.push((name.into(), Source::Url(url.into())));
+        self
+    }
+
+    /// A replica, as an existing pool. The tracker opens its own connection
+    /// with the pool's connect options.
+    ///
+    /// Pools built here from URLs skip sqlx's per-checkout test query and
+    /// instead drop connections opened before the node's last outage; a pool
+    /// you bring keeps its own settings, including that test query.
+    pub fn replica_pool(mut self, name: impl Into<String>, pool: PgPool) -> Self {
+        self.replicas.push((name.into(), Source::Pool(pool)));
+        self
+    }
+
+    /// How often each replica's replay position is polled (default 20 ms).
+    /// Also how stale a position can be when no read is waiting.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a poll may take before the replica counts as down
+    /// (default 500 ms).
+    pub fn probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = timeout;
+        self
+    }
+
+    /// The longest pause between re-probes of a down replica (default 2 s).
+    pub fn max_backoff(mut self, backoff: Duration) -> Self {
+        self.max_backoff = backoff;
+        self
+    }
+
+    /// How long the write-position query may take (default 1 s); past it the
+    /// response goes out without a token.
+    pub fn capture_timeout(mut self, timeout: Duration) -> Self {
+        self.capture_timeout = timeout;
+        self
+    }
+
+    /// How reads pick among qualifying replicas (default round-robin).
+    pub fn selection(mut self, selection: Selection) -> Self {
+        self.selection = selection;
+        self
+    }
+
+    /// Pool size for pools built from URLs (default 10 per node).
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    /// How long a checkout from a pool built from a URL waits (default 1 s):
+    /// also how long a write takes to fail while the primary is down. Raise it
+    /// for pools that are often exhausted under load.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    fn pool(
+        &self,
+        node: &str,
+        source: Source,
+        outages: &Arc<Outages>,
+    ) -> Result<PgPool, PgSetupError> {
+        match source {
+            Source::Pool(pool) => Ok(pool),
+            Source::Url(url) => {
+                let options = PgConnectOptions::from_str(&url).map_err(|source| {
+                    PgSetupError::InvalidUrl {
+                        node: node.to_owned(),
+                        source,
+                    }
+                })?;
+                let outages = Arc::clone(outages);
+                Ok(PgPoolOptions::new()
+                    .max_connections(self.max_connections)
+                    .acquire_timeout(self.acquire_timeout)
+                    // No test query per checkout (a round trip on every
+                    // read); drop connections that predate an outage instead.
+                    .test_before_acquire(false)
+                    .before_acquire(move |_conn, meta| {
+                        let keep = !outages.predates_last_outage(meta.age);
+                        Box::pin(async move { Ok(keep) })
+                    })
+                    .connect_lazy_with(options))
+            }
+        }
+    }
+
+    /// Connects to the primary, reads the cluster's identity, polls every
+    /// replica once and starts the tracker.
+    ///
+    /// Fails if the primary cannot be queried. Replicas that are down are
+    /// not an error: they are excluded until they answer.
+    pub async fn connect(mut self) -> Result<PgReplicaSet, PgSetupError> {
+        let primary_source = self.primary.take().ok_or(PgSetupError::NoPrimary)?;
+        let primary_outages = Outages::new();
+        let primary = self.pool("primary", primary_source, &primary_outages)?;
+
+        let (in_recovery, system_id, block_size, segment_size): (bool, String, i64, i64) = sqlx::query_as(
+            "select pg_is_in_recovery(), (select system_identifier::text from pg_control_system()), \
+                    current_setting('wal_block_size')::bigint, \
+                    (select setting::bigint from pg_settings where name = 'wal_segment_size')",
+        )
+        .fetch_one(&primary)
+        .await
+        .map_err(PgSetupError::Primary)?;
+        if in_recovery {
+            return Err(PgSetupError::PrimaryIsStandby);
+        }
+        let system_id = system_id.parse::<u64>().unwrap_or(0);
+        let geometry = WalGeometry {
+            block_size: u64::try_from(block_size).unwrap_or(8192),
+            segment_size: u64::try_from(segment_size).unwrap_or(16 << 20),
+        };
+        let first = capture::query_position(&primary).await?;
+
+        let mut replicas = Vec::with_capacity(self.replicas.len());
+        for (name, source) in std::mem::take(&mut self.replicas) {
+            if replicas.iter().any(|r: &Arc<ReplicaState>| r.name == name) {
+                return Err(PgSetupError::DuplicateName(name));
+            }
+            let outages = Outages::new();
+            let pool = self.pool(&name, source, &outages)?;
+            let connect = (*pool.connect_options()).clone();
+            replicas.push(Arc::new(ReplicaState::new(name, pool, connect, outages)));
+        }
+
+        let primary_state = Arc::new(PrimaryState {
+            pool: primary.clone(),
+            inserted: first.lsn.as_u64().into(),
+            timeline: first.timeline.into(),
+            system_id,
+            outages: primary_outages,
+            healthy: true.into(),
+        });
+        let tracker = ReplicaTracker::new(replicas, primary_state);
+        tracker
+            .start(TrackerConfig {
+                poll_interval: self.poll_interval,
+                probe_timeout: self.probe_timeout,
+                max_backoff: self.max_backoff,
+                min_refresh_gap: Duration::from_millis(1),
+            })
+            .await;
+        tracing::info!(
+            replicas = tracker.replicas.len(),
+            system_id,
+            timeline = first.timeline,
+            "replica set connected"
+        );
+        Ok(PgReplicaSet {
+            inner: Arc::new(Inner {
+                capture: Capture::new(primary, geometry, self.capture_timeout),
+                tracker,
+                selection: self.selection,
+                next: AtomicUsize::new(0),
+            }),
+        })
+    }
+}
+
+/// A PostgreSQL primary and its streaming replicas, with the tracker that
+/// knows how far each replica has replayed.
+///
+/// Cheap to clone; clones share the pools and the tracker. The tracker stops
+/// when [`shutdown`](Self::shutdown) is called or the last clone is dropped.
+/// See the [module docs](self) for the routing rules and an example.
+#[derive(Clone)]
+pub struct PgReplicaSet {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tracker: Arc<ReplicaTracker>,
+    capture: Arc<Capture>,
+    selection: Selection,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.tracker.stop();
+    }
+}
+
+/// A snapshot of one replica as the tracker sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// The replica's name.
+    pub name: String,
+    /// Whether reads may go to it.
+    pub healthy: bool,
+    /// Last replay position seen.
+    pub replayed: Lsn,
+    /// Timeline its WAL receiver is on; 0 when unknown.
+    pub timeline: u32,
+}
+
+impl PgReplicaSet {
+    /// Starts a builder with the defaults: poll every 20 ms, probe timeout
+    /// 500 ms, backoff up to 2 s, capture timeout 1 s, round-robin, 10
+    /// connections per node, checkout timeout 1 s.
+    pub fn builder() -> PgReplicaSetBuilder {
+        PgReplicaSetBuilder {
+            primary: None,
+            replicas: Vec::new(),
+            poll_interval: Duration::from_millis(20),
+            probe_timeout: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(2),
+            capture_timeout: Duration::from_secs(1),
+            selection: Selection::RoundRobin,
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// The primary's pool.
+    pub fn primary_pool(&self) -> &PgPool {
+        &self.inner.tracker.primary.pool
+    }
+
+    /// A replica's pool by name, bypassing every check: for tools and tests
+    /// that must read one node on purpose.
+    pub fn replica_pool(&self, name: &str) -> Option<&PgPool> {
+        self.replica_states()
+            .find(|r| r.name == name)
+            .map(|r| &r.pool)
+    }
+
+    /// What the tracker knows about each replica, in configuration order.
+    pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        self.replica_states()
+            .map(|r| ReplicaStatus {
+                name: r.name.clone(),
+                healthy: r.healthy.load(Ordering::Acquire),
+                replayed: Lsn::new(r.replayed.load(Ordering::Acquire)),
+                timeline: r.timeline.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// The cluster's system identifier.
+    pub fn system_id(&self) -> u64 {
+        self.inner.tracker.primary.system_id
+    }
+
+    /// The primary's timeline as last seen by a capture or a poll.
+    pub fn timeline(&self) -> u32 {
+        self.inner.tracker.primary.timeline.load(Ordering::Relaxed)
+    }
+
+    /// Capture queries sent so far (one per batch of concurrent writers).
+    pub fn capture_queries(&self) -> u64 {
+        self.inner.capture.queries()
+    }
+
+    /// Replica polls made by the tracker so far.
+    pub fn tracker_polls(&self) -> u64 {
+        self.inner.tracker.polls()
+    }
+
+    /// Stops the tracker and waits for its tasks to close their connections.
+    /// Reads keep routing on the last known positions afterwards.
+    pub async fn shutdown(&self) {
+        self.inner.tracker.shutdown().await;
+    }
+
+    fn replica_states(&self) -> impl Iterator<Item = &ReplicaState> {
+        self.inner.tracker.replicas.iter().map(|r| &**r)
+    }
+
+    /// A replica for which `qualifies` holds, by the configured selection.
+    fn pick(&self, qualifies: impl Fn(&ReplicaState) -> bool) -> Option<&ReplicaState> {
+        let replicas = &self.inner.tracker.replicas;
+        let count = replicas.len();
+        if count == 0 {
+            return None;
+        }
+        match self.inner.selection {
+            Selection::RoundRobin => {
+                let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+                (0..count)
+                    .map(|i| &*replicas[(start + i) % count])
+                    .find(|r| qualifies(r))
+            }
+            Selection::LeastLag => replicas
+                .iter()
+                .map(|r| &**r)
+                .filter(|r| qualifies(r))
+                .max_by_key(|r| r.replayed.load(Ordering::Acquire)),
+        }
+    }
+
+    fn any_healthy(&self) -> bool {
+        self.replica_states()
+            .any(|r| r.healthy.load(Ordering::Acquire))
+    }
+}
+
+impl fmt::Debug for PgReplicaSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgReplicaSet")
+            .field("system_id", &self.system_id())
+            .field("timeline", &self.timeline())
+            .field("replicas", &self.replicas())
+            .field("selection", &self.inner.selection)
+            .finish()
+    }
+}
+
+impl Backend for PgReplicaSet {
+    type Pool = PgPool;
+    type Error = CaptureError;
+
+    fn primary(&self) -> &PgPool {
+        self.primary_pool()
+    }
+
+    fn eventual(&self) -> Routed<'_, PgPool> {
+        match self.pick(|r| r.healthy.load(Ordering::Acquire)) {
+            Some(replica) => Routed::replica(&replica.pool, &replica.name, RouteReason::Eventual),
+            None => Routed::primary(self.primary_pool(), RouteReason::NoHealthyReplica),
+        }
+    }
+
+    async fn session(&self, required: WritePosition, max_wait: Duration) -> Routed<'_, PgPool> {
+        if required.system_id != self.system_id() {
+            let mut routed = self.eventual();
+            if routed.reason == RouteReason::Eventual {
+                routed.reason = RouteReason::ForeignCluster;
+            }
+            return routed;
+        }
+        if required.timeline != self.timeline() {
+            return Routed::primary(self.primary_pool(), RouteReason::TimelineChanged);
+        }
+        let caught_up = |r: &ReplicaState| r.has_replayed(required.lsn, required.timeline);
+        if let Some(replica) = self.pick(caught_up) {
+            return Routed::replica(&replica.pool, &replica.name, RouteReason::CaughtUp);
+        }
+        if !self.any_healthy() {
+            return Routed::primary(self.primary_pool(), RouteReason::NoHealthyReplica);
+        }
+        if max_wait.is_zero() {
+            return Routed::primary(self.primary_pool(), RouteReason::Lagging);
+        }
+
+        // Wait on the tracker's change notification, not a sleep loop.
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + max_wait);
+        let mut changed = self.inner.tracker.changed.subscribe();
+        let routed = loop {
+            changed.borrow_and_update();
+            self.inner.tracker.request_refresh();
+            if let Some(replica) = self.pick(caught_up) {
+                break Routed::replica(
+                    &replica.pool,
+                    &replica.name,
+                    RouteReason::CaughtUpAfterWait,
+                );
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => continue,
+                // Timed out, or the tracker is gone: stop waiting.
+                Ok(Err(_)) | Err(_) => {
+                    break match self.pick(caught_up) {
+                        Some(replica) => Routed::replica(
+                            &replica.pool,
+                            &replica.name,
+                            RouteReason::CaughtUpAfterWait,
+                        ),
+                        None => Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut),
+                    };
+                }
+            }
+        };
+        metrics::histogram!("read_after_write_read_wait_seconds")
+            .record(started.elapsed().as_secs_f64());
+        routed
+    }
+
+    async fn write_position(&self) -> Result<WritePosition, CaptureError> {
+        let position = self.inner.capture.capture().await?;
+        self.inner.tracker.note_primary_timeline(position.timeline);
+        Ok(WritePosition::new(
+            position.lsn,
+            position.timeline,
+            self.system_id(),
+        ))
+    }
+}

@@ -1,0 +1,444 @@
+//! [`ReplicaTracker`]: one background task per node keeps each replica's
+//! replay position, timeline and health in atomics, so routing a read costs a
+//! few atomic loads and no database round trip.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::position::Lsn;
+
+/// `application_name` of the tracker's own connections, so they can be told
+/// apart in `pg_stat_activity`.
+pub const TRACKER_APPLICATION_NAME: &str = "read_after_write_tracker";
+
+/// What the tracker knows about one replica. Written only by its task; read
+/// by every routing decision.
+pub(crate) struct ReplicaState {
+    pub(crate) name: String,
+    pub(crate) pool: PgPool,
+    connect: PgConnectOptions,
+    /// Last `pg_last_wal_replay_lsn()`; meaningful only while `healthy`.
+    pub(crate) replayed: AtomicU64,
+    /// Last timeline the replica was seen receiving on
+    /// (`pg_stat_wal_receiver.received_tli`); 0 while never seen (no WAL
+    /// receiver yet, or no privilege to see it).
+    pub(crate) timeline: AtomicU32,
+    /// Answering, in recovery, with a replay position.
+    pub(crate) healthy: AtomicBool,
+    /// When the replica was last seen down; its pool discards connections
+    /// opened before then instead of failing a read on them.
+    pub(crate) outages: Arc<Outages>,
+    /// Wakes this replica's task for an immediate poll.
+    refresh: Notify,
+}
+
+impl ReplicaState {
+    pub(crate) fn new(
+        name: String,
+        pool: PgPool,
+        connect: PgConnectOptions,
+        outages: Arc<Outages>,
+    ) -> Self {
+        ReplicaState {
+            name,
+            pool,
+            connect,
+            replayed: AtomicU64::new(0),
+            timeline: AtomicU32::new(0),
+            healthy: AtomicBool::new(false),
+            outages,
+            refresh: Notify::new(),
+        }
+    }
+
+    /// Whether this replica has replayed `lsn` on `timeline` and is healthy.
+    #[inline]
+    pub(crate) fn has_replayed(&self, lsn: Lsn, timeline: u32) -> bool {
+        if !self.healthy.load(Ordering::Acquire) {
+            return false;
+        }
+        let on = self.timeline.load(Ordering::Relaxed);
+        (on == 0 || on == timeline) && self.replayed.load(Ordering::Acquire) >= lsn.as_u64()
+    }
+}
+
+/// What the tracker knows about the primary.
+pub(crate) struct PrimaryState {
+    pub(crate) pool: PgPool,
+    /// Current insert position, for lag figures.
+    pub(crate) inserted: AtomicU64,
+    /// Current timeline; changes when a failover promoted a new primary.
+    pub(crate) timeline: AtomicU32,
+    pub(crate) system_id: u64,
+    pub(crate) outages: Arc<Outages>,
+    pub(crate) healthy: AtomicBool,
+}
+
+/// When a node was last seen down, so its pool can drop connections opened
+/// before the outage without a test query per checkout.
+#[derive(Debug)]
+pub(crate) struct Outages {
+    origin: Instant,
+    /// Nanoseconds after `origin` of the last outage; 0 for none.
+    last_down: AtomicU64,
+}
+
+impl Outages {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Outages {
+            origin: Instant::now(),
+            last_down: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn mark_down(&self) {
+        let nanos = u64::try_from(self.origin.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.last_down.store(nanos, Ordering::Relaxed);
+    }
+
+    /// Whether a connection of this age was opened before the last outage.
+    pub(crate) fn predates_last_outage(&self, age: Duration) -> bool {
+        let last_down = self.last_down.load(Ordering::Relaxed);
+        if last_down == 0 {
+            return false;
+        }
+        let now = self.origin.elapsed();
+        let opened = now.saturating_sub(age);
+        opened < Duration::from_nanos(last_down)
+    }
+}
+
+/// Tuning for the tracker.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TrackerConfig {
+    pub(crate) poll_interval: Duration,
+    pub(crate) probe_timeout: Duration,
+    pub(crate) max_backoff: Duration,
+    /// Shortest gap between two polls of one replica when reads are waiting.
+    pub(crate) min_refresh_gap: Duration,
+}
+
+/// The background tracker of one replica set: a task per replica polling
+/// `pg_last_wal_replay_lsn()`, one polling the primary's insert position,
+/// and the notification waiting reads sleep on.
+///
+/// Owned by [`PgReplicaSet`](super::PgReplicaSet); it stops when the replica
+/// set is shut down or its last clone is dropped.
+pub struct ReplicaTracker {
+    pub(crate) replicas: Vec<Arc<ReplicaState>>,
+    pub(crate) primary: Arc<PrimaryState>,
+    /// Bumped after every poll that changed a replica's state; waiting reads
+    /// re-check on each change.
+    pub(crate) changed: watch::Sender<u64>,
+    pub(crate) polls: AtomicU64,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ReplicaTracker {
+    pub(crate) fn new(replicas: Vec<Arc<ReplicaState>>, primary: Arc<PrimaryState>) -> Arc<Self> {
+        Arc::new(ReplicaTracker {
+            replicas,
+            primary,
+            changed: watch::channel(0).0,
+            polls: AtomicU64::new(0),
+            shutdown: watch::channel(false).0,
+            tasks: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Polls every replica once, then starts the background tasks.
+    pub(crate) async fn start(self: &Arc<Self>, config: TrackerConfig) {
+        let first_polls = self.replicas.iter().map(|replica| {
+            let tracker = Arc::clone(self);
+            let replica = Arc::clone(replica);
+            async move {
+                let mut conn = None;
+                tracker.poll_replica(&replica, &mut conn, config).await;
+                conn
+            }
+        });
+        let connections = futures_join_all(first_polls).await;
+        let mut tasks = Vec::with_capacity(self.replicas.len() + 1);
+        for (replica, conn) in self.replicas.iter().zip(connections) {
+            let tracker = Arc::clone(self);
+            let replica = Arc::clone(replica);
+            tasks.push(tokio::spawn(async move {
+                tracker.run_replica(replica, conn, config).await
+            }));
+        }
+        let tracker = Arc::clone(self);
+        tasks.push(tokio::spawn(
+            async move { tracker.run_primary(config).await },
+        ));
+        if let Ok(mut slot) = self.tasks.lock() {
+            slot.extend(tasks);
+        }
+    }
+
+    /// Asks every replica's task for an immediate poll. Requests made while a
+    /// poll is running coalesce into one more poll.
+    pub(crate) fn request_refresh(&self) {
+        for replica in &self.replicas {
+            replica.refresh.notify_one();
+        }
+    }
+
+    /// Stops every task and closes the tracker's connections; waits for them.
+    pub(crate) async fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+        let tasks = match self.tasks.lock() {
+            Ok(mut tasks) => std::mem::take(&mut *tasks),
+            Err(_) => Vec::new(),
+        };
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Signals shutdown without waiting, for `Drop`.
+    pub(crate) fn stop(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Number of replica polls made so far.
+    pub(crate) fn polls(&self) -> u64 {
+        self.polls.load(Ordering::Relaxed)
+    }
+
+    async fn run_replica(
+        self: Arc<Self>,
+        replica: Arc<ReplicaState>,
+        mut conn: Option<PgConnection>,
+        config: TrackerConfig,
+    ) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut backoff = config.poll_interval;
+        while !*shutdown.borrow() {
+            let healthy = replica.healthy.load(Ordering::Relaxed);
+            let pause = if healthy {
+                config.poll_interval
+            } else {
+                backoff
+            };
+            let last_poll = Instant::now();
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep(pause) => {}
+                // A down replica is re-probed on its backoff only: reads
+                // waiting for a position must not hammer a dead node.
+                _ = replica.refresh.notified(), if healthy => {
+                    let since = last_poll.elapsed();
+                    if since < config.min_refresh_gap {
+                        tokio::time::sleep(config.min_refresh_gap - since).await;
+                    }
+                }
+            }
+            let up = self.poll_replica(&replica, &mut conn, config).await;
+            backoff = if up {
+                config.poll_interval
+            } else {
+                (backoff * 2).clamp(config.poll_interval, config.max_backoff)
+            };
+        }
+        if let Some(conn) = conn {
+            let _ = conn.close().await;
+        }
+    }
+
+    /// Polls one replica, updates its state, and reports whether it is up.
+    async fn poll_replica(
+        &self,
+        replica: &ReplicaState,
+        conn: &mut Option<PgConnection>,
+        config: TrackerConfig,
+    ) -> bool {
+        self.polls.fetch_add(1, Ordering::Relaxed);
+        let result =
+            tokio::time::timeout(config.probe_timeout, probe_replica(&replica.connect, conn)).await;
+        let was_healthy = replica.healthy.load(Ordering::Relaxed);
+        let name = replica.name.as_str();
+        let up = match result {
+            Ok(Ok(Probe {
+                replayed: Some(replayed),
+                in_recovery: true,
+                timeline,
+                lag_seconds,
+            })) => {
+                let previous = replica.replayed.swap(replayed.as_u64(), Ordering::AcqRel);
+                // Keep the last timeline seen: with its upstream gone the WAL
+                // receiver stops and reports nothing, but the replica still
+                // holds that timeline's history.
+                if let Some(timeline) = timeline {
+                    replica.timeline.store(timeline, Ordering::Relaxed);
+                }
+                if !was_healthy {
+                    replica.healthy.store(true, Ordering::Release);
+                    tracing::info!(replica = name, lsn = %replayed, "replica admitted");
+                    metrics::gauge!("read_after_write_replica_up", "replica" => replica.name.clone()).set(1.0);
+                    self.bump();
+                } else if previous != replayed.as_u64() {
+                    self.bump();
+                }
+                let inserted = self.primary.inserted.load(Ordering::Relaxed);
+                let lag = inserted.saturating_sub(replayed.as_u64());
+                metrics::gauge!("read_after_write_replica_lag_bytes", "replica" => replica.name.clone()).set(lag as f64);
+                metrics::gauge!("read_after_write_replica_lag_seconds", "replica" => replica.name.clone())
+                    .set(lag_seconds.unwrap_or(0.0));
+                return true;
+            }
+            Ok(Ok(probe)) => {
+                // Answers, but is not a replica any more: promoted, or
+                // misconfigured. Exclude it; keep probing in case it was
+                // rebuilt as a replica.
+                if was_healthy || replica.replayed.load(Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        replica = name,
+                        in_recovery = probe.in_recovery,
+                        "node is not replaying WAL (promoted or not a standby); excluded from reads"
+                    );
+                }
+                true
+            }
+            Ok(Err(error)) => {
+                if was_healthy {
+                    tracing::warn!(replica = name, %error, "replica unreachable; excluded from reads");
+                }
+                *conn = None;
+                false
+            }
+            Err(_elapsed) => {
+                if was_healthy {
+                    tracing::warn!(replica = name, timeout = ?config.probe_timeout, "replica probe timed out; excluded from reads");
+                }
+                *conn = None;
+                false
+            }
+        };
+        if was_healthy {
+            replica.healthy.store(false, Ordering::Release);
+            replica.outages.mark_down();
+            metrics::gauge!("read_after_write_replica_up", "replica" => replica.name.clone())
+                .set(0.0);
+            self.bump();
+        }
+        up
+    }
+
+    async fn run_primary(self: Arc<Self>, config: TrackerConfig) {
+        let mut shutdown = self.shutdown.subscribe();
+        while !*shutdown.borrow() {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                _ = tokio::time::sleep(config.poll_interval) => {}
+            }
+            let result = tokio::time::timeout(
+                config.probe_timeout,
+                super::capture::query_position(&self.primary.pool),
+            )
+            .await;
+            match result {
+                Ok(Ok(position)) => {
+                    self.primary
+                        .inserted
+                        .fetch_max(position.lsn.as_u64(), Ordering::Relaxed);
+                    self.note_primary_timeline(position.timeline);
+                    if !self.primary.healthy.swap(true, Ordering::Relaxed) {
+                        tracing::info!("primary reachable");
+                    }
+                }
+                Ok(Err(_)) | Err(_) => {
+                    if self.primary.healthy.swap(false, Ordering::Relaxed) {
+                        tracing::warn!("primary unreachable; writes will fail until it is back");
+                        self.primary.outages.mark_down();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records the primary's timeline as seen by a capture or a poll.
+    pub(crate) fn note_primary_timeline(&self, timeline: u32) {
+        let before = self.primary.timeline.swap(timeline, Ordering::Relaxed);
+        if before != timeline && before != 0 {
+            tracing::warn!(
+                from = before,
+                to = timeline,
+                "primary timeline changed (failover)"
+            );
+        }
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+struct Probe {
+    replayed: Option<Lsn>,
+    in_recovery: bool,
+    timeline: Option<u32>,
+    lag_seconds: Option<f64>,
+}
+
+/// One round trip on the tracker's own connection, opening it if needed.
+async fn probe_replica(
+    connect: &PgConnectOptions,
+    conn: &mut Option<PgConnection>,
+) -> Result<Probe, sqlx::Error> {
+    if conn.is_none() {
+        *conn = Some(
+            connect
+                .clone()
+                .application_name(TRACKER_APPLICATION_NAME)
+                .connect()
+                .await?,
+        );
+    }
+    let Some(connection) = conn.as_mut() else {
+        return Err(sqlx::Error::PoolClosed);
+    };
+    // Lag in seconds is 0 while everything received is replayed, so an idle
+    // primary does not look like a lagging replica.
+    let (replayed, in_recovery, timeline, lag_seconds): (Option<String>, bool, Option<i32>, Option<f64>) =
+        sqlx::query_as(
+            "select pg_last_wal_replay_lsn()::text, pg_is_in_recovery(), \
+                    (select received_tli from pg_stat_wal_receiver), \
+                    case when pg_last_wal_receive_lsn() is null \
+                              or pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() then 0 \
+                         else extract(epoch from now() - pg_last_xact_replay_timestamp())::float8 end",
+        )
+        .persistent(true)
+        .fetch_one(connection)
+        .await?;
+    Ok(Probe {
+        replayed: replayed.and_then(|text| text.parse().ok()),
+        in_recovery,
+        timeline: timeline.and_then(|t| u32::try_from(t).ok()),
+        lag_seconds,
+    })
+}
+
+/// Waits for every future, in order. The tracker starts a handful of nodes,
+/// so a plain sequential join of spawned tasks is enough.
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<Option<PgConnection>>
+where
+    F: std::future::Future<Output = Option<PgConnection>> + Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        out.push(handle.await.ok().flatten());
+    }
+    out
+}

@@ -1,0 +1,265 @@
+//! The failure rows of DESIGN §6, each on its own real cluster (they change
+//! the topology): stopped, killed and restarted replicas, replay paused
+//! everywhere, a failed capture, the primary down, and a failover.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::header::SET_COOKIE;
+use http::{Request, Response};
+use read_after_write::pg::{PgDb, PgReplicaSet};
+use read_after_write::{Backend, RouteReason, Target, UserId};
+use tower::{service_fn, Layer, ServiceExt};
+
+async fn healthy(set: &PgReplicaSet, name: &str) -> bool {
+    set.replicas().iter().any(|r| r.name == name && r.healthy)
+}
+
+/// Waits until `name`'s health is `want`, returning how long it took.
+async fn wait_health(set: &PgReplicaSet, name: &str, want: bool, bound: Duration) -> Duration {
+    let started = Instant::now();
+    while healthy(set, name).await != want {
+        assert!(
+            started.elapsed() < bound,
+            "{name} not healthy={want} after {bound:?}: {:?}",
+            set.replicas()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    started.elapsed()
+}
+
+/// Runs `n` eventual reads; all must succeed. Returns how many hit `name`.
+async fn eventual_reads(set: &PgReplicaSet, n: usize, name: &str) -> usize {
+    let mut hits = 0;
+    for _ in 0..n {
+        let routed = set.eventual();
+        sqlx::query("select 1")
+            .execute(routed.pool)
+            .await
+            .unwrap_or_else(|e| panic!("read on {} failed: {e}", routed.node));
+        hits += usize::from(routed.node == name);
+    }
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_or_killed_replica_is_excluded_and_readmitted_after_restart() {
+    let cluster = start_cluster().await;
+    let set = replica_set(&cluster).await;
+    // Open pool connections to both replicas, so the restart below leaves
+    // stale ones behind that must not fail a read.
+    assert!(eventual_reads(&set, 20, "replica-2").await > 0);
+
+    cluster.stop_replica(1).await.unwrap();
+    let excluded = wait_health(&set, "replica-2", false, Duration::from_secs(2)).await;
+    eprintln!("stopped replica excluded after {excluded:?}");
+    assert_eq!(eventual_reads(&set, 50, "replica-2").await, 0);
+
+    cluster.start_replica(1).await.unwrap();
+    let readmitted = wait_health(&set, "replica-2", true, Duration::from_secs(5)).await;
+    eprintln!("restarted replica readmitted after {readmitted:?}");
+    assert!(
+        eventual_reads(&set, 50, "replica-2").await > 0,
+        "readmitted replica serves reads again"
+    );
+
+    cluster.kill_replica(0).await.unwrap();
+    let excluded = wait_health(&set, "replica-1", false, Duration::from_secs(2)).await;
+    eprintln!("killed replica excluded after {excluded:?}");
+    assert_eq!(eventual_reads(&set, 50, "replica-1").await, 0);
+    cluster.start_replica(0).await.unwrap();
+    wait_health(&set, "replica-1", true, Duration::from_secs(5)).await;
+    assert!(eventual_reads(&set, 50, "replica-1").await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_replay_paused_everywhere_token_reads_go_to_the_primary_within_max_wait() {
+    let cluster = start_cluster().await;
+    create_schema(&cluster).await;
+    let set = replica_set(&cluster).await;
+    cluster.pause_replay(0).await.unwrap();
+    cluster.pause_replay(1).await.unwrap();
+
+    let (id,): (i64,) =
+        sqlx::query_as("insert into posts (user_id, body) values (1, 'paused') returning id")
+            .fetch_one(set.primary_pool())
+            .await
+            .unwrap();
+    let position = set.write_position().await.unwrap();
+    assert!(
+        !visible_on(&set, "replica-1", id).await,
+        "naive read of a paused replica is stale"
+    );
+    assert!(
+        !visible_on(&set, "replica-2", id).await,
+        "naive read of a paused replica is stale"
+    );
+
+    let max_wait = Duration::from_millis(100);
+    for _ in 0..5 {
+        let started = Instant::now();
+        let routed = set.session(position, max_wait).await;
+        let waited = started.elapsed();
+        assert_eq!(
+            (routed.target, routed.reason),
+            (Target::Primary, RouteReason::WaitTimedOut)
+        );
+        assert!(
+            waited >= max_wait && waited < max_wait + Duration::from_millis(50),
+            "waited {waited:?}"
+        );
+        let (found,): (bool,) = sqlx::query_as("select exists(select 1 from posts where id = $1)")
+            .bind(id)
+            .fetch_one(routed.pool)
+            .await
+            .unwrap();
+        assert!(found);
+    }
+
+    cluster.resume_replay(0).await.unwrap();
+    cluster.resume_replay(1).await.unwrap();
+    let routed = set.session(position, Duration::from_secs(2)).await;
+    assert_eq!(routed.target, Target::Replica, "{:?}", routed.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_capture_still_returns_the_response_without_a_token_and_the_primary_down_fails_fast(
+) {
+    let cluster = std::sync::Arc::new(start_cluster().await);
+    create_schema(&cluster).await;
+    let set = replica_set(&cluster).await;
+
+    // The handler commits, then the primary goes away before the layer can
+    // ask for the write position.
+    let layer = read_after_write::ReadAfterWriteLayer::new(set.clone(), keys())
+        .identity(|_| Some(UserId::from(1u64)))
+        .secure(false);
+    let handler_cluster = cluster.clone();
+    let service = layer.layer(service_fn(move |req: Request<()>| {
+        let cluster = handler_cluster.clone();
+        async move {
+            let db = req.extensions().get::<PgDb>().cloned().unwrap();
+            sqlx::query("insert into posts (user_id, body) values (1, 'before the crash')")
+                .execute(db.write())
+                .await
+                .unwrap();
+            cluster.stop_primary().await.unwrap();
+            Ok::<_, std::convert::Infallible>(Response::new(()))
+        }
+    }));
+    let response = service
+        .oneshot(Request::post("/posts").body(()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert!(
+        response.headers().get(SET_COOKIE).is_none(),
+        "no token without a position"
+    );
+
+    // Primary down: writes fail fast with a clear error...
+    let started = Instant::now();
+    let error = sqlx::query("insert into posts (user_id, body) values (1, 'x')")
+        .execute(set.primary_pool())
+        .await
+        .unwrap_err();
+    eprintln!(
+        "write with the primary down failed after {:?}: {error}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let capture = set.write_position().await.unwrap_err();
+    assert!(capture.to_string().contains("primary"), "{capture}");
+    // ...while eventual reads continue on the replicas.
+    assert_eq!(eventual_reads(&set, 20, "primary").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_old_tokens_go_to_the_new_primary_and_nothing_hangs() {
+    let cluster = start_cluster().await;
+    create_schema(&cluster).await;
+    let old = replica_set(&cluster).await;
+    let (id,): (i64,) =
+        sqlx::query_as("insert into posts (user_id, body) values (1, 'timeline 1') returning id")
+            .fetch_one(old.primary_pool())
+            .await
+            .unwrap();
+    let before = old.write_position().await.unwrap();
+    cluster
+        .wait_for_replicas_caught_up(Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    // Fail over: the primary dies, replica-1 is promoted.
+    cluster.stop_primary().await.unwrap();
+    cluster.promote_replica(0).await.unwrap();
+
+    // The old set notices the promoted node is no replica any more and
+    // stops reading from it; its reads keep working and never hang.
+    wait_health(&old, "replica-1", false, Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let routed = old.session(before, Duration::from_millis(100)).await;
+    assert!(started.elapsed() < Duration::from_millis(150));
+    assert_eq!(routed.node, "replica-2", "{:?}", routed.reason);
+    assert!(visible_on(&old, "replica-2", id).await);
+
+    // The app is pointed at the new primary (replica-2 still follows the
+    // dead one).
+    let new = PgReplicaSet::builder()
+        .primary_url(cluster.replica(0).url())
+        .replica_url("replica-2", cluster.replica(1).url())
+        .poll_interval(Duration::from_millis(10))
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(new.system_id(), before.system_id);
+    assert!(
+        new.timeline() > before.timeline,
+        "promotion starts a new timeline"
+    );
+
+    // A token from the old timeline goes to the new primary, which has the
+    // write, at once.
+    let started = Instant::now();
+    let routed = new.session(before, Duration::from_millis(100)).await;
+    assert_eq!(
+        (routed.target, routed.reason),
+        (Target::Primary, RouteReason::TimelineChanged)
+    );
+    assert!(started.elapsed() < Duration::from_millis(20));
+    let (found,): (bool,) = sqlx::query_as("select exists(select 1 from posts where id = $1)")
+        .bind(id)
+        .fetch_one(routed.pool)
+        .await
+        .unwrap();
+    assert!(found);
+
+    // A write on the new timeline: replica-2 stayed on the old one and
+    // never qualifies, so the read waits at most max_wait, then the primary.
+    let (new_id,): (i64,) =
+        sqlx::query_as("insert into posts (user_id, body) values (1, 'timeline 2') returning id")
+            .fetch_one(new.primary_pool())
+            .await
+            .unwrap();
+    let after = new.write_position().await.unwrap();
+    assert_eq!(after.timeline, new.timeline());
+    assert!(
+        !visible_on(&new, "replica-2", new_id).await,
+        "the abandoned replica is stale"
+    );
+    let started = Instant::now();
+    let routed = new.session(after, Duration::from_millis(100)).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(150),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(routed.target, Target::Primary, "{:?}", routed.reason);
+}
