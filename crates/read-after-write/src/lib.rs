@@ -25,6 +25,8 @@
 //!   and its [`ResponseFuture`].
 //! - [`handle`]: [`Db`], the per-request handle with `read`, `eventual`,
 //!   `primary` and `write`.
+//! - `extract` (feature `axum`): the axum extractor for [`Db`], with the
+//!   notes on layer order.
 //! - `pg` (feature `postgres`, on by default): [`PgReplicaSet`](pg::PgReplicaSet),
 //!   the sqlx backend for a primary and its streaming replicas, and the
 //!   [`ReplicaTracker`](pg::ReplicaTracker) that follows their replay positions.
@@ -46,6 +48,8 @@
 
 pub mod backend;
 pub mod clock;
+#[cfg(feature = "axum")]
+pub mod extract;
 pub mod handle;
 pub mod middleware;
 #[cfg(feature = "postgres")]

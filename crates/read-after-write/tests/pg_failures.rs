@@ -119,10 +119,24 @@ async fn with_replay_paused_everywhere_token_reads_go_to_the_primary_within_max_
         assert!(found);
     }
 
+    // The tracker reports how far behind the paused replicas are.
+    for replica in set.replicas() {
+        assert!(replica.lag >= Duration::from_millis(400), "{replica:?}");
+        assert!(replica.lag_bytes > 0, "{replica:?}");
+    }
+
     cluster.resume_replay(0).await.unwrap();
     cluster.resume_replay(1).await.unwrap();
     let routed = set.session(position, Duration::from_secs(2)).await;
     assert_eq!(routed.target, Target::Replica, "{:?}", routed.reason);
+    cluster
+        .wait_for_replicas_caught_up(Duration::from_secs(5))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for replica in set.replicas() {
+        assert_eq!(replica.lag, Duration::ZERO, "{replica:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -189,4 +189,4 @@ impl<B> fmt::Debug for Shared<B> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -25,7 +25,7 @@ const SYSTEM: u64 = 0x5EED;
 const NOW: u64 = 1_800_000_000;
 
 #[derive(Default)]
-struct FakeBackend {
+pub(crate) struct FakeBackend {
     replica_replayed: AtomicU64,
     primary_at: AtomicU64,
     capture_fails: AtomicBool,
@@ -35,7 +35,7 @@ struct FakeBackend {
 }
 
 impl FakeBackend {
-    fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(FakeBackend {
             primary: "primary-pool",
             replica: "replica-pool",
@@ -46,7 +46,7 @@ impl FakeBackend {
 
 #[derive(Debug, thiserror::Error)]
 #[error("capture failed")]
-struct CaptureFailed;
+pub(crate) struct CaptureFailed;
 
 impl Backend for FakeBackend {
     type Pool = &'static str;
@@ -86,7 +86,7 @@ impl Backend for FakeBackend {
     }
 }
 
-fn keys(byte: u8) -> KeySet {
+pub(crate) fn keys(byte: u8) -> KeySet {
     KeySet::new(SigningKey::from_bytes(&[byte; 32]).unwrap())
 }
 

@@ -88,6 +88,8 @@ pub enum Selection {
     RoundRobin,
     /// The replica with the highest replay position.
     LeastLag,
+    /// A random one, so that reads from many instances do not move in step.
+    Random,
 }
 
 /// Why a [`PgReplicaSet`] could not be built.
@@ -310,6 +312,7 @@ impl PgReplicaSetBuilder {
             system_id,
             outages: primary_outages,
             healthy: true.into(),
+            history: Default::default(),
         });
         let tracker = ReplicaTracker::new(replicas, primary_state);
         tracker
@@ -364,6 +367,7 @@ impl Drop for Inner {
 
 /// A snapshot of one replica as the tracker sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReplicaStatus {
     /// The replica's name.
     pub name: String,
@@ -373,6 +377,12 @@ pub struct ReplicaStatus {
     pub replayed: Lsn,
     /// Timeline its WAL receiver is on; 0 when unknown.
     pub timeline: u32,
+    /// Bytes of WAL the primary had written beyond `replayed` at its last
+    /// poll.
+    pub lag_bytes: u64,
+    /// How long ago the primary first had WAL this replica has not replayed
+    /// (to within a poll interval); zero when it is caught up.
+    pub lag: Duration,
 }
 
 impl PgReplicaSet {
@@ -409,11 +419,20 @@ impl PgReplicaSet {
     /// What the tracker knows about each replica, in configuration order.
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
         self.replica_states()
-            .map(|r| ReplicaStatus {
-                name: r.name.clone(),
-                healthy: r.healthy.load(Ordering::Acquire),
-                replayed: Lsn::new(r.replayed.load(Ordering::Acquire)),
-                timeline: r.timeline.load(Ordering::Relaxed),
+            .map(|r| {
+                let replayed = r.replayed.load(Ordering::Acquire);
+                let primary = &self.inner.tracker.primary;
+                ReplicaStatus {
+                    name: r.name.clone(),
+                    healthy: r.healthy.load(Ordering::Acquire),
+                    replayed: Lsn::new(replayed),
+                    timeline: r.timeline.load(Ordering::Relaxed),
+                    lag_bytes: primary
+                        .inserted
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(replayed),
+                    lag: primary.time_behind(replayed),
+                }
             })
             .collect()
     }
@@ -456,8 +475,13 @@ impl PgReplicaSet {
             return None;
         }
         match self.inner.selection {
-            Selection::RoundRobin => {
-                let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+            Selection::RoundRobin | Selection::Random => {
+                let ticket = self.inner.next.fetch_add(1, Ordering::Relaxed);
+                let start = if self.inner.selection == Selection::Random {
+                    scramble(ticket)
+                } else {
+                    ticket
+                };
                 (0..count)
                     .map(|i| &*replicas[(start + i) % count])
                     .find(|r| qualifies(r))
@@ -474,6 +498,18 @@ impl PgReplicaSet {
         self.replica_states()
             .any(|r| r.healthy.load(Ordering::Acquire))
     }
+}
+
+/// A bijective mix of a counter (the splitmix64 finaliser): a cheap,
+/// lock-free pseudo-random sequence, enough to spread reads.
+fn scramble(ticket: usize) -> usize {
+    let mut x = (ticket as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    x as usize
 }
 
 impl fmt::Debug for PgReplicaSet {
@@ -561,6 +597,10 @@ impl Backend for PgReplicaSet {
     async fn write_position(&self) -> Result<WritePosition, CaptureError> {
         let position = self.inner.capture.capture().await?;
         self.inner.tracker.note_primary_timeline(position.timeline);
+        self.inner
+            .tracker
+            .primary
+            .record_position(position.lsn.as_u64());
         Ok(WritePosition::new(
             position.lsn,
             position.timeline,

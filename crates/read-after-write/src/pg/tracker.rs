@@ -2,6 +2,7 @@
 //! replay position, timeline and health in atomics, so routing a read costs a
 //! few atomic loads and no database round trip.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -78,6 +79,45 @@ pub(crate) struct PrimaryState {
     pub(crate) system_id: u64,
     pub(crate) outages: Arc<Outages>,
     pub(crate) healthy: AtomicBool,
+    /// When the primary's insert position was first seen at each value, for
+    /// the last [`LAG_WINDOW`]: a replica's time lag is the age of the first
+    /// position past its replay position.
+    pub(crate) history: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+/// How far back the primary's position history reaches; longer time lags
+/// are reported as at least this.
+const LAG_WINDOW: Duration = Duration::from_secs(60);
+
+impl PrimaryState {
+    pub(crate) fn record_position(&self, lsn: u64) {
+        let Ok(mut history) = self.history.lock() else {
+            return;
+        };
+        if history.back().is_some_and(|&(_, last)| last >= lsn) {
+            return;
+        }
+        let now = Instant::now();
+        history.push_back((now, lsn));
+        while history
+            .front()
+            .is_some_and(|&(at, _)| now.duration_since(at) > LAG_WINDOW)
+        {
+            history.pop_front();
+        }
+    }
+
+    /// How long ago the primary first had WAL that `replayed` lacks; zero
+    /// when the replica has everything the tracker has seen.
+    pub(crate) fn time_behind(&self, replayed: u64) -> Duration {
+        let Ok(history) = self.history.lock() else {
+            return Duration::ZERO;
+        };
+        let first_ahead = history.partition_point(|&(_, lsn)| lsn <= replayed);
+        history
+            .get(first_ahead)
+            .map_or(Duration::ZERO, |&(at, _)| at.elapsed())
+    }
 }
 
 /// When a node was last seen down, so its pool can drop connections opened
@@ -272,7 +312,6 @@ impl ReplicaTracker {
                 replayed: Some(replayed),
                 in_recovery: true,
                 timeline,
-                lag_seconds,
             })) => {
                 let previous = replica.replayed.swap(replayed.as_u64(), Ordering::AcqRel);
                 // Keep the last timeline seen: with its upstream gone the WAL
@@ -292,8 +331,9 @@ impl ReplicaTracker {
                 let inserted = self.primary.inserted.load(Ordering::Relaxed);
                 let lag = inserted.saturating_sub(replayed.as_u64());
                 metrics::gauge!("read_after_write_replica_lag_bytes", "replica" => replica.name.clone()).set(lag as f64);
+                let behind = self.primary.time_behind(replayed.as_u64());
                 metrics::gauge!("read_after_write_replica_lag_seconds", "replica" => replica.name.clone())
-                    .set(lag_seconds.unwrap_or(0.0));
+                    .set(behind.as_secs_f64());
                 return true;
             }
             Ok(Ok(probe)) => {
@@ -352,6 +392,7 @@ impl ReplicaTracker {
                     self.primary
                         .inserted
                         .fetch_max(position.lsn.as_u64(), Ordering::Relaxed);
+                    self.primary.record_position(position.lsn.as_u64());
                     self.note_primary_timeline(position.timeline);
                     if !self.primary.healthy.swap(true, Ordering::Relaxed) {
                         tracing::info!("primary reachable");
@@ -388,7 +429,6 @@ struct Probe {
     replayed: Option<Lsn>,
     in_recovery: bool,
     timeline: Option<u32>,
-    lag_seconds: Option<f64>,
 }
 
 /// One round trip on the tracker's own connection, opening it if needed.
@@ -408,24 +448,17 @@ async fn probe_replica(
     let Some(connection) = conn.as_mut() else {
         return Err(sqlx::Error::PoolClosed);
     };
-    // Lag in seconds is 0 while everything received is replayed, so an idle
-    // primary does not look like a lagging replica.
-    let (replayed, in_recovery, timeline, lag_seconds): (Option<String>, bool, Option<i32>, Option<f64>) =
-        sqlx::query_as(
-            "select pg_last_wal_replay_lsn()::text, pg_is_in_recovery(), \
-                    (select received_tli from pg_stat_wal_receiver), \
-                    case when pg_last_wal_receive_lsn() is null \
-                              or pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() then 0 \
-                         else extract(epoch from now() - pg_last_xact_replay_timestamp())::float8 end",
-        )
-        .persistent(true)
-        .fetch_one(connection)
-        .await?;
+    let (replayed, in_recovery, timeline): (Option<String>, bool, Option<i32>) = sqlx::query_as(
+        "select pg_last_wal_replay_lsn()::text, pg_is_in_recovery(), \
+                (select received_tli from pg_stat_wal_receiver)",
+    )
+    .persistent(true)
+    .fetch_one(connection)
+    .await?;
     Ok(Probe {
         replayed: replayed.and_then(|text| text.parse().ok()),
         in_recovery,
         timeline: timeline.and_then(|t| u32::try_from(t).ok()),
-        lag_seconds,
     })
 }
 

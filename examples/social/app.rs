@@ -1,0 +1,479 @@
+//! The social app: routes, handlers and schema.
+//!
+//! A user posts and is redirected to a page that must show the post. Reads of
+//! the user's own data are session-consistent (`db.read()`), the feed is
+//! eventual (`db.eventual()`), a single post by id is a critical read
+//! (`db.primary()`), and writes go through `db.write()`, which makes the
+//! layer issue the affinity token.
+//!
+//! The handlers are generic over the [`Backend`], so the same app runs on
+//! [`PgReplicaSet`] or on the lab's baseline backends.
+//!
+//! Identity is demo-only: the `x-user-id: <integer>` header, or for the HTML
+//! page a `demo_user` cookie set by its login form. A real app puts its
+//! authenticated user into the request extensions instead.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::header::{COOKIE, LOCATION, SET_COOKIE};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Form, Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use read_after_write::pg::PgReplicaSet;
+use read_after_write::{Backend, Db, KeySet, ReadAfterWriteLayer, UserId};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+/// The header that carries the demo identity.
+pub const USER_HEADER: &str = "x-user-id";
+/// The cookie the HTML page's login form sets.
+pub const USER_COOKIE: &str = "demo_user";
+/// The longest post accepted, in characters.
+pub const MAX_POST_CHARS: usize = 2_000;
+
+/// How the app's layer is configured.
+#[derive(Clone, Debug)]
+pub struct AppConfig {
+    /// Signing keys, shared by every instance.
+    pub keys: KeySet,
+    /// `Secure` on the affinity cookie; off for plain-HTTP development.
+    pub cookie_secure: bool,
+    /// How long a session read waits for a replica before the primary.
+    pub max_wait: Duration,
+    /// Add the `x-read-after-write` debug header to responses.
+    pub debug_header: bool,
+    /// Time-window mode instead of positions (the lab's baseline).
+    pub time_window: Option<Duration>,
+}
+
+/// Runs the schema migrations on the primary.
+pub async fn migrate(primary: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("../../examples/social/migrations")
+        .run(primary)
+        .await
+}
+
+/// The process-wide Prometheus recorder: installed on first use, shared by
+/// every app in the process.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics shows only this exporter's view");
+            }
+            let upkeep = handle.clone();
+            std::thread::spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(5));
+                upkeep.run_upkeep();
+            });
+            handle
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct AppState {
+    replicas: PgReplicaSet,
+    metrics: PrometheusHandle,
+}
+
+/// The whole app: API, HTML page and operations endpoints, with the
+/// read-after-write layer over every route that touches the database.
+pub fn router<B>(backend: B, replicas: PgReplicaSet, config: &AppConfig) -> Router
+where
+    B: Backend<Pool = PgPool>,
+{
+    let mut layer = ReadAfterWriteLayer::new(backend, config.keys.clone())
+        .identity(demo_identity)
+        .secure(config.cookie_secure)
+        .max_wait(config.max_wait)
+        .debug_header(config.debug_header);
+    if let Some(window) = config.time_window {
+        layer = layer.time_window(window);
+    }
+    let state = AppState {
+        replicas,
+        metrics: metrics_handle(),
+    };
+    Router::new()
+        .route("/", get(home::<B>))
+        .route("/posts", post(create_post_form::<B>))
+        .route("/api/posts", post(create_post::<B>).get(my_posts::<B>))
+        .route("/api/posts/{id}", get(post_by_id::<B>))
+        .route("/api/feed", get(feed::<B>))
+        .route("/api/profile", put(put_profile::<B>))
+        .route("/api/profile/{user_id}", get(get_profile::<B>))
+        .route_layer(layer)
+        // Operations endpoints and the login form do not touch the database
+        // through the layer.
+        .route("/login", post(login_form))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(render_metrics))
+        .with_state(state)
+}
+
+/// Demo-only identity: the `x-user-id` header, else the `demo_user` cookie.
+pub fn demo_identity(parts: &Parts) -> Option<UserId> {
+    user_from_headers(&parts.headers).map(UserId::from)
+}
+
+fn user_from_headers(headers: &HeaderMap) -> Option<i64> {
+    if let Some(value) = headers.get(USER_HEADER) {
+        return value.to_str().ok()?.trim().parse().ok();
+    }
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|text| text.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == USER_COOKIE)
+        .and_then(|(_, value)| value.parse().ok())
+}
+
+/// The requester, or 401.
+struct DemoUser(i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for DemoUser {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        user_from_headers(&parts.headers)
+            .map(DemoUser)
+            .ok_or(AppError::Unauthenticated)
+    }
+}
+
+/// What a handler can fail with, as an HTTP response.
+#[derive(Debug)]
+pub enum AppError {
+    /// No `x-user-id` header or `demo_user` cookie.
+    Unauthenticated,
+    /// The request's content is unacceptable.
+    Invalid(&'static str),
+    /// Nothing with that id.
+    NotFound,
+    /// The database failed.
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for AppError {
+    fn from(error: sqlx::Error) -> Self {
+        AppError::Database(error)
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        match self {
+            AppError::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "send x-user-id: <integer> (demo-only identity)",
+            )
+                .into_response(),
+            AppError::Invalid(why) => (StatusCode::UNPROCESSABLE_ENTITY, why).into_response(),
+            AppError::NotFound => StatusCode::NOT_FOUND.into_response(),
+            AppError::Database(error) => {
+                tracing::error!(%error, "database error");
+                let status = match error {
+                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                (status, "database unavailable, try again").into_response()
+            }
+        }
+    }
+}
+
+/// A post as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, sqlx::FromRow)]
+pub struct Post {
+    /// The post's id.
+    pub id: i64,
+    /// Its author.
+    pub user_id: i64,
+    /// What was posted.
+    pub content: String,
+    /// When, RFC 3339 in UTC.
+    pub created_at: String,
+}
+
+/// The body of `POST /api/posts`.
+#[derive(Debug, Deserialize)]
+pub struct NewPost {
+    /// What to post.
+    pub content: String,
+}
+
+/// The answer to `POST /api/posts`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Created {
+    /// The new post's id.
+    pub id: i64,
+}
+
+/// A profile as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, sqlx::FromRow)]
+pub struct Profile {
+    /// Whose profile.
+    pub user_id: i64,
+    /// Display name.
+    pub name: String,
+    /// About the user.
+    pub bio: String,
+}
+
+/// The body of `PUT /api/profile`.
+#[derive(Debug, Deserialize)]
+pub struct ProfileUpdate {
+    /// Display name.
+    pub name: String,
+    /// About the user.
+    #[serde(default)]
+    pub bio: String,
+}
+
+const POST_COLUMNS: &str =
+    "id, user_id, content, to_char(created_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') as created_at";
+
+fn validate(content: &str) -> Result<&str, AppError> {
+    let content = content.trim();
+    if content.is_empty() {
+        return Err(AppError::Invalid("content must not be empty"));
+    }
+    if content.chars().count() > MAX_POST_CHARS {
+        return Err(AppError::Invalid("content is longer than 2000 characters"));
+    }
+    Ok(content)
+}
+
+async fn insert_post<B: Backend<Pool = PgPool>>(
+    db: &Db<B>,
+    user: i64,
+    content: &str,
+) -> Result<i64, AppError> {
+    let content = validate(content)?;
+    let (id,): (i64,) =
+        sqlx::query_as("insert into posts (user_id, content) values ($1, $2) returning id")
+            .bind(user)
+            .bind(content)
+            .fetch_one(db.write())
+            .await?;
+    Ok(id)
+}
+
+async fn own_posts<B: Backend<Pool = PgPool>>(
+    db: &Db<B>,
+    user: i64,
+) -> Result<Vec<Post>, AppError> {
+    let sql =
+        format!("select {POST_COLUMNS} from posts where user_id = $1 order by id desc limit 100");
+    Ok(sqlx::query_as(&sql)
+        .bind(user)
+        .fetch_all(db.read().await)
+        .await?)
+}
+
+/// `POST /api/posts {"content"}`: 201 with the id.
+async fn create_post<B: Backend<Pool = PgPool>>(
+    db: Db<B>,
+    DemoUser(user): DemoUser,
+    Json(body): Json<NewPost>,
+) -> Result<(StatusCode, Json<Created>), AppError> {
+    let id = insert_post(&db, user, &body.content).await?;
+    Ok((StatusCode::CREATED, Json(Created { id })))
+}
+
+/// `GET /api/posts`: the user's own posts, newest first. Session-consistent.
+async fn my_posts<B: Backend<Pool = PgPool>>(
+    db: Db<B>,
+    DemoUser(user): DemoUser,
+) -> Result<Json<Vec<Post>>, AppError> {
+    Ok(Json(own_posts(&db, user).await?))
+}
+
+/// `GET /api/feed`: the latest 100 posts by anyone. Eventual.
+async fn feed<B: Backend<Pool = PgPool>>(db: Db<B>) -> Result<Json<Vec<Post>>, AppError> {
+    let sql = format!("select {POST_COLUMNS} from posts order by id desc limit 100");
+    Ok(Json(sqlx::query_as(&sql).fetch_all(db.eventual()).await?))
+}
+
+/// `GET /api/posts/{id}`: one post, a critical read from the primary.
+async fn post_by_id<B: Backend<Pool = PgPool>>(
+    db: Db<B>,
+    Path(id): Path<i64>,
+) -> Result<Json<Post>, AppError> {
+    let sql = format!("select {POST_COLUMNS} from posts where id = $1");
+    let post: Option<Post> = sqlx::query_as(&sql)
+        .bind(id)
+        .fetch_optional(db.primary())
+        .await?;
+    post.map(Json).ok_or(AppError::NotFound)
+}
+
+/// `PUT /api/profile {"name","bio"}`.
+async fn put_profile<B: Backend<Pool = PgPool>>(
+    db: Db<B>,
+    DemoUser(user): DemoUser,
+    Json(update): Json<ProfileUpdate>,
+) -> Result<Json<Profile>, AppError> {
+    let name = update.name.trim();
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(AppError::Invalid("name must be 1 to 100 characters"));
+    }
+    if update.bio.chars().count() > MAX_POST_CHARS {
+        return Err(AppError::Invalid("bio is longer than 2000 characters"));
+    }
+    let profile: Profile = sqlx::query_as(
+        "insert into profiles (user_id, name, bio) values ($1, $2, $3) \
+         on conflict (user_id) do update set name = excluded.name, bio = excluded.bio, updated_at = now() \
+         returning user_id, name, bio",
+    )
+    .bind(user)
+    .bind(name)
+    .bind(&update.bio)
+    .fetch_one(db.write())
+    .await?;
+    Ok(Json(profile))
+}
+
+/// `GET /api/profile/{user_id}`: session-consistent, so a user sees their
+/// own edit at once.
+async fn get_profile<B: Backend<Pool = PgPool>>(
+    db: Db<B>,
+    Path(user_id): Path<i64>,
+) -> Result<Json<Profile>, AppError> {
+    let profile: Option<Profile> =
+        sqlx::query_as("select user_id, name, bio from profiles where user_id = $1")
+            .bind(user_id)
+            .fetch_optional(db.read().await)
+            .await?;
+    profile.map(Json).ok_or(AppError::NotFound)
+}
+
+/// `GET /healthz`: 200 with each replica's state once the pools are up.
+async fn healthz(State(state): State<AppState>) -> Response {
+    let replicas: Vec<_> = state
+        .replicas
+        .replicas()
+        .into_iter()
+        .map(|r| serde_json::json!({"name": r.name, "healthy": r.healthy, "replayed": r.replayed.to_string()}))
+        .collect();
+    Json(serde_json::json!({"status": "ok", "timeline": state.replicas.timeline(), "replicas": replicas})).into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct PostForm {
+    content: String,
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    user_id: i64,
+}
+
+fn see_other(location: &'static str) -> Response {
+    (StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response()
+}
+
+/// `POST /posts` from the HTML form: write, then 303 back to `/`, which must
+/// show the new post. The seed's scenario, in a browser.
+async fn create_post_form<B: Backend<Pool = PgPool>>(
+    db: Db<B>,
+    DemoUser(user): DemoUser,
+    Form(form): Form<PostForm>,
+) -> Result<Response, AppError> {
+    insert_post(&db, user, &form.content).await?;
+    Ok(see_other("/"))
+}
+
+/// `POST /login`: sets the demo identity cookie.
+async fn login_form(Form(form): Form<LoginForm>) -> Response {
+    let mut response = see_other("/");
+    if let Ok(value) = format!(
+        "{USER_COOKIE}={}; Path=/; SameSite=Lax; HttpOnly",
+        form.user_id
+    )
+    .parse()
+    {
+        response.headers_mut().append(SET_COOKIE, value);
+    }
+    response
+}
+
+/// `GET /`: the post form and the user's own posts (a session read).
+async fn home<B: Backend<Pool = PgPool>>(
+    db: Db<B>,
+    headers: HeaderMap,
+) -> Result<Html<String>, AppError> {
+    let Some(user) = user_from_headers(&headers) else {
+        return Ok(Html(page(
+            "<form method=post action=/login>\
+             <label>Your user id (demo only) <input name=user_id type=number value=1 required></label> \
+             <button>Sign in</button></form>",
+        )));
+    };
+    let posts = own_posts(&db, user).await?;
+    let mut body = format!(
+        "<p>Signed in as user {user}.</p>\
+         <form method=post action=/posts><textarea name=content rows=3 cols=60 required maxlength={MAX_POST_CHARS}></textarea><br>\
+         <button>Post</button></form><h2>Your posts</h2><ul>"
+    );
+    for post in &posts {
+        body.push_str(&format!(
+            "<li><time>{}</time> {}</li>",
+            escape(&post.created_at),
+            escape(&post.content)
+        ));
+    }
+    body.push_str("</ul>");
+    if posts.is_empty() {
+        body.push_str("<p>No posts yet.</p>");
+    }
+    Ok(Html(page(&body)))
+}
+
+fn page(body: &str) -> String {
+    format!(
+        "<!doctype html><html><head><meta charset=utf-8><title>read-after-write social</title>\
+         <style>body{{font-family:sans-serif;max-width:40em;margin:2em auto}}time{{color:#777}}</style></head>\
+         <body><h1>Social</h1>{body}</body></html>"
+    )
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

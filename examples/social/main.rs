@@ -1,0 +1,148 @@
+//! The social app on axum: a user posts, is redirected, and must see the post.
+//!
+//! ```sh
+//! cargo run --release --example social
+//! ```
+//!
+//! With no configuration it starts a throwaway PostgreSQL primary with two
+//! replicas lagging 50 ms and 200 ms (through the test kit) and prints their
+//! URLs. Configuration, all optional:
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `DATABASE_URL` | the primary; with `REPLICA_URLS`, use an existing cluster |
+//! | `REPLICA_URLS` | comma-separated replica URLs |
+//! | `AFFINITY_KEY` | base64 of at least 32 random bytes, shared by all instances (comma-separated for rotation, current first) |
+//! | `BIND` | listen address, default `127.0.0.1:3000` |
+//! | `COOKIE_SECURE` | `false` for plain-HTTP development; default `true` |
+//! | `MAX_WAIT_MS` | how long a session read waits for a replica, default 20 |
+//! | `DEBUG_HEADER` | `true` adds `x-read-after-write` to responses |
+//! | `RUST_LOG` | log filter, default `info` |
+//!
+//! Identity is demo-only: send `x-user-id: <integer>`, or sign in on the
+//! HTML page at `/`, which sets a `demo_user` cookie.
+
+mod app;
+
+use std::time::Duration;
+
+use read_after_write::pg::PgReplicaSet;
+use read_after_write::{KeySet, SigningKey};
+use read_after_write_testkit::TestCluster;
+use tracing_subscriber::EnvFilter;
+
+fn env_flag(name: &str, default: bool) -> bool {
+    match std::env::var(name) {
+        Ok(value) => !matches!(
+            value.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "no" | "off"
+        ),
+        Err(_) => default,
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+
+    // The cluster: an existing one, or a throwaway one of our own.
+    let primary_url = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let replica_urls: Vec<String> = std::env::var("REPLICA_URLS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let mut _cluster = None;
+    let (primary_url, replica_urls) = match primary_url {
+        Some(primary) => (primary, replica_urls),
+        None if !replica_urls.is_empty() => {
+            return Err(
+                "REPLICA_URLS is set but DATABASE_URL is not: set the primary's URL too".into(),
+            );
+        }
+        None => {
+            tracing::info!(
+                "DATABASE_URL is not set: starting a throwaway primary with two lagging replicas"
+            );
+            let cluster = TestCluster::builder()
+                .replica(Duration::from_millis(50))
+                .replica(Duration::from_millis(200))
+                .start()
+                .await?;
+            println!("primary    {}", cluster.primary_url());
+            for replica in cluster.replicas() {
+                println!(
+                    "{:<10} {} (lags {:?})",
+                    replica.name(),
+                    replica.url(),
+                    replica.apply_delay()
+                );
+            }
+            let urls = (cluster.primary_url(), cluster.replica_urls());
+            _cluster = Some(cluster);
+            urls
+        }
+    };
+
+    let keys = match std::env::var("AFFINITY_KEY") {
+        Ok(_) => KeySet::from_env("AFFINITY_KEY")?,
+        Err(_) => {
+            tracing::warn!(
+                "AFFINITY_KEY is not set: using a random key. Tokens will not survive a restart \
+                 or work across instances; set AFFINITY_KEY to base64 of 32 random bytes"
+            );
+            KeySet::new(SigningKey::generate()?)
+        }
+    };
+
+    let mut builder = PgReplicaSet::builder().primary_url(&primary_url);
+    for (i, url) in replica_urls.iter().enumerate() {
+        builder = builder.replica_url(format!("replica-{}", i + 1), url);
+    }
+    let replicas = builder.connect().await?;
+    app::migrate(replicas.primary_pool()).await?;
+
+    let config = app::AppConfig {
+        keys,
+        cookie_secure: env_flag("COOKIE_SECURE", true),
+        max_wait: Duration::from_millis(
+            std::env::var("MAX_WAIT_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(20),
+        ),
+        debug_header: env_flag("DEBUG_HEADER", false),
+        time_window: None,
+    };
+    if config.cookie_secure {
+        tracing::info!("the affinity cookie is Secure: browsers send it only over HTTPS (COOKIE_SECURE=false for plain-HTTP development)");
+    }
+    let router = app::router(replicas.clone(), replicas.clone(), &config);
+
+    let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let listener = tokio::net::TcpListener::bind(&bind).await?;
+    let address = listener.local_addr()?;
+    println!("\nserving on http://{address}  (Ctrl-C to stop)");
+    if config.cookie_secure {
+        println!("  (the cookie is Secure: curl only sends it back over HTTPS; run with COOKIE_SECURE=false for the curl lines below)");
+    }
+    println!("  curl -si -c jar -b jar -H 'x-user-id: 1' -H 'content-type: application/json' -d '{{\"content\":\"hello\"}}' http://{address}/api/posts");
+    println!("  curl -s  -c jar -b jar -H 'x-user-id: 1' http://{address}/api/posts");
+    println!("  curl -s  http://{address}/metrics | grep read_after_write_reads_total");
+
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    replicas.shutdown().await;
+    Ok(())
+}
