@@ -1,0 +1,196 @@
+//! Lab output: a terminal table, JSON, Markdown and an SVG chart.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::{LabReport, StrategyResult};
+
+const COLUMNS: [&str; 10] = [
+    "strategy",
+    "max_wait",
+    "own reads",
+    "stale own",
+    "primary share",
+    "read p50",
+    "read p99",
+    "write p50",
+    "req/s",
+    "errors",
+];
+
+fn cells(r: &StrategyResult) -> [String; 10] {
+    [
+        r.strategy.name().to_owned(),
+        if r.max_wait_ms == 0 {
+            "-".to_owned()
+        } else {
+            format!("{} ms", r.max_wait_ms)
+        },
+        r.own_reads.to_string(),
+        r.stale_own_reads.to_string(),
+        format!("{:.1} %", r.primary_read_share * 100.0),
+        format!("{:.2} ms", r.read_p50_ms),
+        format!("{:.2} ms", r.read_p99_ms),
+        format!("{:.2} ms", r.write_p50_ms),
+        format!("{:.0}", r.requests_per_second),
+        r.errors.to_string(),
+    ]
+}
+
+fn describe(report: &LabReport) -> String {
+    let lags: Vec<String> = report.lags_ms.iter().map(|ms| format!("{ms} ms")).collect();
+    format!(
+        "{} virtual users for {:.0} s per strategy, write ratio {}, replicas lagging {} ({} cores)",
+        report.users,
+        report.duration_s,
+        report.write_ratio,
+        lags.join(" and "),
+        report.cores
+    )
+}
+
+/// The table for a terminal.
+pub fn table(report: &LabReport) -> String {
+    let rows: Vec<[String; 10]> = report.results.iter().map(cells).collect();
+    let mut widths = COLUMNS.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = format!("{}\n\n", describe(report));
+    let line = |cells: &[String]| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i == 0 {
+                let _ = write!(text, "{cell:<width$}");
+            } else {
+                let _ = write!(text, "  {cell:>width$}");
+            }
+        }
+        text.push('\n');
+        text
+    };
+    out.push_str(&line(&COLUMNS.map(str::to_owned)));
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    out.push_str(&line(&rule));
+    for row in &rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+/// The same table in Markdown.
+pub fn markdown(report: &LabReport) -> String {
+    let mut out = format!("{}\n\n| {} |\n|", describe(report), COLUMNS.join(" | "));
+    for i in 0..COLUMNS.len() {
+        out.push_str(if i == 0 { "---|" } else { "---:|" });
+    }
+    out.push('\n');
+    for result in &report.results {
+        out.push_str(&format!("| {} |\n", cells(result).join(" | ")));
+    }
+    out
+}
+
+/// Writes `results.json`, `results.md` and `chart.svg` into `dir`.
+pub fn write_files(report: &LabReport, dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    std::fs::write(dir.join("results.md"), markdown(report))?;
+    chart(report, &dir.join("chart.svg"))?;
+    Ok(())
+}
+
+/// Two bar charts side by side: primary read share and stale own reads per
+/// strategy.
+fn chart(report: &LabReport, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(480);
+    let names: Vec<&str> = report.results.iter().map(|r| r.strategy.name()).collect();
+    let shares: Vec<f64> = report
+        .results
+        .iter()
+        .map(|r| r.primary_read_share * 100.0)
+        .collect();
+    let stale: Vec<f64> = report
+        .results
+        .iter()
+        .map(|r| r.stale_own_reads as f64)
+        .collect();
+    bars(
+        &left,
+        "Primary read share (%)",
+        &names,
+        &shares,
+        100.0,
+        &RGBColor(52, 101, 164),
+    )?;
+    let stale_max = stale.iter().copied().fold(1.0, f64::max) * 1.15;
+    bars(
+        &right,
+        "Stale own reads",
+        &names,
+        &stale,
+        stale_max,
+        &RGBColor(204, 0, 0),
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+fn bars<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    names: &[&str],
+    values: &[f64],
+    max: f64,
+    color: &RGBColor,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d((0..names.len()).into_segmented(), 0.0..max)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => names.get(*i).copied().unwrap_or("").to_owned(),
+            _ => String::new(),
+        })
+        .draw()?;
+    chart.draw_series(values.iter().enumerate().map(|(i, value)| {
+        let mut bar = Rectangle::new(
+            [
+                (SegmentValue::Exact(i), 0.0),
+                (SegmentValue::Exact(i + 1), *value),
+            ],
+            color.filled(),
+        );
+        bar.set_margin(0, 0, 8, 8);
+        bar
+    }))?;
+    chart.draw_series(values.iter().enumerate().map(|(i, value)| {
+        Text::new(
+            if max == 100.0 {
+                format!("{value:.1}")
+            } else {
+                format!("{value:.0}")
+            },
+            (SegmentValue::CenterOf(i), *value + max * 0.02),
+            ("sans-serif", 14).into_font(),
+        )
+    }))?;
+    Ok(())
+}
