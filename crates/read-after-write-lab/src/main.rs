@@ -37,6 +37,12 @@ struct Args {
     /// max_wait for lsn-wait; default: the smallest lag plus 10 ms.
     #[arg(long, value_parser = parse_duration)]
     max_wait: Option<Duration>,
+    /// How often replicas are polled while a read waits for them (lsn-wait).
+    #[arg(long, value_parser = parse_duration, default_value = "2ms")]
+    wait_poll: Duration,
+    /// Unmeasured load before each strategy, to warm pools and caches.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    warmup: Duration,
     /// Strategies to run, in order.
     #[arg(
         long,
@@ -106,6 +112,8 @@ async fn main() -> ExitCode {
             .max_wait
             .unwrap_or(smallest + Duration::from_millis(10)),
         lags: args.lag.clone(),
+        wait_poll: args.wait_poll,
+        warmup: args.warmup,
         strategies: args.strategies.clone(),
         workload: Workload {
             users: args.users.max(1),

@@ -36,6 +36,11 @@ pub struct LabConfig {
     pub workload: Workload,
     /// `max_wait` for `lsn-wait`.
     pub lsn_wait: Duration,
+    /// How often replicas are polled while reads wait.
+    pub wait_poll: Duration,
+    /// Unmeasured load before each strategy's run, so pools, caches and
+    /// plans are warm for every strategy alike, not just the later ones.
+    pub warmup: Duration,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -140,6 +145,7 @@ async fn run_strategy(
     let mut builder = PgReplicaSet::builder()
         .primary_url(cluster.primary_url())
         .selection(selection)
+        .wait_poll_interval(config.wait_poll)
         .max_connections(workload.users.clamp(4, 32) as u32);
     for replica in cluster.replicas() {
         builder = builder.replica_url(replica.name(), replica.url());
@@ -183,6 +189,14 @@ async fn run_strategy(
             .await
     });
 
+    if !config.warmup.is_zero() {
+        let warmup = Workload {
+            duration: config.warmup,
+            first_user: workload.first_user + 500_000,
+            ..workload.clone()
+        };
+        workload::run(&base, &warmup, Arc::new(Live::default())).await;
+    }
     let live = Arc::new(Live::default());
     let bar = progress_bar(config.progress, strategy, workload.duration);
     let ticker = {

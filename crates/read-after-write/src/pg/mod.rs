@@ -132,6 +132,7 @@ pub struct PgReplicaSetBuilder {
     primary: Option<Source>,
     replicas: Vec<(String, Source)>,
     poll_interval: Duration,
+    wait_poll_interval: Duration,
     probe_timeout: Duration,
     max_backoff: Duration,
     capture_timeout: Duration,
@@ -192,6 +193,14 @@ impl PgReplicaSetBuilder {
     /// Also how stale a position can be when no read is waiting.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often each replica is polled while reads are waiting for it to
+    /// catch up (default 2 ms). Lower ends waits sooner after replay; higher
+    /// costs the replicas fewer queries under load.
+    pub fn wait_poll_interval(mut self, interval: Duration) -> Self {
+        self.wait_poll_interval = interval;
         self
     }
 
@@ -320,7 +329,7 @@ impl PgReplicaSetBuilder {
                 poll_interval: self.poll_interval,
                 probe_timeout: self.probe_timeout,
                 max_backoff: self.max_backoff,
-                min_refresh_gap: Duration::from_millis(1),
+                min_refresh_gap: self.wait_poll_interval,
             })
             .await;
         tracing::info!(
@@ -394,6 +403,7 @@ impl PgReplicaSet {
             primary: None,
             replicas: Vec::new(),
             poll_interval: Duration::from_millis(20),
+            wait_poll_interval: Duration::from_millis(2),
             probe_timeout: Duration::from_millis(500),
             max_backoff: Duration::from_secs(2),
             capture_timeout: Duration::from_secs(1),

@@ -262,6 +262,7 @@ impl ReplicaTracker {
     ) {
         let mut shutdown = self.shutdown.subscribe();
         let mut backoff = config.poll_interval;
+        let mut last_poll = Instant::now();
         while !*shutdown.borrow() {
             let healthy = replica.healthy.load(Ordering::Relaxed);
             let pause = if healthy {
@@ -269,7 +270,6 @@ impl ReplicaTracker {
             } else {
                 backoff
             };
-            let last_poll = Instant::now();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
@@ -284,6 +284,7 @@ impl ReplicaTracker {
                 }
             }
             let up = self.poll_replica(&replica, &mut conn, config).await;
+            last_poll = Instant::now();
             backoff = if up {
                 config.poll_interval
             } else {
