@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{LabReport, StrategyResult};
 
@@ -161,10 +162,14 @@ where
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(48)
-        .build_cartesian_2d((0..names.len()).into_segmented(), 0.0..max)?;
+        .build_cartesian_2d(
+            (0..names.len().saturating_sub(1)).into_segmented(),
+            0.0..max,
+        )?;
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .x_label_formatter(&|x| match x {
             SegmentValue::CenterOf(i) => names.get(*i).copied().unwrap_or("").to_owned(),
             _ => String::new(),
@@ -181,15 +186,20 @@ where
         bar.set_margin(0, 0, 8, 8);
         bar
     }))?;
+    let label = ("sans-serif", 14)
+        .into_font()
+        .into_text_style(area)
+        .pos(Pos::new(HPos::Center, VPos::Bottom));
     chart.draw_series(values.iter().enumerate().map(|(i, value)| {
+        let text = if value.fract() == 0.0 {
+            format!("{value:.0}")
+        } else {
+            format!("{value:.1}")
+        };
         Text::new(
-            if max == 100.0 {
-                format!("{value:.1}")
-            } else {
-                format!("{value:.0}")
-            },
-            (SegmentValue::CenterOf(i), *value + max * 0.02),
-            ("sans-serif", 14).into_font(),
+            text,
+            (SegmentValue::CenterOf(i), *value + max * 0.01),
+            label.clone(),
         )
     }))?;
     Ok(())
