@@ -1,1 +1,360 @@
-fn main() {}
+//! Per-request overhead of `ReadAfterWriteLayer`, and what a user would
+//! otherwise assemble on axum.
+//!
+//! Every layer benchmark runs over [`ConstantPositionSource`], a backend that
+//! answers at once from constants: these numbers are the layer's own work
+//! (identity, cookie parsing, token verification, the `Db` handle, signing and
+//! `Set-Cookie`), not a database's.
+//!
+//! - Group `layer`: the layer over a bare `tower::service_fn`, polled with a
+//!   no-op waker (no runtime: nothing waits on I/O). Each scenario has its own
+//!   bare baseline fed the very same request, so
+//!   `layer/<scenario>` − `layer/bare_service_fn/<request>` is the overhead.
+//! - Group `alternatives`: axum `Router`s driven by `oneshot` on a
+//!   current-thread tokio runtime: no extractor, axum-extra's
+//!   `SignedCookieJar`, this layer, and tower-sessions with its memory store.
+//!
+//! Run with `cargo bench -p read-after-write --bench layer`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use axum_extra::extract::cookie::{Key, SignedCookieJar};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion};
+use http::header::{HeaderName, COOKIE, SET_COOKIE};
+use http::{Method, Request, Response};
+use read_after_write::{
+    AffinityToken, Backend, Db, KeySet, Lsn, ReadAfterWriteLayer, RouteReason, Routed, SigningKey,
+    UserId, WritePosition,
+};
+use tower::{service_fn, Layer, Service, ServiceExt};
+use tower_sessions::{MemoryStore, Session, SessionManagerLayer};
+
+/// Constant position source: measures the layer's own work, not a database.
+///
+/// Every read is routed to a replica that is already caught up and every
+/// write position is the same constant, returned without waiting. Lives only
+/// in this benchmark; it says nothing about PostgreSQL's cost.
+struct ConstantPositionSource {
+    primary: &'static str,
+    replica: &'static str,
+    position: WritePosition,
+}
+
+impl ConstantPositionSource {
+    fn new() -> Self {
+        ConstantPositionSource {
+            primary: "primary-pool",
+            replica: "replica-pool",
+            position: WritePosition::new(Lsn::new(0x16B_3748), 1, 7_301_234_567_890_123_456),
+        }
+    }
+}
+
+impl Backend for ConstantPositionSource {
+    type Pool = &'static str;
+    type Error = Infallible;
+
+    fn primary(&self) -> &&'static str {
+        &self.primary
+    }
+
+    fn eventual(&self) -> Routed<'_, &'static str> {
+        Routed::replica(&self.replica, "replica-1", RouteReason::Eventual)
+    }
+
+    async fn session(
+        &self,
+        _required: WritePosition,
+        _max_wait: Duration,
+    ) -> Routed<'_, &'static str> {
+        Routed::replica(&self.replica, "replica-1", RouteReason::CaughtUp)
+    }
+
+    async fn write_position(&self) -> Result<WritePosition, Infallible> {
+        Ok(self.position)
+    }
+}
+
+const BACKEND_LABEL: &str = "const_position_source";
+const USER: u64 = 42;
+const OTHER_COOKIES_BEFORE: &str = "theme=dark";
+const OTHER_COOKIES_AFTER: &str = "_ga=GA1.2.1234567890.1700000000";
+/// The value a `SignedCookieJar` user would sign instead of our token: 55
+/// characters, the size of the token's raw bytes.
+const JAR_VALUE: &str = "u42.lsn-0-16B3748.tl-1.sys-7301234567890123456.exp-1800";
+const JAR_COOKIE: &str = "affinity";
+
+fn signing_keys() -> KeySet {
+    KeySet::new(SigningKey::from_bytes(&[7; 32]).expect("32-byte key"))
+}
+
+/// The user id header, named once: looking a header up by `&str` parses and
+/// validates the name on every call.
+static X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+
+/// Identity from the `x-user-id` header, as an auth layer would provide it.
+fn user_from_header(parts: &http::request::Parts) -> Option<UserId> {
+    let id = parts
+        .headers
+        .get(&X_USER_ID)?
+        .to_str()
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    Some(UserId::from(id))
+}
+
+fn rw_layer() -> ReadAfterWriteLayer<ConstantPositionSource> {
+    ReadAfterWriteLayer::new(ConstantPositionSource::new(), signing_keys())
+        .identity(user_from_header)
+}
+
+/// A valid `primary_affinity` token for `USER`, good for an hour of
+/// wall-clock time (the layer uses the system clock).
+fn valid_token() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    AffinityToken::new(
+        UserId::from(USER),
+        ConstantPositionSource::new().position,
+        now + 3600,
+    )
+    .sign("primary_affinity", &signing_keys())
+}
+
+/// A request with the user id header and, when `cookie` is given, one
+/// `Cookie` header holding it between two unrelated cookies.
+fn request<B>(method: Method, path: &str, cookie: Option<&str>, body: B) -> Request<B> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(&X_USER_ID, USER.to_string());
+    if let Some(cookie) = cookie {
+        builder = builder.header(
+            COOKIE,
+            format!("{OTHER_COOKIES_BEFORE}; {cookie}; {OTHER_COOKIES_AFTER}"),
+        );
+    }
+    builder.body(body).expect("valid request")
+}
+
+/// Drives a future that never waits on I/O to completion with a no-op
+/// waker: no runtime, no scheduling.
+fn complete<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    let mut cx = Context::from_waker(Waker::noop());
+    for _ in 0..16 {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+    }
+    panic!("the benchmarked future waited on something; nothing here should");
+}
+
+/// The one handler for every `layer` benchmark: the same trivial work with
+/// or without the layer. Without it there is no `Db`, and the lookup in
+/// empty extensions is all it does.
+async fn handler(req: Request<()>) -> Result<Response<()>, Infallible> {
+    if let Some(db) = req.extensions().get::<Db<ConstantPositionSource>>() {
+        if req.method() == Method::POST {
+            black_box(db.write());
+        } else {
+            black_box(db.read().await);
+        }
+    }
+    Ok(Response::new(()))
+}
+
+/// `ready` then `call`, the same for the bare service and the layered one.
+fn send<S>(service: &mut S, req: Request<()>) -> Response<()>
+where
+    S: Service<Request<()>, Response = Response<()>, Error = Infallible>,
+{
+    complete(async move {
+        let ready = service.ready().await.expect("infallible");
+        ready.call(req).await.expect("infallible")
+    })
+}
+
+fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
+    group
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+        .sample_size(50);
+}
+
+fn layer(c: &mut Criterion) {
+    eprintln!(
+        "layer benchmarks use ConstantPositionSource ({BACKEND_LABEL}): \
+         they measure the layer's own work, not a database"
+    );
+    let token_cookie = format!("primary_affinity={}", valid_token());
+
+    let mut bare = service_fn(handler);
+    let mut layered = rw_layer().layer(service_fn(handler));
+
+    // What each scenario sends; the bare baseline gets the same requests.
+    let get_no_token = || request(Method::GET, "/", None, ());
+    let get_token = || request(Method::GET, "/", Some(&token_cookie), ());
+    let post = || {
+        let others = format!("{OTHER_COOKIES_BEFORE}; {OTHER_COOKIES_AFTER}");
+        let mut req = request(Method::POST, "/posts", None, ());
+        req.headers_mut()
+            .insert(COOKIE, others.parse().expect("header value"));
+        req
+    };
+
+    // Check the scenarios do what they are named for before timing them.
+    let response = send(&mut layered, get_token());
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    let response = send(&mut layered, post());
+    let set_cookie = response.headers()[SET_COOKIE].to_str().expect("ascii");
+    assert!(set_cookie.starts_with("primary_affinity="), "{set_cookie}");
+
+    let mut group = c.benchmark_group("layer");
+    configure(&mut group);
+    for (name, make) in [
+        ("get_no_token", &get_no_token as &dyn Fn() -> Request<()>),
+        ("get_token_cookie", &get_token),
+        ("post", &post),
+    ] {
+        group.bench_function(format!("bare_service_fn/{name}"), |b| {
+            b.iter_batched(make, |req| send(&mut bare, req), BatchSize::SmallInput)
+        });
+    }
+    group.bench_function(format!("no_token/{BACKEND_LABEL}"), |b| {
+        b.iter_batched(
+            get_no_token,
+            |req| send(&mut layered, req),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function(format!("valid_token_read/{BACKEND_LABEL}"), |b| {
+        b.iter_batched(
+            get_token,
+            |req| send(&mut layered, req),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function(format!("write_sets_cookie/{BACKEND_LABEL}"), |b| {
+        b.iter_batched(post, |req| send(&mut layered, req), BatchSize::SmallInput)
+    });
+    group.finish();
+}
+
+async fn plain_handler() {}
+
+async fn signed_jar_handler(jar: SignedCookieJar) {
+    black_box(jar.get(JAR_COOKIE));
+}
+
+async fn rw_handler(Extension(db): Extension<Db<ConstantPositionSource>>) {
+    black_box(db.read().await);
+}
+
+async fn session_handler(session: Session) {
+    black_box(session.get::<u64>("user_id").await.expect("memory store"));
+}
+
+async fn session_login(session: Session) {
+    session.insert("user_id", USER).await.expect("memory store");
+}
+
+fn alternatives(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("tokio runtime");
+    let cookie_key = Key::from(&[7u8; 64]);
+
+    // axum-extra: the same 55-character value, signed by `SignedCookieJar`.
+    let jar_cookie = {
+        let mut jar = cookie::CookieJar::new();
+        jar.signed_mut(&cookie_key)
+            .add(cookie::Cookie::new(JAR_COOKIE, JAR_VALUE));
+        jar.get(JAR_COOKIE).expect("just added").to_string()
+    };
+    let token_cookie = format!("primary_affinity={}", valid_token());
+
+    let plain = Router::new()
+        .route("/", get(plain_handler))
+        .with_state(cookie_key.clone());
+    let signed_jar = Router::new()
+        .route("/", get(signed_jar_handler))
+        .with_state(cookie_key.clone());
+    let read_after_write = Router::new().route("/", get(rw_handler)).layer(rw_layer());
+    let sessions = Router::new()
+        .route("/", get(session_handler))
+        .route("/login", post(session_login))
+        .layer(SessionManagerLayer::new(MemoryStore::default()));
+
+    // An existing session holding `user_id`, as a logged-in user has.
+    let session_cookie = rt.block_on(async {
+        let login = request(Method::POST, "/login", None, Body::empty());
+        let response = sessions.clone().oneshot(login).await.expect("infallible");
+        let set_cookie = response.headers()[SET_COOKIE].to_str().expect("ascii");
+        set_cookie.split(';').next().expect("name=value").to_owned()
+    });
+
+    // Check each router answers and each extractor finds its cookie.
+    rt.block_on(async {
+        for (router, cookie) in [
+            (&plain, &jar_cookie),
+            (&signed_jar, &jar_cookie),
+            (&read_after_write, &token_cookie),
+            (&sessions, &session_cookie),
+        ] {
+            let req = request(Method::GET, "/", Some(cookie), Body::empty());
+            let response = router.clone().oneshot(req).await.expect("infallible");
+            assert!(response.status().is_success(), "{}", response.status());
+        }
+        let headers = request(Method::GET, "/", Some(&jar_cookie), ())
+            .into_parts()
+            .0;
+        let jar = SignedCookieJar::from_headers(&headers.headers, cookie_key.clone());
+        assert_eq!(
+            jar.get(JAR_COOKIE).map(|c| c.value().to_owned()).as_deref(),
+            Some(JAR_VALUE)
+        );
+    });
+
+    let mut group = c.benchmark_group("alternatives");
+    configure(&mut group);
+    let cases = [
+        ("axum_plain_handler", &plain, &jar_cookie),
+        ("axum_extra_signed_cookie_jar", &signed_jar, &jar_cookie),
+        (
+            "axum_read_after_write_valid_token_read/const_position_source",
+            &read_after_write,
+            &token_cookie,
+        ),
+        (
+            "axum_tower_sessions_memory_store_get",
+            &sessions,
+            &session_cookie,
+        ),
+    ];
+    for (name, router, cookie) in cases {
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter_batched(
+                || request(Method::GET, "/", Some(cookie), Body::empty()),
+                |req| router.clone().oneshot(req),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, layer, alternatives);
+criterion_main!(benches);

@@ -217,12 +217,7 @@ impl<B: Backend> Db<B> {
     }
 
     fn record<'a>(&self, routed: Routed<'a, B::Pool>) -> &'a B::Pool {
-        metrics::counter!(
-            "read_after_write_reads_total",
-            "target" => routed.target.as_str(),
-            "reason" => routed.reason.as_str(),
-        )
-        .increment(1);
+        crate::telemetry::count_read(routed.target, routed.reason);
         tracing::debug!(
             target: "read_after_write::route",
             node = routed.node,

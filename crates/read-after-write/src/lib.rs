@@ -55,6 +55,7 @@ pub mod middleware;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod position;
+mod telemetry;
 pub mod token;
 
 pub use backend::{Backend, RouteReason, Routed, Target};

@@ -39,7 +39,9 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Shared<B>)) -> Self {
-        f(Arc::make_mut(&mut self.shared));
+        let shared = Arc::make_mut(&mut self.shared);
+        f(shared);
+        shared.refresh();
         self
     }
 

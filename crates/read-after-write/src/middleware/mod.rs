@@ -118,11 +118,14 @@ pub(crate) struct Shared<B> {
     pub(crate) debug_header: Option<HeaderName>,
     pub(crate) writes_on_unsafe_methods: bool,
     pub(crate) mode: Mode,
+    /// `Set-Cookie` text before and after the token, derived from the fields
+    /// above by [`Shared::refresh`].
+    pub(crate) set_cookie: (String, String),
 }
 
 impl<B> Shared<B> {
     fn new(backend: Arc<B>, keys: KeySet) -> Self {
-        Shared {
+        let mut shared = Shared {
             backend,
             keys,
             clock: Arc::new(SystemClock),
@@ -137,7 +140,15 @@ impl<B> Shared<B> {
             debug_header: None,
             writes_on_unsafe_methods: false,
             mode: Mode::Position,
-        }
+            set_cookie: (String::new(), String::new()),
+        };
+        shared.refresh();
+        shared
+    }
+
+    /// Recomputes what is derived from the configuration.
+    pub(crate) fn refresh(&mut self) {
+        self.set_cookie = transport::set_cookie_template(self);
     }
 
     /// The requester's identity; `None` means no token may be read or issued.
@@ -165,6 +176,7 @@ impl<B> Clone for Shared<B> {
             debug_header: self.debug_header.clone(),
             writes_on_unsafe_methods: self.writes_on_unsafe_methods,
             mode: self.mode,
+            set_cookie: self.set_cookie.clone(),
         }
     }
 }

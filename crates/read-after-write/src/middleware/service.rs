@@ -78,8 +78,7 @@ where
         let user = shared.identify(&parts);
         let (required, token) = read_token(shared, &parts.headers, user.as_ref());
         if token != TokenOutcome::Absent {
-            metrics::counter!("read_after_write_tokens_total", "outcome" => token.as_str())
-                .increment(1);
+            crate::telemetry::count_token(token);
             if token != TokenOutcome::Valid {
                 tracing::debug!(outcome = token.as_str(), "affinity token ignored");
             }

@@ -318,6 +318,18 @@ async fn split_cookie_headers_are_all_read() {
         TokenOutcome::Valid
     );
 
+    // Quoted, with odd spacing and non-ASCII neighbours.
+    let value = cookie.split_once('=').unwrap().1;
+    let quoted = format!("x=\u{e9}t\u{e9};primary_affinity=\"{value}\" ;  y");
+    let req = request(Method::GET, "/", 3)
+        .header(COOKIE, HeaderValue::from_bytes(quoted.as_bytes()).unwrap())
+        .body(())
+        .unwrap();
+    assert_eq!(
+        seen(&send(&mut svc, req).await).outcome,
+        TokenOutcome::Valid
+    );
+
     // And inside one HTTP/1.1 header, among others.
     let req = request(Method::GET, "/", 3)
         .header(COOKIE, format!("a=1; {cookie}; b=2"))

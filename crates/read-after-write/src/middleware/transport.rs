@@ -34,17 +34,28 @@ pub(crate) fn for_each_candidate(
         }
     }
     for value in headers.get_all(COOKIE) {
-        let Ok(text) = value.to_str() else { continue };
-        // Cheap pre-filter: most requests carry cookies, few carry ours.
-        if !text.contains(cookie_name) {
-            continue;
-        }
-        for cookie in Cookie::split_parse(text).flatten() {
-            if cookie.name() != cookie_name {
+        // Parsed by hand, in one pass over the bytes with no allocation:
+        // `cookie::Cookie::split_parse` cost more than verifying the token.
+        // Pairs split on `;`, names and values trimmed, a quoted value
+        // unquoted; only our cookie's value needs to be text, so a header
+        // with other non-ASCII cookies still yields ours.
+        for pair in value.as_bytes().split(|&b| b == b';') {
+            let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+                continue;
+            };
+            if pair[..eq].trim_ascii() != cookie_name.as_bytes() {
                 continue;
             }
+            let raw = pair[eq + 1..].trim_ascii();
+            let raw = raw
+                .strip_prefix(b"\"")
+                .and_then(|inner| inner.strip_suffix(b"\""))
+                .unwrap_or(raw);
+            let Ok(text) = std::str::from_utf8(raw) else {
+                continue;
+            };
             tried += 1;
-            if each(cookie.value()) || tried >= MAX_CANDIDATES {
+            if each(text) || tried >= MAX_CANDIDATES {
                 return true;
             }
         }
@@ -65,16 +76,12 @@ pub(crate) fn attach_token<B: Backend>(headers: &mut HeaderMap, shared: &Shared<
             }
         }
     }
-    let mut cookie = Cookie::build((shared.cookie_name.as_str(), token))
-        .http_only(true)
-        .secure(shared.secure)
-        .same_site(SameSite::Lax)
-        .path("/")
-        .max_age(cookie::time::Duration::seconds(ttl_seconds(shared)));
-    if let Some(domain) = &shared.domain {
-        cookie = cookie.domain(domain.as_str());
-    }
-    match HeaderValue::try_from(cookie.build().to_string()) {
+    let (prefix, suffix) = &shared.set_cookie;
+    let mut text = String::with_capacity(prefix.len() + token.len() + suffix.len());
+    text.push_str(prefix);
+    text.push_str(&token);
+    text.push_str(suffix);
+    match HeaderValue::try_from(text) {
         Ok(value) => {
             headers.append(SET_COOKIE, value);
         }
@@ -85,8 +92,40 @@ pub(crate) fn attach_token<B: Backend>(headers: &mut HeaderMap, shared: &Shared<
     }
 }
 
+/// The `Set-Cookie` text around the token, `("name=", "; HttpOnly; ...")`,
+/// rendered once per configuration by the `cookie` crate so the per-write
+/// path only concatenates.
+pub(crate) fn set_cookie_template<B>(shared: &Shared<B>) -> (String, String) {
+    const PLACEHOLDER: &str = "TOKEN";
+    let mut cookie = Cookie::build((shared.cookie_name.as_str(), PLACEHOLDER))
+        .http_only(true)
+        .secure(shared.secure)
+        .same_site(SameSite::Lax)
+        .path("/")
+        .max_age(cookie::time::Duration::seconds(ttl_seconds(shared)));
+    if let Some(domain) = &shared.domain {
+        cookie = cookie.domain(domain.as_str());
+    }
+    let rendered = cookie.build().to_string();
+    let prefix = format!("{}=", shared.cookie_name);
+    match rendered
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.strip_prefix(PLACEHOLDER))
+    {
+        Some(suffix) => (prefix, suffix.to_owned()),
+        // The cookie crate quoted or escaped the name: fall back to its
+        // rendering with the placeholder kept out of the value.
+        None => (
+            prefix,
+            rendered
+                .split_once(';')
+                .map_or(String::new(), |(_, rest)| format!(";{rest}")),
+        ),
+    }
+}
+
 /// The token lifetime in whole seconds, as `Max-Age` and expiry use it.
-pub(crate) fn ttl_seconds<B: Backend>(shared: &Shared<B>) -> i64 {
+pub(crate) fn ttl_seconds<B>(shared: &Shared<B>) -> i64 {
     let ttl = match shared.mode {
         super::Mode::Position => shared.ttl,
         super::Mode::TimeWindow(window) => window,
