@@ -268,9 +268,19 @@ async fn the_tracker_keeps_positions_fresh_and_shuts_down_cleanly() {
         );
     }
     let polls = set.tracker_polls();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let per_second = (set.tracker_polls() - polls) * 5;
-    eprintln!("idle tracker: {per_second} replica polls per second for 2 replicas");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let active = (set.tracker_polls() - polls) * 2;
+    // Five seconds without token reads or writes: the tracker slows down.
+    tokio::time::sleep(Duration::from_millis(5_200)).await;
+    let polls = set.tracker_polls();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = (set.tracker_polls() - polls) / 2;
+    eprintln!("tracker polls per second for 2 replicas: {active} in use, {idle} idle");
+    assert!(idle * 5 < active, "idle {idle}/s vs in use {active}/s");
+    // The first token read after the quiet spell gets fresh positions.
+    let (_, position) = write_one(&set, "after idle").await;
+    let routed = set.session(position, Duration::from_millis(400)).await;
+    assert_eq!(routed.target, Target::Replica, "{:?}", routed.reason);
 
     let count_tracker_connections = || async {
         let mut conn = cluster.connect_replica(0).await.unwrap();

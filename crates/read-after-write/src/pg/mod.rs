@@ -133,6 +133,7 @@ pub struct PgReplicaSetBuilder {
     replicas: Vec<(String, Source)>,
     poll_interval: Duration,
     wait_poll_interval: Duration,
+    idle_poll_interval: Duration,
     probe_timeout: Duration,
     max_backoff: Duration,
     capture_timeout: Duration,
@@ -189,8 +190,9 @@ impl PgReplicaSetBuilder {
         self
     }
 
-    /// How often each replica's replay position is polled (default 20 ms).
-    /// Also how stale a position can be when no read is waiting.
+    /// How often each replica's replay position is polled while positions
+    /// are in use (default 20 ms): how stale a position can be when no read
+    /// is waiting. See [`idle_poll_interval`](Self::idle_poll_interval).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval.max(Duration::from_millis(1));
         self
@@ -201,6 +203,15 @@ impl PgReplicaSetBuilder {
     /// costs the replicas fewer queries under load.
     pub fn wait_poll_interval(mut self, interval: Duration) -> Self {
         self.wait_poll_interval = interval;
+        self
+    }
+
+    /// How often replicas and the primary are polled once no session read
+    /// with a token and no write has happened for 5 s (default 500 ms). The
+    /// first such read or write after a quiet spell polls every node at
+    /// once. Set it equal to `poll_interval` to poll at one rate always.
+    pub fn idle_poll_interval(mut self, interval: Duration) -> Self {
+        self.idle_poll_interval = interval;
         self
     }
 
@@ -330,6 +341,7 @@ impl PgReplicaSetBuilder {
                 probe_timeout: self.probe_timeout,
                 max_backoff: self.max_backoff,
                 min_refresh_gap: self.wait_poll_interval,
+                idle_poll_interval: self.idle_poll_interval,
             })
             .await;
         tracing::info!(
@@ -404,6 +416,7 @@ impl PgReplicaSet {
             replicas: Vec::new(),
             poll_interval: Duration::from_millis(20),
             wait_poll_interval: Duration::from_millis(2),
+            idle_poll_interval: Duration::from_millis(500),
             probe_timeout: Duration::from_millis(500),
             max_backoff: Duration::from_secs(2),
             capture_timeout: Duration::from_secs(1),
@@ -549,6 +562,7 @@ impl Backend for PgReplicaSet {
     }
 
     async fn session(&self, required: WritePosition, max_wait: Duration) -> Routed<'_, PgPool> {
+        self.inner.tracker.note_needed();
         if required.system_id != self.system_id() {
             let mut routed = self.eventual();
             if routed.reason == RouteReason::Eventual {
@@ -605,6 +619,7 @@ impl Backend for PgReplicaSet {
     }
 
     async fn write_position(&self) -> Result<WritePosition, CaptureError> {
+        self.inner.tracker.note_needed();
         let position = self.inner.capture.capture().await?;
         self.inner.tracker.note_primary_timeline(position.timeline);
         self.inner

@@ -164,7 +164,13 @@ pub(crate) struct TrackerConfig {
     pub(crate) max_backoff: Duration,
     /// Shortest gap between two polls of one replica when reads are waiting.
     pub(crate) min_refresh_gap: Duration,
+    /// Poll interval once nothing has needed positions for [`IDLE_AFTER`].
+    pub(crate) idle_poll_interval: Duration,
 }
+
+/// How long after the last session read with a token, or the last capture,
+/// the tracker slows to its idle interval.
+pub(crate) const IDLE_AFTER: Duration = Duration::from_secs(5);
 
 /// The background tracker of one replica set: a task per replica polling
 /// `pg_last_wal_replay_lsn()`, one polling the primary's insert position,
@@ -179,6 +185,11 @@ pub struct ReplicaTracker {
     /// re-check on each change.
     pub(crate) changed: watch::Sender<u64>,
     pub(crate) polls: AtomicU64,
+    /// When positions were last needed, in nanoseconds after `origin`.
+    last_needed: AtomicU64,
+    origin: Instant,
+    /// Wakes the primary's task when the tracker leaves idle.
+    wake_primary: Notify,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -190,6 +201,9 @@ impl ReplicaTracker {
             primary,
             changed: watch::channel(0).0,
             polls: AtomicU64::new(0),
+            last_needed: AtomicU64::new(0),
+            origin: Instant::now(),
+            wake_primary: Notify::new(),
             shutdown: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
         })
@@ -226,6 +240,36 @@ impl ReplicaTracker {
 
     /// Asks every replica's task for an immediate poll. Requests made while a
     /// poll is running coalesce into one more poll.
+    /// Records that positions are needed (a session read with a token, or a
+    /// write). Leaving idle polls every node at once, so the first read after
+    /// a quiet spell routes on fresh positions.
+    #[inline]
+    pub(crate) fn note_needed(&self) {
+        let now = self.nanos();
+        let before = self.last_needed.swap(now, Ordering::Relaxed);
+        if now.saturating_sub(before) > IDLE_AFTER.as_nanos() as u64 {
+            self.request_refresh();
+            self.wake_primary.notify_one();
+        }
+    }
+
+    fn nanos(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The poll interval right now: fast while positions are needed, slow
+    /// when idle.
+    fn interval(&self, config: &TrackerConfig) -> Duration {
+        let since = self
+            .nanos()
+            .saturating_sub(self.last_needed.load(Ordering::Relaxed));
+        if since > IDLE_AFTER.as_nanos() as u64 {
+            config.idle_poll_interval.max(config.poll_interval)
+        } else {
+            config.poll_interval
+        }
+    }
+
     pub(crate) fn request_refresh(&self) {
         for replica in &self.replicas {
             replica.refresh.notify_one();
@@ -266,7 +310,7 @@ impl ReplicaTracker {
         while !*shutdown.borrow() {
             let healthy = replica.healthy.load(Ordering::Relaxed);
             let pause = if healthy {
-                config.poll_interval
+                self.interval(&config)
             } else {
                 backoff
             };
@@ -381,7 +425,8 @@ impl ReplicaTracker {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                _ = tokio::time::sleep(config.poll_interval) => {}
+                _ = tokio::time::sleep(self.interval(&config)) => {}
+                _ = self.wake_primary.notified() => {}
             }
             let result = tokio::time::timeout(
                 config.probe_timeout,
