@@ -90,14 +90,31 @@ async fn a_thousand_writes_are_each_read_back_at_once_and_the_naive_read_is_stal
 
 /// Inserts a row on the primary and returns its id and the captured position.
 async fn write_one(set: &read_after_write::pg::PgReplicaSet, body: &str) -> (i64, WritePosition) {
+    let (id, position, _) = write_one_checked(set, body).await;
+    (id, position)
+}
+
+/// Like `write_one`, also returning the insert position read inside the
+/// transaction just before COMMIT: the commit record lies past it, so a
+/// position that covers the commit must be greater.
+async fn write_one_checked(
+    set: &read_after_write::pg::PgReplicaSet,
+    body: &str,
+) -> (i64, WritePosition, Lsn) {
+    let mut tx = set.primary_pool().begin().await.unwrap();
     let (id,): (i64,) =
         sqlx::query_as("insert into posts (user_id, body) values (1, $1) returning id")
             .bind(body)
-            .fetch_one(set.primary_pool())
+            .fetch_one(&mut *tx)
             .await
             .unwrap();
+    let (before_commit,): (String,) = sqlx::query_as("select pg_current_wal_insert_lsn()::text")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
     let position = set.write_position().await.unwrap();
-    (id, position)
+    (id, position, before_commit.parse().unwrap())
 }
 
 async fn visible(pool: &sqlx::PgPool, id: i64) -> bool {
@@ -194,12 +211,20 @@ async fn concurrent_writers_share_capture_queries_and_each_position_covers_its_c
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            write_one(&set, &format!("flight-{i}")).await
+            write_one_checked(&set, &format!("flight-{i}")).await
         }));
     }
     let mut written = Vec::new();
     for task in tasks {
-        written.push(task.await.unwrap());
+        let (id, position, before_commit) = task.await.unwrap();
+        // A shared result that started before this writer's commit would
+        // not be past the position read inside its transaction.
+        assert!(
+            position.lsn > before_commit,
+            "captured {} is not past {before_commit}, read before COMMIT",
+            position.lsn
+        );
+        written.push((id, position));
     }
     let queries = set.capture_queries() - before;
     eprintln!("{WRITERS} concurrent writers: {queries} capture queries");

@@ -144,8 +144,15 @@ fn issue_token<B: Backend, ResBody>(
         Required::Position(carried) => carried.max(written),
         Required::Nothing | Required::Primary => written,
     };
+    // The clock has whole seconds and a token is valid while `now <
+    // expires_at`: one more second makes it live at least the full TTL
+    // whatever fraction of a second it was issued in.
     let ttl = transport::ttl_seconds(shared).unsigned_abs();
-    let expires_at = shared.clock.now_unix().saturating_add(ttl);
+    let expires_at = shared
+        .clock
+        .now_unix()
+        .saturating_add(ttl)
+        .saturating_add(1);
     let token =
         AffinityToken::new(user, position, expires_at).sign(&shared.cookie_name, &shared.keys);
     transport::attach_token(response.headers_mut(), shared, token);

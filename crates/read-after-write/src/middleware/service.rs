@@ -8,6 +8,7 @@ use tower_service::Service;
 use super::{transport, ResponseFuture, Shared};
 use crate::backend::Backend;
 use crate::handle::{Db, RequestState, Required, TokenOutcome};
+use crate::position::WritePosition;
 use crate::token::{AffinityToken, TokenError, UserId};
 
 /// Middleware that gives each request a [`Db`] handle bound to the
@@ -100,40 +101,52 @@ fn read_token<B: Backend>(
     headers: &http::HeaderMap,
     user: Option<&UserId>,
 ) -> (Required, TokenOutcome) {
-    let mut verified = None;
+    let mut verified: Option<AffinityToken> = None;
     let mut first_failure = None;
+    let mut now = None;
+    // Every candidate is verified (at most MAX_CANDIDATES): a browser can
+    // hold a stale host-only cookie beside a fresh domain cookie, or a
+    // client a stale header beside a fresh cookie. The most recently issued
+    // valid token, the one expiring last, carries the latest write.
     let found = transport::for_each_candidate(
         headers,
         &shared.cookie_name,
         shared.token_header.as_ref(),
-        |text| match AffinityToken::verify(
-            text,
-            &shared.cookie_name,
-            &shared.keys,
-            shared.clock.now_unix(),
-        ) {
-            Ok(token) if Some(token.user()) == user => {
-                verified = Some(token);
-                true
+        |text| {
+            let now = *now.get_or_insert_with(|| shared.clock.now_unix());
+            match AffinityToken::verify(text, &shared.cookie_name, &shared.keys, now) {
+                Ok(token) if Some(token.user()) == user => {
+                    if verified
+                        .as_ref()
+                        .is_none_or(|best| token.expires_at() > best.expires_at())
+                    {
+                        verified = Some(token);
+                    }
+                }
+                Ok(_) => {
+                    let outcome = if user.is_none() {
+                        TokenOutcome::NoIdentity
+                    } else {
+                        TokenOutcome::OtherUser
+                    };
+                    first_failure.get_or_insert(outcome);
+                }
+                Err(reason) => {
+                    first_failure.get_or_insert(TokenOutcome::Rejected(reason));
+                }
             }
-            Ok(_) => {
-                let outcome = if user.is_none() {
-                    TokenOutcome::NoIdentity
-                } else {
-                    TokenOutcome::OtherUser
-                };
-                first_failure.get_or_insert(outcome);
-                false
-            }
-            Err(reason) => {
-                first_failure.get_or_insert(TokenOutcome::Rejected(reason));
-                false
-            }
+            false
         },
     );
     match verified {
         Some(token) => {
             let required = match shared.mode {
+                // A token that promises no position was issued in time-window
+                // mode (by an instance not yet switched to positions): honour
+                // it the way it was meant, with the primary.
+                super::Mode::Position if token.position() == WritePosition::default() => {
+                    Required::Primary
+                }
                 super::Mode::Position => Required::Position(token.position()),
                 super::Mode::TimeWindow(_) => Required::Primary,
             };

@@ -228,7 +228,7 @@ async fn a_write_appends_the_cookie_beside_the_handlers_own() {
         WritePosition::new(Lsn::new(0x4000), 1, SYSTEM)
     );
     assert_eq!(token.user(), &UserId::from(1u64));
-    assert_eq!(token.expires_at(), NOW + 30);
+    assert_eq!(token.expires_at(), NOW + 31, "TTL rounded up, never short");
     // Within the writing request, reads see its own write: the primary.
     assert_eq!(seen(&response).read_pool, "primary-pool");
     assert_eq!(backend.captures.load(Ordering::SeqCst), 1);
@@ -437,7 +437,7 @@ async fn bad_tokens_are_ignored_and_counted_never_an_error() {
     .await;
     assert_eq!(seen(&response).outcome, TokenOutcome::OtherUser);
     // So is an expired one.
-    clock.advance(Duration::from_secs(30));
+    clock.advance(Duration::from_secs(31));
     let response = send(
         &mut svc,
         request(Method::GET, "/", 3)
@@ -726,7 +726,7 @@ async fn time_window_mode_sends_recent_writers_to_the_primary() {
         read.headers()[DEBUG_HEADER],
         "node=primary; reason=time_window; token=valid"
     );
-    clock.advance(Duration::from_secs(5));
+    clock.advance(Duration::from_secs(6));
     let later = svc
         .oneshot(
             request(Method::GET, "/", 1)
@@ -749,4 +749,81 @@ fn the_service_is_clone_send_sync_and_its_future_is_send() {
     assert_traits(&layer(&backend, &ManualClock::new(NOW)));
     let future = svc.call(Request::get("/").body(()).unwrap());
     assert_send(&future);
+}
+
+#[tokio::test]
+async fn of_several_valid_tokens_the_latest_issued_wins() {
+    let backend = FakeBackend::new();
+    let clock = ManualClock::new(NOW);
+    let mut svc = layer(&backend, &clock).layer(service_fn(handler));
+    backend.primary_at.store(0x100, Ordering::SeqCst);
+    let first = send(
+        &mut svc,
+        request(Method::POST, "/write", 9).body(()).unwrap(),
+    )
+    .await;
+    let older = first.headers()[DEFAULT_TOKEN_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    clock.advance(Duration::from_secs(5));
+    backend.primary_at.store(0x200, Ordering::SeqCst);
+    let second = send(
+        &mut svc,
+        request(Method::POST, "/write", 9).body(()).unwrap(),
+    )
+    .await;
+    let newer = second.headers()[DEFAULT_TOKEN_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    // A stale cookie first (say host-only beside a domain cookie), and a
+    // stale header beside a fresh cookie: the fresher token decides.
+    for req in [
+        request(Method::GET, "/", 9)
+            .header(
+                COOKIE,
+                format!("primary_affinity={older}; primary_affinity={newer}"),
+            )
+            .body(())
+            .unwrap(),
+        request(Method::GET, "/", 9)
+            .header(DEFAULT_TOKEN_HEADER, &older)
+            .header(COOKIE, format!("primary_affinity={newer}"))
+            .body(())
+            .unwrap(),
+    ] {
+        let seen = seen(&send(&mut svc, req).await);
+        assert_eq!(seen.required.unwrap().lsn, Lsn::new(0x200));
+    }
+}
+
+#[tokio::test]
+async fn a_time_window_token_reaching_a_position_instance_reads_the_primary() {
+    let backend = FakeBackend::new();
+    backend.replica_replayed.store(u64::MAX, Ordering::SeqCst);
+    let clock = ManualClock::new(NOW);
+    let window = layer(&backend, &clock)
+        .time_window(Duration::from_secs(5))
+        .layer(service_fn(handler));
+    let wrote = window
+        .oneshot(request(Method::POST, "/write", 1).body(()).unwrap())
+        .await
+        .unwrap();
+    let token = wrote.headers()[DEFAULT_TOKEN_HEADER].clone();
+    let position = layer(&backend, &clock).layer(service_fn(handler));
+    let read = position
+        .oneshot(
+            request(Method::GET, "/", 1)
+                .header(DEFAULT_TOKEN_HEADER, token)
+                .body(())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(seen(&read).read_pool, "primary-pool");
+    assert_eq!(
+        read.headers()[DEBUG_HEADER],
+        "node=primary; reason=time_window; token=valid"
+    );
 }

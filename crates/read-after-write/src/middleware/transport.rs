@@ -124,11 +124,12 @@ pub(crate) fn set_cookie_template<B>(shared: &Shared<B>) -> (String, String) {
     }
 }
 
-/// The token lifetime in whole seconds, as `Max-Age` and expiry use it.
+/// The token lifetime in whole seconds, rounded up, as `Max-Age` uses it.
 pub(crate) fn ttl_seconds<B>(shared: &Shared<B>) -> i64 {
     let ttl = match shared.mode {
         super::Mode::Position => shared.ttl,
         super::Mode::TimeWindow(window) => window,
     };
-    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1)
+    let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    i64::try_from(seconds).unwrap_or(i64::MAX).max(1)
 }

@@ -112,6 +112,10 @@ impl Capture {
 
     /// Runs pending batches one after another until none is left.
     async fn drive(self: Arc<Self>) {
+        let mut guard = DriverGuard {
+            capture: &self,
+            finished: false,
+        };
         loop {
             let batch = {
                 let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -119,6 +123,7 @@ impl Capture {
                     Some(batch) => batch,
                     None => {
                         state.running = false;
+                        guard.finished = true;
                         return;
                     }
                 }
@@ -137,6 +142,30 @@ impl Capture {
                     Err(_elapsed) => Err(CaptureError::TimedOut(self.timeout)),
                 };
             batch.send_replace(Some(result));
+        }
+    }
+}
+
+/// Hands the driver role back if the driver task ends early (dropped with
+/// its runtime, or a panic): otherwise `running` would stay set and every
+/// later capture would wait out its bound for a driver that never comes.
+struct DriverGuard<'a> {
+    capture: &'a Capture,
+    finished: bool,
+}
+
+impl Drop for DriverGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut state = self
+                .capture
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            state.running = false;
+            // Dropping the pending batch's sender wakes its members with
+            // `Abandoned` at once.
+            state.pending = None;
         }
     }
 }

@@ -33,8 +33,12 @@
 //!   whatever of the write survived. This lasts at most one token TTL, and
 //!   the user's next write replaces the token with one on the new timeline.
 //! - **Same timeline**: a replica qualifies only if its WAL receiver is on
-//!   that timeline too (when PostgreSQL lets the tracker see it) and its
-//!   replay position is at or past the token's.
+//!   that timeline too and its replay position is at or past the token's.
+//!   PostgreSQL shows a replica's timeline (`pg_stat_wal_receiver`) only to
+//!   superusers and members of `pg_read_all_stats` (e.g. via `pg_monitor`);
+//!   grant that to the connecting user. Without it, a replica qualifies only
+//!   for tokens on the timeline the primary had when the tracker started,
+//!   and a warning is logged.
 //!
 //! # Example
 //!
@@ -355,6 +359,7 @@ impl PgReplicaSetBuilder {
                 capture: Capture::new(primary, geometry, self.capture_timeout),
                 tracker,
                 selection: self.selection,
+                wait_poll_interval: self.wait_poll_interval.max(Duration::from_micros(100)),
                 next: AtomicUsize::new(0),
             }),
         })
@@ -376,6 +381,8 @@ struct Inner {
     tracker: Arc<ReplicaTracker>,
     capture: Arc<Capture>,
     selection: Selection,
+    /// How often a waiting read asks for another poll.
+    wait_poll_interval: Duration,
     /// Round-robin cursor.
     next: AtomicUsize,
 }
@@ -573,7 +580,9 @@ impl Backend for PgReplicaSet {
         if required.timeline != self.timeline() {
             return Routed::primary(self.primary_pool(), RouteReason::TimelineChanged);
         }
-        let caught_up = |r: &ReplicaState| r.has_replayed(required.lsn, required.timeline);
+        let baseline = self.inner.tracker.baseline_timeline;
+        let caught_up =
+            |r: &ReplicaState| r.has_replayed(required.lsn, required.timeline, baseline);
         if let Some(replica) = self.pick(caught_up) {
             return Routed::replica(&replica.pool, &replica.name, RouteReason::CaughtUp);
         }
@@ -598,10 +607,14 @@ impl Backend for PgReplicaSet {
                     RouteReason::CaughtUpAfterWait,
                 );
             }
-            match tokio::time::timeout_at(deadline, changed.changed()).await {
-                Ok(Ok(())) => continue,
-                // Timed out, or the tracker is gone: stop waiting.
-                Ok(Err(_)) | Err(_) => {
+            // Wake on the tracker's next change, or after one wait-poll
+            // interval to ask for another poll when the last one showed no
+            // progress.
+            let next = tokio::time::timeout(self.inner.wait_poll_interval, changed.changed());
+            match tokio::time::timeout_at(deadline, next).await {
+                Ok(Ok(Ok(()))) | Ok(Err(_)) => continue,
+                // The deadline passed, or the tracker is gone: stop waiting.
+                Ok(Ok(Err(_))) | Err(_) => {
                     break match self.pick(caught_up) {
                         Some(replica) => Routed::replica(
                             &replica.pool,

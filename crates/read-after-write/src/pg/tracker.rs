@@ -37,6 +37,9 @@ pub(crate) struct ReplicaState {
     pub(crate) outages: Arc<Outages>,
     /// Wakes this replica's task for an immediate poll.
     refresh: Notify,
+    /// Set once a warning about this node not replaying WAL, or not showing
+    /// its timeline, was logged, so a misconfigured node does not flood logs.
+    warned: AtomicBool,
 }
 
 impl ReplicaState {
@@ -55,18 +58,46 @@ impl ReplicaState {
             healthy: AtomicBool::new(false),
             outages,
             refresh: Notify::new(),
+            warned: AtomicBool::new(false),
         }
     }
 
-    /// Whether this replica has replayed `lsn` on `timeline` and is healthy.
+    /// Whether this replica is healthy and has replayed `lsn` on `timeline`.
+    /// `baseline` is the primary's timeline when the tracker started.
     #[inline]
-    pub(crate) fn has_replayed(&self, lsn: Lsn, timeline: u32) -> bool {
-        if !self.healthy.load(Ordering::Acquire) {
-            return false;
-        }
-        let on = self.timeline.load(Ordering::Relaxed);
-        (on == 0 || on == timeline) && self.replayed.load(Ordering::Acquire) >= lsn.as_u64()
+    pub(crate) fn has_replayed(&self, lsn: Lsn, timeline: u32, baseline: u32) -> bool {
+        self.healthy.load(Ordering::Acquire)
+            && qualifies(
+                self.replayed.load(Ordering::Acquire),
+                self.timeline.load(Ordering::Relaxed),
+                lsn,
+                timeline,
+                baseline,
+            )
     }
+}
+
+/// The replay check on its own: a replica that replayed `replayed` on
+/// `replica_timeline` (0 when PostgreSQL would not say) holds a write at
+/// `lsn` on `timeline` when it is on that timeline and at or past `lsn`.
+///
+/// A replica whose timeline is unknown qualifies only for tokens on the
+/// timeline the primary had when the tracker started: after a failover, an
+/// orphaned replica can sit past a new-timeline LSN without holding the
+/// write, and without its timeline nothing shows it.
+pub(crate) fn qualifies(
+    replayed: u64,
+    replica_timeline: u32,
+    lsn: Lsn,
+    timeline: u32,
+    baseline: u32,
+) -> bool {
+    let same_history = if replica_timeline == 0 {
+        timeline == baseline
+    } else {
+        replica_timeline == timeline
+    };
+    same_history && replayed >= lsn.as_u64()
 }
 
 /// What the tracker knows about the primary.
@@ -181,6 +212,8 @@ pub(crate) const IDLE_AFTER: Duration = Duration::from_secs(5);
 pub struct ReplicaTracker {
     pub(crate) replicas: Vec<Arc<ReplicaState>>,
     pub(crate) primary: Arc<PrimaryState>,
+    /// The primary's timeline when the tracker started; see [`qualifies`].
+    pub(crate) baseline_timeline: u32,
     /// Bumped after every poll that changed a replica's state; waiting reads
     /// re-check on each change.
     pub(crate) changed: watch::Sender<u64>,
@@ -196,9 +229,11 @@ pub struct ReplicaTracker {
 
 impl ReplicaTracker {
     pub(crate) fn new(replicas: Vec<Arc<ReplicaState>>, primary: Arc<PrimaryState>) -> Arc<Self> {
+        let baseline_timeline = primary.timeline.load(Ordering::Relaxed);
         Arc::new(ReplicaTracker {
             replicas,
             primary,
+            baseline_timeline,
             changed: watch::channel(0).0,
             polls: AtomicU64::new(0),
             last_needed: AtomicU64::new(0),
@@ -336,7 +371,7 @@ impl ReplicaTracker {
             };
         }
         if let Some(conn) = conn {
-            let _ = conn.close().await;
+            let _ = tokio::time::timeout(config.probe_timeout, conn.close()).await;
         }
     }
 
@@ -365,6 +400,14 @@ impl ReplicaTracker {
                 if let Some(timeline) = timeline {
                     replica.timeline.store(timeline, Ordering::Relaxed);
                 }
+                if timeline.is_none() && !replica.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        replica = name,
+                        "cannot see the replica's WAL receiver timeline (pg_stat_wal_receiver.received_tli); \
+                         grant pg_monitor (or pg_read_all_stats) to the connecting user, or tokens written \
+                         after a failover will be read from the primary"
+                    );
+                }
                 if !was_healthy {
                     replica.healthy.store(true, Ordering::Release);
                     tracing::info!(replica = name, lsn = %replayed, "replica admitted");
@@ -385,7 +428,7 @@ impl ReplicaTracker {
                 // Answers, but is not a replica any more: promoted, or
                 // misconfigured. Exclude it; keep probing in case it was
                 // rebuilt as a replica.
-                if was_healthy || replica.replayed.load(Ordering::Relaxed) == 0 {
+                if was_healthy || !replica.warned.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         replica = name,
                         in_recovery = probe.in_recovery,
@@ -520,4 +563,24 @@ where
         out.push(handle.await.ok().flatten());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_qualifies_only_on_the_tokens_timeline_and_at_or_past_its_lsn() {
+        let lsn = Lsn::new(1_000);
+        // Same timeline: inclusive comparison.
+        assert!(qualifies(1_000, 1, lsn, 1, 1));
+        assert!(qualifies(1_001, 1, lsn, 1, 1));
+        assert!(!qualifies(999, 1, lsn, 1, 1));
+        // Another timeline never qualifies, however far it replayed.
+        assert!(!qualifies(u64::MAX, 1, lsn, 2, 1));
+        assert!(!qualifies(u64::MAX, 2, lsn, 1, 1));
+        // Unknown timeline: only for tokens on the starting timeline.
+        assert!(qualifies(1_000, 0, lsn, 1, 1));
+        assert!(!qualifies(u64::MAX, 0, lsn, 2, 1));
+    }
 }
