@@ -51,6 +51,7 @@ async fn serve(cluster: &TestCluster, keys: KeySet) -> SocketAddr {
         max_wait: Duration::from_millis(20),
         debug_header: true,
         time_window: None,
+        tokens: true,
     };
     let router = social::router(replicas.clone(), replicas, &config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

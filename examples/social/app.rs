@@ -49,6 +49,9 @@ pub struct AppConfig {
     pub debug_header: bool,
     /// Time-window mode instead of positions (the lab's baseline).
     pub time_window: Option<Duration>,
+    /// Read and issue affinity tokens. Off only for the lab's baselines,
+    /// which route without them.
+    pub tokens: bool,
 }
 
 /// Runs the schema migrations on the primary.
@@ -91,8 +94,13 @@ pub fn router<B>(backend: B, replicas: PgReplicaSet, config: &AppConfig) -> Rout
 where
     B: Backend<Pool = PgPool>,
 {
+    let identity: fn(&Parts) -> Option<UserId> = if config.tokens {
+        demo_identity
+    } else {
+        |_| None
+    };
     let mut layer = ReadAfterWriteLayer::new(backend, config.keys.clone())
-        .identity(demo_identity)
+        .identity(identity)
         .secure(config.cookie_secure)
         .max_wait(config.max_wait)
         .debug_header(config.debug_header);

@@ -121,6 +121,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
         debug_header: env_flag("DEBUG_HEADER", false),
         time_window: None,
+        tokens: true,
     };
     if config.cookie_secure {
         tracing::info!("the affinity cookie is Secure: browsers send it only over HTTPS (COOKIE_SECURE=false for plain-HTTP development)");

@@ -162,6 +162,8 @@ async fn run_strategy(
         // The lab counts where reads went from this header.
         debug_header: true,
         time_window: (strategy == Strategy::TimeWindow).then_some(Duration::from_secs(5)),
+        // The baselines route without tokens: no token is read or issued.
+        tokens: !matches!(strategy, Strategy::Naive | Strategy::Primary),
     };
     let router = match strategy {
         Strategy::Naive => social::router(
