@@ -277,3 +277,31 @@ async fn after_a_failover_old_tokens_go_to_the_new_primary_and_nothing_hangs() {
     );
     assert_eq!(routed.target, Target::Primary, "{:?}", routed.reason);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_another_cluster_is_never_admitted() {
+    let ours = read_after_write_testkit::TestCluster::builder()
+        .replica(Duration::ZERO)
+        .start()
+        .await
+        .unwrap();
+    let theirs = read_after_write_testkit::TestCluster::builder()
+        .replica(Duration::ZERO)
+        .start()
+        .await
+        .unwrap();
+    let set = PgReplicaSet::builder()
+        .primary_url(ours.primary_url())
+        .replica_url("ours", ours.replica(0).url())
+        .replica_url("theirs", theirs.replica(0).url())
+        .poll_interval(Duration::from_millis(10))
+        .connect()
+        .await
+        .unwrap();
+    // The foreign replica answers, is in recovery and has a replay position
+    // (it would pass every other check), but it is never routed to.
+    wait_health(&set, "ours", true, Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!healthy(&set, "theirs").await, "{:?}", set.replicas());
+    assert_eq!(eventual_reads(&set, 20, "theirs").await, 0);
+}

@@ -383,8 +383,11 @@ impl ReplicaTracker {
         config: TrackerConfig,
     ) -> bool {
         self.polls.fetch_add(1, Ordering::Relaxed);
-        let result =
-            tokio::time::timeout(config.probe_timeout, probe_replica(&replica.connect, conn)).await;
+        let result = tokio::time::timeout(
+            config.probe_timeout,
+            probe_replica(&replica.connect, conn, self.primary.system_id),
+        )
+        .await;
         let was_healthy = replica.healthy.load(Ordering::Relaxed);
         let name = replica.name.as_str();
         let up = match result {
@@ -438,7 +441,7 @@ impl ReplicaTracker {
                 true
             }
             Ok(Err(error)) => {
-                if was_healthy {
+                if was_healthy || !replica.warned.swap(true, Ordering::Relaxed) {
                     tracing::warn!(replica = name, %error, "replica unreachable; excluded from reads");
                 }
                 *conn = None;
@@ -524,15 +527,31 @@ struct Probe {
 async fn probe_replica(
     connect: &PgConnectOptions,
     conn: &mut Option<PgConnection>,
+    system_id: u64,
 ) -> Result<Probe, sqlx::Error> {
     if conn.is_none() {
-        *conn = Some(
-            connect
-                .clone()
-                .application_name(TRACKER_APPLICATION_NAME)
-                .connect()
-                .await?,
-        );
+        let mut fresh = connect
+            .clone()
+            .application_name(TRACKER_APPLICATION_NAME)
+            .connect()
+            .await?;
+        // A replica of another cluster (a wrong URL, another environment)
+        // has replay positions that mean nothing here: never admit it.
+        let (theirs,): (String,) =
+            sqlx::query_as("select system_identifier::text from pg_control_system()")
+                .fetch_one(&mut fresh)
+                .await?;
+        if system_id != 0 && theirs.parse::<u64>().ok() != Some(system_id) {
+            let _ = fresh.close().await;
+            return Err(sqlx::Error::Configuration(
+                format!(
+                    "this node belongs to another cluster (system identifier {theirs}, the primary's is {system_id}); \
+                     check the replica URL"
+                )
+                .into(),
+            ));
+        }
+        *conn = Some(fresh);
     }
     let Some(connection) = conn.as_mut() else {
         return Err(sqlx::Error::PoolClosed);
