@@ -3,7 +3,6 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{COOKIE, SET_COOKIE};
@@ -258,5 +257,3 @@ pub async fn statement_calls(cluster: &TestCluster, marker: &str) -> Vec<i64> {
     }
     counts
 }
-
-pub type SharedSet = Arc<PgReplicaSet>;
