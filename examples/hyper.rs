@@ -30,9 +30,11 @@
 //! otherwise); `BIND` (default `127.0.0.1:3001`); `RUST_LOG`. Ctrl-C stops
 //! the server and removes the throwaway cluster.
 
+#[path = "support.rs"]
+mod support;
+
 use std::convert::Infallible;
 use std::error::Error;
-use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -40,9 +42,8 @@ use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use read_after_write::pg::{PgDb, PgReplicaSet};
-use read_after_write::{KeyError, KeySet, ReadAfterWriteLayer, SigningKey, UserId};
-use read_after_write_testkit::TestCluster;
+use read_after_write::pg::PgDb;
+use read_after_write::{ReadAfterWriteLayer, UserId};
 use tokio::net::TcpListener;
 
 const SCHEMA: &str = "create table if not exists notes (\
@@ -61,10 +62,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     // Keep the cluster (if any) alive until the end of main: dropping it
     // stops the servers and removes their files.
-    let (set, _cluster) = replica_set().await?;
+    let (set, _cluster) = support::replica_set().await?;
     sqlx::query(SCHEMA).execute(set.primary_pool()).await?;
 
-    let layer = ReadAfterWriteLayer::new(set, keys()?)
+    let layer = ReadAfterWriteLayer::new(set, support::keys()?)
         .identity(|parts| user_id(&parts.headers).map(UserId::from))
         // Plain-HTTP development only: a `Secure` cookie would not come back.
         .secure(false)
@@ -165,67 +166,5 @@ async fn route(req: Request<Incoming>) -> Result<Response<Body>, Box<dyn Error +
             Ok(text(StatusCode::OK, lines))
         }
         _ => Ok(text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n")),
-    }
-}
-
-/// The replica set from `DATABASE_URL` and `REPLICA_URLS`, or from a
-/// throwaway cluster (returned too, so the caller keeps it alive) when
-/// neither is set.
-async fn replica_set() -> Result<(PgReplicaSet, Option<TestCluster>), Box<dyn Error>> {
-    let primary = std::env::var("DATABASE_URL").ok();
-    let replicas = std::env::var("REPLICA_URLS").ok();
-    let (cluster, primary, replicas) = match (primary, replicas) {
-        (Some(primary), replicas) => {
-            let replicas: Vec<String> = replicas
-                .unwrap_or_default()
-                .split(',')
-                .map(str::trim)
-                .filter(|url| !url.is_empty())
-                .map(str::to_owned)
-                .collect();
-            if replicas.is_empty() {
-                tracing::warn!("REPLICA_URLS is not set: every read goes to the primary");
-            }
-            (None, primary, replicas)
-        }
-        (None, Some(_)) => return Err("REPLICA_URLS is set but DATABASE_URL is not".into()),
-        (None, None) => {
-            println!("DATABASE_URL is not set: starting a throwaway cluster...");
-            let cluster = TestCluster::builder()
-                .replica(Duration::from_millis(50))
-                .replica(Duration::from_millis(200))
-                .start()
-                .await?;
-            let primary = cluster.primary_url();
-            let replicas = cluster.replica_urls();
-            println!("  primary:   {primary}");
-            for (replica, url) in cluster.replicas().iter().zip(&replicas) {
-                println!(
-                    "  {}: {url} (lags {} ms)",
-                    replica.name(),
-                    replica.apply_delay().as_millis()
-                );
-            }
-            (Some(cluster), primary, replicas)
-        }
-    };
-    let mut builder = PgReplicaSet::builder().primary_url(primary);
-    for (i, url) in replicas.into_iter().enumerate() {
-        builder = builder.replica_url(format!("replica-{}", i + 1), url);
-    }
-    Ok((builder.connect().await?, cluster))
-}
-
-/// Signing keys from `AFFINITY_KEY`, or a random key with a warning.
-fn keys() -> Result<KeySet, KeyError> {
-    match KeySet::from_env("AFFINITY_KEY") {
-        Err(KeyError::MissingEnv { .. }) => {
-            tracing::warn!(
-                "AFFINITY_KEY is not set: using a random signing key; tokens will not \
-                 survive a restart or work across instances"
-            );
-            Ok(KeySet::from(SigningKey::generate()?))
-        }
-        keys => keys,
     }
 }

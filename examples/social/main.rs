@@ -23,12 +23,11 @@
 //! HTML page at `/`, which sets a `demo_user` cookie.
 
 mod app;
+#[path = "../support.rs"]
+mod support;
 
 use std::time::Duration;
 
-use read_after_write::pg::PgReplicaSet;
-use read_after_write::{KeySet, SigningKey};
-use read_after_write_testkit::TestCluster;
 use tracing_subscriber::EnvFilter;
 
 fn env_flag(name: &str, default: bool) -> bool {
@@ -49,65 +48,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    // The cluster: an existing one, or a throwaway one of our own.
-    let primary_url = std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|v| !v.trim().is_empty());
-    let replica_urls: Vec<String> = std::env::var("REPLICA_URLS")
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|url| !url.is_empty())
-        .map(str::to_owned)
-        .collect();
-    let mut _cluster = None;
-    let (primary_url, replica_urls) = match primary_url {
-        Some(primary) => (primary, replica_urls),
-        None if !replica_urls.is_empty() => {
-            return Err(
-                "REPLICA_URLS is set but DATABASE_URL is not: set the primary's URL too".into(),
-            );
-        }
-        None => {
-            tracing::info!(
-                "DATABASE_URL is not set: starting a throwaway primary with two lagging replicas"
-            );
-            let cluster = TestCluster::builder()
-                .replica(Duration::from_millis(50))
-                .replica(Duration::from_millis(200))
-                .start()
-                .await?;
-            println!("primary    {}", cluster.primary_url());
-            for replica in cluster.replicas() {
-                println!(
-                    "{:<10} {} (lags {:?})",
-                    replica.name(),
-                    replica.url(),
-                    replica.apply_delay()
-                );
-            }
-            let urls = (cluster.primary_url(), cluster.replica_urls());
-            _cluster = Some(cluster);
-            urls
-        }
-    };
-
-    let keys = match std::env::var("AFFINITY_KEY") {
-        Ok(_) => KeySet::from_env("AFFINITY_KEY")?,
-        Err(_) => {
-            tracing::warn!(
-                "AFFINITY_KEY is not set: using a random key. Tokens will not survive a restart \
-                 or work across instances; set AFFINITY_KEY to base64 of 32 random bytes"
-            );
-            KeySet::new(SigningKey::generate()?)
-        }
-    };
-
-    let mut builder = PgReplicaSet::builder().primary_url(&primary_url);
-    for (i, url) in replica_urls.iter().enumerate() {
-        builder = builder.replica_url(format!("replica-{}", i + 1), url);
-    }
-    let replicas = builder.connect().await?;
+    // The cluster: an existing one, or a throwaway one of our own (kept
+    // alive until the end of main).
+    let (replicas, _cluster) = support::replica_set().await?;
+    let keys = support::keys()?;
     app::migrate(replicas.primary_pool()).await?;
 
     let config = app::AppConfig {
