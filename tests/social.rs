@@ -52,6 +52,7 @@ async fn serve(cluster: &TestCluster, keys: KeySet) -> SocketAddr {
         debug_header: true,
         time_window: None,
         tokens: true,
+        request_timeout: Some(Duration::from_secs(5)),
     };
     let router = social::router(replicas.clone(), replicas, &config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -16,18 +16,20 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::header::{COOKIE, LOCATION, SET_COOKIE};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Form, Json, Router};
+use axum::{BoxError, Form, Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use read_after_write::pg::PgReplicaSet;
 use read_after_write::{Backend, Db, KeySet, ReadAfterWriteLayer, UserId};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use tower::ServiceBuilder;
 
 /// The header that carries the demo identity.
 pub const USER_HEADER: &str = "x-user-id";
@@ -52,6 +54,11 @@ pub struct AppConfig {
     /// Read and issue affinity tokens. Off only for the lab's baselines,
     /// which route without them.
     pub tokens: bool,
+    /// Answer 503 when a request takes longer than this. sqlx has no
+    /// client-side query timeout, so a query on a frozen server never
+    /// returns on its own: the app must bound its requests. `None` leaves
+    /// them unbounded.
+    pub request_timeout: Option<Duration>,
 }
 
 /// Runs the schema migrations on the primary.
@@ -111,7 +118,7 @@ where
         replicas,
         metrics: metrics_handle(),
     };
-    Router::new()
+    let router = Router::new()
         .route("/", get(home::<B>))
         .route("/posts", post(create_post_form::<B>))
         .route("/api/posts", post(create_post::<B>).get(my_posts::<B>))
@@ -125,7 +132,33 @@ where
         .route("/login", post(login_form))
         .route("/healthz", get(healthz))
         .route("/metrics", get(render_metrics))
-        .with_state(state)
+        .with_state(state);
+    match config.request_timeout {
+        // The timeout wraps every route, the layer's capture included; the
+        // handler's future (and the query it awaits) is dropped when it fires.
+        Some(limit) => router.layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(request_timed_out))
+                .timeout(limit),
+        ),
+        None => router,
+    }
+}
+
+/// What a request that hit [`AppConfig::request_timeout`] answers: 503, so
+/// clients retry as they would for any unavailable backend.
+async fn request_timed_out(error: BoxError) -> (StatusCode, String) {
+    if error.is::<tower::timeout::error::Elapsed>() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request timed out, try again".to_owned(),
+        )
+    } else {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unhandled error: {error}"),
+        )
+    }
 }
 
 /// Demo-only identity: the `x-user-id` header, else the `demo_user` cookie.

@@ -17,6 +17,7 @@
 //! | `COOKIE_SECURE` | `false` for plain-HTTP development; default `true` |
 //! | `MAX_WAIT_MS` | how long a session read waits for a replica, default 20 |
 //! | `DEBUG_HEADER` | `true` adds `x-read-after-write` to responses |
+//! | `REQUEST_TIMEOUT_MS` | a request that takes longer answers 503, default 5000 (`0` turns it off) |
 //! | `RUST_LOG` | log filter, default `info` |
 //!
 //! Identity is demo-only: send `x-user-id: <integer>`, or sign in on the
@@ -66,6 +67,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         debug_header: env_flag("DEBUG_HEADER", false),
         time_window: None,
         tokens: true,
+        // sqlx has no client-side query timeout: a frozen primary would hold
+        // a request forever without this bound.
+        request_timeout: match std::env::var("REQUEST_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(5000)
+        {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        },
     };
     if config.cookie_secure {
         tracing::info!("the affinity cookie is Secure: browsers send it only over HTTPS (COOKIE_SECURE=false for plain-HTTP development)");

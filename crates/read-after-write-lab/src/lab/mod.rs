@@ -164,6 +164,7 @@ async fn run_strategy(
         time_window: (strategy == Strategy::TimeWindow).then_some(Duration::from_secs(5)),
         // The baselines route without tokens: no token is read or issued.
         tokens: !matches!(strategy, Strategy::Naive | Strategy::Primary),
+        request_timeout: Some(Duration::from_secs(5)),
     };
     let router = match strategy {
         Strategy::Naive => social::router(
