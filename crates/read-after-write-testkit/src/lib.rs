@@ -12,6 +12,8 @@
 //! - [`ClusterBuilder`]: replicas, extra settings, binaries and timeouts;
 //!   [`ClusterBuilder::start`] creates the cluster.
 //! - [`ReplicaInfo`] and [`ReplicaState`]: one replica and what it is doing.
+//! - [`TcpProxy`]: a repointable TCP address in front of a server, which a
+//!   test can freeze (a partition) and cut (every session closed).
 //! - [`PgBinaries`]: finds `initdb`, `pg_ctl`, `postgres` and
 //!   `pg_basebackup` (`PG_BIN`, then `PATH`, then the usual install
 //!   directories).
@@ -93,8 +95,10 @@ mod cluster;
 mod error;
 mod node;
 mod process;
+mod proxy;
 mod workdir;
 
 pub use binaries::PgBinaries;
 pub use cluster::{ClusterBuilder, ReplicaInfo, ReplicaState, TestCluster};
 pub use error::KitError;
+pub use proxy::TcpProxy;

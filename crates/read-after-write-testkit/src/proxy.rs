@@ -1,0 +1,633 @@
+//! [`TcpProxy`]: a TCP forwarder on 127.0.0.1 that fault drills repoint,
+//! freeze and cut, standing in for a load balancer or virtual IP in front of
+//! the primary.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use read_after_write_testkit::{TcpProxy, TestCluster};
+//!
+//! # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+//! let cluster = TestCluster::start_with_delays(&[std::time::Duration::ZERO]).await?;
+//! let proxy = TcpProxy::start(cluster.primary_port()).await?;
+//! // The application under test only ever knows the proxy's address.
+//! let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+//! let pool = sqlx::PgPool::connect(&url).await.unwrap();
+//!
+//! proxy.freeze(); // a partition: queries hang, nothing is closed
+//! proxy.thaw();
+//! cluster.promote_replica(0).await?;
+//! proxy.repoint(cluster.replica(0).port()); // new connections reach the new primary
+//! proxy.cut_all(); // and the old ones are closed
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, Shutdown};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+
+use crate::KitError;
+
+/// The size of each direction's copy buffer: a session holds two, whatever
+/// the traffic.
+const BUFFER_SIZE: usize = 16 * 1024;
+
+/// How long the listener rests after a failed `accept` (out of file
+/// descriptors, say) before trying again, so that it does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A TCP proxy on 127.0.0.1 that forwards every connection to a target port,
+/// and that a test can repoint, freeze and cut: the faults a client sees
+/// when the primary behind a load balancer or virtual IP fails over, hangs
+/// or is partitioned away.
+///
+/// It runs on its own thread with its own tokio runtime, so it keeps working
+/// after the runtime that called [`start`](Self::start) ends (a proxy shared
+/// by several `#[tokio::test]`s). Dropping it closes the listener and every
+/// session. Each session copies through two fixed 16 KiB buffers.
+///
+/// # Examples
+///
+/// ```no_run
+/// use read_after_write_testkit::{TcpProxy, TestCluster};
+///
+/// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+/// let cluster = TestCluster::start_with_delays(&[]).await?;
+/// let proxy = TcpProxy::start(cluster.primary_port()).await?;
+/// let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+/// let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&url).await.unwrap();
+/// let port: i32 = sqlx::query_scalar("select inet_server_port()")
+///     .fetch_one(&mut conn)
+///     .await
+///     .unwrap();
+/// assert_eq!(port, i32::from(cluster.primary_port()));
+/// # Ok(())
+/// # }
+/// ```
+pub struct TcpProxy {
+    port: u16,
+    shared: Arc<Shared>,
+    /// Dropping (or sending on) it ends the proxy thread's event loop.
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the proxy's handle and its thread share.
+struct Shared {
+    /// Where the next session connects.
+    target_port: AtomicU16,
+    /// `true` while frozen. Sessions look at it before every read and every
+    /// write, and stop waiting on a read or write when it turns `true`.
+    frozen: watch::Sender<bool>,
+    sessions: Mutex<Sessions>,
+}
+
+#[derive(Default)]
+struct Sessions {
+    next_id: u64,
+    /// Duplicates (`dup(2)`) of each open session's sockets, so that
+    /// [`TcpProxy::cut_all`] can shut them down at once from any thread. A
+    /// duplicate keeps its socket alive, so a shutdown never hits a reused
+    /// descriptor; a session leaves this map (and its sockets are shut down)
+    /// when it ends.
+    open: HashMap<u64, SessionSockets>,
+}
+
+struct SessionSockets {
+    client: std::net::TcpStream,
+    /// `None` until the session has connected to its target.
+    upstream: Option<std::net::TcpStream>,
+}
+
+impl SessionSockets {
+    /// Sends FIN both ways and wakes the session's task, whose reads then
+    /// end; `shutdown` acts on the socket, so the task's own descriptors see
+    /// it too.
+    fn shut_down(&self) {
+        let _ = self.client.shutdown(Shutdown::Both);
+        if let Some(upstream) = &self.upstream {
+            let _ = upstream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Shared {
+    fn sessions(&self) -> MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a new session; `None` if its socket cannot be duplicated.
+    fn register(&self, client: TcpStream) -> Option<(u64, TcpStream)> {
+        let (client, copy) = duplicate(client)
+            .map_err(|e| tracing::debug!(error = %e, "proxy: dropping a client connection"))
+            .ok()?;
+        let mut sessions = self.sessions();
+        let id = sessions.next_id;
+        sessions.next_id += 1;
+        sessions.open.insert(
+            id,
+            SessionSockets {
+                client: copy,
+                upstream: None,
+            },
+        );
+        Some((id, client))
+    }
+
+    /// Records the session's upstream socket; `None` if the session was cut
+    /// meanwhile (or the socket cannot be duplicated).
+    fn attach_upstream(&self, id: u64, upstream: TcpStream) -> Option<TcpStream> {
+        let (upstream, copy) = duplicate(upstream)
+            .map_err(|e| tracing::debug!(error = %e, "proxy: dropping an upstream connection"))
+            .ok()?;
+        self.sessions().open.get_mut(&id)?.upstream = Some(copy);
+        Some(upstream)
+    }
+
+    /// Shuts down and forgets every open session; returns how many.
+    fn cut_all(&self) -> usize {
+        let cut: Vec<SessionSockets> = self.sessions().open.drain().map(|(_, s)| s).collect();
+        for session in &cut {
+            session.shut_down();
+        }
+        cut.len()
+    }
+}
+
+/// Removes a session from [`Sessions::open`] and shuts its sockets down when
+/// the session's task ends, however it ends (including when the proxy's
+/// runtime drops the task).
+struct Registration {
+    id: u64,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let removed = self.shared.sessions().open.remove(&self.id);
+        if let Some(session) = removed {
+            session.shut_down();
+        }
+    }
+}
+
+impl TcpProxy {
+    /// Listens on 127.0.0.1 on a free port and forwards every connection to
+    /// 127.0.0.1:`target_port`.
+    ///
+    /// # Errors
+    ///
+    /// [`KitError::Io`] if no port can be bound or the proxy thread cannot
+    /// start.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use read_after_write_testkit::{TcpProxy, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// # let cluster = TestCluster::start_with_delays(&[]).await?;
+    /// let proxy = TcpProxy::start(cluster.primary_port()).await?;
+    /// assert_eq!(proxy.target_port(), cluster.primary_port());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn start(target_port: u16) -> Result<TcpProxy, KitError> {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .map_err(|e| KitError::io("binding a port on 127.0.0.1 for the TCP proxy", e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| KitError::io("reading the TCP proxy's port", e))?
+            .port();
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| KitError::io("making the TCP proxy's listener non-blocking", e))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| KitError::io("building the TCP proxy's tokio runtime", e))?;
+        // Registers the listener with the proxy's own runtime, not the caller's.
+        let listener = {
+            let _context = runtime.enter();
+            TcpListener::from_std(listener)
+                .map_err(|e| KitError::io("registering the TCP proxy's listener", e))?
+        };
+        let shared = Arc::new(Shared {
+            target_port: AtomicU16::new(target_port),
+            frozen: watch::Sender::new(false),
+            sessions: Mutex::new(Sessions::default()),
+        });
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("tcp-proxy-{port}"))
+            .spawn({
+                let shared = Arc::clone(&shared);
+                move || {
+                    runtime.block_on(async {
+                        tokio::select! {
+                            () = accept_loop(listener, shared) => {}
+                            _ = stop => {}
+                        }
+                    });
+                    // Dropping the runtime drops every session task, whose
+                    // registrations shut their sockets down.
+                    drop(runtime);
+                }
+            })
+            .map_err(|e| KitError::io("starting the TCP proxy's thread", e))?;
+        tracing::debug!(port, target_port, "TCP proxy started");
+        Ok(TcpProxy {
+            port,
+            shared,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    /// The port clients connect to, on 127.0.0.1.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use read_after_write_testkit::TcpProxy;
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// let proxy = TcpProxy::start(5432).await?;
+    /// let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where new sessions connect now.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use read_after_write_testkit::TcpProxy;
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// let proxy = TcpProxy::start(5432).await?;
+    /// proxy.repoint(5433);
+    /// assert_eq!(proxy.target_port(), 5433);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn target_port(&self) -> u16 {
+        self.shared.target_port.load(Ordering::SeqCst)
+    }
+
+    /// Sends new connections to 127.0.0.1:`target_port`. Open sessions keep
+    /// their upstream (what HAProxy does by default); end them with
+    /// [`cut_all`](Self::cut_all).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use read_after_write_testkit::{TcpProxy, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// # let cluster = TestCluster::start_with_delays(&[std::time::Duration::ZERO]).await?;
+    /// let proxy = TcpProxy::start(cluster.primary_port()).await?;
+    /// cluster.promote_replica(0).await?;
+    /// proxy.repoint(cluster.replica(0).port());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn repoint(&self, target_port: u16) {
+        self.shared.target_port.store(target_port, Ordering::SeqCst);
+    }
+
+    /// Stops moving bytes, in both directions, on every open session and on
+    /// every new one, closing nothing: what a client sees of a frozen
+    /// (`SIGSTOP`) or partitioned upstream. No FIN, no RST; queries just
+    /// hang. New connections are accepted but not forwarded (they connect to
+    /// the target only after [`thaw`](Self::thaw)). It takes effect on
+    /// sessions in the middle of a transfer too: no byte read from either
+    /// side after `freeze` returns is passed on before `thaw`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use read_after_write_testkit::{TcpProxy, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// # let cluster = TestCluster::start_with_delays(&[]).await?;
+    /// let proxy = TcpProxy::start(cluster.primary_port()).await?;
+    /// let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    /// let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&url).await.unwrap();
+    /// proxy.freeze();
+    /// let query = sqlx::query("select 1").execute(&mut conn);
+    /// assert!(tokio::time::timeout(Duration::from_secs(1), query).await.is_err());
+    /// proxy.thaw();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn freeze(&self) {
+        self.shared.frozen.send_replace(true);
+    }
+
+    /// Lets bytes flow again after [`freeze`](Self::freeze): held requests
+    /// go through and their answers come back.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use read_after_write_testkit::TcpProxy;
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// let proxy = TcpProxy::start(5432).await?;
+    /// proxy.freeze();
+    /// proxy.thaw();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn thaw(&self) {
+        self.shared.frozen.send_replace(false);
+    }
+
+    /// Closes every open session at once, on both sides: clients see
+    /// end-of-file (or a reset) on their next read or write, and the
+    /// upstream server sees the client go away. Returns how many sessions
+    /// were closed. The proxy keeps accepting new connections.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use read_after_write_testkit::{TcpProxy, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// # let cluster = TestCluster::start_with_delays(&[]).await?;
+    /// let proxy = TcpProxy::start(cluster.primary_port()).await?;
+    /// let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+    /// let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&url).await.unwrap();
+    /// assert_eq!(proxy.cut_all(), 1);
+    /// assert!(sqlx::query("select 1").execute(&mut conn).await.is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn cut_all(&self) -> usize {
+        let cut = self.shared.cut_all();
+        tracing::debug!(
+            port = self.port,
+            sessions = cut,
+            "TCP proxy cut every session"
+        );
+        cut
+    }
+
+    /// How many sessions are open: accepted and not yet ended by either
+    /// side or by [`cut_all`](Self::cut_all).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use read_after_write_testkit::TcpProxy;
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// let proxy = TcpProxy::start(5432).await?;
+    /// assert_eq!(proxy.open_sessions(), 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn open_sessions(&self) -> usize {
+        self.shared.sessions().open.len()
+    }
+}
+
+impl fmt::Debug for TcpProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpProxy")
+            .field("port", &self.port)
+            .field("target_port", &self.target_port())
+            .field("frozen", &*self.shared.frozen.borrow())
+            .field("open_sessions", &self.open_sessions())
+            .finish()
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.shared.cut_all();
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        // The thread only awaits sockets, so it ends promptly once told to.
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        tracing::debug!(port = self.port, "TCP proxy stopped");
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((client, _)) => {
+                tokio::spawn(session(client, Arc::clone(&shared)));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "TCP proxy: accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// One client connection: waits until thawed, connects to the target of
+/// that moment, then copies both ways until either side ends or the session
+/// is cut.
+async fn session(client: TcpStream, shared: Arc<Shared>) {
+    let Some((id, mut client)) = shared.register(client) else {
+        return;
+    };
+    let _registration = Registration {
+        id,
+        shared: Arc::clone(&shared),
+    };
+    let mut frozen = shared.frozen.subscribe();
+    if until_thawed(&mut frozen).await.is_err() {
+        return;
+    }
+    let target_port = shared.target_port.load(Ordering::SeqCst);
+    let upstream = match TcpStream::connect((Ipv4Addr::LOCALHOST, target_port)).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::debug!(target_port, error = %e, "TCP proxy: cannot reach the target");
+            return;
+        }
+    };
+    let Some(mut upstream) = shared.attach_upstream(id, upstream) else {
+        return;
+    };
+    // PostgreSQL's messages are small; do not let Nagle delay them.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (mut client_read, mut client_write) = client.split();
+    let (mut upstream_read, mut upstream_write) = upstream.split();
+    let mut frozen_down = shared.frozen.subscribe();
+    tokio::select! {
+        _ = pump(&mut client_read, &mut upstream_write, &mut frozen) => {}
+        _ = pump(&mut upstream_read, &mut client_write, &mut frozen_down) => {}
+    }
+}
+
+/// Copies `from` to `to` through one fixed buffer until `from` ends or
+/// either fails, holding still whenever the proxy is frozen.
+async fn pump<R, W>(from: &mut R, to: &mut W, frozen: &mut watch::Receiver<bool>) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buffer = vec![0_u8; BUFFER_SIZE];
+    loop {
+        until_thawed(frozen).await?;
+        // Both `read` and `write` on a TCP stream are cancel-safe: when the
+        // freeze wins the race, no byte was moved.
+        let read = tokio::select! {
+            biased;
+            frozen_now = until_frozen(frozen) => {
+                frozen_now?;
+                continue;
+            }
+            read = from.read(&mut buffer) => read?,
+        };
+        if read == 0 {
+            return Ok(());
+        }
+        let mut written = 0;
+        while written < read {
+            until_thawed(frozen).await?;
+            tokio::select! {
+                biased;
+                frozen_now = until_frozen(frozen) => frozen_now?,
+                n = to.write(&buffer[written..read]) => match n? {
+                    0 => return Err(io::ErrorKind::WriteZero.into()),
+                    n => written += n,
+                },
+            }
+        }
+    }
+}
+
+/// Returns once the proxy is not frozen (at once if it is not).
+async fn until_thawed(frozen: &mut watch::Receiver<bool>) -> io::Result<()> {
+    frozen
+        .wait_for(|frozen| !*frozen)
+        .await
+        .map(drop)
+        .map_err(|_| io::ErrorKind::BrokenPipe.into())
+}
+
+/// Returns once the proxy is frozen (at once if it is).
+async fn until_frozen(frozen: &mut watch::Receiver<bool>) -> io::Result<()> {
+    frozen
+        .wait_for(|frozen| *frozen)
+        .await
+        .map(drop)
+        .map_err(|_| io::ErrorKind::BrokenPipe.into())
+}
+
+/// The stream back, plus a blocking duplicate of its socket for
+/// [`SessionSockets`].
+fn duplicate(stream: TcpStream) -> io::Result<(TcpStream, std::net::TcpStream)> {
+    let stream = stream.into_std()?;
+    let copy = stream.try_clone()?;
+    Ok((TcpStream::from_std(stream)?, copy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An echo server on 127.0.0.1; returns its port.
+    async fn echo_server() -> u16 {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        port
+    }
+
+    async fn round_trip(stream: &mut TcpStream, message: &[u8]) -> io::Result<Vec<u8>> {
+        stream.write_all(message).await?;
+        let mut answer = vec![0; message.len()];
+        stream.read_exact(&mut answer).await?;
+        Ok(answer)
+    }
+
+    #[test]
+    fn proxy_outlives_the_runtime_that_started_it() {
+        let proxy = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(TcpProxy::start(1))
+            .unwrap();
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let echo = echo_server().await;
+            proxy.repoint(echo);
+            let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy.port()))
+                .await
+                .unwrap();
+            assert_eq!(round_trip(&mut stream, b"ping").await.unwrap(), b"ping");
+        });
+    }
+
+    #[tokio::test]
+    async fn freeze_holds_bytes_and_cut_closes() {
+        let echo = echo_server().await;
+        let proxy = TcpProxy::start(echo).await.unwrap();
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy.port()))
+            .await
+            .unwrap();
+        assert_eq!(round_trip(&mut stream, b"one").await.unwrap(), b"one");
+        assert_eq!(proxy.open_sessions(), 1);
+
+        proxy.freeze();
+        stream.write_all(b"two").await.unwrap();
+        let mut answer = [0; 3];
+        let held =
+            tokio::time::timeout(Duration::from_millis(200), stream.read_exact(&mut answer)).await;
+        assert!(held.is_err(), "bytes moved while frozen");
+        proxy.thaw();
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"two");
+
+        assert_eq!(proxy.cut_all(), 1);
+        assert_eq!(proxy.open_sessions(), 0);
+        let mut rest = Vec::new();
+        // End-of-file (or a reset), not a hang.
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest))
+            .await
+            .expect("a cut session ends at once");
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn drop_closes_sessions() {
+        let echo = echo_server().await;
+        let proxy = TcpProxy::start(echo).await.unwrap();
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy.port()))
+            .await
+            .unwrap();
+        assert_eq!(round_trip(&mut stream, b"x").await.unwrap(), b"x");
+        proxy.freeze();
+        drop(proxy);
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest))
+            .await
+            .expect("a dropped proxy closes its sessions");
+    }
+}
