@@ -191,6 +191,14 @@ pub enum RouteReason {
     Critical,
     /// A write.
     Write,
+    /// Session read with a token on the primary's timeline, but no healthy
+    /// replica was seen on that timeline (after a failover, or when the
+    /// tracker may not see timelines): the primary at once, no wasted wait.
+    NoReplicaOnTimeline,
+    /// Session read with a token that promises an unknown position: the
+    /// user's last write committed but its position could not be captured,
+    /// so only the primary is sure to have it.
+    PositionUnknown,
 }
 
 impl RouteReason {
@@ -214,6 +222,8 @@ impl RouteReason {
             RouteReason::NoHealthyReplica => "no_healthy_replica",
             RouteReason::Critical => "critical",
             RouteReason::Write => "write",
+            RouteReason::NoReplicaOnTimeline => "no_replica_on_timeline",
+            RouteReason::PositionUnknown => "position_unknown",
         }
     }
 }

@@ -54,7 +54,9 @@ pub(crate) enum Required {
     Nothing,
     /// Read from a node that has replayed this position.
     Position(WritePosition),
-    /// Time-window mode: the user wrote recently, read from the primary.
+    /// Read from the primary: in time-window mode the user wrote recently;
+    /// in position mode the token pins the user to the primary because the
+    /// position of their last write is unknown (its capture failed).
     Primary,
 }
 
@@ -154,7 +156,13 @@ impl<B: Backend> Db<B> {
                     routed
                 }
                 Required::Position(position) => backend.session(position, max_wait).await,
-                Required::Primary => Routed::primary(backend.primary(), RouteReason::TimeWindow),
+                Required::Primary => {
+                    let reason = match self.shared.mode {
+                        Mode::TimeWindow(_) => RouteReason::TimeWindow,
+                        Mode::Position => RouteReason::PositionUnknown,
+                    };
+                    Routed::primary(backend.primary(), reason)
+                }
             }
         };
         self.record(routed)

@@ -19,7 +19,7 @@ static METADATA: Metadata<'static> =
 const TARGETS: [Target; 2] = [Target::Primary, Target::Replica];
 
 /// Every reason, in declaration order, so `reason as usize` indexes it.
-const REASONS: [RouteReason; 13] = [
+const REASONS: [RouteReason; 15] = [
     RouteReason::NoToken,
     RouteReason::CaughtUp,
     RouteReason::CaughtUpAfterWait,
@@ -33,6 +33,8 @@ const REASONS: [RouteReason; 13] = [
     RouteReason::NoHealthyReplica,
     RouteReason::Critical,
     RouteReason::Write,
+    RouteReason::NoReplicaOnTimeline,
+    RouteReason::PositionUnknown,
 ];
 
 const TOKEN_ERRORS: [TokenError; 6] = [

@@ -115,14 +115,25 @@ fn start_capture<B: Backend, ResBody>(
             // The handler has returned, so its commits are done: a position
             // asked for now covers them. This runs for 4xx and 5xx responses
             // too, since a commit may still have happened.
+            //
+            // When the capture fails the write may still have committed, and
+            // the token the client holds promises less than that. Leaving it
+            // would send the next read to a replica without the write, so the
+            // client gets a token with an unknown position instead: it pins
+            // the user's session reads to the primary until their next
+            // successful write replaces it, or it expires.
             let shared = Arc::clone(shared);
             Some(Box::pin(async move {
                 match shared.backend.write_position().await {
                     Ok(position) => Some(position),
                     Err(error) => {
                         metrics::counter!("read_after_write_capture_failures_total").increment(1);
-                        tracing::warn!(%error, "could not capture the write position; no affinity token issued");
-                        None
+                        tracing::warn!(
+                            %error,
+                            "could not capture the write position; the affinity token pins this user's \
+                             session reads to the primary until their next write or its expiry"
+                        );
+                        Some(WritePosition::default())
                     }
                 }
             }))
@@ -130,7 +141,9 @@ fn start_capture<B: Backend, ResBody>(
     }
 }
 
-/// Signs a token for max(carried, written) and attaches it.
+/// Signs a token for max(carried, written) and attaches it. A `written` of
+/// `WritePosition::default()` means "position unknown": the token then pins
+/// the user to the primary, whatever the carried token promised.
 fn issue_token<B: Backend, ResBody>(
     shared: &Shared<B>,
     state: &RequestState,
@@ -141,6 +154,7 @@ fn issue_token<B: Backend, ResBody>(
         return;
     };
     let position = match state.required {
+        Required::Position(_) if written == WritePosition::default() => written,
         Required::Position(carried) => carried.max(written),
         Required::Nothing | Required::Primary => written,
     };

@@ -26,7 +26,8 @@ pub(crate) struct PrimaryPosition {
 }
 
 /// Why the write position could not be captured. The layer then returns the
-/// response without a token and logs this.
+/// response with a token that pins the user's session reads to the primary
+/// (their write may have committed, but nobody knows where), and logs this.
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CaptureError {
@@ -175,7 +176,9 @@ impl Drop for DriverGuard<'_> {
 /// `pg_current_wal_insert_lsn()`, not `pg_current_wal_lsn()`: the latter can
 /// be behind a commit under `synchronous_commit = off`. The timeline is the
 /// first 8 hex digits of the WAL file name for that position.
-pub(crate) async fn query_position(primary: &PgPool) -> Result<PrimaryPosition, CaptureError> {
+pub(crate) async fn query_position<'c>(
+    primary: impl sqlx::PgExecutor<'c>,
+) -> Result<PrimaryPosition, CaptureError> {
     let (lsn, timeline): (String, String) = sqlx::query_as(
         "select pg_current_wal_insert_lsn()::text, \
                 substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8)",

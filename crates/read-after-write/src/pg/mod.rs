@@ -32,13 +32,46 @@
 //!   to the primary (`reason="timeline_changed"`), the only node sure to hold
 //!   whatever of the write survived. This lasts at most one token TTL, and
 //!   the user's next write replaces the token with one on the new timeline.
-//! - **Same timeline**: a replica qualifies only if its WAL receiver is on
-//!   that timeline too and its replay position is at or past the token's.
-//!   PostgreSQL shows a replica's timeline (`pg_stat_wal_receiver`) only to
-//!   superusers and members of `pg_read_all_stats` (e.g. via `pg_monitor`);
-//!   grant that to the connecting user. Without it, a replica qualifies only
-//!   for tokens on the timeline the primary had when the tracker started,
-//!   and a warning is logged.
+//! - **Same timeline**: a replica qualifies only if this process has seen
+//!   its WAL receiver on that timeline and its replay position is at or past
+//!   the token's. An unknown timeline never qualifies: after a failover an
+//!   orphaned replica (still in recovery on the abandoned timeline, with WAL
+//!   the new primary never had) can sit past a new-timeline position without
+//!   holding the write, and after an app restart it shows no WAL receiver at
+//!   all. When no healthy replica has been seen on the token's timeline, the
+//!   read goes to the primary at once (`reason="no_replica_on_timeline"`)
+//!   instead of waiting for a replica that cannot qualify.
+//! - PostgreSQL shows a replica's timeline (`pg_stat_wal_receiver`) only to
+//!   superusers and members of `pg_read_all_stats` (e.g. via `pg_monitor`).
+//!   Without that privilege no replica can be proven to hold a write, so
+//!   every read with a token goes to the primary (safe, but costly); a
+//!   warning says so once per replica when the tracker connects.
+//!
+//! # Replicas that left the primary's history
+//!
+//! A replica seen on a timeline other than the primary's, or whose replay
+//! has not moved for `stall_timeout` (5 s by default) while the primary
+//! wrote, serves no reads at all, eventual ones included: an orphan never
+//! converges, so sending feeds there is not eventual consistency. It is
+//! flagged by `read_after_write_replica_diverged{replica} = 1` and readmitted
+//! once it follows the primary again. The stall rule is what catches an
+//! orphan whose timeline cannot be seen (no privilege, or no WAL receiver
+//! since this process started).
+//!
+//! # Time bounds
+//!
+//! Every database call the library makes is bounded: the tracker's probes
+//! (own connections, never the application's pools) by `probe_timeout`, the
+//! write-position capture by `capture_timeout`, setup by `acquire_timeout`
+//! plus `probe_timeout`, checkouts from pools built from URLs by
+//! `acquire_timeout`. When a node stops answering (frozen or partitioned: no
+//! RST), the tracker notices within `probe_timeout`, drops its own
+//! connection (so a repointed address is picked up), and the node's pool
+//! discards connections opened before the outage on checkout and on
+//! release. Queries your handlers run are yours to bound: a query sent to a
+//! frozen server never returns on its own (sqlx has no client-side query
+//! timeout), so put a request timeout around handlers (e.g. tower's
+//! `TimeoutLayer`).
 //!
 //! # Example
 //!
@@ -113,8 +146,22 @@ pub enum PgSetupError {
         source: sqlx::Error,
     },
     /// The primary could not be reached or queried.
-    #[error("could not query the primary: {0}")]
-    Primary(#[source] sqlx::Error),
+    #[error("could not query the primary at {node}: {source}")]
+    Primary {
+        /// `host:port` of the primary.
+        node: String,
+        /// What went wrong.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The primary did not answer the setup queries in time.
+    #[error("the primary at {node} did not answer within {timeout:?} (down, frozen or unreachable)")]
+    PrimaryTimedOut {
+        /// `host:port` of the primary.
+        node: String,
+        /// The bound that passed.
+        timeout: Duration,
+    },
     /// The primary URL points at a server in recovery.
     #[error("the primary URL points to a standby (pg_is_in_recovery() is true); give the read-write server")]
     PrimaryIsStandby,
@@ -141,6 +188,7 @@ pub struct PgReplicaSetBuilder {
     probe_timeout: Duration,
     max_backoff: Duration,
     capture_timeout: Duration,
+    stall_timeout: Duration,
     selection: Selection,
     max_connections: u32,
     acquire_timeout: Duration,
@@ -233,9 +281,18 @@ impl PgReplicaSetBuilder {
     }
 
     /// How long the write-position query may take (default 1 s); past it the
-    /// response goes out without a token.
+    /// response carries a token that sends the user's session reads to the
+    /// primary until their next write or the token's expiry.
     pub fn capture_timeout(mut self, timeout: Duration) -> Self {
         self.capture_timeout = timeout;
+        self
+    }
+
+    /// How long a replica's replay may stand still while the primary writes
+    /// before it counts as diverged and serves no reads (default 5 s); see
+    /// the [module docs](self#replicas-that-left-the-primarys-history).
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
         self
     }
 
@@ -274,7 +331,8 @@ impl PgReplicaSetBuilder {
                         source,
                     }
                 })?;
-                let outages = Arc::clone(outages);
+                let on_acquire = Arc::clone(outages);
+                let on_release = Arc::clone(outages);
                 Ok(PgPoolOptions::new()
                     .max_connections(self.max_connections)
                     .acquire_timeout(self.acquire_timeout)
@@ -282,7 +340,15 @@ impl PgReplicaSetBuilder {
                     // read); drop connections that predate an outage instead.
                     .test_before_acquire(false)
                     .before_acquire(move |_conn, meta| {
-                        let keep = !outages.predates_last_outage(meta.age);
+                        let keep = !on_acquire.predates_last_outage(meta.age);
+                        Box::pin(async move { Ok(keep) })
+                    })
+                    // sqlx pings a released connection without a time bound:
+                    // on a frozen node that ping never returns and the
+                    // connection's slot is lost. Close connections from
+                    // before the outage instead of pinging them.
+                    .after_release(move |_conn, meta| {
+                        let keep = !on_release.predates_last_outage(meta.age);
                         Box::pin(async move { Ok(keep) })
                     })
                     .connect_lazy_with(options))
@@ -299,15 +365,28 @@ impl PgReplicaSetBuilder {
         let primary_source = self.primary.take().ok_or(PgSetupError::NoPrimary)?;
         let primary_outages = Outages::new();
         let primary = self.pool("primary", primary_source, &primary_outages)?;
+        let primary_connect = (*primary.connect_options()).clone();
+        let node = tracker::describe(&primary_connect);
+        let bound = self.acquire_timeout + self.probe_timeout;
+        let timed_out = || PgSetupError::PrimaryTimedOut {
+            node: node.clone(),
+            timeout: bound,
+        };
 
-        let (in_recovery, system_id, block_size, segment_size): (bool, String, i64, i64) = sqlx::query_as(
+        let setup = sqlx::query_as(
             "select pg_is_in_recovery(), (select system_identifier::text from pg_control_system()), \
                     current_setting('wal_block_size')::bigint, \
                     (select setting::bigint from pg_settings where name = 'wal_segment_size')",
         )
-        .fetch_one(&primary)
-        .await
-        .map_err(PgSetupError::Primary)?;
+        .fetch_one(&primary);
+        let (in_recovery, system_id, block_size, segment_size): (bool, String, i64, i64) =
+            tokio::time::timeout(bound, setup)
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|source| PgSetupError::Primary {
+                    node: node.clone(),
+                    source,
+                })?;
         if in_recovery {
             return Err(PgSetupError::PrimaryIsStandby);
         }
@@ -316,7 +395,9 @@ impl PgReplicaSetBuilder {
             block_size: u64::try_from(block_size).unwrap_or(8192),
             segment_size: u64::try_from(segment_size).unwrap_or(16 << 20),
         };
-        let first = capture::query_position(&primary).await?;
+        let first = tokio::time::timeout(bound, capture::query_position(&primary))
+            .await
+            .map_err(|_| timed_out())??;
 
         let mut replicas = Vec::with_capacity(self.replicas.len());
         for (name, source) in std::mem::take(&mut self.replicas) {
@@ -331,14 +412,17 @@ impl PgReplicaSetBuilder {
 
         let primary_state = Arc::new(PrimaryState {
             pool: primary.clone(),
-            inserted: first.lsn.as_u64().into(),
-            timeline: first.timeline.into(),
+            connect: primary_connect,
+            inserted: 0.into(),
+            timeline: 0.into(),
             system_id,
             outages: primary_outages,
             healthy: true.into(),
             history: Default::default(),
+            changed_at: 0.into(),
         });
         let tracker = ReplicaTracker::new(replicas, primary_state);
+        tracker.note_primary_position(first);
         tracker
             .start(TrackerConfig {
                 poll_interval: self.poll_interval,
@@ -346,6 +430,7 @@ impl PgReplicaSetBuilder {
                 max_backoff: self.max_backoff,
                 min_refresh_gap: self.wait_poll_interval,
                 idle_poll_interval: self.idle_poll_interval,
+                stall_timeout: self.stall_timeout,
             })
             .await;
         tracing::info!(
@@ -403,10 +488,14 @@ pub struct ReplicaStatus {
     pub healthy: bool,
     /// Last replay position seen.
     pub replayed: Lsn,
-    /// Timeline its WAL receiver is on; 0 when unknown.
+    /// Timeline this process last saw its WAL receiver on; 0 when unknown
+    /// (an unknown timeline never qualifies the replica for a token).
     pub timeline: u32,
+    /// On a timeline other than the primary's, or its replay stalled while
+    /// the primary wrote: it serves no reads.
+    pub diverged: bool,
     /// Bytes of WAL the primary had written beyond `replayed` at its last
-    /// poll.
+    /// poll (meaningless when `timeline` differs from the primary's).
     pub lag_bytes: u64,
     /// How long ago the primary first had WAL this replica has not replayed
     /// (to within a poll interval); zero when it is caught up.
@@ -415,8 +504,8 @@ pub struct ReplicaStatus {
 
 impl PgReplicaSet {
     /// Starts a builder with the defaults: poll every 20 ms, probe timeout
-    /// 500 ms, backoff up to 2 s, capture timeout 1 s, round-robin, 10
-    /// connections per node, checkout timeout 1 s.
+    /// 500 ms, backoff up to 2 s, capture timeout 1 s, stall timeout 5 s,
+    /// round-robin, 10 connections per node, checkout timeout 1 s.
     pub fn builder() -> PgReplicaSetBuilder {
         PgReplicaSetBuilder {
             primary: None,
@@ -427,6 +516,7 @@ impl PgReplicaSet {
             probe_timeout: Duration::from_millis(500),
             max_backoff: Duration::from_secs(2),
             capture_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(5),
             selection: Selection::RoundRobin,
             max_connections: 10,
             acquire_timeout: Duration::from_secs(1),
@@ -457,6 +547,7 @@ impl PgReplicaSet {
                     healthy: r.healthy.load(Ordering::Acquire),
                     replayed: Lsn::new(replayed),
                     timeline: r.timeline.load(Ordering::Relaxed),
+                    diverged: r.diverged.load(Ordering::Relaxed),
                     lag_bytes: primary
                         .inserted
                         .load(Ordering::Relaxed)
@@ -524,9 +615,21 @@ impl PgReplicaSet {
         }
     }
 
-    fn any_healthy(&self) -> bool {
-        self.replica_states()
-            .any(|r| r.healthy.load(Ordering::Acquire))
+    /// Why no replica can serve a token on `timeline`, if none can: none is
+    /// healthy, or none was seen on that timeline.
+    fn none_eligible(&self, timeline: u32) -> Option<RouteReason> {
+        let mut healthy = false;
+        for replica in self.replica_states() {
+            if replica.is_on(timeline) {
+                return None;
+            }
+            healthy |= replica.healthy.load(Ordering::Acquire);
+        }
+        Some(if healthy {
+            RouteReason::NoReplicaOnTimeline
+        } else {
+            RouteReason::NoHealthyReplica
+        })
     }
 }
 
@@ -562,7 +665,8 @@ impl Backend for PgReplicaSet {
     }
 
     fn eventual(&self) -> Routed<'_, PgPool> {
-        match self.pick(|r| r.healthy.load(Ordering::Acquire)) {
+        let timeline = self.timeline();
+        match self.pick(|r| r.serves_eventual(timeline)) {
             Some(replica) => Routed::replica(&replica.pool, &replica.name, RouteReason::Eventual),
             None => Routed::primary(self.primary_pool(), RouteReason::NoHealthyReplica),
         }
@@ -580,14 +684,12 @@ impl Backend for PgReplicaSet {
         if required.timeline != self.timeline() {
             return Routed::primary(self.primary_pool(), RouteReason::TimelineChanged);
         }
-        let baseline = self.inner.tracker.baseline_timeline;
-        let caught_up =
-            |r: &ReplicaState| r.has_replayed(required.lsn, required.timeline, baseline);
+        let caught_up = |r: &ReplicaState| r.has_replayed(required.lsn, required.timeline);
         if let Some(replica) = self.pick(caught_up) {
             return Routed::replica(&replica.pool, &replica.name, RouteReason::CaughtUp);
         }
-        if !self.any_healthy() {
-            return Routed::primary(self.primary_pool(), RouteReason::NoHealthyReplica);
+        if let Some(reason) = self.none_eligible(required.timeline) {
+            return Routed::primary(self.primary_pool(), reason);
         }
         if max_wait.is_zero() {
             return Routed::primary(self.primary_pool(), RouteReason::Lagging);
@@ -634,11 +736,7 @@ impl Backend for PgReplicaSet {
     async fn write_position(&self) -> Result<WritePosition, CaptureError> {
         self.inner.tracker.note_needed();
         let position = self.inner.capture.capture().await?;
-        self.inner.tracker.note_primary_timeline(position.timeline);
-        self.inner
-            .tracker
-            .primary
-            .record_position(position.lsn.as_u64());
+        self.inner.tracker.note_primary_position(position);
         Ok(WritePosition::new(
             position.lsn,
             position.timeline,

@@ -12,6 +12,7 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+use super::capture::{query_position, CaptureError, PrimaryPosition};
 use crate::position::Lsn;
 
 /// `application_name` of the tracker's own connections, so they can be told
@@ -26,20 +27,29 @@ pub(crate) struct ReplicaState {
     connect: PgConnectOptions,
     /// Last `pg_last_wal_replay_lsn()`; meaningful only while `healthy`.
     pub(crate) replayed: AtomicU64,
-    /// Last timeline the replica was seen receiving on
+    /// Last timeline this process saw the replica receiving on
     /// (`pg_stat_wal_receiver.received_tli`); 0 while never seen (no WAL
-    /// receiver yet, or no privilege to see it).
+    /// receiver since this process started, or no privilege to see it). An
+    /// unknown timeline never qualifies the replica for a token.
     pub(crate) timeline: AtomicU32,
     /// Answering, in recovery, with a replay position.
     pub(crate) healthy: AtomicBool,
+    /// When `replayed` last moved, in nanoseconds after the tracker's origin.
+    advanced_at: AtomicU64,
+    /// Seen on a timeline other than the primary's, or its replay stalled
+    /// while the primary wrote: it has left the primary's history (an
+    /// orphan) or stopped following it, so it serves no reads at all.
+    pub(crate) diverged: AtomicBool,
     /// When the replica was last seen down; its pool discards connections
     /// opened before then instead of failing a read on them.
     pub(crate) outages: Arc<Outages>,
     /// Wakes this replica's task for an immediate poll.
     refresh: Notify,
-    /// Set once a warning about this node not replaying WAL, or not showing
-    /// its timeline, was logged, so a misconfigured node does not flood logs.
+    /// Set once a warning about this node not replaying WAL was logged, so a
+    /// misconfigured node does not flood logs.
     warned: AtomicBool,
+    /// Set once the "cannot see timelines" warning was logged.
+    warned_privilege: AtomicBool,
 }
 
 impl ReplicaState {
@@ -56,64 +66,81 @@ impl ReplicaState {
             replayed: AtomicU64::new(0),
             timeline: AtomicU32::new(0),
             healthy: AtomicBool::new(false),
+            advanced_at: AtomicU64::new(0),
+            diverged: AtomicBool::new(false),
             outages,
             refresh: Notify::new(),
             warned: AtomicBool::new(false),
+            warned_privilege: AtomicBool::new(false),
         }
     }
 
     /// Whether this replica is healthy and has replayed `lsn` on `timeline`.
-    /// `baseline` is the primary's timeline when the tracker started.
     #[inline]
-    pub(crate) fn has_replayed(&self, lsn: Lsn, timeline: u32, baseline: u32) -> bool {
+    pub(crate) fn has_replayed(&self, lsn: Lsn, timeline: u32) -> bool {
         self.healthy.load(Ordering::Acquire)
             && qualifies(
                 self.replayed.load(Ordering::Acquire),
                 self.timeline.load(Ordering::Relaxed),
                 lsn,
                 timeline,
-                baseline,
             )
+    }
+
+    /// Whether this replica is healthy and this process has seen it on
+    /// `timeline`: the replicas a token on `timeline` may wait for.
+    #[inline]
+    pub(crate) fn is_on(&self, timeline: u32) -> bool {
+        self.healthy.load(Ordering::Acquire)
+            && timeline != 0
+            && self.timeline.load(Ordering::Relaxed) == timeline
+    }
+
+    /// Whether eventual reads may go here: healthy, not diverged, and not
+    /// seen on a timeline other than the primary's `primary_timeline`.
+    #[inline]
+    pub(crate) fn serves_eventual(&self, primary_timeline: u32) -> bool {
+        if !self.healthy.load(Ordering::Acquire) || self.diverged.load(Ordering::Relaxed) {
+            return false;
+        }
+        let timeline = self.timeline.load(Ordering::Relaxed);
+        timeline == 0 || timeline == primary_timeline
     }
 }
 
 /// The replay check on its own: a replica that replayed `replayed` on
-/// `replica_timeline` (0 when PostgreSQL would not say) holds a write at
-/// `lsn` on `timeline` when it is on that timeline and at or past `lsn`.
+/// `replica_timeline` holds a write at `lsn` on `timeline` when this process
+/// saw it on that very timeline and it is at or past `lsn`.
 ///
-/// A replica whose timeline is unknown qualifies only for tokens on the
-/// timeline the primary had when the tracker started: after a failover, an
-/// orphaned replica can sit past a new-timeline LSN without holding the
-/// write, and without its timeline nothing shows it.
-pub(crate) fn qualifies(
-    replayed: u64,
-    replica_timeline: u32,
-    lsn: Lsn,
-    timeline: u32,
-    baseline: u32,
-) -> bool {
-    let same_history = if replica_timeline == 0 {
-        timeline == baseline
-    } else {
-        replica_timeline == timeline
-    };
-    same_history && replayed >= lsn.as_u64()
+/// An unknown timeline (0: no WAL receiver seen since this process started,
+/// or no privilege to see it) never qualifies. After a failover an orphaned
+/// replica can sit past a new-timeline LSN without holding the write, and
+/// nothing but its timeline shows it: unknown means unsafe.
+pub(crate) fn qualifies(replayed: u64, replica_timeline: u32, lsn: Lsn, timeline: u32) -> bool {
+    replica_timeline != 0 && replica_timeline == timeline && replayed >= lsn.as_u64()
 }
 
 /// What the tracker knows about the primary.
 pub(crate) struct PrimaryState {
     pub(crate) pool: PgPool,
-    /// Current insert position, for lag figures.
+    /// How the tracker opens its own connection to the primary: its probes
+    /// never wait behind (or get stuck with) the application's pool.
+    pub(crate) connect: PgConnectOptions,
+    /// Latest insert position seen on the current timeline, for lag figures.
     pub(crate) inserted: AtomicU64,
     /// Current timeline; changes when a failover promoted a new primary.
     pub(crate) timeline: AtomicU32,
     pub(crate) system_id: u64,
     pub(crate) outages: Arc<Outages>,
     pub(crate) healthy: AtomicBool,
-    /// When the primary's insert position was first seen at each value, for
-    /// the last [`LAG_WINDOW`]: a replica's time lag is the age of the first
-    /// position past its replay position.
+    /// When the primary's insert position was first seen at each value on
+    /// the current timeline, for the last [`LAG_WINDOW`]: a replica's time
+    /// lag is the age of the first position past its replay position.
     pub(crate) history: Mutex<VecDeque<(Instant, u64)>>,
+    /// When the primary's position or timeline last changed, in nanoseconds
+    /// after the tracker's origin: a replica that has not moved since is
+    /// stalled once that is old enough.
+    pub(crate) changed_at: AtomicU64,
 }
 
 /// How far back the primary's position history reaches; longer time lags
@@ -121,12 +148,14 @@ pub(crate) struct PrimaryState {
 const LAG_WINDOW: Duration = Duration::from_secs(60);
 
 impl PrimaryState {
-    pub(crate) fn record_position(&self, lsn: u64) {
+    /// Records a position the primary reported on its current timeline.
+    /// Returns whether it was new.
+    fn record_position(&self, lsn: u64) -> bool {
         let Ok(mut history) = self.history.lock() else {
-            return;
+            return false;
         };
         if history.back().is_some_and(|&(_, last)| last >= lsn) {
-            return;
+            return false;
         }
         let now = Instant::now();
         history.push_back((now, lsn));
@@ -136,6 +165,7 @@ impl PrimaryState {
         {
             history.pop_front();
         }
+        true
     }
 
     /// How long ago the primary first had WAL that `replayed` lacks; zero
@@ -197,6 +227,9 @@ pub(crate) struct TrackerConfig {
     pub(crate) min_refresh_gap: Duration,
     /// Poll interval once nothing has needed positions for [`IDLE_AFTER`].
     pub(crate) idle_poll_interval: Duration,
+    /// How long a replica's replay may stand still while the primary moves
+    /// before the replica counts as diverged and leaves eventual reads.
+    pub(crate) stall_timeout: Duration,
 }
 
 /// How long after the last session read with a token, or the last capture,
@@ -212,8 +245,6 @@ pub(crate) const IDLE_AFTER: Duration = Duration::from_secs(5);
 pub struct ReplicaTracker {
     pub(crate) replicas: Vec<Arc<ReplicaState>>,
     pub(crate) primary: Arc<PrimaryState>,
-    /// The primary's timeline when the tracker started; see [`qualifies`].
-    pub(crate) baseline_timeline: u32,
     /// Bumped after every poll that changed a replica's state; waiting reads
     /// re-check on each change.
     pub(crate) changed: watch::Sender<u64>,
@@ -229,11 +260,9 @@ pub struct ReplicaTracker {
 
 impl ReplicaTracker {
     pub(crate) fn new(replicas: Vec<Arc<ReplicaState>>, primary: Arc<PrimaryState>) -> Arc<Self> {
-        let baseline_timeline = primary.timeline.load(Ordering::Relaxed);
         Arc::new(ReplicaTracker {
             replicas,
             primary,
-            baseline_timeline,
             changed: watch::channel(0).0,
             polls: AtomicU64::new(0),
             last_needed: AtomicU64::new(0),
@@ -385,7 +414,12 @@ impl ReplicaTracker {
         self.polls.fetch_add(1, Ordering::Relaxed);
         let result = tokio::time::timeout(
             config.probe_timeout,
-            probe_replica(&replica.connect, conn, self.primary.system_id),
+            probe_replica(
+                &replica.connect,
+                conn,
+                self.primary.system_id,
+                &replica.warned_privilege,
+            ),
         )
         .await;
         let was_healthy = replica.healthy.load(Ordering::Relaxed);
@@ -396,35 +430,27 @@ impl ReplicaTracker {
                 in_recovery: true,
                 timeline,
             })) => {
+                let now = self.nanos();
                 let previous = replica.replayed.swap(replayed.as_u64(), Ordering::AcqRel);
+                if previous != replayed.as_u64() {
+                    replica.advanced_at.store(now, Ordering::Relaxed);
+                }
                 // Keep the last timeline seen: with its upstream gone the WAL
                 // receiver stops and reports nothing, but the replica still
                 // holds that timeline's history.
                 if let Some(timeline) = timeline {
                     replica.timeline.store(timeline, Ordering::Relaxed);
                 }
-                if timeline.is_none() && !replica.warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        replica = name,
-                        "cannot see the replica's WAL receiver timeline (pg_stat_wal_receiver.received_tli); \
-                         grant pg_monitor (or pg_read_all_stats) to the connecting user, or tokens written \
-                         after a failover will be read from the primary"
-                    );
-                }
+                let diverged = self.judge_divergence(replica, now, config.stall_timeout);
                 if !was_healthy {
                     replica.healthy.store(true, Ordering::Release);
                     tracing::info!(replica = name, lsn = %replayed, "replica admitted");
                     metrics::gauge!("read_after_write_replica_up", "replica" => replica.name.clone()).set(1.0);
                     self.bump();
-                } else if previous != replayed.as_u64() {
+                } else if previous != replayed.as_u64() || diverged {
                     self.bump();
                 }
-                let inserted = self.primary.inserted.load(Ordering::Relaxed);
-                let lag = inserted.saturating_sub(replayed.as_u64());
-                metrics::gauge!("read_after_write_replica_lag_bytes", "replica" => replica.name.clone()).set(lag as f64);
-                let behind = self.primary.time_behind(replayed.as_u64());
-                metrics::gauge!("read_after_write_replica_lag_seconds", "replica" => replica.name.clone())
-                    .set(behind.as_secs_f64());
+                self.report_lag(replica, replayed.as_u64());
                 return true;
             }
             Ok(Ok(probe)) => {
@@ -460,13 +486,80 @@ impl ReplicaTracker {
             replica.outages.mark_down();
             metrics::gauge!("read_after_write_replica_up", "replica" => replica.name.clone())
                 .set(0.0);
+            // An excluded replica's lag is unknown, not what it last was.
+            metrics::gauge!("read_after_write_replica_lag_bytes", "replica" => replica.name.clone())
+                .set(f64::NAN);
+            metrics::gauge!("read_after_write_replica_lag_seconds", "replica" => replica.name.clone())
+                .set(f64::NAN);
             self.bump();
         }
         up
     }
 
+    /// Decides whether `replica` has left the primary's history: seen on
+    /// another timeline, or its replay stood still for `stall_timeout` while
+    /// the primary moved (the only sign of an orphan whose timeline cannot
+    /// be seen). Updates the flag and its gauge; returns whether it changed.
+    fn judge_divergence(&self, replica: &ReplicaState, now: u64, stall_timeout: Duration) -> bool {
+        let timeline = replica.timeline.load(Ordering::Relaxed);
+        let primary_timeline = self.primary.timeline.load(Ordering::Relaxed);
+        let other_timeline = timeline != 0 && timeline != primary_timeline;
+        let advanced_at = replica.advanced_at.load(Ordering::Relaxed);
+        let primary_moved_since = self.primary.changed_at.load(Ordering::Relaxed) > advanced_at;
+        let stalled = primary_moved_since
+            && now.saturating_sub(advanced_at) > u64::try_from(stall_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let diverged = other_timeline || stalled;
+        let before = replica.diverged.swap(diverged, Ordering::Relaxed);
+        if before != diverged {
+            if diverged {
+                tracing::warn!(
+                    replica = %replica.name,
+                    timeline,
+                    primary_timeline,
+                    stalled,
+                    "replica is not following the primary's history (orphaned after a failover, \
+                     still on the old timeline, or its replay stalled); it serves no reads"
+                );
+            } else {
+                tracing::info!(replica = %replica.name, timeline, "replica follows the primary again");
+            }
+            metrics::gauge!("read_after_write_replica_diverged", "replica" => replica.name.clone())
+                .set(if diverged { 1.0 } else { 0.0 });
+        }
+        before != diverged
+    }
+
+    /// Sets the lag gauges of a replica that answered. Lag compares
+    /// positions, which mean nothing across timelines: a replica seen on
+    /// another timeline than the primary's reports NaN (unknown).
+    fn report_lag(&self, replica: &ReplicaState, replayed: u64) {
+        let timeline = replica.timeline.load(Ordering::Relaxed);
+        let same_timeline =
+            timeline == 0 || timeline == self.primary.timeline.load(Ordering::Relaxed);
+        let (bytes, seconds) = if same_timeline {
+            let inserted = self.primary.inserted.load(Ordering::Relaxed);
+            (
+                inserted.saturating_sub(replayed) as f64,
+                self.primary.time_behind(replayed).as_secs_f64(),
+            )
+        } else {
+            (f64::NAN, f64::NAN)
+        };
+        metrics::gauge!("read_after_write_replica_lag_bytes", "replica" => replica.name.clone())
+            .set(bytes);
+        metrics::gauge!("read_after_write_replica_lag_seconds", "replica" => replica.name.clone())
+            .set(seconds);
+    }
+
+    /// Polls the primary's position on the tracker's own connection, with
+    /// the probe timeout on connecting and on every query. A frozen or
+    /// partitioned primary (no RST) is noticed within that timeout; the
+    /// connection is then dropped, so a repointed primary address is picked
+    /// up by the next poll, and the primary's pool drops its connections
+    /// that predate the outage.
     async fn run_primary(self: Arc<Self>, config: TrackerConfig) {
         let mut shutdown = self.shutdown.subscribe();
+        let mut conn: Option<PgConnection> = None;
         while !*shutdown.borrow() {
             tokio::select! {
                 biased;
@@ -476,39 +569,72 @@ impl ReplicaTracker {
             }
             let result = tokio::time::timeout(
                 config.probe_timeout,
-                super::capture::query_position(&self.primary.pool),
+                probe_primary(&self.primary.connect, &mut conn),
             )
             .await;
             match result {
                 Ok(Ok(position)) => {
-                    self.primary
-                        .inserted
-                        .fetch_max(position.lsn.as_u64(), Ordering::Relaxed);
-                    self.primary.record_position(position.lsn.as_u64());
-                    self.note_primary_timeline(position.timeline);
+                    self.note_primary_position(position);
                     if !self.primary.healthy.swap(true, Ordering::Relaxed) {
                         tracing::info!("primary reachable");
                     }
                 }
-                Ok(Err(_)) | Err(_) => {
-                    if self.primary.healthy.swap(false, Ordering::Relaxed) {
-                        tracing::warn!("primary unreachable; writes will fail until it is back");
-                        self.primary.outages.mark_down();
-                    }
+                Ok(Err(error)) => {
+                    conn = None;
+                    self.primary_down(&error.to_string());
+                }
+                Err(_elapsed) => {
+                    conn = None;
+                    self.primary_down(&format!(
+                        "no answer within the probe timeout ({:?}): frozen or partitioned",
+                        config.probe_timeout
+                    ));
                 }
             }
         }
+        if let Some(conn) = conn {
+            let _ = tokio::time::timeout(config.probe_timeout, conn.close()).await;
+        }
     }
 
-    /// Records the primary's timeline as seen by a capture or a poll.
-    pub(crate) fn note_primary_timeline(&self, timeline: u32) {
-        let before = self.primary.timeline.swap(timeline, Ordering::Relaxed);
-        if before != timeline && before != 0 {
+    fn primary_down(&self, error: &str) {
+        if self.primary.healthy.swap(false, Ordering::Relaxed) {
             tracing::warn!(
-                from = before,
-                to = timeline,
-                "primary timeline changed (failover)"
+                primary = %describe(&self.primary.connect),
+                %error,
+                "primary unreachable; writes fail until it answers again"
             );
+            self.primary.outages.mark_down();
+        }
+    }
+
+    /// Records the primary's position and timeline, as seen by a capture or
+    /// a poll. A new timeline (a failover) restarts the position history:
+    /// its positions cannot be compared with the old timeline's.
+    pub(crate) fn note_primary_position(&self, position: PrimaryPosition) {
+        let lsn = position.lsn.as_u64();
+        let timeline = position.timeline;
+        let before = self.primary.timeline.swap(timeline, Ordering::Relaxed);
+        let moved = if before != timeline {
+            if before != 0 {
+                tracing::warn!(
+                    from = before,
+                    to = timeline,
+                    "primary timeline changed (failover)"
+                );
+            }
+            self.primary.inserted.store(lsn, Ordering::Relaxed);
+            if let Ok(mut history) = self.primary.history.lock() {
+                history.clear();
+            }
+            self.primary.record_position(lsn);
+            true
+        } else {
+            self.primary.inserted.fetch_max(lsn, Ordering::Relaxed);
+            self.primary.record_position(lsn)
+        };
+        if moved {
+            self.primary.changed_at.store(self.nanos(), Ordering::Relaxed);
         }
     }
 
@@ -528,6 +654,7 @@ async fn probe_replica(
     connect: &PgConnectOptions,
     conn: &mut Option<PgConnection>,
     system_id: u64,
+    warned_privilege: &AtomicBool,
 ) -> Result<Probe, sqlx::Error> {
     if conn.is_none() {
         let mut fresh = connect
@@ -551,6 +678,20 @@ async fn probe_replica(
                 .into(),
             ));
         }
+        // Timelines are what keep an orphaned replica from serving tokens;
+        // PostgreSQL shows them only to these roles.
+        let (sees_timelines,): (bool,) =
+            sqlx::query_as("select pg_has_role('pg_read_all_stats', 'USAGE')")
+                .fetch_one(&mut fresh)
+                .await?;
+        if !sees_timelines && !warned_privilege.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                replica = %describe(connect),
+                "the tracker's role cannot see replica timelines (pg_stat_wal_receiver); without them \
+                 no replica can be proven to hold a token's write, so every read with a token goes to \
+                 the primary. Grant pg_monitor (or pg_read_all_stats) to this role"
+            );
+        }
         *conn = Some(fresh);
     }
     let Some(connection) = conn.as_mut() else {
@@ -568,6 +709,32 @@ async fn probe_replica(
         in_recovery,
         timeline: timeline.and_then(|t| u32::try_from(t).ok()),
     })
+}
+
+/// One position query on the tracker's own connection to the primary,
+/// opening it if needed.
+async fn probe_primary(
+    connect: &PgConnectOptions,
+    conn: &mut Option<PgConnection>,
+) -> Result<PrimaryPosition, CaptureError> {
+    if conn.is_none() {
+        let fresh = connect
+            .clone()
+            .application_name(TRACKER_APPLICATION_NAME)
+            .connect()
+            .await
+            .map_err(|error| CaptureError::Query(Arc::new(error)))?;
+        *conn = Some(fresh);
+    }
+    let Some(connection) = conn.as_mut() else {
+        return Err(CaptureError::Abandoned);
+    };
+    query_position(connection).await
+}
+
+/// `host:port` of a node, for logs and errors.
+pub(crate) fn describe(connect: &PgConnectOptions) -> String {
+    format!("{}:{}", connect.get_host(), connect.get_port())
 }
 
 /// Waits for every future, in order. The tracker starts a handful of nodes,
@@ -592,14 +759,16 @@ mod tests {
     fn a_replica_qualifies_only_on_the_tokens_timeline_and_at_or_past_its_lsn() {
         let lsn = Lsn::new(1_000);
         // Same timeline: inclusive comparison.
-        assert!(qualifies(1_000, 1, lsn, 1, 1));
-        assert!(qualifies(1_001, 1, lsn, 1, 1));
-        assert!(!qualifies(999, 1, lsn, 1, 1));
+        assert!(qualifies(1_000, 1, lsn, 1));
+        assert!(qualifies(1_001, 1, lsn, 1));
+        assert!(!qualifies(999, 1, lsn, 1));
         // Another timeline never qualifies, however far it replayed.
-        assert!(!qualifies(u64::MAX, 1, lsn, 2, 1));
-        assert!(!qualifies(u64::MAX, 2, lsn, 1, 1));
-        // Unknown timeline: only for tokens on the starting timeline.
-        assert!(qualifies(1_000, 0, lsn, 1, 1));
-        assert!(!qualifies(u64::MAX, 0, lsn, 2, 1));
+        assert!(!qualifies(u64::MAX, 1, lsn, 2));
+        assert!(!qualifies(u64::MAX, 2, lsn, 1));
+        // An unknown timeline never qualifies, on any timeline: after an
+        // app restart following a failover the orphan looks exactly so.
+        assert!(!qualifies(1_000, 0, lsn, 1));
+        assert!(!qualifies(u64::MAX, 0, lsn, 2));
+        assert!(!qualifies(u64::MAX, 0, Lsn::ZERO, 0));
     }
 }
