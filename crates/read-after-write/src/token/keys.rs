@@ -1,11 +1,40 @@
 //! Signing keys and the key set that makes rotation painless.
+//!
+//! # Key material in memory
+//!
+//! What this crate can clear, it clears; what it cannot, is listed here.
+//!
+//! - Decoded, generated and environment-read key bytes live in
+//!   [`Zeroizing`] buffers and are wiped when dropped, also when decoding
+//!   fails half way.
+//! - A [`SigningKey`] holds its keyed HMAC state once, behind an [`Arc`]:
+//!   cloning a key, a [`KeySet`] or a layer shares that one copy instead of
+//!   spreading key material over the heap.
+//! - That state is what a token is MACed with: SHA-256 with `key ⊕ ipad` and
+//!   `key ⊕ opad` already absorbed, computed once per key so a token costs
+//!   two compressions, not four. It is key-equivalent (it forges tokens,
+//!   though it does not reveal the key). `hmac` 0.12 and `digest` 0.10 offer
+//!   no `zeroize` feature (it arrives with `digest` 0.11 / `hmac` 0.13) and
+//!   the crate denies `unsafe`, so when the last clone of a key is dropped
+//!   the state is overwritten with one keyed by zeros and the store is kept
+//!   alive with [`std::hint::black_box`]: best effort, not a guarantee.
+//! - Not cleared: the stack copies of that state each sign and verify makes
+//!   (`hmac` consumes them in `finalize`), the padded key blocks inside
+//!   `hmac`'s key setup and the key id's SHA-256 buffer, a caller's own
+//!   `&[u8]` or `&str`, the `String` [`SigningKey::generate_base64`] returns,
+//!   and the process environment [`KeySet::from_env`] reads. Keep keys out
+//!   of core dumps and swap at the operating-system level.
 
 use std::fmt;
+use std::hint::black_box;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
+use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 /// HMAC-SHA256 with the key already absorbed: cloning it skips the two key
 /// block compressions on every token.
@@ -30,6 +59,13 @@ pub enum KeyError {
     /// A key list held no key at all.
     #[error("no signing key given; set at least one base64-encoded key of 32 or more bytes")]
     Empty,
+    /// Every byte of the key is zero: an unset or placeholder secret, never a
+    /// random one.
+    #[error(
+        "signing key is all zero bytes (an unset or placeholder secret?); \
+         use at least 32 random bytes (for example `openssl rand -base64 32`)"
+    )]
+    AllZero,
     /// The environment variable is unset or not valid Unicode.
     #[error("environment variable {name} is not set; put a base64-encoded key of 32 or more bytes in it")]
     MissingEnv {
@@ -56,35 +92,70 @@ pub enum KeyError {
 /// assert!(SigningKey::from_bytes(b"too short").is_err());
 /// # Ok::<_, read_after_write::KeyError>(())
 /// ```
+///
+/// Clones share one copy of the key material; see the
+/// [module docs](self#key-material-in-memory) for what is wiped and when.
 #[derive(Clone)]
 pub struct SigningKey {
+    /// The only copy of this key's material, however often it is cloned.
+    material: Arc<KeyMaterial>,
+}
+
+/// A key's id and its keyed HMAC state, wiped (best effort) on drop.
+struct KeyMaterial {
     id: u8,
     mac: KeyedMac,
+}
+
+impl KeyMaterial {
+    /// Overwrites the keyed state in place. There is no safe way to zero
+    /// `Hmac`'s private fields, so the whole state is replaced by one keyed
+    /// with an all-zero block, and `black_box` makes the store observable so
+    /// it is not elided as dead before the memory is freed.
+    fn wipe(&mut self) {
+        self.mac = <KeyedMac as KeyInit>::new(&Default::default());
+        black_box(&mut self.mac);
+    }
+}
+
+impl Drop for KeyMaterial {
+    fn drop(&mut self) {
+        self.wipe();
+    }
 }
 
 impl SigningKey {
     /// The shortest key accepted, in bytes: the HMAC-SHA256 output size.
     pub const MIN_LEN: usize = 32;
 
-    /// A key from raw bytes; refuses keys shorter than [`Self::MIN_LEN`].
+    /// A key from raw bytes; refuses keys shorter than [`Self::MIN_LEN`]
+    /// and keys of nothing but zero bytes.
     ///
     /// ```
     /// use read_after_write::{KeyError, SigningKey};
     ///
     /// assert!(SigningKey::from_bytes(&[7; 32]).is_ok());
     /// assert_eq!(SigningKey::from_bytes(&[7; 31]).err(), Some(KeyError::TooShort { len: 31 }));
+    /// assert_eq!(SigningKey::from_bytes(&[0; 32]).err(), Some(KeyError::AllZero));
     /// ```
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
         if bytes.len() < Self::MIN_LEN {
             return Err(KeyError::TooShort { len: bytes.len() });
         }
+        // Or-ing every byte (no early exit) keeps the check's time
+        // independent of where the first non-zero byte sits.
+        if bytes.iter().fold(0u8, |any, &byte| any | byte) == 0 {
+            return Err(KeyError::AllZero);
+        }
         let mut id_hash = Sha256::new();
         id_hash.update(b"read-after-write key id\0");
         id_hash.update(bytes);
         let id = id_hash.finalize()[0];
-        let mac =
-            KeyedMac::new_from_slice(bytes).map_err(|_| KeyError::TooShort { len: bytes.len() })?;
-        Ok(SigningKey { id, mac })
+        let mac = <KeyedMac as Mac>::new_from_slice(bytes)
+            .map_err(|_| KeyError::TooShort { len: bytes.len() })?;
+        Ok(SigningKey {
+            material: Arc::new(KeyMaterial { id, mac }),
+        })
     }
 
     /// A key from base64 text (standard or URL-safe alphabet, padded or not;
@@ -101,11 +172,15 @@ impl SigningKey {
     /// ```
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
         let text = text.trim();
-        let bytes = [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
+        // One buffer for every dialect tried, wiped on drop whether decoding
+        // succeeds, fails half way or the key is refused. Base64 never
+        // decodes to more bytes than it has characters.
+        let mut bytes = Zeroizing::new(vec![0u8; text.len()]);
+        let len = [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
             .iter()
-            .find_map(|engine| engine.decode(text).ok())
+            .find_map(|engine| engine.decode_slice(text, bytes.as_mut_slice()).ok())
             .ok_or(KeyError::InvalidBase64)?;
-        Self::from_bytes(&bytes)
+        Self::from_bytes(&bytes[..len])
     }
 
     /// A fresh random 32-byte key from the operating system.
@@ -122,13 +197,16 @@ impl SigningKey {
     /// # Ok::<_, read_after_write::KeyError>(())
     /// ```
     pub fn generate() -> Result<Self, KeyError> {
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).map_err(|_| KeyError::Random)?;
-        Self::from_bytes(&bytes)
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        getrandom::fill(bytes.as_mut_slice()).map_err(|_| KeyError::Random)?;
+        Self::from_bytes(bytes.as_slice())
     }
 
     /// A fresh random 32-byte key as standard base64, ready to store in a
     /// secret or an environment variable.
+    ///
+    /// The raw bytes are wiped; the returned text is the key itself and is
+    /// the caller's to protect.
     ///
     /// ```
     /// use read_after_write::SigningKey;
@@ -137,9 +215,9 @@ impl SigningKey {
     /// # Ok::<_, read_after_write::KeyError>(())
     /// ```
     pub fn generate_base64() -> Result<String, KeyError> {
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).map_err(|_| KeyError::Random)?;
-        Ok(STANDARD.encode(bytes))
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        getrandom::fill(bytes.as_mut_slice()).map_err(|_| KeyError::Random)?;
+        Ok(STANDARD.encode(bytes.as_slice()))
     }
 
     /// The key's one-byte id, written into every token it signs.
@@ -152,19 +230,19 @@ impl SigningKey {
     /// # Ok::<_, read_after_write::KeyError>(())
     /// ```
     pub fn id(&self) -> u8 {
-        self.id
+        self.material.id
     }
 
     /// A MAC state with the key absorbed, ready for the message.
     pub(crate) fn mac(&self) -> KeyedMac {
-        self.mac.clone()
+        self.material.mac.clone()
     }
 }
 
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SigningKey")
-            .field("id", &self.id)
+            .field("id", &self.material.id)
             .field("key", &"<redacted>")
             .finish()
     }
@@ -241,9 +319,9 @@ impl KeySet {
     /// # Ok::<_, read_after_write::KeyError>(())
     /// ```
     pub fn from_env(name: &str) -> Result<Self, KeyError> {
-        let value = std::env::var(name).map_err(|_| KeyError::MissingEnv {
+        let value = Zeroizing::new(std::env::var(name).map_err(|_| KeyError::MissingEnv {
             name: name.to_owned(),
-        })?;
+        })?);
         Self::from_base64_list(&value)
     }
 
@@ -267,7 +345,7 @@ impl KeySet {
     pub(crate) fn with_id(&self, id: u8) -> impl Iterator<Item = &SigningKey> {
         std::iter::once(&self.current)
             .chain(self.previous.iter())
-            .filter(move |key| key.id == id)
+            .filter(move |key| key.id() == id)
     }
 }
 
@@ -312,6 +390,62 @@ mod tests {
         let shown = format!("{key:?} {:?}", KeySet::new(key.clone()));
         assert!(!shown.contains("super-secret"));
         assert!(shown.contains("redacted"));
+    }
+
+    #[test]
+    fn an_all_zero_key_is_refused() {
+        assert!(SigningKey::from_bytes(&[0; 32]).is_err());
+        assert!(SigningKey::from_bytes(&[0; 64]).is_err());
+        assert!(SigningKey::from_base64(&STANDARD.encode([0u8; 32])).is_err());
+        let mut almost = [0u8; 32];
+        almost[31] = 1;
+        assert!(SigningKey::from_bytes(&almost).is_ok());
+    }
+
+    #[test]
+    fn an_all_zero_key_is_refused_by_name() {
+        let err = SigningKey::from_bytes(&[0; 32]).unwrap_err();
+        assert_eq!(err, KeyError::AllZero);
+        assert!(err.to_string().contains("random"), "{err}");
+        // Length is checked first: a short zero key is too short.
+        assert_eq!(
+            SigningKey::from_bytes(&[0; 16]).unwrap_err(),
+            KeyError::TooShort { len: 16 }
+        );
+    }
+
+    #[test]
+    fn clones_share_one_copy_of_the_key() {
+        // One pointer: a clone is a reference count, not a second copy of
+        // the keyed HMAC state.
+        assert_eq!(
+            std::mem::size_of::<SigningKey>(),
+            std::mem::size_of::<usize>()
+        );
+        let key = SigningKey::from_bytes(&[5; 32]).unwrap();
+        let set = KeySet::new(key.clone()).with_previous(key.clone());
+        let copies = set.clone();
+        assert!(Arc::ptr_eq(&key.material, &copies.current().material));
+        assert_eq!(Arc::strong_count(&key.material), 5);
+        drop((set, copies));
+        assert_eq!(Arc::strong_count(&key.material), 1);
+    }
+
+    #[test]
+    fn a_dropped_key_leaves_a_zero_keyed_state_behind() {
+        // What `Drop` writes over the keyed state: a state keyed by zeros,
+        // which MACs like HMAC with an all-zero key.
+        let mut material = KeyMaterial {
+            id: 0,
+            mac: <KeyedMac as Mac>::new_from_slice(&[9; 32]).unwrap(),
+        };
+        material.wipe();
+        let tag = |mac: KeyedMac| mac.chain_update(b"m").finalize().into_bytes();
+        assert_eq!(
+            tag(material.mac.clone()),
+            tag(<KeyedMac as Mac>::new_from_slice(&[0; 32]).unwrap())
+        );
+        drop(material);
     }
 
     #[test]
