@@ -8,10 +8,14 @@
 //!   lab run the very same code.
 //! - [`lab`]: the lab that `cargo run --release` runs at the workspace root:
 //!   strategies, virtual users and reports.
+//! - [`drills`]: the fault campaign that the `drills` binary runs: a load
+//!   generator that logs every operation, fault drills on a real cluster
+//!   behind a TCP proxy, and a checker that judges the history afterwards.
 
 #![deny(unsafe_code)]
 
 #[path = "../../../examples/social/app.rs"]
 pub mod social;
 
+pub mod drills;
 pub mod lab;

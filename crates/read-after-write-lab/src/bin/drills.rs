@@ -1,0 +1,139 @@
+//! The fault campaign: every drill (failovers, an orphaned replica, split
+//! brain, a frozen primary, terminated backends, app restarts, a killed
+//! replica) against the social app on a real cluster, for each database
+//! role, judged by a checker over the whole history.
+//!
+//! ```sh
+//! cargo run -p read-after-write-lab --release --bin drills                 # about 20 minutes
+//! cargo run -p read-after-write-lab --bin drills -- --short --check        # CI, about 2 minutes
+//! cargo run -p read-after-write-lab --release --bin drills -- --drills split-brain,frozen-primary --runs 1
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use read_after_write_lab::drills::harness::{AppSettings, Role};
+use read_after_write_lab::drills::load::LoadConfig;
+use read_after_write_lab::drills::scenarios::{Drill, Timing};
+use read_after_write_lab::drills::{self, report, CampaignConfig};
+
+/// Run fault drills against the social app on a throwaway cluster and
+/// count stale own reads, lost writes, hung requests and errors outside
+/// each fault's window.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Runs per drill and role (default 3; 1 with --short).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// The short form for CI: one run per drill of about 6 s, the roles
+    /// taken in turn so each appears.
+    #[arg(long)]
+    short: bool,
+    /// Exit non-zero on any stale own read, any hung request or error
+    /// outside a fault window, or any drill that could not be carried out.
+    #[arg(long)]
+    check: bool,
+    /// Print the results as JSON on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Drills to run, in order (default: all).
+    #[arg(long, value_delimiter = ',')]
+    drills: Vec<Drill>,
+    /// Roles to run each drill with (default: superuser, monitor, plain).
+    #[arg(long, value_delimiter = ',')]
+    roles: Vec<Role>,
+    /// Writing users.
+    #[arg(long, default_value_t = 12)]
+    writers: usize,
+    /// Mostly reading users.
+    #[arg(long, default_value_t = 4)]
+    readers: usize,
+    /// Where results.json, results.md and the histories of failing runs go.
+    #[arg(long, default_value_os_t = default_out_dir())]
+    out: PathBuf,
+}
+
+fn default_out_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    target.join("drills")
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runs = args.runs.unwrap_or(if args.short { 1 } else { 3 });
+    if runs == 0 {
+        eprintln!("--runs must be at least 1");
+        return ExitCode::from(2);
+    }
+    let config = CampaignConfig {
+        drills: if args.drills.is_empty() {
+            Drill::ALL.to_vec()
+        } else {
+            args.drills.clone()
+        },
+        roles: if args.roles.is_empty() {
+            Role::ALL.to_vec()
+        } else {
+            args.roles.clone()
+        },
+        runs,
+        rotate_roles: args.short,
+        timing: if args.short {
+            Timing::short()
+        } else {
+            Timing::full()
+        },
+        settings: AppSettings::default(),
+        load: LoadConfig {
+            writers: args.writers,
+            readers: args.readers,
+            think: (Duration::from_millis(5), Duration::from_millis(20)),
+            ..LoadConfig::default()
+        },
+        out: args.out.clone(),
+        progress: true,
+        mode: if args.short { "short" } else { "full" }.to_owned(),
+    };
+    let report = drills::run(&config).await;
+    if let Err(error) = report::write_files(&report, &args.out) {
+        eprintln!(
+            "could not write results under {}: {error}",
+            args.out.display()
+        );
+    }
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(error) => eprintln!("could not encode results: {error}"),
+        }
+    } else {
+        println!("{}", report::table(&report));
+        let out = args.out.canonicalize().unwrap_or_else(|_| args.out.clone());
+        println!("results: {} (results.json, results.md)", out.display());
+    }
+    if args.check {
+        let failures = report::failures(&report);
+        if failures.is_empty() {
+            eprintln!("check passed: no stale own read, no hung request and no error outside a fault window");
+        } else {
+            for failure in &failures {
+                eprintln!("check failed: {failure}");
+            }
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,189 @@
+//! The history: one record per HTTP operation, with its start and end, as
+//! Jepsen logs them, and the facts read from the cluster after the run.
+//!
+//! The load generator appends to a [`Recorder`]; the checker reads the
+//! finished [`History`] and never talks to anything.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+/// What an operation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    /// `POST /api/posts`: creates a post, answers its id.
+    Write,
+    /// `GET /api/posts`: the user's own 100 newest posts, session-consistent.
+    OwnRead,
+    /// `GET /api/feed`: everyone's newest posts, eventual.
+    FeedRead,
+}
+
+/// How an operation ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// An HTTP status arrived (any status, success or not).
+    Status(u16),
+    /// No status: connection refused or reset, client timeout, unreadable
+    /// body.
+    Transport(String),
+}
+
+impl Outcome {
+    /// A 2xx status.
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Status(status) if (200..300).contains(status))
+    }
+}
+
+/// One operation, from the client's side.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Op {
+    /// The virtual user (the `x-user-id` it sent).
+    pub user: i64,
+    /// What it did.
+    pub kind: OpKind,
+    /// When the request was sent, milliseconds since the run's start.
+    pub start_ms: f64,
+    /// When the whole answer (or the failure) arrived, same clock.
+    pub end_ms: f64,
+    /// Status or transport error.
+    pub outcome: Outcome,
+    /// For a successful write, the id of the new post.
+    pub post_id: Option<i64>,
+    /// For a successful own read, the ids returned, newest first.
+    pub read_ids: Option<Vec<i64>>,
+    /// The debug header's `node=` (`primary` or a replica's name).
+    pub node: Option<String>,
+    /// The debug header's `reason=`.
+    pub reason: Option<String>,
+    /// The debug header's `token=` (the outcome of the request's token).
+    pub token: Option<String>,
+    /// For a write, whether the response set an affinity token.
+    pub token_issued: Option<bool>,
+}
+
+impl Op {
+    /// How long the operation took, milliseconds.
+    pub fn duration_ms(&self) -> f64 {
+        self.end_ms - self.start_ms
+    }
+
+    /// Whether `[start, end]` overlaps `[from, to]`.
+    pub fn overlaps(&self, from: f64, to: f64) -> bool {
+        self.start_ms <= to && self.end_ms >= from
+    }
+
+    /// A read that the server says it routed to the primary.
+    pub fn on_primary(&self) -> bool {
+        self.node.as_deref() == Some("primary")
+    }
+
+    /// A read that the server says it routed to a replica.
+    pub fn on_replica(&self) -> bool {
+        matches!(self.node.as_deref(), Some(node) if node != "primary" && node != "none")
+    }
+}
+
+/// Every operation of one run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct History {
+    /// In the order they finished.
+    pub ops: Vec<Op>,
+}
+
+/// When the fault was injected and when the recovery action finished, on
+/// the history's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaultWindow {
+    /// The fault's injection, milliseconds since the run's start.
+    pub injected_ms: f64,
+    /// When the last recovery action (promotion, proxy repoint, app restart,
+    /// replica restart) completed.
+    pub recovered_ms: f64,
+    /// Added after `recovered_ms`: requests in flight at recovery, pools
+    /// that drop connections, the tracker's next poll.
+    pub grace_ms: f64,
+}
+
+impl FaultWindow {
+    /// The window's end, grace included.
+    pub fn end_ms(&self) -> f64 {
+        self.recovered_ms + self.grace_ms
+    }
+}
+
+/// What is known once the run is over.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Facts {
+    /// Ids of the posts that exist on the final primary (the node that is
+    /// primary for the app at the end).
+    pub final_post_ids: HashSet<i64>,
+    /// The fault's window.
+    pub window: FaultWindow,
+    /// The app's `max_wait`, milliseconds; a request longer than this plus
+    /// one second is hung.
+    pub max_wait_ms: f64,
+}
+
+/// Collects operations from every virtual user; the clock starts at
+/// [`Recorder::new`].
+#[derive(Debug)]
+pub struct Recorder {
+    started: Instant,
+    ops: Mutex<Vec<Op>>,
+}
+
+impl Recorder {
+    /// A recorder whose clock starts now.
+    pub fn new() -> Self {
+        Recorder {
+            started: Instant::now(),
+            ops: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Milliseconds since the recorder was made.
+    pub fn now_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1000.0
+    }
+
+    /// When the run started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Appends one operation.
+    pub fn record(&self, op: Op) {
+        // A user task that panicked while holding the lock left a complete
+        // vector behind; keep recording into it.
+        let mut ops = self.ops.lock().unwrap_or_else(|poison| poison.into_inner());
+        ops.push(op);
+    }
+
+    /// How many operations so far.
+    pub fn len(&self) -> usize {
+        self.ops.lock().map_or(0, |ops| ops.len())
+    }
+
+    /// Whether nothing was recorded yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The history recorded so far.
+    pub fn history(&self) -> History {
+        let ops = self.ops.lock().unwrap_or_else(|poison| poison.into_inner());
+        History { ops: ops.clone() }
+    }
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::new()
+    }
+}

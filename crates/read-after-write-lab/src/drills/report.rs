@@ -1,0 +1,330 @@
+//! The campaign's report: one row per drill and role summed over its runs,
+//! as a table, JSON and Markdown, and the `--check` verdict.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::checker::StaleRead;
+use super::harness::Role;
+use super::scenarios::{Drill, RunRecord};
+
+/// Every run of a campaign and its summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct CampaignReport {
+    /// `full` or `short`.
+    pub mode: String,
+    /// The app's `max_wait`, milliseconds.
+    pub max_wait_ms: u64,
+    /// The app's request timeout, milliseconds.
+    pub request_timeout_ms: u64,
+    /// Replica apply delays, milliseconds.
+    pub lags_ms: Vec<u64>,
+    /// Writing users.
+    pub writers: usize,
+    /// Reading users.
+    pub readers: usize,
+    /// The window's grace after recovery, milliseconds.
+    pub grace_ms: u64,
+    /// Wall time of the whole campaign, seconds.
+    pub elapsed_s: f64,
+    /// One row per drill and role.
+    pub rows: Vec<Row>,
+    /// Every run.
+    pub runs: Vec<RunRecord>,
+}
+
+/// One drill for one role, summed over its runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// The drill.
+    pub drill: Drill,
+    /// The role.
+    pub role: Role,
+    /// Runs carried out and checked.
+    pub runs: usize,
+    /// Runs that could not be carried out (setup or fault script failed).
+    pub failed_runs: usize,
+    /// Why, for each.
+    pub run_errors: Vec<String>,
+    /// Requests.
+    pub requests: u64,
+    /// Acknowledged writes.
+    pub acked_writes: u64,
+    /// Own reads that had a write to check.
+    pub own_reads_checked: u64,
+    /// Stale own reads (data exists on the final primary).
+    pub stale_own_reads: u64,
+    /// Monotonic-read violations.
+    pub monotonic_violations: u64,
+    /// Acknowledged writes lost in the failover.
+    pub lost_writes: u64,
+    /// Acknowledged writes answered without a token.
+    pub writes_without_token: u64,
+    /// Hung requests outside the window.
+    pub hung: u64,
+    /// Requests longer than `max_wait + 1 s` inside the window.
+    pub hung_in_window: u64,
+    /// The longest request, milliseconds.
+    pub longest_ms: f64,
+    /// Errors overlapping the window.
+    pub errors_in_window: u64,
+    /// Errors outside it.
+    pub errors_outside_window: u64,
+    /// Median over runs of the fault-to-first-successful-write time.
+    pub fault_to_first_write_ms: Option<f64>,
+    /// Median over runs of the time until a replica served an own read
+    /// again (sent after recovery).
+    pub replicas_serve_again_ms: Option<f64>,
+    /// Mean over runs of the primary's read share before the fault.
+    pub primary_share_before: Option<f64>,
+    /// The same during the window.
+    pub primary_share_during: Option<f64>,
+    /// The same after it.
+    pub primary_share_after: Option<f64>,
+    /// A few stale reads, for the eye.
+    pub stale_examples: Vec<StaleRead>,
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+fn mean(values: Vec<f64>) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// Sums runs into rows, in the order the pairs first appear.
+pub fn rows(runs: &[RunRecord]) -> Vec<Row> {
+    let mut keys: Vec<(Drill, Role)> = Vec::new();
+    for run in runs {
+        if !keys.contains(&(run.drill, run.role)) {
+            keys.push((run.drill, run.role));
+        }
+    }
+    keys.into_iter()
+        .map(|(drill, role)| {
+            let group: Vec<&RunRecord> = runs
+                .iter()
+                .filter(|r| r.drill == drill && r.role == role)
+                .collect();
+            let figures: Vec<_> = group.iter().filter_map(|r| r.figures.as_ref()).collect();
+            let sum = |f: &dyn Fn(&super::checker::RunFigures) -> u64| -> u64 {
+                figures.iter().map(|x| f(x)).sum()
+            };
+            let each = |f: &dyn Fn(&super::checker::RunFigures) -> Option<f64>| -> Vec<f64> {
+                figures.iter().filter_map(|x| f(x)).collect()
+            };
+            Row {
+                drill,
+                role,
+                runs: figures.len(),
+                failed_runs: group.len() - figures.len(),
+                run_errors: group.iter().filter_map(|r| r.error.clone()).collect(),
+                requests: sum(&|f| f.requests),
+                acked_writes: sum(&|f| f.acked_writes),
+                own_reads_checked: sum(&|f| f.own_reads_checked),
+                stale_own_reads: sum(&|f| f.stale_own_reads),
+                monotonic_violations: sum(&|f| f.monotonic_violations),
+                lost_writes: sum(&|f| f.lost_writes),
+                writes_without_token: sum(&|f| f.writes_without_token),
+                hung: sum(&|f| f.hung),
+                hung_in_window: sum(&|f| f.hung_in_window),
+                longest_ms: figures.iter().map(|f| f.longest_ms).fold(0.0, f64::max),
+                errors_in_window: sum(&|f| f.errors_in_window),
+                errors_outside_window: sum(&|f| f.errors_outside_window),
+                fault_to_first_write_ms: median(each(&|f| f.fault_to_first_write_ms)),
+                replicas_serve_again_ms: median(each(&|f| f.replicas_serve_again_ms)),
+                primary_share_before: mean(each(&|f| f.primary_share_before)),
+                primary_share_during: mean(each(&|f| f.primary_share_during)),
+                primary_share_after: mean(each(&|f| f.primary_share_after)),
+                stale_examples: figures
+                    .iter()
+                    .flat_map(|f| f.stale_examples.iter().cloned())
+                    .take(3)
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+const HEADERS: [&str; 16] = [
+    "drill",
+    "role",
+    "runs",
+    "requests",
+    "stale",
+    "mono",
+    "lost",
+    "no-token",
+    "hung",
+    "err in",
+    "err out",
+    "fault→write",
+    "replicas again",
+    "primary before",
+    "during",
+    "after",
+];
+
+fn cells(row: &Row) -> [String; 16] {
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
+    let share = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1} %", v * 100.0));
+    let runs = if row.failed_runs > 0 {
+        format!("{} (+{} failed)", row.runs, row.failed_runs)
+    } else {
+        row.runs.to_string()
+    };
+    [
+        row.drill.to_string(),
+        row.role.to_string(),
+        runs,
+        row.requests.to_string(),
+        row.stale_own_reads.to_string(),
+        row.monotonic_violations.to_string(),
+        row.lost_writes.to_string(),
+        row.writes_without_token.to_string(),
+        row.hung.to_string(),
+        row.errors_in_window.to_string(),
+        row.errors_outside_window.to_string(),
+        ms(row.fault_to_first_write_ms),
+        ms(row.replicas_serve_again_ms),
+        share(row.primary_share_before),
+        share(row.primary_share_during),
+        share(row.primary_share_after),
+    ]
+}
+
+/// The table for a terminal: text columns left-aligned, numbers right.
+pub fn table(report: &CampaignReport) -> String {
+    let rows: Vec<[String; 16]> = report.rows.iter().map(cells).collect();
+    let widths: Vec<usize> = (0..HEADERS.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([HEADERS[i].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |values: &[String]| {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if i < 2 {
+                    format!("{v:<w$}", w = widths[i])
+                } else {
+                    format!("{v:>w$}", w = widths[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = String::new();
+    let headers: Vec<String> = HEADERS.iter().map(|h| (*h).to_owned()).collect();
+    let _ = writeln!(out, "{}", line(&headers));
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    let _ = writeln!(out, "{}", line(&rule));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row));
+    }
+    out
+}
+
+/// The same table in Markdown, with the settings above it.
+pub fn markdown(report: &CampaignReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Fault drills ({})\n", report.mode);
+    let _ = writeln!(
+        out,
+        "max_wait {} ms, request timeout {} ms, replicas lagging {:?} ms, {} writing and {} reading users; \
+         the fault window ends {} ms after recovery; {:.0} s in all.\n",
+        report.max_wait_ms,
+        report.request_timeout_ms,
+        report.lags_ms,
+        report.writers,
+        report.readers,
+        report.grace_ms,
+        report.elapsed_s
+    );
+    let _ = writeln!(out, "| {} |", HEADERS.join(" | "));
+    let align: Vec<&str> = (0..HEADERS.len())
+        .map(|i| if i < 2 { "---" } else { "---:" })
+        .collect();
+    let _ = writeln!(out, "|{}|", align.join("|"));
+    for row in &report.rows {
+        let _ = writeln!(out, "| {} |", cells(row).join(" | "));
+    }
+    let failures = failures(report);
+    if !failures.is_empty() {
+        let _ = writeln!(out, "\n## What `--check` rejects\n");
+        for failure in failures {
+            let _ = writeln!(out, "- {failure}");
+        }
+    }
+    out
+}
+
+/// Writes `results.json` and `results.md` under `dir`.
+pub fn write_files(report: &CampaignReport, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let json = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("results.json"), json)?;
+    std::fs::write(dir.join("results.md"), markdown(report))?;
+    Ok(())
+}
+
+/// What `--check` rejects: any stale own read, any hung request or error
+/// outside the fault window, and any run that could not be carried out.
+pub fn failures(report: &CampaignReport) -> Vec<String> {
+    let mut failures = Vec::new();
+    for row in &report.rows {
+        let name = format!("{} ({})", row.drill, row.role);
+        for error in &row.run_errors {
+            failures.push(format!("{name}: a run could not be carried out: {error}"));
+        }
+        if row.stale_own_reads > 0 {
+            let example = row.stale_examples.first().map_or(String::new(), |s| {
+                format!(
+                    "; e.g. user {} at {:.0} ms missed post {} acknowledged at {:.0} ms ({})",
+                    s.user, s.start_ms, s.missing_id, s.write_end_ms, s.route
+                )
+            });
+            failures.push(format!(
+                "{name}: {} stale own reads of {} checked{example}",
+                row.stale_own_reads, row.own_reads_checked
+            ));
+        }
+        if row.hung > 0 {
+            failures.push(format!(
+                "{name}: {} requests outside the fault window took longer than max_wait + 1 s (longest {:.0} ms)",
+                row.hung, row.longest_ms
+            ));
+        }
+        if row.errors_outside_window > 0 {
+            failures.push(format!(
+                "{name}: {} errors outside the fault window",
+                row.errors_outside_window
+            ));
+        }
+        if row.runs > 0 && row.own_reads_checked == 0 {
+            failures.push(format!(
+                "{name}: no own read was checked; the drill proves nothing"
+            ));
+        }
+    }
+    failures
+}
