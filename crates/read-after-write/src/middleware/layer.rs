@@ -5,7 +5,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 use tower_layer::Layer;
 
-use super::{IdentityFn, Mode, ReadAfterWrite, Shared, DEBUG_HEADER};
+use super::{transport, ConfigError, IdentityFn, Mode, ReadAfterWrite, Shared, DEBUG_HEADER};
 use crate::backend::Backend;
 use crate::clock::Clock;
 use crate::token::{KeySet, UserId};
@@ -68,9 +68,42 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     }
 
     /// The cookie's name, also mixed into every token's MAC.
+    ///
+    /// Consider the `__Host-` prefix (`__Host-primary_affinity`): browsers
+    /// then refuse the cookie from any other subdomain, which closes the
+    /// cookie-planting risk described under
+    /// [`MAX_MACS_PER_REQUEST`](super::MAX_MACS_PER_REQUEST). It needs the
+    /// default `Secure` and no [`domain`](Self::domain).
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not an RFC 6265 token (empty, or holding a space, a
+    /// control character, non-ASCII or one of `()<>@,;:\"/[]?={}`), with the
+    /// [`ConfigError`] message: a misconfiguration fails at startup. Use
+    /// [`try_cookie_name`](Self::try_cookie_name) to handle it instead.
     pub fn cookie_name(self, name: impl Into<String>) -> Self {
+        self.try_cookie_name(name)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Like [`cookie_name`](Self::cookie_name), returning the error instead
+    /// of panicking when `name` is not an RFC 6265 token.
+    ///
+    /// ```
+    /// use read_after_write::middleware::ConfigError;
+    /// use read_after_write::{Backend, ReadAfterWriteLayer};
+    ///
+    /// fn configure<B: Backend>(layer: ReadAfterWriteLayer<B>) -> Result<ReadAfterWriteLayer<B>, ConfigError> {
+    ///     // Both would smuggle attributes into the `Set-Cookie` header.
+    ///     assert!(layer.clone().try_cookie_name("a=b; Domain=evil.example").is_err());
+    ///     assert!(layer.clone().try_domain("example.com; SameSite=None").is_err());
+    ///     layer.try_cookie_name("__Host-affinity")?.try_domain("app.example.com")
+    /// }
+    /// ```
+    pub fn try_cookie_name(self, name: impl Into<String>) -> Result<Self, ConfigError> {
         let name = name.into();
-        self.edit(|s| s.cookie_name = name)
+        transport::check_cookie_name(&name)?;
+        Ok(self.edit(|s| s.cookie_name = name))
     }
 
     /// The request and response header that carries the token for API and
@@ -89,7 +122,8 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     /// This bounds how long a user stays sticky, not how long reads go to
     /// the primary: routing is by position, so a replica that has caught up
     /// serves the user straight away. Make it longer than the worst replica
-    /// lag you want to cover.
+    /// lag you want to cover. Values beyond [`MAX_TTL`](super::MAX_TTL)
+    /// (400 days, what browsers allow a cookie) are clamped to it.
     pub fn ttl(self, ttl: Duration) -> Self {
         self.edit(|s| s.ttl = ttl)
     }
@@ -107,9 +141,25 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     }
 
     /// Sets the cookie's `Domain`, to share it across subdomains.
+    ///
+    /// # Panics
+    ///
+    /// If `domain` is not a host name (letters, digits, `-` and `.`, an
+    /// optional leading `.`, labels of 1 to 63 characters, at most 253 in
+    /// all), with the [`ConfigError`] message: a value such as
+    /// `"example.com; SameSite=None"` would otherwise add attributes to the
+    /// cookie. Use [`try_domain`](Self::try_domain) to handle it instead.
     pub fn domain(self, domain: impl Into<String>) -> Self {
+        self.try_domain(domain)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Like [`domain`](Self::domain), returning the error instead of
+    /// panicking when `domain` is not a host name.
+    pub fn try_domain(self, domain: impl Into<String>) -> Result<Self, ConfigError> {
         let domain = domain.into();
-        self.edit(|s| s.domain = Some(domain))
+        transport::check_domain(&domain)?;
+        Ok(self.edit(|s| s.domain = Some(domain)))
     }
 
     /// Adds an `x-read-after-write` response header naming the node of the
@@ -129,7 +179,8 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     /// Time-window mode, for backends that cannot report write positions:
     /// for `window` after a write, the user's session reads go to the
     /// primary. No position is captured. Costs far more primary reads than
-    /// position mode; see the README's results.
+    /// position mode; see the README's results. A window beyond
+    /// [`MAX_TTL`](super::MAX_TTL) is clamped to it.
     pub fn time_window(self, window: Duration) -> Self {
         self.edit(|s| s.mode = Mode::TimeWindow(window))
     }

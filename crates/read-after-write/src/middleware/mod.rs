@@ -13,6 +13,19 @@
 //!    header) for a token at the larger of the old and new positions. This
 //!    happens for error responses too: a commit may have happened.
 //!
+//! # Hostile requests
+//!
+//! A request may carry any number of `Cookie` and token headers. Every
+//! candidate is parsed (one pass over the header bytes, no allocation), but
+//! only a candidate that passes every check needing no key (length,
+//! base64url, layout, version, known key id, unexpired, and naming the
+//! requester) and that would promise more than the best token found so far
+//! costs an HMAC, and at most [`MAX_MACS_PER_REQUEST`] of those are spent.
+//! Junk, expired tokens, other users' tokens and duplicates of the winner
+//! are free, so they cannot hide a valid token. Of several valid tokens, the
+//! one that [promises the most](crate::AffinityToken::promises_more_than)
+//! decides.
+//!
 //! # Example
 //!
 //! ```
@@ -88,6 +101,60 @@ pub const DEFAULT_TOKEN_HEADER: &str = "x-primary-affinity";
 /// Name of the optional debug response header.
 pub const DEBUG_HEADER: &str = "x-read-after-write";
 
+/// The most token MACs one request can cost.
+///
+/// Only candidates that pass every cheap check and name the requester count
+/// (see the [module docs](self#hostile-requests)). A legitimate request
+/// carries a handful: a host-only cookie, domain cookies for a parent
+/// domain or two, one per `Path`, and the header. 16 leaves room for all of
+/// them while capping the work at about 4 µs (16 × ~240 ns per MAC), less
+/// than parsing the headers.
+///
+/// Residual risk: whoever can set cookies for this site (a sibling
+/// subdomain, for a cookie without the `__Host-` prefix) can plant well
+/// formed tokens naming a victim's user id (ids are often guessable) with a
+/// known key id (visible in any token) and a far expiry. They never verify,
+/// but 16 of them sent ahead of the real cookie (a longer `Path` is sent
+/// first) use up the budget, and the victim's reads fall back to eventual
+/// consistency until their next write, counted as `bad_signature`. Nothing
+/// is forged and no error reaches the user. To shut this out, name the
+/// cookie with the `__Host-` prefix (`__Host-primary_affinity`, with
+/// `Secure`, `Path=/` and no `Domain`, which the layer's defaults give),
+/// which no other subdomain can set.
+pub const MAX_MACS_PER_REQUEST: usize = 16;
+
+/// The longest token lifetime and cookie `Max-Age` honoured: 400 days, the
+/// cap RFC 6265bis tells browsers to apply. Longer settings of
+/// [`ttl`](ReadAfterWriteLayer::ttl) and
+/// [`time_window`](ReadAfterWriteLayer::time_window) are clamped to it.
+pub const MAX_TTL: Duration = Duration::from_secs(transport::MAX_TTL_SECONDS);
+
+/// A configuration value the layer refuses, so that a misconfiguration fails
+/// at startup instead of silently on every response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The cookie name is not an RFC 6265 token.
+    #[error(
+        "cookie name {name:?} is not valid: use one or more visible ASCII characters \
+         other than spaces and ( ) < > @ , ; : \\ \" / [ ] ? = {{ }}, for example `primary_affinity`"
+    )]
+    InvalidCookieName {
+        /// The rejected name.
+        name: String,
+    },
+    /// The cookie domain is not a host name.
+    #[error(
+        "cookie domain {domain:?} is not a host name: use letters, digits, '-' and '.' only \
+         (an optional leading '.', labels of 1 to 63 characters, at most 253 in all, \
+         punycode for international names), for example `example.com`"
+    )]
+    InvalidDomain {
+        /// The rejected domain.
+        domain: String,
+    },
+}
+
 pub(crate) type IdentityFn = Arc<dyn Fn(&http::request::Parts) -> Option<UserId> + Send + Sync>;
 
 /// How session reads are kept consistent.
@@ -152,8 +219,16 @@ impl<B> Shared<B> {
     }
 
     /// The requester's identity; `None` means no token may be read or issued.
+    ///
+    /// An identity function that answers with the empty (anonymous) id has
+    /// found no one: that request is anonymous, and gets the anonymous id
+    /// only when anonymous tokens are allowed.
     pub(crate) fn identify(&self, parts: &http::request::Parts) -> Option<UserId> {
-        let found = self.identity.as_ref().and_then(|identify| identify(parts));
+        let found = self
+            .identity
+            .as_ref()
+            .and_then(|identify| identify(parts))
+            .filter(|user| !user.is_anonymous());
         let anonymous_ok = self.allow_anonymous.unwrap_or(self.identity.is_none());
         found.or_else(|| anonymous_ok.then(UserId::anonymous))
     }

@@ -5,11 +5,10 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::{transport, ResponseFuture, Shared};
+use super::{transport, ResponseFuture, Shared, MAX_MACS_PER_REQUEST};
 use crate::backend::Backend;
 use crate::handle::{Db, RequestState, Required, TokenOutcome};
-use crate::position::WritePosition;
-use crate::token::{AffinityToken, TokenError, UserId};
+use crate::token::{AffinityToken, TokenError, UnverifiedToken, UserId};
 
 /// Middleware that gives each request a [`Db`] handle bound to the
 /// requester's last write, and issues a token when the request writes.
@@ -96,41 +95,62 @@ where
 
 /// Finds, verifies and binds the request's token. Every failure is an
 /// outcome, never an error: a bad token is treated as absent.
+///
+/// Every candidate goes through the cheap checks; only one that names the
+/// requester and would beat the best token so far costs a MAC, at most
+/// [`MAX_MACS_PER_REQUEST`] of them. A browser can hold a stale host-only
+/// cookie beside a fresh domain cookie, or a client a stale header beside a
+/// fresh cookie: the valid token that promises the most decides.
 fn read_token<B: Backend>(
     shared: &Shared<B>,
     headers: &http::HeaderMap,
     user: Option<&UserId>,
 ) -> (Required, TokenOutcome) {
-    let mut verified: Option<AffinityToken> = None;
+    let mut best: Option<AffinityToken> = None;
     let mut first_failure = None;
     let mut now = None;
-    // Every candidate is verified (at most MAX_CANDIDATES): a browser can
-    // hold a stale host-only cookie beside a fresh domain cookie, or a
-    // client a stale header beside a fresh cookie. The most recently issued
-    // valid token, the one expiring last, carries the latest write.
+    let mut macs = 0;
     let found = transport::for_each_candidate(
         headers,
         &shared.cookie_name,
         shared.token_header.as_ref(),
         |text| {
             let now = *now.get_or_insert_with(|| shared.clock.now_unix());
-            match AffinityToken::verify(text, &shared.cookie_name, &shared.keys, now) {
-                Ok(token) if Some(token.user()) == user => {
-                    if verified
-                        .as_ref()
-                        .is_none_or(|best| token.expires_at() > best.expires_at())
-                    {
-                        verified = Some(token);
-                    }
+            let candidate = match UnverifiedToken::parse(text, &shared.keys, now) {
+                Ok(candidate) => candidate,
+                Err(reason) => {
+                    first_failure.get_or_insert(TokenOutcome::Rejected(reason));
+                    return false;
                 }
-                Ok(_) => {
-                    let outcome = if user.is_none() {
-                        TokenOutcome::NoIdentity
-                    } else {
-                        TokenOutcome::OtherUser
-                    };
-                    first_failure.get_or_insert(outcome);
-                }
+            };
+            // Bound to its user before the MAC: a token that could not be
+            // used even if authentic is not worth one. Such a token may be
+            // forged; it is counted by what it claims.
+            let Some(user) = user else {
+                first_failure.get_or_insert(TokenOutcome::NoIdentity);
+                return false;
+            };
+            if candidate.user() != user.as_bytes() {
+                first_failure.get_or_insert(TokenOutcome::OtherUser);
+                return false;
+            }
+            if best
+                .as_ref()
+                .is_some_and(|best| !candidate.could_beat(best))
+            {
+                return false;
+            }
+            if macs == MAX_MACS_PER_REQUEST {
+                metrics::counter!("read_after_write_token_mac_budget_exhausted_total").increment(1);
+                tracing::debug!(
+                    budget = MAX_MACS_PER_REQUEST,
+                    "affinity token MAC budget spent; remaining candidates ignored"
+                );
+                return true;
+            }
+            macs += 1;
+            match candidate.authenticate(&shared.cookie_name, &shared.keys) {
+                Ok(token) => best = Some(token),
                 Err(reason) => {
                     first_failure.get_or_insert(TokenOutcome::Rejected(reason));
                 }
@@ -138,15 +158,13 @@ fn read_token<B: Backend>(
             false
         },
     );
-    match verified {
+    match best {
         Some(token) => {
             let required = match shared.mode {
                 // A token that promises no position was issued in time-window
-                // mode (by an instance not yet switched to positions): honour
-                // it the way it was meant, with the primary.
-                super::Mode::Position if token.position() == WritePosition::default() => {
-                    Required::Primary
-                }
+                // mode, or after a write whose position could not be
+                // captured: honour it with the primary.
+                super::Mode::Position if token.position().pins_primary() => Required::Primary,
                 super::Mode::Position => Required::Position(token.position()),
                 super::Mode::TimeWindow(_) => Required::Primary,
             };

@@ -361,8 +361,10 @@ async fn bad_tokens_are_ignored_and_counted_never_an_error() {
         .unwrap()
         .to_owned();
 
+    // A character of the tag: a forgery that still names user 3. (One that
+    // changed the user id would be skipped before its MAC, as other_user.)
     let mut tampered = token.clone().into_bytes();
-    tampered[10] = if tampered[10] == b'A' { b'B' } else { b'A' };
+    tampered[60] = if tampered[60] == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).unwrap();
     let foreign = AffinityToken::new(UserId::from(3u64), WritePosition::default(), NOW + 30)
         .sign(DEFAULT_COOKIE_NAME, &keys(9));
@@ -825,5 +827,328 @@ async fn a_time_window_token_reaching_a_position_instance_reads_the_primary() {
     assert_eq!(
         read.headers()[DEBUG_HEADER],
         "node=primary; reason=time_window; token=valid"
+    );
+}
+
+/// A token for `user` at `position`, signed with the test key, valid until
+/// `expires_at`.
+fn minted(user: u64, position: WritePosition, expires_at: u64) -> String {
+    AffinityToken::new(UserId::from(user), position, expires_at).sign(DEFAULT_COOKIE_NAME, &keys(1))
+}
+
+/// `token` with its LSN changed, so it is well formed, names the same user,
+/// key and expiry, and fails only the MAC.
+fn forged_from(token: &str, lsn: u64) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let mut raw = URL_SAFE_NO_PAD.decode(token).unwrap();
+    let at = 3 + usize::from(raw[2]);
+    raw[at..at + 8].copy_from_slice(&lsn.to_be_bytes());
+    URL_SAFE_NO_PAD.encode(raw)
+}
+
+#[tokio::test]
+async fn junk_cannot_hide_a_valid_token() {
+    let backend = FakeBackend::new();
+    let mut svc = layer(&backend, &ManualClock::new(NOW)).layer(service_fn(handler));
+    let valid = minted(3, WritePosition::new(Lsn::new(0x700), 1, SYSTEM), NOW + 30);
+    let other_user = minted(4, WritePosition::new(Lsn::new(0x900), 1, SYSTEM), NOW + 30);
+    let expired = minted(3, WritePosition::new(Lsn::new(0x900), 1, SYSTEM), NOW - 1);
+    let unknown_key = AffinityToken::new(UserId::from(3u64), WritePosition::default(), NOW + 30)
+        .sign(DEFAULT_COOKIE_NAME, &keys(9));
+
+    let stuffed = |junk: &str, count: usize| {
+        let mut text = format!("{junk}; ").repeat(count);
+        text.push_str(&format!("primary_affinity={valid}"));
+        text
+    };
+    let mut cases: Vec<(String, Request<()>)> = Vec::new();
+    for junk in [
+        "primary_affinity=x".to_owned(),
+        format!("primary_affinity={other_user}"),
+        format!("primary_affinity={expired}"),
+        format!("primary_affinity={unknown_key}"),
+        format!("primary_affinity={}", "A".repeat(5_000)),
+        format!("primary_affinity={}", &valid[..valid.len() - 1]),
+    ] {
+        for count in [4, 5, 300] {
+            let text = stuffed(&junk, count);
+            cases.push((
+                format!("{count} x {}", &junk[..junk.len().min(40)]),
+                request(Method::GET, "/", 3)
+                    .header(COOKIE, text)
+                    .body(())
+                    .unwrap(),
+            ));
+        }
+    }
+    // Junk token headers used to hide every cookie.
+    let mut builder = request(Method::GET, "/", 3);
+    for _ in 0..8 {
+        builder = builder.header(DEFAULT_TOKEN_HEADER, "junk");
+    }
+    cases.push((
+        "8 junk headers".into(),
+        builder
+            .header(COOKIE, format!("primary_affinity={valid}"))
+            .body(())
+            .unwrap(),
+    ));
+    // Well-formed forgeries naming the requester spend the MAC budget, but
+    // fewer than the budget cannot hide the valid token behind them.
+    let forged = (0..MAX_MACS_PER_REQUEST as u64 - 1)
+        .map(|i| format!("primary_affinity={}", forged_from(&valid, 0xFFFF_0000 + i)))
+        .collect::<Vec<_>>()
+        .join("; ");
+    cases.push((
+        "forgeries below the budget".into(),
+        request(Method::GET, "/", 3)
+            .header(COOKIE, format!("{forged}; primary_affinity={valid}"))
+            .body(())
+            .unwrap(),
+    ));
+    for (name, req) in cases {
+        let seen = seen(&send(&mut svc, req).await);
+        assert_eq!(seen.outcome, TokenOutcome::Valid, "{name}");
+        assert_eq!(
+            seen.required.map(|p| p.lsn),
+            Some(Lsn::new(0x700)),
+            "{name}"
+        );
+    }
+
+    // The bound itself: that many well-formed forgeries naming the requester
+    // before the valid token do hide it (the residual risk documented on
+    // `MAX_MACS_PER_REQUEST`), and cost exactly the budget in MACs.
+    let forged = (0..MAX_MACS_PER_REQUEST as u64)
+        .map(|i| format!("primary_affinity={}", forged_from(&valid, 0xFFFF_0000 + i)))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let req = request(Method::GET, "/", 3)
+        .header(COOKIE, format!("{forged}; primary_affinity={valid}"))
+        .body(())
+        .unwrap();
+    assert_eq!(
+        seen(&send(&mut svc, req).await).outcome,
+        TokenOutcome::Rejected(TokenError::BadSignature)
+    );
+}
+
+#[tokio::test]
+async fn of_several_valid_tokens_the_one_promising_most_wins() {
+    let backend = FakeBackend::new();
+    backend.replica_replayed.store(u64::MAX, Ordering::SeqCst);
+    let mut svc = layer(&backend, &ManualClock::new(NOW)).layer(service_fn(handler));
+    let at =
+        |lsn: u64, timeline: u32, system: u64| WritePosition::new(Lsn::new(lsn), timeline, system);
+    // (winner, loser, what the handler must be asked for)
+    let cases = [
+        // Same cluster and timeline: the higher LSN, even expiring sooner.
+        (
+            minted(9, at(0x300, 1, SYSTEM), NOW + 10),
+            minted(9, at(0x100, 1, SYSTEM), NOW + 30),
+            Some(at(0x300, 1, SYSTEM)),
+        ),
+        // Same cluster, another timeline: the later timeline.
+        (
+            minted(9, at(0x100, 2, SYSTEM), NOW + 10),
+            minted(9, at(0x900, 1, SYSTEM), NOW + 30),
+            Some(at(0x100, 2, SYSTEM)),
+        ),
+        // Different clusters: the later expiry.
+        (
+            minted(9, at(0x1, 1, SYSTEM + 1), NOW + 30),
+            minted(9, at(0x900, 1, SYSTEM), NOW + 10),
+            Some(at(0x1, 1, SYSTEM + 1)),
+        ),
+        // Pinned to the primary (no position) beats any position.
+        (
+            minted(9, WritePosition::default(), NOW + 10),
+            minted(9, at(u64::MAX, u32::MAX, SYSTEM), NOW + 30),
+            None,
+        ),
+    ];
+    for (winner, loser, expected) in cases {
+        for (first, second) in [(&winner, &loser), (&loser, &winner)] {
+            for req in [
+                request(Method::GET, "/", 9)
+                    .header(
+                        COOKIE,
+                        format!("primary_affinity={first}; primary_affinity={second}"),
+                    )
+                    .body(())
+                    .unwrap(),
+                request(Method::GET, "/", 9)
+                    .header(DEFAULT_TOKEN_HEADER, first.as_str())
+                    .header(COOKIE, format!("primary_affinity={second}"))
+                    .body(())
+                    .unwrap(),
+            ] {
+                let seen = seen(&send(&mut svc, req).await);
+                assert_eq!(seen.outcome, TokenOutcome::Valid);
+                assert_eq!(seen.required, expected, "{expected:?}");
+                let pool = if expected.is_none() {
+                    "primary-pool"
+                } else {
+                    "replica-pool"
+                };
+                assert_eq!(seen.read_pool, pool, "{expected:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_empty_identity_is_no_identity() {
+    let backend = FakeBackend::new();
+    backend.primary_at.store(0x100, Ordering::SeqCst);
+    let svc = layer(&backend, &ManualClock::new(NOW))
+        .identity(|_| Some(UserId::anonymous()))
+        .allow_anonymous(false)
+        .layer(service_fn(handler));
+    let wrote = svc
+        .clone()
+        .oneshot(request(Method::POST, "/write", 1).body(()).unwrap())
+        .await
+        .unwrap();
+    assert!(affinity_cookie(&wrote).is_none(), "no token for no one");
+    let anonymous = AffinityToken::new(
+        UserId::anonymous(),
+        WritePosition::new(Lsn::new(0x100), 1, SYSTEM),
+        NOW + 30,
+    )
+    .sign(DEFAULT_COOKIE_NAME, &keys(1));
+    let read = svc
+        .oneshot(
+            Request::get("/")
+                .header(COOKIE, format!("primary_affinity={anonymous}"))
+                .body(())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let seen = seen(&read);
+    assert_eq!(seen.outcome, TokenOutcome::NoIdentity);
+    assert_eq!(seen.required, None);
+}
+
+#[tokio::test]
+async fn huge_ttls_are_clamped_to_four_hundred_days() {
+    const CAP: u64 = 400 * 24 * 60 * 60;
+    let backend = FakeBackend::new();
+    for configured in [
+        layer(&backend, &ManualClock::new(NOW)).ttl(Duration::MAX),
+        layer(&backend, &ManualClock::new(NOW)).ttl(Duration::from_secs(u64::MAX)),
+        layer(&backend, &ManualClock::new(NOW)).time_window(Duration::MAX),
+    ] {
+        let svc = configured.layer(service_fn(handler));
+        let wrote = svc
+            .oneshot(request(Method::POST, "/write", 1).body(()).unwrap())
+            .await
+            .unwrap();
+        let cookie = affinity_cookie(&wrote).unwrap();
+        assert!(
+            cookie.split("; ").any(|a| a == format!("Max-Age={CAP}")),
+            "{cookie}"
+        );
+        let header = wrote.headers()[DEFAULT_TOKEN_HEADER].to_str().unwrap();
+        let token = AffinityToken::verify(header, DEFAULT_COOKIE_NAME, &keys(1), NOW).unwrap();
+        assert_eq!(token.expires_at(), NOW + CAP + 1);
+    }
+}
+
+#[test]
+#[should_panic(expected = "cookie domain")]
+fn a_domain_that_injects_attributes_is_refused_at_configuration() {
+    let _ = layer(&FakeBackend::new(), &ManualClock::new(NOW)).domain("example.com; SameSite=None");
+}
+
+#[test]
+#[should_panic(expected = "cookie name")]
+fn a_cookie_name_with_a_line_break_is_refused_at_configuration() {
+    let _ = layer(&FakeBackend::new(), &ManualClock::new(NOW)).cookie_name("affinity\r\nX-Evil: 1");
+}
+
+#[test]
+fn cookie_names_and_domains_are_checked_when_configured() {
+    let layer = || layer(&FakeBackend::new(), &ManualClock::new(NOW));
+    for good in [
+        "primary_affinity",
+        "__Host-affinity",
+        "a",
+        "x!#$%&'*+-.^_`|~9",
+    ] {
+        assert!(layer().try_cookie_name(good).is_ok(), "{good:?}");
+    }
+    for bad in [
+        "",
+        "a b",
+        "a;b",
+        "a=b",
+        "a,b",
+        "a\"b",
+        "a\r\nb",
+        "a\tb",
+        "caf\u{e9}",
+        "a\0",
+        "(a)",
+        "a/b",
+        "a:b",
+        "a@b",
+        "{a}",
+        "[a]",
+        "a?",
+        "a\\b",
+        "<a>",
+    ] {
+        let error = layer().try_cookie_name(bad).err();
+        assert_eq!(
+            error,
+            Some(ConfigError::InvalidCookieName { name: bad.into() }),
+            "{bad:?}"
+        );
+    }
+    for good in [
+        "example.com",
+        ".example.com",
+        "a-b.example.com",
+        "localhost",
+        "127.0.0.1",
+        "xn--bcher-kva.example",
+        &format!("{}.com", vec!["a".repeat(63); 3].join(".")),
+    ] {
+        assert!(layer().try_domain(good).is_ok(), "{good:?}");
+    }
+    for bad in [
+        "",
+        ".",
+        "..example.com",
+        "example.com.",
+        "example..com",
+        "example.com; SameSite=None",
+        "example.com\r\nSet-Cookie: x=1",
+        "exa mple.com",
+        "example.com,evil.com",
+        "a=b",
+        "-example.com",
+        "example-.com",
+        "ex_ample.com",
+        "b\u{fc}cher.example",
+        &format!("{}.com", "a".repeat(64)),
+        &vec!["a".repeat(63); 4].join("."),
+    ] {
+        let error = layer().try_domain(bad).err();
+        assert_eq!(
+            error,
+            Some(ConfigError::InvalidDomain { domain: bad.into() }),
+            "{bad:?}"
+        );
+    }
+    let message = layer().try_domain("a;b").err().unwrap().to_string();
+    assert!(message.contains("for example `example.com`"), "{message}");
+    let message = layer().try_cookie_name("a b").err().unwrap().to_string();
+    assert!(
+        message.contains("for example `primary_affinity`"),
+        "{message}"
     );
 }

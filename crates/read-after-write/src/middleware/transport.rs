@@ -5,30 +5,36 @@ use cookie::{Cookie, SameSite};
 use http::header::{COOKIE, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::Shared;
+use super::{ConfigError, Shared};
 use crate::backend::Backend;
 
-/// At most this many candidate tokens are verified per request, so a request
-/// stuffed with cookies cannot buy unbounded MAC work.
-pub(crate) const MAX_CANDIDATES: usize = 4;
+/// The longest token lifetime honoured: 400 days, the cap RFC 6265bis
+/// (§5.5) tells browsers to apply to `Max-Age` and `Expires`. Longer TTLs,
+/// `Duration::MAX` included, are clamped to it.
+pub(crate) const MAX_TTL_SECONDS: u64 = 400 * 24 * 60 * 60;
 
 /// Calls `each` with every token candidate, header first, then every cookie
 /// named `cookie_name` across all `Cookie` headers (HTTP/2 sends one header
-/// per cookie), until `each` returns true or [`MAX_CANDIDATES`] were tried.
-/// Returns whether any candidate was found.
+/// per cookie), until `each` returns true. Returns whether any candidate was
+/// found.
+///
+/// Does not bound the number of candidates: that is the caller's MAC budget
+/// (see [`MAX_MACS_PER_REQUEST`](super::MAX_MACS_PER_REQUEST)), which junk
+/// cannot spend. One pass over the header bytes, no allocation: the work is
+/// linear in the headers' size, which the HTTP server already bounds.
 pub(crate) fn for_each_candidate(
     headers: &HeaderMap,
     cookie_name: &str,
     token_header: Option<&HeaderName>,
     mut each: impl FnMut(&str) -> bool,
 ) -> bool {
-    let mut tried = 0;
+    let mut found = false;
     if let Some(name) = token_header {
         for value in headers.get_all(name) {
             // Not visible ASCII: not a token of ours; skip, never fail.
             let Ok(text) = value.to_str() else { continue };
-            tried += 1;
-            if each(text.trim()) || tried >= MAX_CANDIDATES {
+            found = true;
+            if each(text.trim()) {
                 return true;
             }
         }
@@ -54,13 +60,13 @@ pub(crate) fn for_each_candidate(
             let Ok(text) = std::str::from_utf8(raw) else {
                 continue;
             };
-            tried += 1;
-            if each(text) || tried >= MAX_CANDIDATES {
+            found = true;
+            if each(text) {
                 return true;
             }
         }
     }
-    tried > 0
+    found
 }
 
 /// Appends the `Set-Cookie` for `token` (keeping every other cookie the
@@ -124,12 +130,58 @@ pub(crate) fn set_cookie_template<B>(shared: &Shared<B>) -> (String, String) {
     }
 }
 
-/// The token lifetime in whole seconds, rounded up, as `Max-Age` uses it.
+/// The token lifetime in whole seconds, rounded up, as `Max-Age` uses it:
+/// at least 1, at most [`MAX_TTL_SECONDS`], whatever was configured.
 pub(crate) fn ttl_seconds<B>(shared: &Shared<B>) -> i64 {
     let ttl = match shared.mode {
         super::Mode::Position => shared.ttl,
         super::Mode::TimeWindow(window) => window,
     };
-    let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-    i64::try_from(seconds).unwrap_or(i64::MAX).max(1)
+    let seconds = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0))
+        .clamp(1, MAX_TTL_SECONDS);
+    // 400 days fits an i64 many times over; the fallback is never taken.
+    i64::try_from(seconds).unwrap_or(1)
+}
+
+/// Checks a configured cookie name: an RFC 6265 `token` (RFC 9110 §5.6.2),
+/// one or more visible ASCII characters other than the separators.
+pub(crate) fn check_cookie_name(name: &str) -> Result<(), ConfigError> {
+    const SEPARATORS: &[u8] = b"()<>@,;:\\\"/[]?={} \t";
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !SEPARATORS.contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::InvalidCookieName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Checks a configured cookie domain: a host name of letters, digits, `-`
+/// and `.`, with an optional leading `.`, labels of 1 to 63 characters that
+/// neither start nor end with `-`, at most 253 characters in all.
+pub(crate) fn check_domain(domain: &str) -> Result<(), ConfigError> {
+    let host = domain.strip_prefix('.').unwrap_or(domain);
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::InvalidDomain {
+            domain: domain.to_owned(),
+        })
+    }
 }

@@ -22,6 +22,25 @@
 //! is 74 characters. Anything longer than [`MAX_ENCODED_LEN`] is rejected
 //! before it is decoded, and parsing never panics.
 //!
+//! # Checks, cheapest first
+//!
+//! Verification is two steps. The first needs no key material and allocates
+//! nothing: length, base64url, layout, version, a key id the [`KeySet`]
+//! holds, and expiry (the layer adds: the user id is the requester's). Only a
+//! token that passes all of them costs an HMAC, the second step. The layer
+//! bounds that second step per request (see
+//! [`MAX_MACS_PER_REQUEST`](crate::middleware::MAX_MACS_PER_REQUEST)), so
+//! junk, however much of it, cannot use up the bound and hide a valid token.
+//!
+//! # Which token promises the most
+//!
+//! A request may carry several valid tokens of one user (a host-only cookie
+//! beside a domain cookie, a header beside a cookie). The one that promises
+//! the most decides, by [`AffinityToken::promises_more_than`]: a token
+//! [pinned to the primary](WritePosition::pins_primary) over any position;
+//! on one cluster and timeline the higher LSN; on one cluster across
+//! timelines the later timeline; across clusters the later expiry.
+//!
 //! # Example
 //!
 //! ```
@@ -44,6 +63,7 @@
 
 mod keys;
 
+use std::cmp::Ordering;
 use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -297,10 +317,13 @@ impl AffinityToken {
         URL_SAFE_NO_PAD.encode(&raw)
     }
 
-    /// Checks a token's length, layout, version, key, tag (in constant time)
-    /// and expiry against `now_unix`, in that order, and decodes it.
+    /// Checks a token's length, encoding, layout, version, key id and expiry
+    /// against `now_unix`, then its tag (in constant time), in that order,
+    /// and decodes it.
     ///
-    /// Never panics, whatever `text` holds.
+    /// Never panics, whatever `text` holds. A forged token that also fails
+    /// an earlier check is refused for that earlier reason: only a token that
+    /// would otherwise be accepted costs an HMAC.
     ///
     /// ```
     /// use read_after_write::{AffinityToken, KeySet, SigningKey, TokenError};
@@ -316,32 +339,193 @@ impl AffinityToken {
         keys: &KeySet,
         now_unix: u64,
     ) -> Result<Self, TokenError> {
+        UnverifiedToken::parse(text, keys, now_unix)?.authenticate(name, keys)
+    }
+
+    /// Whether this token promises more than `other`, so that of two valid
+    /// tokens of one user this one should decide where reads go.
+    ///
+    /// By [`WritePosition::cmp_promise`]; where the positions promise the
+    /// same, or cannot be compared because they come from different clusters,
+    /// the later expiry wins (the more recently issued token, with the TTL
+    /// every instance shares). Strict: a token never promises more than
+    /// itself.
+    ///
+    /// ```
+    /// use read_after_write::{AffinityToken, Lsn, UserId, WritePosition};
+    ///
+    /// let user = UserId::from(1u64);
+    /// let at = |lsn, timeline, system| WritePosition::new(Lsn::new(lsn), timeline, system);
+    /// let token = |position, expires_at| AffinityToken::new(user.clone(), position, expires_at);
+    ///
+    /// // One cluster and timeline: the higher LSN, whatever the expiry.
+    /// assert!(token(at(0x300, 1, 7), 10).promises_more_than(&token(at(0x100, 1, 7), 99)));
+    /// // One cluster, another timeline: the later timeline.
+    /// assert!(token(at(0x1, 2, 7), 10).promises_more_than(&token(at(0x900, 1, 7), 99)));
+    /// // Different clusters: the later expiry.
+    /// assert!(token(at(0x1, 1, 8), 99).promises_more_than(&token(at(0x900, 1, 7), 10)));
+    /// // Pinned to the primary: more than any position.
+    /// assert!(token(WritePosition::default(), 10).promises_more_than(&token(at(0x900, 1, 7), 99)));
+    /// ```
+    pub fn promises_more_than(&self, other: &AffinityToken) -> bool {
+        promises_more(
+            (self.position, self.expires_at),
+            (other.position, other.expires_at),
+        )
+    }
+}
+
+/// Whether `(position, expires_at)` promises more than `other`; see
+/// [`AffinityToken::promises_more_than`].
+fn promises_more(this: (WritePosition, u64), other: (WritePosition, u64)) -> bool {
+    match this.0.cmp_promise(&other.0) {
+        Some(Ordering::Greater) => true,
+        Some(Ordering::Less) => false,
+        Some(Ordering::Equal) | None => this.1 > other.1,
+    }
+}
+
+impl WritePosition {
+    /// Whether this is the all-zero position, which a token carries to pin
+    /// its user's session reads to the primary: issued in time-window mode,
+    /// or when the position of a write could not be captured. No replica is
+    /// known to have it, so it promises more than any real position.
+    ///
+    /// ```
+    /// use read_after_write::{Lsn, WritePosition};
+    ///
+    /// assert!(WritePosition::default().pins_primary());
+    /// assert!(!WritePosition::new(Lsn::ZERO, 1, 0).pins_primary());
+    /// ```
+    pub fn pins_primary(&self) -> bool {
+        *self == WritePosition::default()
+    }
+
+    /// How much this position promises compared with `other`: `Greater`
+    /// when a node that has `self` must be further along.
+    ///
+    /// - [Pinned to the primary](Self::pins_primary) beats any position;
+    ///   two pinned positions are equal.
+    /// - One cluster, one timeline: the higher LSN.
+    /// - One cluster, different timelines: the higher timeline, which is
+    ///   the cluster's later history whatever the LSNs say.
+    /// - Different clusters (system identifiers): `None`, not comparable.
+    ///
+    /// ```
+    /// use read_after_write::{Lsn, WritePosition};
+    /// use std::cmp::Ordering;
+    ///
+    /// let p = WritePosition::new(Lsn::new(0x500), 1, 7);
+    /// assert_eq!(p.cmp_promise(&WritePosition::new(Lsn::new(0x400), 1, 7)), Some(Ordering::Greater));
+    /// assert_eq!(p.cmp_promise(&WritePosition::new(Lsn::new(0x400), 2, 7)), Some(Ordering::Less));
+    /// assert_eq!(p.cmp_promise(&WritePosition::new(Lsn::new(0x400), 1, 8)), None);
+    /// assert_eq!(p.cmp_promise(&WritePosition::default()), Some(Ordering::Less));
+    /// ```
+    pub fn cmp_promise(&self, other: &WritePosition) -> Option<Ordering> {
+        match (self.pins_primary(), other.pins_primary()) {
+            (true, true) => Some(Ordering::Equal),
+            (true, false) => Some(Ordering::Greater),
+            (false, true) => Some(Ordering::Less),
+            (false, false) if self.system_id != other.system_id => None,
+            (false, false) if self.timeline != other.timeline => {
+                Some(self.timeline.cmp(&other.timeline))
+            }
+            (false, false) => Some(self.lsn.cmp(&other.lsn)),
+        }
+    }
+}
+
+/// A token that passed every check needing no MAC: length, encoding,
+/// layout, version, a known key id and expiry. Its fields are attacker
+/// controlled until [`authenticate`](Self::authenticate) succeeds; use them
+/// only to decide whether the MAC is worth computing.
+pub(crate) struct UnverifiedToken {
+    /// The decoded bytes, `len` of them: on the stack, never allocated.
+    raw: [u8; MAX_RAW_LEN],
+    /// Checked by [`parse`](Self::parse): `MIN_RAW_LEN + user length`.
+    len: usize,
+}
+
+impl UnverifiedToken {
+    /// The cheap checks, in the order [`AffinityToken::verify`] documents.
+    /// Linear in `text.len()` (which is at most [`MAX_ENCODED_LEN`] by the
+    /// first check), allocation free, and never panics.
+    pub(crate) fn parse(text: &str, keys: &KeySet, now_unix: u64) -> Result<Self, TokenError> {
         if text.len() > MAX_ENCODED_LEN {
             return Err(TokenError::TooLong);
         }
-        let mut buf = [0u8; MAX_RAW_LEN];
+        let mut raw = [0u8; MAX_RAW_LEN];
         let len = URL_SAFE_NO_PAD
-            .decode_slice(text.as_bytes(), &mut buf)
+            .decode_slice(text.as_bytes(), &mut raw)
             .map_err(|_| TokenError::Malformed)?;
-        let raw = &buf[..len];
-        if raw.len() < MIN_RAW_LEN {
+        if len < MIN_RAW_LEN {
             return Err(TokenError::Malformed);
         }
         if raw[0] != TOKEN_VERSION {
             return Err(TokenError::WrongVersion);
         }
-        let key_id = raw[1];
-        let user_len = usize::from(raw[2]);
-        if raw.len() != MIN_RAW_LEN + user_len {
+        if len != MIN_RAW_LEN + usize::from(raw[2]) {
             return Err(TokenError::Malformed);
         }
-        let (payload, tag) = raw.split_at(raw.len() - TAG_LEN);
-
-        let mut keys_with_id = keys.with_id(key_id).peekable();
-        if keys_with_id.peek().is_none() {
+        let token = UnverifiedToken { raw, len };
+        if keys.with_id(token.key_id()).next().is_none() {
             return Err(TokenError::UnknownKey);
         }
-        let authentic = keys_with_id.any(|key| {
+        if now_unix >= token.expires_at() {
+            return Err(TokenError::Expired);
+        }
+        Ok(token)
+    }
+
+    fn key_id(&self) -> u8 {
+        self.raw[1]
+    }
+
+    /// The user id the token claims.
+    pub(crate) fn user(&self) -> &[u8] {
+        &self.raw[HEAD_LEN..HEAD_LEN + usize::from(self.raw[2])]
+    }
+
+    /// LSN, timeline, system identifier, expiry.
+    fn fixed(&self) -> &[u8] {
+        let start = HEAD_LEN + usize::from(self.raw[2]);
+        &self.raw[start..start + FIXED_LEN]
+    }
+
+    /// The position the token claims.
+    pub(crate) fn position(&self) -> WritePosition {
+        let fixed = self.fixed();
+        WritePosition::new(
+            Lsn::new(u64::from_be_bytes(array(&fixed[0..8]))),
+            u32::from_be_bytes(array(&fixed[8..12])),
+            u64::from_be_bytes(array(&fixed[12..20])),
+        )
+    }
+
+    /// The expiry the token claims, Unix seconds.
+    pub(crate) fn expires_at(&self) -> u64 {
+        u64::from_be_bytes(array(&self.fixed()[20..28]))
+    }
+
+    /// Whether, if authentic, this token would promise more than `best`;
+    /// see [`AffinityToken::promises_more_than`].
+    pub(crate) fn could_beat(&self, best: &AffinityToken) -> bool {
+        promises_more(
+            (self.position(), self.expires_at()),
+            (best.position, best.expires_at),
+        )
+    }
+
+    /// Checks the tag (HMAC-SHA256 over `name ‖ 0x00 ‖ payload`, compared
+    /// in constant time) against every key with the token's id.
+    pub(crate) fn authenticate(
+        &self,
+        name: &str,
+        keys: &KeySet,
+    ) -> Result<AffinityToken, TokenError> {
+        let raw = &self.raw[..self.len];
+        let (payload, tag) = raw.split_at(self.len - TAG_LEN);
+        let authentic = keys.with_id(self.key_id()).any(|key| {
             let mut mac = key.mac();
             mac.update(name.as_bytes());
             mac.update(&[0]);
@@ -351,20 +535,11 @@ impl AffinityToken {
         if !authentic {
             return Err(TokenError::BadSignature);
         }
-
-        let (user, fixed) = payload[HEAD_LEN..].split_at(user_len);
-        let lsn = u64::from_be_bytes(array(&fixed[0..8]));
-        let timeline = u32::from_be_bytes(array(&fixed[8..12]));
-        let system_id = u64::from_be_bytes(array(&fixed[12..20]));
-        let expires_at = u64::from_be_bytes(array(&fixed[20..28]));
-        if now_unix >= expires_at {
-            return Err(TokenError::Expired);
-        }
         Ok(AffinityToken {
-            key_id,
-            user: UserId(SmallVec::from_slice(user)),
-            position: WritePosition::new(Lsn::new(lsn), timeline, system_id),
-            expires_at,
+            key_id: self.key_id(),
+            user: UserId(SmallVec::from_slice(self.user())),
+            position: self.position(),
+            expires_at: self.expires_at(),
         })
     }
 }
@@ -551,8 +726,96 @@ mod tests {
         assert!(AffinityToken::verify(&text, NAME, &KeySet::new(new), NOW).is_err());
     }
 
+    #[test]
+    fn cheap_checks_come_before_the_mac() {
+        let other = keys(2);
+        let keys = keys(1);
+        let text = sample(7).sign(NAME, &keys);
+        let mut raw = URL_SAFE_NO_PAD.decode(&text).unwrap();
+        let tag_start = raw.len() - TAG_LEN;
+        raw[tag_start] ^= 1;
+        let forged = URL_SAFE_NO_PAD.encode(&raw);
+        // A bad tag passes every check that needs no MAC...
+        let unverified = UnverifiedToken::parse(&forged, &keys, NOW).unwrap();
+        assert_eq!(unverified.user(), UserId::from(7u64).as_bytes());
+        assert_eq!(unverified.position(), sample(7).position());
+        assert_eq!(unverified.expires_at(), NOW + 30);
+        assert_eq!(
+            unverified.authenticate(NAME, &keys),
+            Err(TokenError::BadSignature)
+        );
+        // ...and an expired forgery is refused as expired, before any MAC.
+        assert_eq!(
+            AffinityToken::verify(&forged, NAME, &keys, NOW + 30),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            UnverifiedToken::parse(&forged, &other, NOW).err(),
+            (other.current().id() != keys.current().id()).then_some(TokenError::UnknownKey)
+        );
+        let genuine = UnverifiedToken::parse(&text, &keys, NOW).unwrap();
+        assert_eq!(
+            genuine.authenticate(NAME, &keys),
+            Ok(AffinityToken {
+                key_id: keys.current().id(),
+                ..sample(7)
+            })
+        );
+    }
+
+    #[test]
+    fn promise_comparison_follows_the_rules() {
+        let at = |lsn: u64, timeline: u32, system: u64| {
+            AffinityToken::new(
+                UserId::from(1u64),
+                WritePosition::new(Lsn::new(lsn), timeline, system),
+                NOW,
+            )
+        };
+        let expiring = |mut token: AffinityToken, expires_at: u64| {
+            token.expires_at = expires_at;
+            token
+        };
+        let pinned = AffinityToken::new(UserId::from(1u64), WritePosition::default(), NOW);
+        let cases = [
+            // (more, less)
+            (at(0x300, 1, 7), expiring(at(0x100, 1, 7), NOW + 99)),
+            (at(0x1, 2, 7), expiring(at(0x900, 1, 7), NOW + 99)),
+            (expiring(at(0x1, 1, 8), NOW + 1), at(0x900, 1, 7)),
+            (expiring(at(0x100, 1, 7), NOW + 1), at(0x100, 1, 7)),
+            (
+                pinned.clone(),
+                expiring(at(u64::MAX, u32::MAX, u64::MAX), NOW + 99),
+            ),
+            (expiring(pinned.clone(), NOW + 1), pinned.clone()),
+        ];
+        for (more, less) in cases {
+            assert!(more.promises_more_than(&less), "{more:?} > {less:?}");
+            assert!(!less.promises_more_than(&more), "{less:?} < {more:?}");
+            assert!(!more.promises_more_than(&more), "strict");
+        }
+        // Position 0/0 on a real timeline is a position, not "pinned".
+        assert!(!WritePosition::new(Lsn::ZERO, 1, 7).pins_primary());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn at_most_one_of_two_tokens_promises_more(
+            a in (any::<u64>(), 0u32..3, 0u64..3, 0u64..3),
+            b in (any::<u64>(), 0u32..3, 0u64..3, 0u64..3),
+        ) {
+            let token = |(lsn, timeline, system, expiry): (u64, u32, u64, u64)| {
+                AffinityToken::new(
+                    UserId::from(1u64),
+                    WritePosition::new(Lsn::new(lsn % 4), timeline, system),
+                    NOW + expiry,
+                )
+            };
+            let (a, b) = (token(a), token(b));
+            prop_assert!(!(a.promises_more_than(&b) && b.promises_more_than(&a)));
+        }
 
         #[test]
         fn arbitrary_text_never_panics(text in ".{0,600}") {
