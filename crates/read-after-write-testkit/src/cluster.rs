@@ -17,7 +17,7 @@ use crate::{KitError, PgBinaries};
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often to poll a server while waiting for it.
-const POLL_INTERVAL: Duration = Duration::from_millis(10);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Configures and starts a [`TestCluster`].
 ///
@@ -1365,8 +1365,27 @@ impl TestCluster {
     }
 }
 
+/// What the fault drills (`faults.rs`) need from inside the cluster.
+impl TestCluster {
+    pub(crate) fn env(&self) -> &Env {
+        &self.env
+    }
+
+    pub(crate) fn primary_node(&self) -> &Node {
+        &self.primary
+    }
+
+    pub(crate) fn primary_is_running(&self) -> bool {
+        self.primary_running.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn replica_node(&self, index: usize) -> Result<&Node, KitError> {
+        Ok(&self.get(index)?.node)
+    }
+}
+
 /// Runs blocking work (processes, files) on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, KitError> + Send + 'static,
 ) -> Result<T, KitError> {
     tokio::task::spawn_blocking(f).await.map_err(join_error)?
@@ -1379,7 +1398,7 @@ fn join_error(e: tokio::task::JoinError) -> KitError {
     )
 }
 
-async fn connect(node: &Node, quiet: bool) -> Result<PgConnection, KitError> {
+pub(crate) async fn connect(node: &Node, quiet: bool) -> Result<PgConnection, KitError> {
     let options = if quiet {
         node.quiet_connect_options()
     } else {
@@ -1390,7 +1409,7 @@ async fn connect(node: &Node, quiet: bool) -> Result<PgConnection, KitError> {
         .map_err(|e| sql_error(node, &format!("connecting to {}", node.url()), e))
 }
 
-fn sql_error(node: &Node, context: &str, source: sqlx::Error) -> KitError {
+pub(crate) fn sql_error(node: &Node, context: &str, source: sqlx::Error) -> KitError {
     KitError::Sql {
         context: format!("{context} ({})", node.name),
         log_file: node.log.display().to_string(),
@@ -1438,7 +1457,7 @@ async fn wait_ready(
 }
 
 /// Formats an LSN the way PostgreSQL does (`16/B374D848`).
-fn format_lsn(lsn: i64) -> String {
+pub(crate) fn format_lsn(lsn: i64) -> String {
     let lsn = lsn as u64;
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }

@@ -12,6 +12,10 @@
 //! - [`ClusterBuilder`]: replicas, extra settings, binaries and timeouts;
 //!   [`ClusterBuilder::start`] creates the cluster.
 //! - [`ReplicaInfo`] and [`ReplicaState`]: one replica and what it is doing.
+//! - Fault drills, more [`TestCluster`] methods: freeze and thaw the
+//!   primary, terminate its connections, detach a replica or make it
+//!   follow another server, and failovers (planned, or losing WAL and
+//!   leaving an orphan replica) that report a [`Failover`].
 //! - [`TcpProxy`]: a repointable TCP address in front of a server, which a
 //!   test can freeze (a partition) and cut (every session closed).
 //! - [`PgBinaries`]: finds `initdb`, `pg_ctl`, `postgres` and
@@ -93,6 +97,7 @@
 mod binaries;
 mod cluster;
 mod error;
+mod faults;
 mod node;
 mod process;
 mod proxy;
@@ -101,4 +106,5 @@ mod workdir;
 pub use binaries::PgBinaries;
 pub use cluster::{ClusterBuilder, ReplicaInfo, ReplicaState, TestCluster};
 pub use error::KitError;
+pub use faults::Failover;
 pub use proxy::TcpProxy;
