@@ -1,16 +1,25 @@
 //! Finding the PostgreSQL server programs.
 
 use std::env;
+use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
+use crate::process;
 use crate::KitError;
 
 /// The programs a cluster needs; all of them must live in one directory.
-const PROGRAMS: [&str; 4] = ["initdb", "pg_ctl", "postgres", "pg_basebackup"];
+const PROGRAMS: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
 
-/// The directory holding the PostgreSQL server programs (`initdb`, `pg_ctl`,
-/// `postgres` and `pg_basebackup`).
+/// A library that marks `<bin>/../lib` as the home of the programs' shared
+/// libraries (a relocatable build such as the `@embedded-postgres` npm
+/// packages), rather than one of server plugins only (Debian's
+/// `/usr/lib/postgresql/<major>/lib`).
+const LIBPQ: &str = "libpq.so.5";
+
+/// The directory holding the PostgreSQL server programs (`initdb`, `pg_ctl`
+/// and `postgres`; `pg_basebackup` is not needed).
 ///
 /// # Examples
 ///
@@ -32,7 +41,7 @@ impl PgBinaries {
     /// Looks, in order, in:
     ///
     /// 1. the directory named by the `PG_BIN` environment variable (if it is
-    ///    set, it must hold all four programs);
+    ///    set, it must hold all three programs);
     /// 2. the directories on `PATH`: the first one with an `initdb`, after
     ///    resolving symbolic links, so that a `/usr/local/bin/initdb` linking
     ///    to `/usr/lib/postgresql/15/bin/initdb` selects the latter directory;
@@ -86,7 +95,7 @@ impl PgBinaries {
     ///
     /// # Errors
     ///
-    /// [`KitError::BinariesNotFound`] if one of the four programs is missing
+    /// [`KitError::BinariesNotFound`] if one of the three programs is missing
     /// from `dir`.
     ///
     /// # Examples
@@ -143,6 +152,78 @@ impl PgBinaries {
     pub fn program(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// The major version of the programs (`15`, `18`, ...), from
+    /// `postgres --version`.
+    ///
+    /// # Errors
+    ///
+    /// [`KitError::Command`] if `postgres --version` fails (for instance,
+    /// when its shared libraries cannot be loaded), [`KitError::Io`] if it
+    /// cannot be run or prints something unexpected.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use read_after_write_testkit::PgBinaries;
+    /// let major = PgBinaries::discover()?.major()?;
+    /// assert!(major >= 13);
+    /// # Ok::<(), read_after_write_testkit::KitError>(())
+    /// ```
+    pub fn major(&self) -> Result<u32, KitError> {
+        let program = self.program("postgres");
+        let mut cmd = Command::new(&program);
+        cmd.arg("--version");
+        if let Some(path) = library_path(&program) {
+            cmd.env("LD_LIBRARY_PATH", path);
+        }
+        let output = process::run(cmd, None)?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        parse_major(&text).ok_or_else(|| {
+            KitError::io(
+                format!("reading the version of {}", program.display()),
+                std::io::Error::other(format!(
+                    "unexpected `postgres --version` output: {}",
+                    text.trim()
+                )),
+            )
+        })
+    }
+}
+
+/// The `LD_LIBRARY_PATH` to run `program` with: its sibling `lib` directory
+/// (when that holds PostgreSQL's shared libraries) before the inherited
+/// value, or `None` when nothing needs adding.
+///
+/// The relocatable builds find their libraries through `$ORIGIN/../lib`
+/// already; this also covers builds without that run path, and keeps
+/// `postgres` and the libraries it loads later (`libpqwalreceiver`) from
+/// picking up a system `libpq` of another version.
+pub(crate) fn library_path(program: &Path) -> Option<OsString> {
+    let lib = program.parent()?.parent()?.join("lib");
+    if !lib.join(LIBPQ).exists() {
+        return None;
+    }
+    let mut dirs = vec![lib];
+    if let Some(inherited) = env::var_os("LD_LIBRARY_PATH") {
+        dirs.extend(env::split_paths(&inherited));
+    }
+    env::join_paths(dirs).ok()
+}
+
+/// The major version in `postgres --version` output:
+/// `postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)` gives 15,
+/// `postgres (PostgreSQL) 18.4` gives 18, and `9.6.24` gives 9.
+fn parse_major(version_output: &str) -> Option<u32> {
+    let version = version_output
+        .split_whitespace()
+        .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))?;
+    let major = version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some(major)
 }
 
 /// Checks one `PATH` entry: an `initdb` there selects the directory of the
@@ -240,13 +321,38 @@ mod tests {
     }
 
     #[test]
+    fn major_versions_are_parsed() {
+        assert_eq!(
+            parse_major("postgres (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)\n"),
+            Some(15)
+        );
+        assert_eq!(parse_major("postgres (PostgreSQL) 18.4\n"), Some(18));
+        assert_eq!(parse_major("postgres (PostgreSQL) 19devel"), Some(19));
+        assert_eq!(parse_major("postgres (PostgreSQL) 9.6.24"), Some(9));
+        assert_eq!(parse_major("no version here"), None);
+    }
+
+    #[test]
+    fn library_path_only_for_a_lib_dir_with_libpq() {
+        let base = std::env::temp_dir().join(format!("testkit-libs-{}", std::process::id()));
+        let bin = base.join("bin");
+        let lib = base.join("lib");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&lib).unwrap();
+        let without = library_path(&bin.join("postgres"));
+        std::fs::write(lib.join(LIBPQ), "").unwrap();
+        let with = library_path(&bin.join("postgres"));
+        std::fs::remove_dir_all(&base).unwrap();
+        assert_eq!(without, None);
+        let with = with.expect("a library path");
+        assert_eq!(env::split_paths(&with).next(), Some(lib));
+    }
+
+    #[test]
     fn missing_programs_are_named() {
         let err = PgBinaries::from_dir("/nonexistent/bin").unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("missing initdb, pg_ctl, postgres, pg_basebackup"),
-            "{msg}"
-        );
+        assert!(msg.contains("missing initdb, pg_ctl, postgres)"), "{msg}");
         assert!(msg.contains("apt-get install postgresql"), "{msg}");
     }
 }

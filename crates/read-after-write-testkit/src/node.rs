@@ -22,7 +22,7 @@ use crate::{KitError, PgBinaries};
 const PORT_ATTEMPTS: usize = 5;
 
 /// The oldest supported major version (for `wal_keep_size`,
-/// `pg_basebackup --no-manifest` and `recovery_min_apply_delay` in
+/// `standby.signal` and `recovery_min_apply_delay` in
 /// `postgresql.auto.conf`).
 const MIN_MAJOR_VERSION: u32 = 13;
 
@@ -167,31 +167,28 @@ impl Node {
         self.write_node_settings(env, &[("port", self.port.to_string())])
     }
 
-    /// Clones the primary with `pg_basebackup` and configures the node as a
-    /// replica with its own port and apply delay.
-    pub(crate) fn init_replica(
+    /// Clones the primary by copying its data directory, which is
+    /// consistent on disk only while the primary is cleanly stopped (or not
+    /// yet started), and marks the copy as a standby (`standby.signal`).
+    /// The copy starts from the primary's shutdown checkpoint and streams
+    /// everything after it. It shares the primary's system identifier and
+    /// timeline, like a replica made by `pg_basebackup`.
+    pub(crate) fn clone_by_copy(&self, env: &Env, primary: &Node) -> Result<(), KitError> {
+        copy_tree(env, &primary.data, &self.data)?;
+        let signal = self.data.join("standby.signal");
+        fs::write(&signal, "")
+            .map_err(|e| KitError::io(format!("writing {}", signal.display()), e))?;
+        env.run_as.chown(&signal)
+    }
+
+    /// Configures a cloned node as a replica of the primary on
+    /// `primary_port`, with its own port and apply delay.
+    pub(crate) fn configure_replica(
         &self,
         env: &Env,
         primary_port: u16,
         apply_delay: Duration,
     ) -> Result<(), KitError> {
-        let mut cmd = env
-            .run_as
-            .command(&env.bins.program("pg_basebackup"), &self.dir);
-        cmd.args(["-h", "127.0.0.1", "-p"])
-            .arg(primary_port.to_string())
-            .args(["-U", "postgres", "-D"])
-            .arg(&self.data)
-            .args([
-                "-R",
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-                "--no-sync",
-                "--no-manifest",
-            ]);
-        process::run(cmd, None)?;
         self.write_node_settings(
             env,
             &[
@@ -356,6 +353,41 @@ fn check_version(data: &Path) -> Result<(), KitError> {
     let major: u32 = found.split('.').next().unwrap_or("").parse().unwrap_or(0);
     if major < MIN_MAJOR_VERSION {
         return Err(KitError::UnsupportedVersion { found });
+    }
+    Ok(())
+}
+
+/// Copies the contents of the directory `from` into the existing directory
+/// `to`, keeping permissions and giving everything to the server user. A
+/// data directory made by `initdb` holds only directories and files.
+fn copy_tree(env: &Env, from: &Path, to: &Path) -> Result<(), KitError> {
+    let entries =
+        fs::read_dir(from).map_err(|e| KitError::io(format!("reading {}", from.display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| KitError::io(format!("reading {}", from.display()), e))?;
+        let source = entry.path();
+        let target = to.join(entry.file_name());
+        let meta = fs::symlink_metadata(&source)
+            .map_err(|e| KitError::io(format!("reading {}", source.display()), e))?;
+        if meta.is_dir() {
+            env.create_dir(&target, meta.permissions().mode() & 0o7777)?;
+            copy_tree(env, &source, &target)?;
+        } else if meta.is_file() {
+            fs::copy(&source, &target).map_err(|e| {
+                KitError::io(
+                    format!("copying {} to {}", source.display(), target.display()),
+                    e,
+                )
+            })?;
+            env.run_as.chown(&target)?;
+        } else {
+            return Err(KitError::io(
+                format!("copying {}", source.display()),
+                std::io::Error::other(
+                    "not a file or directory; the kit clones only plain data directories",
+                ),
+            ));
+        }
     }
     Ok(())
 }
