@@ -7,10 +7,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use http::{Request, Response};
-use read_after_write::pg::{PgDb, PgReplicaSet};
-use read_after_write::{Backend, RouteReason, Target, UserId};
-use tower::{service_fn, Layer, ServiceExt};
+use read_after_write::pg::PgReplicaSet;
+use read_after_write::{Backend, RouteReason, Target};
+use read_after_write_testkit::TcpProxy;
 
 async fn healthy(set: &PgReplicaSet, name: &str) -> bool {
     set.replicas().iter().any(|r| r.name == name && r.healthy)
@@ -143,10 +142,28 @@ async fn a_lost_capture_pins_the_user_to_the_primary_instead_of_leaving_an_older
     let cluster = start_cluster().await;
     create_schema(&cluster).await;
     let set = replica_set(&cluster).await;
-    // Same cluster, but its capture query can never answer in time: the
-    // write commits, its position is lost (as when the primary's
-    // connections are terminated between the commit and the capture).
-    let lossy = replica_set_with(&cluster, |b| b.capture_timeout(Duration::ZERO)).await;
+    // Another instance of the app whose capture query fails after its
+    // commits, deterministically: its role loses the right to ask for the
+    // WAL position once it has connected (in the field: connections
+    // terminated, or a primary lost, between the commit and the capture).
+    cluster
+        .execute_on_primary(
+            "create role capture_fails login; \
+             grant select, insert on posts to capture_fails; \
+             grant usage on sequence posts_id_seq to capture_fails",
+        )
+        .await
+        .unwrap();
+    let mut builder = PgReplicaSet::builder()
+        .primary_url(cluster.primary_url().replace("postgres@", "capture_fails@"));
+    for replica in cluster.replicas() {
+        builder = builder.replica_url(replica.name(), replica.url());
+    }
+    let lossy = builder.connect().await.unwrap();
+    cluster
+        .execute_on_primary("revoke execute on function pg_current_wal_insert_lsn() from public")
+        .await
+        .unwrap();
     let wait = Duration::from_millis(300);
 
     let mut browser = Browser::new(app(set.clone(), wait), 7);
@@ -180,7 +197,10 @@ async fn a_lost_capture_pins_the_user_to_the_primary_instead_of_leaving_an_older
     browser.cookie = Some(pinned);
     let (seen, route) = browser.sees(second).await;
     assert!(seen, "{route}");
-    assert!(route.contains("node=primary; reason=position_unknown"), "{route}");
+    assert!(
+        route.contains("node=primary; reason=position_unknown"),
+        "{route}"
+    );
     assert!(browser.sees(first).await.0);
 
     // The next write that captures its position replaces the pin.
@@ -220,8 +240,8 @@ async fn with_the_primary_down_writes_fail_fast_and_eventual_reads_continue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_orphan_never_serves_new_timeline_tokens_after_an_app_restart_and_leaves_eventual_reads(
-) {
+async fn an_orphan_never_serves_new_timeline_tokens_after_an_app_restart_and_leaves_eventual_reads()
+{
     let cluster = start_cluster().await;
     create_schema(&cluster).await;
     // Unplanned failover that loses WAL: replica-1 is cut off, the primary
@@ -269,14 +289,16 @@ async fn an_orphan_never_serves_new_timeline_tokens_after_an_app_restart_and_lea
     );
     // Ids restart from the fork on timeline 2, so the orphan may hold a
     // different row with the same id: look for this very row.
-    let (on_orphan,): (bool,) = sqlx::query_as(
-        "select exists(select 1 from posts where id = $1 and body = 'timeline 2')",
-    )
-    .bind(id)
-    .fetch_one(set.replica_pool("replica-2").unwrap())
-    .await
-    .unwrap();
-    assert!(!on_orphan, "the orphan lacks the write: a naive read is stale");
+    let (on_orphan,): (bool,) =
+        sqlx::query_as("select exists(select 1 from posts where id = $1 and body = 'timeline 2')")
+            .bind(id)
+            .fetch_one(set.replica_pool("replica-2").unwrap())
+            .await
+            .unwrap();
+    assert!(
+        !on_orphan,
+        "the orphan lacks the write: a naive read is stale"
+    );
 
     let routed = set.session(token, Duration::from_millis(200)).await;
     assert_eq!(
@@ -409,4 +431,96 @@ async fn a_replica_of_another_cluster_is_never_admitted() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!healthy(&set, "theirs").await, "{:?}", set.replicas());
     assert_eq!(eventual_reads(&set, 20, "theirs").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_fails_writes_within_bounds_and_a_repointed_address_is_picked_up() {
+    let cluster = start_cluster().await;
+    create_schema(&cluster).await;
+    // The app reaches the primary through a repointable address, as behind
+    // HAProxy or a DNS name.
+    let proxy = TcpProxy::start(cluster.primary_port()).await.unwrap();
+    let mut builder = PgReplicaSet::builder()
+        .primary_url(format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            proxy.port()
+        ))
+        .poll_interval(Duration::from_millis(10))
+        .probe_timeout(Duration::from_millis(300))
+        .max_connections(2)
+        .acquire_timeout(Duration::from_millis(500));
+    for replica in cluster.replicas() {
+        builder = builder.replica_url(replica.name(), replica.url());
+    }
+    let set = builder.connect().await.unwrap();
+    let insert = || {
+        sqlx::query("insert into posts (user_id, body) values (1, 'frozen?')")
+            .execute(set.primary_pool())
+    };
+    // Both pooled connections are open when the primary freezes.
+    let (a, b) = tokio::join!(insert(), insert());
+    a.unwrap();
+    b.unwrap();
+    // SIGSTOP: the server keeps its sockets and answers nothing, no RST.
+    cluster.freeze_primary().await.unwrap();
+
+    // Queries already on the wire never return on their own: the app's
+    // request timeout drops them, and their pool slots must come back.
+    let (a, b) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(1), insert()),
+        tokio::time::timeout(Duration::from_secs(1), insert())
+    );
+    assert!(
+        !matches!(a, Ok(Ok(_))) && !matches!(b, Ok(Ok(_))),
+        "nothing succeeds on a frozen primary: {a:?} {b:?}"
+    );
+    // The tracker noticed on its own connection.
+    let started = Instant::now();
+    while set.primary_healthy() {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "frozen primary still healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // New writes fail within the checkout bound, not hang.
+    let started = Instant::now();
+    let error = tokio::time::timeout(Duration::from_secs(5), insert())
+        .await
+        .expect("a write on a frozen primary fails within its bounds")
+        .unwrap_err();
+    eprintln!(
+        "write on the frozen primary failed after {:?}: {error}",
+        started.elapsed()
+    );
+
+    // Failover: replica-1 is promoted and the address repointed; the frozen
+    // sessions stay open (HAProxy's default).
+    cluster.promote_replica(0).await.unwrap();
+    proxy.repoint(cluster.replica(0).port());
+    let started = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), insert()).await {
+            Ok(Ok(_)) => break,
+            outcome => assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no write succeeded 5 s after the repoint: {outcome:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("first write after the repoint: {:?}", started.elapsed());
+    // The tracker follows the new primary and its timeline.
+    let started = Instant::now();
+    while set.timeline() < 2 || !set.primary_healthy() {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "tracker still on timeline {}",
+            set.timeline()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    set.shutdown().await;
+    drop(proxy);
+    cluster.thaw_primary().await.unwrap();
 }

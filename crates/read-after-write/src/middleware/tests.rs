@@ -508,12 +508,13 @@ async fn error_responses_after_a_write_still_carry_the_token() {
 }
 
 #[tokio::test]
-async fn a_failed_capture_returns_the_response_without_a_token() {
+async fn a_failed_capture_pins_the_user_to_the_primary() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let backend = FakeBackend::new();
     backend.capture_fails.store(true, Ordering::SeqCst);
+    backend.replica_replayed.store(u64::MAX, Ordering::SeqCst);
     let mut svc = layer(&backend, &ManualClock::new(NOW)).layer(service_fn(handler));
     let response = send(
         &mut svc,
@@ -521,10 +522,26 @@ async fn a_failed_capture_returns_the_response_without_a_token() {
     )
     .await;
     assert_eq!(response.status(), StatusCode::OK);
-    assert!(affinity_cookie(&response).is_none());
-    assert!(response.headers().get(DEFAULT_TOKEN_HEADER).is_none());
-    // The handler's own cookie is untouched.
-    assert_eq!(response.headers().get_all(SET_COOKIE).iter().count(), 1);
+    // The write may have committed: the client must not keep an older token
+    // that promises less, so it gets one with an unknown position...
+    let token = response.headers()[DEFAULT_TOKEN_HEADER].clone();
+    assert!(affinity_cookie(&response).is_some());
+    // ...beside the handler's own cookie, untouched.
+    assert_eq!(response.headers().get_all(SET_COOKIE).iter().count(), 2);
+    // That token sends session reads to the primary, whatever replicas say.
+    let read = send(
+        &mut svc,
+        request(Method::GET, "/", 3)
+            .header(DEFAULT_TOKEN_HEADER, token)
+            .body(())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen(&read).read_pool, "primary-pool");
+    assert_eq!(
+        read.headers()[DEBUG_HEADER],
+        "node=primary; reason=position_unknown; token=valid"
+    );
     let failures = snapshotter
         .snapshot()
         .into_vec()
@@ -826,7 +843,7 @@ async fn a_time_window_token_reaching_a_position_instance_reads_the_primary() {
     assert_eq!(seen(&read).read_pool, "primary-pool");
     assert_eq!(
         read.headers()[DEBUG_HEADER],
-        "node=primary; reason=time_window; token=valid"
+        "node=primary; reason=position_unknown; token=valid"
     );
 }
 

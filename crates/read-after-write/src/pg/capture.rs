@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sqlx::PgPool;
 use tokio::sync::watch;
 
+use super::pools::PrimaryPools;
 use crate::position::{Lsn, WalGeometry};
 
 /// The primary's insert position and timeline, as one query reports them.
@@ -50,7 +50,7 @@ type Slot = Option<Result<PrimaryPosition, CaptureError>>;
 
 /// Single-flight capture of the primary's write position.
 pub(crate) struct Capture {
-    primary: PgPool,
+    primary: Arc<PrimaryPools>,
     geometry: WalGeometry,
     timeout: Duration,
     state: Mutex<State>,
@@ -65,7 +65,11 @@ struct State {
 }
 
 impl Capture {
-    pub(crate) fn new(primary: PgPool, geometry: WalGeometry, timeout: Duration) -> Arc<Self> {
+    pub(crate) fn new(
+        primary: Arc<PrimaryPools>,
+        geometry: WalGeometry,
+        timeout: Duration,
+    ) -> Arc<Self> {
         Arc::new(Capture {
             primary,
             geometry,
@@ -134,7 +138,9 @@ impl Capture {
             self.queries.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("read_after_write_capture_queries_total").increment(1);
             let result =
-                match tokio::time::timeout(self.timeout, query_position(&self.primary)).await {
+                match tokio::time::timeout(self.timeout, query_position(self.primary.current()))
+                    .await
+                {
                     Ok(Ok(position)) => Ok(PrimaryPosition {
                         lsn: position.lsn.round_down_page_header(self.geometry),
                         timeline: position.timeline,

@@ -68,7 +68,11 @@
 //! RST), the tracker notices within `probe_timeout`, drops its own
 //! connection (so a repointed address is picked up), and the node's pool
 //! discards connections opened before the outage on checkout and on
-//! release. Queries your handlers run are yours to bound: a query sent to a
+//! release. A primary pool built from a URL is also replaced by a fresh one
+//! when the primary goes silent: sqlx pings connections it takes back
+//! without a bound, so every connection in flight at the freeze would
+//! otherwise hold its slot until the old server dies, and writes would keep
+//! failing after the address is repointed. Queries your handlers run are yours to bound: a query sent to a
 //! frozen server never returns on its own (sqlx has no client-side query
 //! timeout), so put a request timeout around handlers (e.g. tower's
 //! `TimeoutLayer`).
@@ -95,6 +99,7 @@
 //! ```
 
 mod capture;
+mod pools;
 mod tracker;
 
 use std::fmt;
@@ -108,6 +113,7 @@ use sqlx::PgPool;
 
 use self::capture::Capture;
 pub use self::capture::CaptureError;
+use self::pools::PrimaryPools;
 use self::tracker::{Outages, PrimaryState, ReplicaState, TrackerConfig};
 pub use self::tracker::{ReplicaTracker, TRACKER_APPLICATION_NAME};
 use crate::backend::{Backend, RouteReason, Routed};
@@ -155,7 +161,9 @@ pub enum PgSetupError {
         source: sqlx::Error,
     },
     /// The primary did not answer the setup queries in time.
-    #[error("the primary at {node} did not answer within {timeout:?} (down, frozen or unreachable)")]
+    #[error(
+        "the primary at {node} did not answer within {timeout:?} (down, frozen or unreachable)"
+    )]
     PrimaryTimedOut {
         /// `host:port` of the primary.
         node: String,
@@ -331,28 +339,42 @@ impl PgReplicaSetBuilder {
                         source,
                     }
                 })?;
-                let on_acquire = Arc::clone(outages);
-                let on_release = Arc::clone(outages);
-                Ok(PgPoolOptions::new()
-                    .max_connections(self.max_connections)
-                    .acquire_timeout(self.acquire_timeout)
-                    // No test query per checkout (a round trip on every
-                    // read); drop connections that predate an outage instead.
-                    .test_before_acquire(false)
-                    .before_acquire(move |_conn, meta| {
-                        let keep = !on_acquire.predates_last_outage(meta.age);
-                        Box::pin(async move { Ok(keep) })
-                    })
-                    // sqlx pings a released connection without a time bound:
-                    // on a frozen node that ping never returns and the
-                    // connection's slot is lost. Close connections from
-                    // before the outage instead of pinging them.
-                    .after_release(move |_conn, meta| {
-                        let keep = !on_release.predates_last_outage(meta.age);
-                        Box::pin(async move { Ok(keep) })
-                    })
-                    .connect_lazy_with(options))
+                Ok(self.url_pool_factory(options, outages)())
             }
+        }
+    }
+
+    /// Builds pools for a node given by URL; the primary's set keeps it to
+    /// build a fresh pool when the primary freezes.
+    fn url_pool_factory(
+        &self,
+        options: PgConnectOptions,
+        outages: &Arc<Outages>,
+    ) -> impl Fn() -> PgPool + Send + Sync + 'static {
+        let outages = Arc::clone(outages);
+        let max_connections = self.max_connections;
+        let acquire_timeout = self.acquire_timeout;
+        move || {
+            let on_acquire = Arc::clone(&outages);
+            let on_release = Arc::clone(&outages);
+            PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(acquire_timeout)
+                // No test query per checkout (a round trip on every read);
+                // drop connections that predate an outage instead.
+                .test_before_acquire(false)
+                .before_acquire(move |_conn, meta| {
+                    let keep = !on_acquire.predates_last_outage(meta.age);
+                    Box::pin(async move { Ok(keep) })
+                })
+                // sqlx pings a released connection without a time bound: on
+                // a frozen node that ping never returns and the slot is
+                // lost. Close connections from before an outage instead.
+                .after_release(move |_conn, meta| {
+                    let keep = !on_release.predates_last_outage(meta.age);
+                    Box::pin(async move { Ok(keep) })
+                })
+                .connect_lazy_with(options.clone())
         }
     }
 
@@ -364,6 +386,13 @@ impl PgReplicaSetBuilder {
     pub async fn connect(mut self) -> Result<PgReplicaSet, PgSetupError> {
         let primary_source = self.primary.take().ok_or(PgSetupError::NoPrimary)?;
         let primary_outages = Outages::new();
+        let rebuild = match &primary_source {
+            Source::Url(url) => PgConnectOptions::from_str(url).ok().map(|options| {
+                Box::new(self.url_pool_factory(options, &primary_outages))
+                    as Box<dyn Fn() -> PgPool + Send + Sync>
+            }),
+            Source::Pool(_) => None,
+        };
         let primary = self.pool("primary", primary_source, &primary_outages)?;
         let primary_connect = (*primary.connect_options()).clone();
         let node = tracker::describe(&primary_connect);
@@ -410,8 +439,9 @@ impl PgReplicaSetBuilder {
             replicas.push(Arc::new(ReplicaState::new(name, pool, connect, outages)));
         }
 
+        let pools = Arc::new(PrimaryPools::new(primary.clone(), rebuild));
         let primary_state = Arc::new(PrimaryState {
-            pool: primary.clone(),
+            pools: Arc::clone(&pools),
             connect: primary_connect,
             inserted: 0.into(),
             timeline: 0.into(),
@@ -441,7 +471,7 @@ impl PgReplicaSetBuilder {
         );
         Ok(PgReplicaSet {
             inner: Arc::new(Inner {
-                capture: Capture::new(primary, geometry, self.capture_timeout),
+                capture: Capture::new(pools, geometry, self.capture_timeout),
                 tracker,
                 selection: self.selection,
                 wait_poll_interval: self.wait_poll_interval.max(Duration::from_micros(100)),
@@ -524,8 +554,11 @@ impl PgReplicaSet {
     }
 
     /// The primary's pool.
+    ///
+    /// Pools built from a URL are replaced when the primary freezes (see
+    /// the [module docs](self#time-bounds)): take it per use, don't keep it.
     pub fn primary_pool(&self) -> &PgPool {
-        &self.inner.tracker.primary.pool
+        self.inner.tracker.primary.pools.current()
     }
 
     /// A replica's pool by name, bypassing every check: for tools and tests
@@ -561,6 +594,12 @@ impl PgReplicaSet {
     /// The cluster's system identifier.
     pub fn system_id(&self) -> u64 {
         self.inner.tracker.primary.system_id
+    }
+
+    /// Whether the tracker's last probe of the primary answered within
+    /// `probe_timeout`: false while it is down, frozen or partitioned.
+    pub fn primary_healthy(&self) -> bool {
+        self.inner.tracker.primary.healthy.load(Ordering::Relaxed)
     }
 
     /// The primary's timeline as last seen by a capture or a poll.

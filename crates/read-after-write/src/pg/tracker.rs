@@ -13,6 +13,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::capture::{query_position, CaptureError, PrimaryPosition};
+use super::pools::PrimaryPools;
 use crate::position::Lsn;
 
 /// `application_name` of the tracker's own connections, so they can be told
@@ -122,7 +123,8 @@ pub(crate) fn qualifies(replayed: u64, replica_timeline: u32, lsn: Lsn, timeline
 
 /// What the tracker knows about the primary.
 pub(crate) struct PrimaryState {
-    pub(crate) pool: PgPool,
+    /// The primary's pool, replaced when the primary is seen frozen.
+    pub(crate) pools: Arc<PrimaryPools>,
     /// How the tracker opens its own connection to the primary: its probes
     /// never wait behind (or get stuck with) the application's pool.
     pub(crate) connect: PgConnectOptions,
@@ -507,7 +509,8 @@ impl ReplicaTracker {
         let advanced_at = replica.advanced_at.load(Ordering::Relaxed);
         let primary_moved_since = self.primary.changed_at.load(Ordering::Relaxed) > advanced_at;
         let stalled = primary_moved_since
-            && now.saturating_sub(advanced_at) > u64::try_from(stall_timeout.as_nanos()).unwrap_or(u64::MAX);
+            && now.saturating_sub(advanced_at)
+                > u64::try_from(stall_timeout.as_nanos()).unwrap_or(u64::MAX);
         let diverged = other_timeline || stalled;
         let before = replica.diverged.swap(diverged, Ordering::Relaxed);
         if before != diverged {
@@ -581,14 +584,17 @@ impl ReplicaTracker {
                 }
                 Ok(Err(error)) => {
                     conn = None;
-                    self.primary_down(&error.to_string());
+                    self.primary_down(&error.to_string(), false);
                 }
                 Err(_elapsed) => {
                     conn = None;
-                    self.primary_down(&format!(
-                        "no answer within the probe timeout ({:?}): frozen or partitioned",
-                        config.probe_timeout
-                    ));
+                    self.primary_down(
+                        &format!(
+                            "no answer within the probe timeout ({:?}): frozen or partitioned",
+                            config.probe_timeout
+                        ),
+                        true,
+                    );
                 }
             }
         }
@@ -597,7 +603,10 @@ impl ReplicaTracker {
         }
     }
 
-    fn primary_down(&self, error: &str) {
+    /// Marks the primary down. A silent primary (`frozen`: no answer, no
+    /// error) also gets a fresh pool, since connections stuck on it would
+    /// hold their pool slots; see [`PrimaryPools`].
+    fn primary_down(&self, error: &str, frozen: bool) {
         if self.primary.healthy.swap(false, Ordering::Relaxed) {
             tracing::warn!(
                 primary = %describe(&self.primary.connect),
@@ -605,6 +614,9 @@ impl ReplicaTracker {
                 "primary unreachable; writes fail until it answers again"
             );
             self.primary.outages.mark_down();
+            if frozen && self.primary.pools.replace() {
+                tracing::warn!("replaced the primary's pool: connections stuck on the silent primary keep no slots");
+            }
         }
     }
 
@@ -634,7 +646,9 @@ impl ReplicaTracker {
             self.primary.record_position(lsn)
         };
         if moved {
-            self.primary.changed_at.store(self.nanos(), Ordering::Relaxed);
+            self.primary
+                .changed_at
+                .store(self.nanos(), Ordering::Relaxed);
         }
     }
 
