@@ -51,6 +51,10 @@ struct Args {
     /// Mostly reading users.
     #[arg(long, default_value_t = 4)]
     readers: usize,
+    /// Keep every run's history under <out>/histories, not only those of
+    /// runs that fail the check.
+    #[arg(long)]
+    keep_histories: bool,
     /// Where results.json, results.md and the histories of failing runs go.
     #[arg(long, default_value_os_t = default_out_dir())]
     out: PathBuf,
@@ -68,7 +72,11 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+                // The app logs every failed query; during a fault that is
+                // thousands of expected lines. RUST_LOG brings them back.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("error,read_after_write_lab::social=off")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -104,6 +112,7 @@ async fn main() -> ExitCode {
             ..LoadConfig::default()
         },
         out: args.out.clone(),
+        keep_histories: args.keep_histories,
         progress: true,
         mode: if args.short { "short" } else { "full" }.to_owned(),
     };

@@ -3,7 +3,7 @@
 //! stale own read, a lost write, a hung request and an error outside the
 //! fault window; see [`check`] for the exact rules.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -81,13 +81,17 @@ pub struct RunFigures {
     pub primary_share_during: Option<f64>,
     /// The same for reads sent after the window.
     pub primary_share_after: Option<f64>,
+    /// Successful own reads by where they went and why
+    /// (`primary/position_unknown`, `replica/caught_up`, ...).
+    pub own_read_routes: BTreeMap<String, u64>,
 }
 
 /// Judges one run.
 ///
 /// - **Stale own read.** A successful own read R of user U misses a write W
 ///   when W was acknowledged (2xx with an id) before R started
-///   (`W.end < R.start`), W's id exists on the final primary, W is among the
+///   (`W.end < R.start`), W exists on the final primary (same id, author
+///   and content: a failover that lost WAL reuses ids), W is among the
 ///   posts R must show, and R's list lacks it. R must show W when R returned
 ///   fewer than [`OWN_READ_LIMIT`] posts (then it showed every post it saw)
 ///   or W's id is above the smallest id R returned (then W would rank among
@@ -96,8 +100,8 @@ pub struct RunFigures {
 /// - **Monotonic-read violation.** The same rule, with "an id an earlier own
 ///   read of U showed (finished before R started) and that exists on the
 ///   final primary" in place of W.
-/// - **Lost write.** An acknowledged write whose id is not on the final
-///   primary: asynchronous replication loses such writes in an unplanned
+/// - **Lost write.** An acknowledged write that is not on the final
+///   primary (no post with its id, author and content): asynchronous replication loses such writes in an unplanned
 ///   failover. Counted apart; not a failure of the library.
 /// - **Hung.** Longer than `max_wait + 1 s`; judged only outside the fault
 ///   window, whose requests may legitimately run into the app's timeout.
@@ -131,10 +135,22 @@ pub fn check(history: &History, facts: &Facts) -> RunFigures {
                 figures.errors_outside_window += 1;
             }
         }
+        if op.kind == OpKind::OwnRead && op.outcome.is_success() {
+            let target = if op.on_primary() {
+                "primary"
+            } else {
+                "replica"
+            };
+            let reason = op.reason.as_deref().unwrap_or("?");
+            *figures
+                .own_read_routes
+                .entry(format!("{target}/{reason}"))
+                .or_default() += 1;
+        }
         if op.kind == OpKind::Write && op.outcome.is_success() {
-            if let Some(id) = op.post_id {
+            if op.post_id.is_some() {
                 figures.acked_writes += 1;
-                if !facts.final_post_ids.contains(&id) {
+                if !facts.has_write(op) {
                     figures.lost_writes += 1;
                 }
                 if op.token_issued == Some(false) {
@@ -204,8 +220,8 @@ fn check_user(
     let mut writes: Vec<(f64, i64)> = ops
         .iter()
         .filter(|op| op.kind == OpKind::Write && op.outcome.is_success())
+        .filter(|op| facts.has_write(op))
         .filter_map(|op| op.post_id.map(|id| (op.end_ms, id)))
-        .filter(|(_, id)| facts.final_post_ids.contains(id))
         .collect();
     writes.sort_by(|a, b| a.0.total_cmp(&b.0));
 
@@ -228,7 +244,7 @@ fn check_user(
                 finished[next_finished]
                     .1
                     .iter()
-                    .filter(|id| facts.final_post_ids.contains(id)),
+                    .filter(|id| facts.has_post_of(**id, user)),
             );
             next_finished += 1;
         }
@@ -270,10 +286,8 @@ fn check_user(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
     use super::*;
-    use crate::drills::history::{FaultWindow, Outcome};
+    use crate::drills::history::{FaultWindow, Outcome, StoredPost};
 
     fn op(user: i64, kind: OpKind, start_ms: f64, end_ms: f64) -> Op {
         Op {
@@ -282,6 +296,7 @@ mod tests {
             start_ms,
             end_ms,
             outcome: Outcome::Status(200),
+            content: None,
             post_id: None,
             read_ids: None,
             node: Some("replica-1".into()),
@@ -294,6 +309,7 @@ mod tests {
     fn write(user: i64, start: f64, end: f64, id: i64) -> Op {
         Op {
             outcome: Outcome::Status(201),
+            content: Some(format!("post {id}")),
             post_id: Some(id),
             node: Some("primary".into()),
             reason: Some("write".into()),
@@ -309,9 +325,22 @@ mod tests {
         }
     }
 
+    /// The final primary holds these posts of user 1, as `write` made them.
     fn facts(ids: &[i64]) -> Facts {
+        facts_of(&ids.iter().map(|&id| (id, 1)).collect::<Vec<_>>())
+    }
+
+    /// The final primary holds these `(id, user)` posts.
+    fn facts_of(posts: &[(i64, i64)]) -> Facts {
+        let final_posts = posts
+            .iter()
+            .map(|&(id, user)| {
+                let content = format!("post {id}");
+                (id, StoredPost { user, content })
+            })
+            .collect();
         Facts {
-            final_post_ids: ids.iter().copied().collect::<HashSet<_>>(),
+            final_posts,
             window: FaultWindow {
                 injected_ms: 1000.0,
                 recovered_ms: 2000.0,
@@ -353,7 +382,26 @@ mod tests {
     #[test]
     fn other_users_writes_do_not_count() {
         let h = history(vec![write(2, 0.0, 10.0, 7), read(1, 11.0, 20.0, &[])]);
-        assert_eq!(check(&h, &facts(&[7])).stale_own_reads, 0);
+        assert_eq!(check(&h, &facts_of(&[(7, 2)])).stale_own_reads, 0);
+    }
+
+    #[test]
+    fn an_id_reused_on_the_new_timeline_does_not_make_a_lost_write_survive() {
+        // User 1's post 7 was lost in the failover; the new primary gave id
+        // 7 to a post by user 2, or to another post by user 1.
+        let h = history(vec![write(1, 0.0, 10.0, 7), read(1, 11.0, 20.0, &[])]);
+        let f = check(&h, &facts_of(&[(7, 2)]));
+        assert_eq!((f.lost_writes, f.stale_own_reads), (1, 0));
+        let mut other = facts(&[]);
+        other.final_posts.insert(
+            7,
+            StoredPost {
+                user: 1,
+                content: "post 7, written again".into(),
+            },
+        );
+        let f = check(&h, &other);
+        assert_eq!((f.lost_writes, f.stale_own_reads), (1, 0));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! primary, the database roles, and the social app served over HTTP on
 //! loopback, which a drill can restart.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use sqlx::Connection;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::history::StoredPost;
 use super::DrillError;
 use crate::social::{self, AppConfig};
 
@@ -259,20 +260,24 @@ impl System {
         self.serve().await
     }
 
-    /// Ids of every post on the node at `port`, read as `postgres` directly
-    /// (not through the proxy).
-    pub async fn post_ids_on(&self, port: u16) -> Result<HashSet<i64>, DrillError> {
+    /// Every post on the node at `port`, read as `postgres` directly (not
+    /// through the proxy).
+    pub async fn posts_on(&self, port: u16) -> Result<HashMap<i64, StoredPost>, DrillError> {
         let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
         let read = async {
             let mut conn = sqlx::PgConnection::connect(&url).await?;
-            let ids: Vec<i64> = sqlx::query_scalar("select id from posts")
-                .fetch_all(&mut conn)
-                .await?;
+            let rows: Vec<(i64, i64, String)> =
+                sqlx::query_as("select id, user_id, content from posts")
+                    .fetch_all(&mut conn)
+                    .await?;
             let _ = conn.close().await;
-            Ok::<_, sqlx::Error>(ids)
+            Ok::<_, sqlx::Error>(rows)
         };
         match tokio::time::timeout(Duration::from_secs(10), read).await {
-            Ok(Ok(ids)) => Ok(ids.into_iter().collect()),
+            Ok(Ok(rows)) => Ok(rows
+                .into_iter()
+                .map(|(id, user, content)| (id, StoredPost { user, content }))
+                .collect()),
             Ok(Err(error)) => Err(DrillError::Facts(format!(
                 "reading the posts on port {port}: {error}"
             ))),

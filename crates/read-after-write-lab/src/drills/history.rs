@@ -4,7 +4,7 @@
 //! The load generator appends to a [`Recorder`]; the checker reads the
 //! finished [`History`] and never talks to anything.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -53,6 +53,9 @@ pub struct Op {
     pub end_ms: f64,
     /// Status or transport error.
     pub outcome: Outcome,
+    /// For a write, the content sent (unique per write, so a post can be
+    /// told apart from another that got the same id on another timeline).
+    pub content: Option<String>,
     /// For a successful write, the id of the new post.
     pub post_id: Option<i64>,
     /// For a successful own read, the ids returned, newest first.
@@ -117,17 +120,48 @@ impl FaultWindow {
     }
 }
 
+/// A post as the final primary has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPost {
+    /// Its author.
+    pub user: i64,
+    /// What was posted.
+    pub content: String,
+}
+
 /// What is known once the run is over.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Facts {
-    /// Ids of the posts that exist on the final primary (the node that is
-    /// primary for the app at the end).
-    pub final_post_ids: HashSet<i64>,
+    /// The posts on the final primary (the node that is primary for the app
+    /// at the end), by id. Ids are not enough to know a write survived: after
+    /// a failover that lost WAL, the new primary's sequence hands out again
+    /// ids the old timeline had used, for other posts.
+    pub final_posts: HashMap<i64, StoredPost>,
     /// The fault's window.
     pub window: FaultWindow,
     /// The app's `max_wait`, milliseconds; a request longer than this plus
     /// one second is hung.
     pub max_wait_ms: f64,
+}
+
+impl Facts {
+    /// Whether the final primary has this write: the same id, author and
+    /// content.
+    pub fn has_write(&self, op: &Op) -> bool {
+        let Some(id) = op.post_id else {
+            return false;
+        };
+        self.final_posts.get(&id).is_some_and(|post| {
+            post.user == op.user && op.content.as_ref().is_none_or(|c| *c == post.content)
+        })
+    }
+
+    /// Whether the final primary has a post `id` by `user`.
+    pub fn has_post_of(&self, id: i64, user: i64) -> bool {
+        self.final_posts
+            .get(&id)
+            .is_some_and(|post| post.user == user)
+    }
 }
 
 /// Collects operations from every virtual user; the clock starts at

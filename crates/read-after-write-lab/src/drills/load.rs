@@ -165,6 +165,7 @@ impl User {
             start_ms,
             end_ms: start_ms,
             outcome: Outcome::Transport(String::new()),
+            content: None,
             post_id: None,
             read_ids: None,
             node: None,
@@ -175,13 +176,15 @@ impl User {
     }
 
     async fn write(&self, client: &reqwest::Client, n: u64) {
+        let content = format!("drill post {n} by {}", self.id);
         let mut op = self.op(OpKind::Write, self.recorder.now_ms());
         let sent = client
             .post(self.url("/api/posts"))
             .header(USER_HEADER, self.id)
-            .json(&serde_json::json!({"content": format!("drill post {n} by {}", self.id)}))
+            .json(&serde_json::json!({ "content": content }))
             .send()
             .await;
+        op.content = Some(content);
         match sent {
             Ok(response) => {
                 op.outcome = Outcome::Status(response.status().as_u16());

@@ -109,6 +109,8 @@ pub struct CampaignConfig {
     pub load: LoadConfig,
     /// Where histories of runs that fail the check are written.
     pub out: PathBuf,
+    /// Write every run's history, not only those of runs that fail.
+    pub keep_histories: bool,
     /// Print a line per run on stderr.
     pub progress: bool,
     /// `full` or `short`, for the report.
@@ -159,14 +161,15 @@ pub async fn run(config: &CampaignConfig) -> CampaignReport {
             &config.load,
         )
         .await;
-        let suspicious = record.error.is_some()
+        let keep = config.keep_histories
+            || record.error.is_some()
             || record.figures.as_ref().is_some_and(|f| {
                 f.stale_own_reads > 0
                     || f.hung > 0
                     || f.errors_outside_window > 0
                     || f.monotonic_violations > 0
             });
-        if let (true, Some(history)) = (suspicious, history) {
+        if let (true, Some(history)) = (keep, history) {
             let dir = config.out.join("histories");
             let file = dir.join(format!("{drill}-{role}-{run}.json"));
             let written = std::fs::create_dir_all(&dir).and_then(|()| {
@@ -225,6 +228,7 @@ mod tests {
             settings: AppSettings::default(),
             load: LoadConfig::default(),
             out: PathBuf::from("target/drills"),
+            keep_histories: false,
             progress: false,
             mode: "short".into(),
         }

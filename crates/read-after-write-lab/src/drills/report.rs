@@ -1,6 +1,7 @@
 //! The campaign's report: one row per drill and role summed over its runs,
 //! as a table, JSON and Markdown, and the `--check` verdict.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -85,6 +86,8 @@ pub struct Row {
     pub primary_share_after: Option<f64>,
     /// A few stale reads, for the eye.
     pub stale_examples: Vec<StaleRead>,
+    /// Successful own reads by target and reason, summed over runs.
+    pub own_read_routes: BTreeMap<String, u64>,
 }
 
 fn median(mut values: Vec<f64>) -> Option<f64> {
@@ -153,6 +156,13 @@ pub fn rows(runs: &[RunRecord]) -> Vec<Row> {
                     .flat_map(|f| f.stale_examples.iter().cloned())
                     .take(3)
                     .collect(),
+                own_read_routes: figures.iter().flat_map(|f| f.own_read_routes.iter()).fold(
+                    BTreeMap::new(),
+                    |mut all, (route, count)| {
+                        *all.entry(route.clone()).or_default() += count;
+                        all
+                    },
+                ),
             }
         })
         .collect()
@@ -267,6 +277,22 @@ pub fn markdown(report: &CampaignReport) -> String {
     let _ = writeln!(out, "|{}|", align.join("|"));
     for row in &report.rows {
         let _ = writeln!(out, "| {} |", cells(row).join(" | "));
+    }
+    let _ = writeln!(out, "\n## Own reads by target and reason\n");
+    for row in &report.rows {
+        let total: u64 = row.own_read_routes.values().sum();
+        let mut routes: Vec<_> = row.own_read_routes.iter().collect();
+        routes.sort_by(|a, b| b.1.cmp(a.1));
+        let routes: Vec<String> = routes
+            .iter()
+            .map(|(route, count)| {
+                format!(
+                    "{route} {:.1} %",
+                    **count as f64 * 100.0 / total.max(1) as f64
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "- {} ({}): {}", row.drill, row.role, routes.join(", "));
     }
     let failures = failures(report);
     if !failures.is_empty() {

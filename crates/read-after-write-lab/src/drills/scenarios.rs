@@ -227,9 +227,9 @@ pub async fn run_once(
             // primary whose data counts.
             let final_primary = system.proxy.target_port();
             system
-                .post_ids_on(final_primary)
+                .posts_on(final_primary)
                 .await
-                .map(|ids| (window, ids))
+                .map(|posts| (window, posts))
         }
         Err(error) => Err(error),
     };
@@ -243,9 +243,9 @@ pub async fn run_once(
 
     let history = recorder.history();
     match result {
-        Ok((window, final_post_ids)) => {
+        Ok((window, final_posts)) => {
             let facts = Facts {
-                final_post_ids,
+                final_posts,
                 window,
                 max_wait_ms: settings.max_wait.as_secs_f64() * 1000.0,
             };
