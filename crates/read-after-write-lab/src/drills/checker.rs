@@ -147,15 +147,13 @@ pub fn check(history: &History, facts: &Facts) -> RunFigures {
                 .entry(format!("{target}/{reason}"))
                 .or_default() += 1;
         }
-        if op.kind == OpKind::Write && op.outcome.is_success() {
-            if op.post_id.is_some() {
-                figures.acked_writes += 1;
-                if !facts.has_write(op) {
-                    figures.lost_writes += 1;
-                }
-                if op.token_issued == Some(false) {
-                    figures.writes_without_token += 1;
-                }
+        if op.kind == OpKind::Write && op.outcome.is_success() && op.post_id.is_some() {
+            figures.acked_writes += 1;
+            if !facts.has_write(op) {
+                figures.lost_writes += 1;
+            }
+            if op.token_issued == Some(false) {
+                figures.writes_without_token += 1;
             }
         }
     }
