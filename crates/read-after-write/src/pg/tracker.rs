@@ -769,6 +769,100 @@ where
 mod tests {
     use super::*;
 
+    /// A tracker over a primary that is never contacted: the pool is lazy.
+    fn tracker() -> Arc<ReplicaTracker> {
+        let connect: PgConnectOptions = "postgres://nobody@127.0.0.1:1/none".parse().unwrap();
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy_with(connect.clone());
+        let primary = Arc::new(PrimaryState {
+            pools: Arc::new(PrimaryPools::new(pool, None)),
+            connect,
+            inserted: 0.into(),
+            timeline: 0.into(),
+            system_id: 7,
+            outages: Outages::new(),
+            healthy: true.into(),
+            history: Default::default(),
+            changed_at: 0.into(),
+        });
+        ReplicaTracker::new(Vec::new(), primary)
+    }
+
+    fn at(lsn: u64, timeline: u32) -> PrimaryPosition {
+        PrimaryPosition {
+            lsn: Lsn::new(lsn),
+            timeline,
+        }
+    }
+
+    fn replica(timeline: u32, advanced_at: u64) -> ReplicaState {
+        let connect: PgConnectOptions = "postgres://nobody@127.0.0.1:1/none".parse().unwrap();
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy_with(connect.clone());
+        let replica = ReplicaState::new("replica-1".into(), pool, connect, Outages::new());
+        replica.timeline.store(timeline, Ordering::Relaxed);
+        replica.advanced_at.store(advanced_at, Ordering::Relaxed);
+        replica.healthy.store(true, Ordering::Relaxed);
+        replica
+    }
+
+    #[tokio::test]
+    async fn replicas_off_the_primarys_history_serve_no_reads() {
+        const SECOND: u64 = 1_000_000_000;
+        let stall = Duration::from_secs(5);
+        let tracker = tracker();
+        tracker.note_primary_position(at(4_000, 2));
+        tracker
+            .primary
+            .changed_at
+            .store(10 * SECOND, Ordering::Relaxed);
+
+        // Following the primary: on its timeline and moving.
+        let following = replica(2, 10 * SECOND);
+        tracker.judge_divergence(&following, 60 * SECOND, stall);
+        assert!(following.serves_eventual(2));
+        // Seen on the old timeline: an orphan, out at once.
+        let orphan = replica(1, 10 * SECOND);
+        tracker.judge_divergence(&orphan, 11 * SECOND, stall);
+        assert!(!orphan.serves_eventual(2));
+        assert!(orphan.diverged.load(Ordering::Relaxed));
+        // Timeline unknown: serves eventual reads while it moves...
+        let unknown = replica(0, 9 * SECOND);
+        tracker.judge_divergence(&unknown, 12 * SECOND, stall);
+        assert!(unknown.serves_eventual(2));
+        assert!(!unknown.is_on(2), "but never qualifies for a token");
+        // ...and leaves them once it stood still for the stall timeout
+        // while the primary moved.
+        tracker.judge_divergence(&unknown, 15 * SECOND, stall);
+        assert!(!unknown.serves_eventual(2));
+        // A quiet primary is no reason to distrust a quiet replica.
+        let quiet = replica(2, 11 * SECOND);
+        tracker.judge_divergence(&quiet, 600 * SECOND, stall);
+        assert!(quiet.serves_eventual(2));
+    }
+
+    #[tokio::test]
+    async fn a_new_timeline_restarts_the_position_history() {
+        let tracker = tracker();
+        tracker.note_primary_position(at(10_000, 1));
+        std::thread::sleep(Duration::from_millis(50));
+        // An unplanned failover: timeline 2 forked below where timeline 1
+        // had got to, so its positions are lower.
+        tracker.note_primary_position(at(4_000, 2));
+        tracker.note_primary_position(at(4_200, 2));
+        let primary = &tracker.primary;
+        assert_eq!(primary.timeline.load(Ordering::Relaxed), 2);
+        // Lag is measured against timeline 2, not the old timeline's peak.
+        assert_eq!(primary.inserted.load(Ordering::Relaxed), 4_200);
+        assert!(
+            primary.time_behind(4_100) < Duration::from_millis(50),
+            "{:?}",
+            primary.time_behind(4_100)
+        );
+        assert_eq!(primary.time_behind(4_200), Duration::ZERO);
+        // On one timeline, positions only move forward.
+        tracker.note_primary_position(at(4_100, 2));
+        assert_eq!(primary.inserted.load(Ordering::Relaxed), 4_200);
+    }
+
     #[test]
     fn a_replica_qualifies_only_on_the_tokens_timeline_and_at_or_past_its_lsn() {
         let lsn = Lsn::new(1_000);
