@@ -58,8 +58,9 @@ pub struct Op {
     pub content: Option<String>,
     /// For a successful write, the id of the new post.
     pub post_id: Option<i64>,
-    /// For a successful own read, the ids returned, newest first.
-    pub read_ids: Option<Vec<i64>>,
+    /// For a successful own read, the posts returned, newest first, as
+    /// `(id, fingerprint of the content)`.
+    pub read_posts: Option<Vec<(i64, u64)>>,
     /// The debug header's `node=` (`primary` or a replica's name).
     pub node: Option<String>,
     /// The debug header's `reason=`.
@@ -92,6 +93,15 @@ impl Op {
     }
 }
 
+/// A post's content as a 64-bit FNV-1a hash: with the id, it tells a post
+/// apart from another that got the same id on another timeline, without
+/// keeping every read's text.
+pub fn fingerprint(content: &str) -> u64 {
+    content.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// Every operation of one run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct History {
@@ -105,6 +115,10 @@ pub struct History {
 pub struct FaultWindow {
     /// The fault's injection, milliseconds since the run's start.
     pub injected_ms: f64,
+    /// When the call that injected it returned (the primary is frozen,
+    /// promoted away or killed by then): writes sent after this had to get
+    /// through the fault.
+    pub applied_ms: f64,
     /// When the last recovery action (promotion, proxy repoint, app restart,
     /// replica restart) completed.
     pub recovered_ms: f64,
@@ -156,11 +170,12 @@ impl Facts {
         })
     }
 
-    /// Whether the final primary has a post `id` by `user`.
-    pub fn has_post_of(&self, id: i64, user: i64) -> bool {
+    /// Whether the final primary has this post (`(id, fingerprint)`) by
+    /// `user`.
+    pub fn has_post(&self, (id, print): (i64, u64), user: i64) -> bool {
         self.final_posts
             .get(&id)
-            .is_some_and(|post| post.user == user)
+            .is_some_and(|post| post.user == user && fingerprint(&post.content) == print)
     }
 }
 

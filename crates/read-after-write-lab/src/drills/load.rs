@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::history::{Op, OpKind, Outcome, Recorder};
+use super::history::{fingerprint, Op, OpKind, Outcome, Recorder};
 use crate::social::{Created, Post, USER_HEADER};
 
 /// The affinity cookie's name (the layer's default).
@@ -167,7 +167,7 @@ impl User {
             outcome: Outcome::Transport(String::new()),
             content: None,
             post_id: None,
-            read_ids: None,
+            read_posts: None,
             node: None,
             reason: None,
             token: None,
@@ -218,7 +218,14 @@ impl User {
                 read_route(&response, &mut op);
                 if response.status().is_success() {
                     match response.json::<Vec<Post>>().await {
-                        Ok(posts) => op.read_ids = Some(posts.iter().map(|p| p.id).collect()),
+                        Ok(posts) => {
+                            op.read_posts = Some(
+                                posts
+                                    .iter()
+                                    .map(|p| (p.id, fingerprint(&p.content)))
+                                    .collect(),
+                            )
+                        }
                         Err(error) => op.outcome = unreadable(&error),
                     }
                 } else {

@@ -152,7 +152,7 @@ pub async fn run(config: &CampaignConfig) -> CampaignReport {
                 plan.len()
             );
         }
-        let (mut record, history) = scenarios::run_once(
+        let (mut record, kept) = scenarios::run_once(
             drill,
             role,
             run,
@@ -169,11 +169,11 @@ pub async fn run(config: &CampaignConfig) -> CampaignReport {
                     || f.errors_outside_window > 0
                     || f.monotonic_violations > 0
             });
-        if let (true, Some(history)) = (keep, history) {
+        if let (true, Some(kept)) = (keep, kept) {
             let dir = config.out.join("histories");
             let file = dir.join(format!("{drill}-{role}-{run}.json"));
             let written = std::fs::create_dir_all(&dir).and_then(|()| {
-                let json = serde_json::to_string(&history).map_err(std::io::Error::other)?;
+                let json = serde_json::to_string(&kept).map_err(std::io::Error::other)?;
                 std::fs::write(&file, json)
             });
             match written {

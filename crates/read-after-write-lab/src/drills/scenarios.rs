@@ -143,13 +143,24 @@ pub struct RunRecord {
     pub history_file: Option<String>,
 }
 
+/// A run's history and facts, as written to `histories/` for a second look
+/// (`checker::check` on them gives the run's figures again).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeptRun {
+    /// What was read after the run; `None` if it could not be.
+    pub facts: Option<Facts>,
+    /// Every operation.
+    pub history: History,
+}
+
 /// What a fault's script reports.
 struct Injected {
+    applied_ms: f64,
     recovered_ms: f64,
 }
 
-/// Runs one drill once for one role on a fresh cluster. Returns the record
-/// and the whole history (for the caller to keep when the run failed).
+/// Runs one drill once for one role on a fresh cluster. Returns the record,
+/// and the whole history with its facts for the caller to keep.
 pub async fn run_once(
     drill: Drill,
     role: Role,
@@ -157,7 +168,7 @@ pub async fn run_once(
     settings: &AppSettings,
     timing: &Timing,
     load_config: &LoadConfig,
-) -> (RunRecord, Option<History>) {
+) -> (RunRecord, Option<KeptRun>) {
     let mut record = RunRecord {
         drill,
         role,
@@ -166,6 +177,7 @@ pub async fn run_once(
         load_s: 0.0,
         window: FaultWindow {
             injected_ms: 0.0,
+            applied_ms: 0.0,
             recovered_ms: 0.0,
             grace_ms: 0.0,
         },
@@ -204,6 +216,7 @@ pub async fn run_once(
         Ok(injected) => {
             let window = FaultWindow {
                 injected_ms,
+                applied_ms: injected.applied_ms,
                 recovered_ms: injected.recovered_ms,
                 grace_ms: grace.as_secs_f64() * 1000.0,
             };
@@ -242,7 +255,7 @@ pub async fn run_once(
     drop(system);
 
     let history = recorder.history();
-    match result {
+    let facts = match result {
         Ok((window, final_posts)) => {
             let facts = Facts {
                 final_posts,
@@ -250,10 +263,14 @@ pub async fn run_once(
                 max_wait_ms: settings.max_wait.as_secs_f64() * 1000.0,
             };
             record.figures = Some(checker::check(&history, &facts));
+            Some(facts)
         }
-        Err(error) => record.error = Some(error.to_string()),
-    }
-    (record, Some(history))
+        Err(error) => {
+            record.error = Some(error.to_string());
+            None
+        }
+    };
+    (record, Some(KeptRun { facts, history }))
 }
 
 /// Sleeps until `at_ms` on the recorder's clock.
@@ -270,45 +287,59 @@ async fn inject(
     recorder: &Recorder,
 ) -> Result<Injected, DrillError> {
     let t0 = recorder.now_ms();
-    match drill {
+    let applied_ms = match drill {
         Drill::PlannedFailover => {
             let failover = system.cluster.planned_failover(0).await?;
+            let applied = recorder.now_ms();
             system.proxy.repoint(failover.port);
+            applied
         }
         Drill::UnplannedFailoverOrphan => {
             let failover = system.cluster.unplanned_failover_with_orphan(0, 1).await?;
+            let applied = recorder.now_ms();
             system.proxy.repoint(failover.port);
             tokio::time::sleep(Duration::from_secs(3)).await;
             system.restart_app().await?;
+            applied
         }
         Drill::SplitBrain => {
             system.cluster.promote_replica(0).await?;
+            recorder.now_ms()
         }
         Drill::FrozenPrimary => {
             system.cluster.freeze_primary().await?;
+            let applied = recorder.now_ms();
             until(recorder, t0 + 1000.0).await;
             system.cluster.promote_replica(0).await?;
             until(recorder, t0 + 3000.0).await;
             // Open sessions are left hanging on the frozen primary, as a
             // load balancer without health-check-driven kills leaves them.
             system.proxy.repoint(system.cluster.replica(0).port());
+            applied
         }
         Drill::TerminatedBackends => {
+            let mut applied = None;
             for round in 0..10 {
                 system.cluster.terminate_primary_connections().await?;
+                applied.get_or_insert(recorder.now_ms());
                 until(recorder, t0 + 500.0 * f64::from(round + 1)).await;
             }
+            applied.unwrap_or(t0)
         }
         Drill::AppRestart => {
             system.restart_app().await?;
+            recorder.now_ms()
         }
         Drill::ReplicaKill => {
             system.cluster.kill_replica(1).await?;
+            let applied = recorder.now_ms();
             until(recorder, t0 + 3000.0).await;
             system.cluster.start_replica(1).await?;
+            applied
         }
-    }
+    };
     Ok(Injected {
+        applied_ms,
         recovered_ms: recorder.now_ms(),
     })
 }
