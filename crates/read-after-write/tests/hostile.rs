@@ -811,6 +811,20 @@ fn hostile_request(rng: &mut Rng, pools: &Pools) -> Case {
     }
 }
 
+/// Sends `request` through the layer and times it, handler included (which
+/// does next to nothing).
+fn time_in_layer<S>(service: &mut S, request: Request<()>) -> (Duration, Response<()>)
+where
+    S: Service<Request<()>, Response = Response<()>, Error = Infallible>,
+{
+    let began = Instant::now();
+    let response = complete(async {
+        let ready = service.ready().await.expect("infallible");
+        ready.call(request).await.expect("infallible")
+    });
+    (began.elapsed(), response)
+}
+
 #[test]
 fn the_layer_survives_a_hundred_thousand_hostile_requests() {
     let seed = env_u64("HOSTILE_SEED", DEFAULT_SEED);
@@ -828,13 +842,17 @@ fn the_layer_survives_a_hundred_thousand_hostile_requests() {
     let mut service = layer.layer(service_fn(handler));
     let pools = Pools::new(&mut rng, &keys);
 
-    let mut worst = (Duration::ZERO, String::new());
+    // The slowest requests by one timing, as (time, rng state that makes
+    // them, shape): re-timed at the end, since one timing on a shared
+    // machine may include preemption.
+    let mut slowest: Vec<(Duration, u64, String)> = Vec::new();
     let mut total = Duration::ZERO;
     let mut valid = 0u64;
     let mut hidden = 0u64;
     let mut times = Vec::with_capacity(requests as usize);
     let started = Instant::now();
     for n in 0..requests {
+        let state = rng.0;
         let case = hostile_request(&mut rng, &pools);
         let shape =
             format!(
@@ -843,17 +861,13 @@ fn the_layer_survives_a_hundred_thousand_hostile_requests() {
             case.request.headers().get_all(COOKIE).iter().map(|v| v.len()).sum::<usize>(),
             case.request.headers().get_all(DEFAULT_TOKEN_HEADER).iter().count(),
         );
-        let request = case.request;
-        let began = Instant::now();
-        let response = complete(async {
-            let ready = service.ready().await.expect("infallible");
-            ready.call(request).await.expect("infallible")
-        });
-        let took = began.elapsed();
+        let (took, response) = time_in_layer(&mut service, case.request);
         total += took;
         times.push(took);
-        if took > worst.0 {
-            worst = (took, shape.clone());
+        if slowest.len() < 64 || took > slowest[slowest.len() - 1].0 {
+            slowest.push((took, state, shape.clone()));
+            slowest.sort_by_key(|(took, ..)| std::cmp::Reverse(*took));
+            slowest.truncate(64);
         }
 
         assert!(!response.status().is_server_error(), "{shape}");
@@ -898,15 +912,35 @@ fn the_layer_survives_a_hundred_thousand_hostile_requests() {
     }
     times.sort_unstable();
     let quantile = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+    // The worst cost: the slowest requests re-run, each timed at its best
+    // of three.
+    let worst = slowest
+        .iter()
+        .map(|(_, state, shape)| {
+            let best = (0..3)
+                .map(|_| {
+                    time_in_layer(
+                        &mut service,
+                        hostile_request(&mut Rng(*state), &pools).request,
+                    )
+                    .0
+                })
+                .min()
+                .unwrap_or_default();
+            (best, shape)
+        })
+        .max_by_key(|(best, _)| *best)
+        .expect("at least one request");
     eprintln!(
         "hostile requests: {requests} (seed {seed}, {valid} with a valid token, {hidden} hidden \
          by planted forgeries beyond the MAC budget) in {elapsed:.2?}; time in the layer: \
-         mean {:.1?}, p50 {:.1?}, p99 {:.1?}, p99.9 {:.1?}, worst {:.2?} for {} \
-         (wall clock on a shared machine: the tail includes preemption)",
+         mean {:.1?}, p50 {:.1?}, p99 {:.1?}, p99.9 {:.1?}, max {:.2?} (one timing each, on a \
+         shared machine); worst re-timed (best of 3, of the 64 slowest): {:.1?} for {}",
         total / requests.max(1) as u32,
         quantile(0.5),
         quantile(0.99),
         quantile(0.999),
+        times[times.len() - 1],
         worst.0,
         worst.1,
     );
