@@ -610,8 +610,8 @@ impl TestCluster {
     }
 
     /// The location of the stopped primary's last checkpoint, from
-    /// `pg_controldata`: after a clean shutdown, the shutdown checkpoint,
-    /// the last WAL record it wrote.
+    /// After a clean shutdown, the shutdown checkpoint: the last WAL record
+    /// the primary wrote.
     async fn last_checkpoint_of_stopped_primary(&self) -> Result<i64, KitError> {
         let env = self.env().clone();
         let node = self.primary_node().clone();
@@ -852,22 +852,28 @@ fn process_state(pid: i32) -> Option<char> {
     rest.trim_start().chars().next()
 }
 
-/// `Latest checkpoint location` from `pg_controldata` on a stopped node.
+/// The latest checkpoint location of a stopped node, read from
+/// `global/pg_control` itself: relocatable builds (the npm packages the kit
+/// uses for PostgreSQL 16 to 18) ship no `pg_controldata`.
+///
+/// `ControlFileData` starts with the system identifier (8 bytes), the
+/// control file and catalog versions (4 + 4), the cluster state (4, then 4
+/// of padding) and the time (8); `checkPoint` follows at byte 32, in the
+/// machine's byte order. The layout has held since PostgreSQL 9.3.
 fn last_checkpoint(env: &Env, node: &Node) -> Result<i64, KitError> {
-    let mut cmd = env
-        .run_as
-        .command(&env.bins.program("pg_controldata"), &node.dir);
-    // Untranslated labels.
-    cmd.env("LC_ALL", "C").arg("-D").arg(&node.data);
-    let output = process::run(cmd, Some(&node.log))?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    text.lines()
-        .find_map(|line| line.strip_prefix("Latest checkpoint location:"))
-        .and_then(|lsn| parse_lsn(lsn.trim()))
+    const CHECKPOINT_OFFSET: usize = 32;
+    let path = node.data.join("global").join("pg_control");
+    let bytes =
+        std::fs::read(&path).map_err(|e| KitError::io(format!("reading {}", path.display()), e))?;
+    bytes
+        .get(CHECKPOINT_OFFSET..CHECKPOINT_OFFSET + 8)
+        .and_then(|raw| <[u8; 8]>::try_from(raw).ok())
+        .map(|raw| u64::from_ne_bytes(raw) as i64)
+        .filter(|&lsn| lsn > 0)
         .ok_or_else(|| KitError::NotReady {
             node: node.name.clone(),
             timeout: env.timeout,
-            last_error: format!("no checkpoint location in the output of pg_controldata:\n{text}"),
+            last_error: format!("{} holds no checkpoint location", path.display()),
             log_tail: node.log_tail(),
         })
 }
