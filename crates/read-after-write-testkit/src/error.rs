@@ -25,7 +25,7 @@ use std::time::Duration;
 pub enum KitError {
     /// The PostgreSQL server programs could not be found.
     #[error(
-        "PostgreSQL server binaries (initdb, pg_ctl, postgres, pg_basebackup) not found \
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found \
          (looked in {searched}); set PG_BIN=/path/to/bin or install them: \
          `apt-get install postgresql` (Debian/Ubuntu), `dnf install postgresql-server` \
          (Fedora/RHEL), `brew install postgresql@16` (macOS)"
@@ -57,7 +57,7 @@ pub enum KitError {
         source: io::Error,
     },
 
-    /// A PostgreSQL program (`initdb`, `pg_ctl`, `pg_basebackup`) exited with
+    /// A PostgreSQL program (`initdb`, `pg_ctl`) exited with
     /// an error.
     #[error(
         "`{command}` failed ({status}); check the output below, and that the temporary \

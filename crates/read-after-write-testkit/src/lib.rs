@@ -18,9 +18,8 @@
 //!   leaving an orphan replica) that report a [`Failover`].
 //! - [`TcpProxy`]: a repointable TCP address in front of a server, which a
 //!   test can freeze (a partition) and cut (every session closed).
-//! - [`PgBinaries`]: finds `initdb`, `pg_ctl`, `postgres` and
-//!   `pg_basebackup` (`PG_BIN`, then `PATH`, then the usual install
-//!   directories).
+//! - [`PgBinaries`]: finds `initdb`, `pg_ctl` and `postgres` (`PG_BIN`,
+//!   then `PATH`, then the usual install directories).
 //! - [`KitError`]: every failure, with a message that says what to do.
 //!
 //! # Example
@@ -48,7 +47,7 @@
 //!
 //! # Requirements
 //!
-//! PostgreSQL 13 or newer server programs (tested with 15), found as
+//! PostgreSQL 13 or newer server programs (tested with 15, 16, 17 and 18), found as
 //! described in [`PgBinaries::discover`]. On Debian or Ubuntu:
 //! `apt-get install postgresql`.
 //!
@@ -80,8 +79,8 @@
 //! Servers run with `fsync = off` and `full_page_writes = off` (commits are
 //! still synchronous), small shared buffers and fast WAL-receiver retries.
 //! Startup of a primary and two replicas takes about 1.2 s on an idle 2-core
-//! machine (median of 3; `initdb` is half of it, the two `pg_basebackup`
-//! clones run in parallel), and 3 to 5 s while other work keeps the cores
+//! machine (median of 3; `initdb` is half of it, the replicas are copies of
+//! the primary's data directory made in parallel before its first start), and 3 to 5 s while other work keeps the cores
 //! busy. Dropping a cluster takes about 0.2 s. Measure yours with
 //! `cargo run -p read-after-write-testkit --example startup_time`.
 //!

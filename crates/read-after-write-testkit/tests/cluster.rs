@@ -288,7 +288,11 @@ async fn errors_sweep_and_drop_cleanup() {
     let root = std::env::temp_dir().join("read-after-write-testkit");
     std::fs::create_dir_all(&root).unwrap();
     let leftover = root.join(format!("{}-0-deadbeef", i32::MAX - 1));
-    std::fs::create_dir_all(leftover.join("primary/data")).unwrap();
+    // Built under a name no sweep touches, then renamed into place: a sweep
+    // by a cluster starting in parallel must never see it half made.
+    let staging = root.join(format!("staging-{}", std::process::id()));
+    std::fs::create_dir_all(staging.join("primary/data")).unwrap();
+    std::fs::rename(&staging, &leftover).unwrap();
 
     let cluster = TestCluster::builder()
         .setting("work_mem", "8MB")
