@@ -8,7 +8,7 @@ use tower_service::Service;
 use super::{transport, ResponseFuture, Shared, MAX_MACS_PER_REQUEST};
 use crate::backend::Backend;
 use crate::handle::{Db, RequestState, Required, TokenOutcome};
-use crate::token::{AffinityToken, TokenError, UnverifiedToken, UserId};
+use crate::token::{AffinityToken, TokenBuffer, TokenError, UnverifiedToken, UserId};
 
 /// Middleware that gives each request a [`Db`] handle bound to the
 /// requester's last write, and issues a token when the request writes.
@@ -110,13 +110,14 @@ fn read_token<B: Backend>(
     let mut first_failure = None;
     let mut now = None;
     let mut macs = 0;
+    let mut buffer = TokenBuffer::new();
     let found = transport::for_each_candidate(
         headers,
         &shared.cookie_name,
         shared.token_header.as_ref(),
         |text| {
             let now = *now.get_or_insert_with(|| shared.clock.now_unix());
-            let candidate = match UnverifiedToken::parse(text, &shared.keys, now) {
+            let candidate = match UnverifiedToken::parse(text, &shared.keys, now, &mut buffer) {
                 Ok(candidate) => candidate,
                 Err(reason) => {
                     first_failure.get_or_insert(TokenOutcome::Rejected(reason));

@@ -339,7 +339,8 @@ impl AffinityToken {
         keys: &KeySet,
         now_unix: u64,
     ) -> Result<Self, TokenError> {
-        UnverifiedToken::parse(text, keys, now_unix)?.authenticate(name, keys)
+        let mut buffer = TokenBuffer::new();
+        UnverifiedToken::parse(text, keys, now_unix, &mut buffer)?.authenticate(name, keys)
     }
 
     /// Whether this token promises more than `other`, so that of two valid
@@ -435,29 +436,44 @@ impl WritePosition {
     }
 }
 
+/// Room for a decoded token, on the caller's stack: parsing borrows it
+/// rather than moving ~300 bytes around with every result.
+pub(crate) struct TokenBuffer([u8; MAX_RAW_LEN]);
+
+impl TokenBuffer {
+    pub(crate) fn new() -> Self {
+        TokenBuffer([0; MAX_RAW_LEN])
+    }
+}
+
 /// A token that passed every check needing no MAC: length, encoding,
 /// layout, version, a known key id and expiry. Its fields are attacker
 /// controlled until [`authenticate`](Self::authenticate) succeeds; use them
 /// only to decide whether the MAC is worth computing.
-pub(crate) struct UnverifiedToken {
-    /// The decoded bytes, `len` of them: on the stack, never allocated.
-    raw: [u8; MAX_RAW_LEN],
-    /// Checked by [`parse`](Self::parse): `MIN_RAW_LEN + user length`.
-    len: usize,
+pub(crate) struct UnverifiedToken<'a> {
+    /// The decoded bytes; [`parse`](Self::parse) checked that there are
+    /// `MIN_RAW_LEN + user length` of them.
+    raw: &'a [u8],
 }
 
-impl UnverifiedToken {
-    /// The cheap checks, in the order [`AffinityToken::verify`] documents.
-    /// Linear in `text.len()` (which is at most [`MAX_ENCODED_LEN`] by the
-    /// first check), allocation free, and never panics.
-    pub(crate) fn parse(text: &str, keys: &KeySet, now_unix: u64) -> Result<Self, TokenError> {
+impl<'a> UnverifiedToken<'a> {
+    /// The cheap checks, in the order [`AffinityToken::verify`] documents,
+    /// decoding into `buffer`. Linear in `text.len()` (which is at most
+    /// [`MAX_ENCODED_LEN`] by the first check), allocation free, and never
+    /// panics.
+    pub(crate) fn parse(
+        text: &str,
+        keys: &KeySet,
+        now_unix: u64,
+        buffer: &'a mut TokenBuffer,
+    ) -> Result<Self, TokenError> {
         if text.len() > MAX_ENCODED_LEN {
             return Err(TokenError::TooLong);
         }
-        let mut raw = [0u8; MAX_RAW_LEN];
         let len = URL_SAFE_NO_PAD
-            .decode_slice(text.as_bytes(), &mut raw)
+            .decode_slice(text.as_bytes(), &mut buffer.0)
             .map_err(|_| TokenError::Malformed)?;
+        let raw = &buffer.0[..len];
         if len < MIN_RAW_LEN {
             return Err(TokenError::Malformed);
         }
@@ -467,7 +483,7 @@ impl UnverifiedToken {
         if len != MIN_RAW_LEN + usize::from(raw[2]) {
             return Err(TokenError::Malformed);
         }
-        let token = UnverifiedToken { raw, len };
+        let token = UnverifiedToken { raw };
         if keys.with_id(token.key_id()).next().is_none() {
             return Err(TokenError::UnknownKey);
         }
@@ -523,8 +539,7 @@ impl UnverifiedToken {
         name: &str,
         keys: &KeySet,
     ) -> Result<AffinityToken, TokenError> {
-        let raw = &self.raw[..self.len];
-        let (payload, tag) = raw.split_at(self.len - TAG_LEN);
+        let (payload, tag) = self.raw.split_at(self.raw.len() - TAG_LEN);
         let authentic = keys.with_id(self.key_id()).any(|key| {
             let mut mac = key.mac();
             mac.update(name.as_bytes());
@@ -736,7 +751,8 @@ mod tests {
         raw[tag_start] ^= 1;
         let forged = URL_SAFE_NO_PAD.encode(&raw);
         // A bad tag passes every check that needs no MAC...
-        let unverified = UnverifiedToken::parse(&forged, &keys, NOW).unwrap();
+        let mut buffer = TokenBuffer::new();
+        let unverified = UnverifiedToken::parse(&forged, &keys, NOW, &mut buffer).unwrap();
         assert_eq!(unverified.user(), UserId::from(7u64).as_bytes());
         assert_eq!(unverified.position(), sample(7).position());
         assert_eq!(unverified.expires_at(), NOW + 30);
@@ -750,10 +766,11 @@ mod tests {
             Err(TokenError::Expired)
         );
         assert_eq!(
-            UnverifiedToken::parse(&forged, &other, NOW).err(),
+            UnverifiedToken::parse(&forged, &other, NOW, &mut TokenBuffer::new()).err(),
             (other.current().id() != keys.current().id()).then_some(TokenError::UnknownKey)
         );
-        let genuine = UnverifiedToken::parse(&text, &keys, NOW).unwrap();
+        let mut buffer = TokenBuffer::new();
+        let genuine = UnverifiedToken::parse(&text, &keys, NOW, &mut buffer).unwrap();
         assert_eq!(
             genuine.authenticate(NAME, &keys),
             Ok(AffinityToken {
