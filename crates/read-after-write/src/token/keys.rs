@@ -1,29 +1,5 @@
-//! Signing keys and the key set that makes rotation painless.
-//!
-//! # Key material in memory
-//!
-//! What this crate can clear, it clears; what it cannot, is listed here.
-//!
-//! - Decoded, generated and environment-read key bytes live in
-//!   [`Zeroizing`] buffers and are wiped when dropped, also when decoding
-//!   fails half way.
-//! - A [`SigningKey`] holds its keyed HMAC state once, behind an [`Arc`]:
-//!   cloning a key, a [`KeySet`] or a layer shares that one copy instead of
-//!   spreading key material over the heap.
-//! - That state is what a token is MACed with: SHA-256 with `key ⊕ ipad` and
-//!   `key ⊕ opad` already absorbed, computed once per key so a token costs
-//!   two compressions, not four. It is key-equivalent (it forges tokens,
-//!   though it does not reveal the key). `hmac` 0.12 and `digest` 0.10 offer
-//!   no `zeroize` feature (it arrives with `digest` 0.11 / `hmac` 0.13) and
-//!   the crate denies `unsafe`, so when the last clone of a key is dropped
-//!   the state is overwritten with one keyed by zeros and the store is kept
-//!   alive with [`std::hint::black_box`]: best effort, not a guarantee.
-//! - Not cleared: the stack copies of that state each sign and verify makes
-//!   (`hmac` consumes them in `finalize`), the padded key blocks inside
-//!   `hmac`'s key setup and the key id's SHA-256 buffer, a caller's own
-//!   `&[u8]` or `&str`, the `String` [`SigningKey::generate_base64`] returns,
-//!   and the process environment [`KeySet::from_env`] reads. Keep keys out
-//!   of core dumps and swap at the operating-system level.
+//! Signing keys and the key set that makes rotation painless. What is
+//! wiped from memory, and what cannot be, is documented on [`SigningKey`].
 
 use std::fmt;
 use std::hint::black_box;
@@ -93,8 +69,30 @@ pub enum KeyError {
 /// # Ok::<_, read_after_write::KeyError>(())
 /// ```
 ///
-/// Clones share one copy of the key material; see the
-/// [module docs](self#key-material-in-memory) for what is wiped and when.
+/// # Key material in memory
+///
+/// What this crate can clear, it clears; what it cannot, is listed here.
+///
+/// - Decoded, generated and environment-read key bytes live in
+///   [`Zeroizing`] buffers and are wiped when dropped, also when decoding
+///   fails half way.
+/// - A key holds its keyed HMAC state once, behind an [`Arc`]:
+///   cloning a key, a [`KeySet`] or a layer shares that one copy instead of
+///   spreading key material over the heap.
+/// - That state is what a token is MACed with: SHA-256 with `key ⊕ ipad` and
+///   `key ⊕ opad` already absorbed, computed once per key so a token costs
+///   two compressions, not four. It is key-equivalent (it forges tokens,
+///   though it does not reveal the key). `hmac` 0.12 and `digest` 0.10 offer
+///   no `zeroize` feature (it arrives with `digest` 0.11 / `hmac` 0.13) and
+///   the crate denies `unsafe`, so when the last clone of a key is dropped
+///   the state is overwritten with one keyed by zeros and the store is kept
+///   alive with [`std::hint::black_box`]: best effort, not a guarantee.
+/// - Not cleared: the stack copies of that state each sign and verify makes
+///   (`hmac` consumes them in `finalize`), the padded key blocks inside
+///   `hmac`'s key setup and the key id's SHA-256 buffer, a caller's own
+///   `&[u8]` or `&str`, the `String` [`SigningKey::generate_base64`] returns,
+///   and the process environment [`KeySet::from_env`] reads. Keep keys out
+///   of core dumps and swap at the operating-system level.
 #[derive(Clone)]
 pub struct SigningKey {
     /// The only copy of this key's material, however often it is cloned.
