@@ -61,6 +61,8 @@ pub mod token;
 pub use backend::{Backend, RouteReason, Routed, Target};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use handle::{Db, TokenOutcome};
-pub use middleware::{ReadAfterWrite, ReadAfterWriteLayer, ResponseFuture};
+pub use middleware::{
+    ConfigError, ReadAfterWrite, ReadAfterWriteLayer, ResponseFuture, MAX_MACS_PER_REQUEST, MAX_TTL,
+};
 pub use position::{Lsn, ParseLsnError, WalGeometry, WritePosition};
 pub use token::{AffinityToken, KeyError, KeySet, SigningKey, TokenError, UserId, UserIdTooLong};

@@ -14,6 +14,7 @@
 //! assert_eq!(written.max(later), later);
 //! ```
 
+use std::cmp::Ordering;
 use std::fmt;
 use std::str::FromStr;
 
@@ -205,6 +206,54 @@ impl WritePosition {
             self
         } else {
             newer
+        }
+    }
+
+    /// Whether this is the all-zero position, which a token carries to pin
+    /// its user's session reads to the primary: issued in time-window mode,
+    /// or when the position of a write could not be captured. No replica is
+    /// known to have it, so it promises more than any real position.
+    ///
+    /// ```
+    /// use read_after_write::{Lsn, WritePosition};
+    ///
+    /// assert!(WritePosition::default().pins_primary());
+    /// assert!(!WritePosition::new(Lsn::ZERO, 1, 0).pins_primary());
+    /// ```
+    pub fn pins_primary(&self) -> bool {
+        *self == WritePosition::default()
+    }
+
+    /// How much this position promises compared with `other`: `Greater`
+    /// when a node that has `self` must be further along.
+    ///
+    /// - [Pinned to the primary](Self::pins_primary) beats any position;
+    ///   two pinned positions are equal.
+    /// - One cluster, one timeline: the higher LSN.
+    /// - One cluster, different timelines: the higher timeline, which is
+    ///   the cluster's later history whatever the LSNs say.
+    /// - Different clusters (system identifiers): `None`, not comparable.
+    ///
+    /// ```
+    /// use read_after_write::{Lsn, WritePosition};
+    /// use std::cmp::Ordering;
+    ///
+    /// let p = WritePosition::new(Lsn::new(0x500), 1, 7);
+    /// assert_eq!(p.cmp_promise(&WritePosition::new(Lsn::new(0x400), 1, 7)), Some(Ordering::Greater));
+    /// assert_eq!(p.cmp_promise(&WritePosition::new(Lsn::new(0x400), 2, 7)), Some(Ordering::Less));
+    /// assert_eq!(p.cmp_promise(&WritePosition::new(Lsn::new(0x400), 1, 8)), None);
+    /// assert_eq!(p.cmp_promise(&WritePosition::default()), Some(Ordering::Less));
+    /// ```
+    pub fn cmp_promise(&self, other: &WritePosition) -> Option<Ordering> {
+        match (self.pins_primary(), other.pins_primary()) {
+            (true, true) => Some(Ordering::Equal),
+            (true, false) => Some(Ordering::Greater),
+            (false, true) => Some(Ordering::Less),
+            (false, false) if self.system_id != other.system_id => None,
+            (false, false) if self.timeline != other.timeline => {
+                Some(self.timeline.cmp(&other.timeline))
+            }
+            (false, false) => Some(self.lsn.cmp(&other.lsn)),
         }
     }
 }

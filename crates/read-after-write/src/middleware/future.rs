@@ -141,9 +141,10 @@ fn start_capture<B: Backend, ResBody>(
     }
 }
 
-/// Signs a token for max(carried, written) and attaches it. A `written` of
-/// `WritePosition::default()` means "position unknown": the token then pins
-/// the user to the primary, whatever the carried token promised.
+/// Signs a token for max(carried, written) and attaches it. A `written`
+/// that [pins the primary](WritePosition::pins_primary) means "position
+/// unknown": the token then pins the user to the primary, whatever the
+/// carried token promised.
 fn issue_token<B: Backend, ResBody>(
     shared: &Shared<B>,
     state: &RequestState,
@@ -154,7 +155,7 @@ fn issue_token<B: Backend, ResBody>(
         return;
     };
     let position = match state.required {
-        Required::Position(_) if written == WritePosition::default() => written,
+        Required::Position(_) if written.pins_primary() => written,
         Required::Position(carried) => carried.max(written),
         Required::Nothing | Required::Primary => written,
     };
