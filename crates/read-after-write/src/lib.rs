@@ -31,20 +31,155 @@
 //!   the sqlx backend for a primary and its streaming replicas, and the
 //!   [`ReplicaTracker`](pg::ReplicaTracker) that follows their replay positions.
 //!
-//! # Example
+//! # Quickstart
 //!
-//! See [`middleware`] for a complete, runnable example, and the README for
-//! one on axum with a real PostgreSQL cluster.
+//! ```toml
+//! [dependencies]
+//! read-after-write = { version = "0.1", features = ["axum"] } # `postgres` is on by default
+//! sqlx = { version = "0.9", features = ["postgres", "runtime-tokio"] } # the sqlx this crate is built on
+//! ```
+//!
+//! An axum app whose users always read their own posts, although reads go
+//! to a replica: the layer binds tokens to the user an authentication layer
+//! put into the request extensions, [`db.write()`](Db::write) marks the
+//! request as writing (its response carries a fresh token), and
+//! [`db.read().await`](Db::read) picks a replica that has replayed that
+//! user's last write.
+//!
+//! ```no_run
+//! # #[cfg(all(feature = "axum", feature = "postgres"))]
+//! # mod quickstart {
+//! use std::time::Duration;
+//!
+//! use axum::extract::Request;
+//! use axum::http::StatusCode;
+//! use axum::middleware::{self, Next};
+//! use axum::response::Response;
+//! use axum::routing::get;
+//! use axum::{Extension, Router};
+//! use read_after_write::pg::{PgDb, PgReplicaSet};
+//! use read_after_write::{KeySet, ReadAfterWriteLayer, UserId};
+//!
+//! /// Who is signed in, as your authentication layer records it.
+//! #[derive(Clone)]
+//! struct CurrentUser {
+//!     id: i64,
+//! }
+//!
+//! /// A stand-in for real authentication: trusts an `x-user-id` header.
+//! async fn authenticate(mut req: Request, next: Next) -> Result<Response, StatusCode> {
+//!     let id = req
+//!         .headers()
+//!         .get("x-user-id")
+//!         .and_then(|value| value.to_str().ok()?.parse().ok())
+//!         .ok_or(StatusCode::UNAUTHORIZED)?;
+//!     req.extensions_mut().insert(CurrentUser { id });
+//!     Ok(next.run(req).await)
+//! }
+//!
+//! async fn create_post(
+//!     db: PgDb,
+//!     Extension(user): Extension<CurrentUser>,
+//!     content: String,
+//! ) -> Result<StatusCode, StatusCode> {
+//!     sqlx::query("insert into posts (user_id, content) values ($1, $2)")
+//!         .bind(user.id)
+//!         .bind(content)
+//!         .execute(db.write()) // the primary; the response carries a fresh token
+//!         .await
+//!         .map_err(internal)?;
+//!     Ok(StatusCode::CREATED)
+//! }
+//!
+//! async fn my_posts(db: PgDb, Extension(user): Extension<CurrentUser>) -> Result<String, StatusCode> {
+//!     // A replica that has replayed this user's last write, else the
+//!     // primary after at most `max_wait`.
+//!     let posts: Vec<String> =
+//!         sqlx::query_scalar("select content from posts where user_id = $1 order by id")
+//!             .bind(user.id)
+//!             .fetch_all(db.read().await)
+//!             .await
+//!             .map_err(internal)?;
+//!     Ok(posts.join("\n"))
+//! }
+//!
+//! fn internal(error: sqlx::Error) -> StatusCode {
+//!     tracing::error!(%error, "query failed");
+//!     StatusCode::INTERNAL_SERVER_ERROR
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let replicas = PgReplicaSet::builder()
+//!         .primary_url(std::env::var("DATABASE_URL")?)
+//!         .replica_url("replica-1", std::env::var("REPLICA_URL")?)
+//!         .connect()
+//!         .await?;
+//!     // One or more base64 keys, comma-separated, newest first:
+//!     // `openssl rand -base64 32`. Every instance of the app shares them.
+//!     let keys = KeySet::from_env("AFFINITY_KEY")?;
+//!     let layer = ReadAfterWriteLayer::new(replicas, keys)
+//!         .identity(|parts| parts.extensions.get::<CurrentUser>().map(|user| UserId::from(user.id)))
+//!         .max_wait(Duration::from_millis(20)) // the default
+//!         // `Secure` by default; COOKIE_SECURE=false for plain-HTTP development.
+//!         .secure(std::env::var("COOKIE_SECURE").map_or(true, |value| value != "false"));
+//!
+//!     let app: Router = Router::new()
+//!         .route("/posts", get(my_posts).post(create_post))
+//!         .layer(layer) // inner: sees the `CurrentUser` that authentication inserted
+//!         .layer(middleware::from_fn(authenticate)); // outer: runs first
+//!
+//!     // Serve `app` like any axum app, with a request timeout around it
+//!     // (axum's `tokio` and `http1` features):
+//!     // axum::serve(tokio::net::TcpListener::bind("127.0.0.1:3000").await?, app).await?;
+//!     # let _ = app;
+//!     Ok(())
+//! }
+//! # }
+//! # fn main() {}
+//! ```
+//!
+//! What a newcomer needs to know:
+//!
+//! - **`max_wait` is 20 ms by default.** A read after a write waits up to
+//!   that long for a replica to catch up, then reads the primary. Set it a
+//!   little above your replicas' typical lag with
+//!   [`max_wait`](ReadAfterWriteLayer::max_wait); `0` never waits.
+//! - **The cookie is `Secure` by default**, so browsers keep and send it
+//!   only over HTTPS: over plain `http://` users silently get no
+//!   read-your-writes. For plain-HTTP development turn it off with
+//!   [`.secure(false)`](ReadAfterWriteLayer::secure); keep it on in
+//!   production.
+//! - **Grant `pg_monitor`** to the role the replica set connects as
+//!   (`GRANT pg_monitor TO app;`). PostgreSQL shows a replica's timeline only
+//!   to such roles; without it no replica can be proven to hold a write, so
+//!   every read after a write goes to the primary (safe, but it costs primary
+//!   capacity), and a warning says so once.
+//! - **Bound your handlers with a request timeout** (e.g. tower-http's
+//!   `TimeoutLayer`, outside this layer). A frozen or partitioned primary
+//!   makes queries hang without an error; the timeout is what drops them,
+//!   and the replica set then frees their connections.
+//! - **Pick one user id type everywhere.** The token carries the id's bytes:
+//!   `UserId::from(42i32)` and `UserId::from(42i64)` are different users
+//!   (see [`UserId`]).
+//!
+//! Without the `axum` feature, take the handle from the request extensions
+//! (`req.extensions().get::<Db<PgReplicaSet>>()`); [`middleware`] has a
+//! runnable example on plain Tower.
 //!
 //! # Metrics
 //!
-//! Through the [`metrics`] facade: `read_after_write_reads_total{target,
+//! Through the [metrics](https://docs.rs/metrics) facade: `read_after_write_reads_total{target,
 //! reason}`, `read_after_write_tokens_total{outcome}`,
 //! `read_after_write_tokens_issued_total`, `read_after_write_writes_total`
 //! and `read_after_write_capture_failures_total`; backends add their own.
 
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(rust_2018_idioms)]
+// docs.rs builds with `--cfg docsrs` on nightly (see Cargo.toml), where
+// `doc_cfg` labels feature-gated items ("Available on crate feature `axum`
+// only"). Inert on stable. (`doc_auto_cfg` was merged into it in 1.92.)
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
 pub mod clock;
