@@ -139,14 +139,40 @@ impl TokenError {
 
 /// Who a token belongs to: opaque bytes, at most 255 of them.
 ///
-/// Integers convert to their 8- or 16-byte big-endian form; text to its UTF-8
-/// bytes. Ids of up to 24 bytes are stored inline, without allocating.
+/// Two ids are the same user exactly when their bytes are equal. The
+/// conversions give:
+///
+/// | from | bytes |
+/// |---|---|
+/// | `u32`, `i32` | 4, big-endian (`to_be_bytes`) |
+/// | `u64`, `i64` | 8, big-endian |
+/// | `u128` | 16, big-endian |
+/// | `&str`, `String` | the UTF-8 bytes (fails past 255) |
+/// | `&[u8]`, [`UserId::new`] | the bytes as given (fails past 255) |
+///
+/// So the width of the integer type is part of the id: **`UserId::from(42i32)`
+/// and `UserId::from(42i64)` are different users**, and a token issued under
+/// one is ignored under the other (the user silently loses read-your-writes).
+/// Pick one type for your ids and convert with it everywhere, typically the
+/// type of your database's user id column (`int8`/`bigserial` is `i64`,
+/// `int4`/`serial` is `i32`). Signedness does not matter for non-negative
+/// ids: `42i64` and `42u64` give the same bytes. Ids of up to 24 bytes are
+/// stored inline, without allocating.
 ///
 /// ```
 /// use read_after_write::UserId;
 ///
-/// let a = UserId::from(42u64);
-/// assert_eq!(a.as_bytes(), &42u64.to_be_bytes());
+/// assert_eq!(UserId::from(42i32).as_bytes(), &[0, 0, 0, 42]);
+/// assert_eq!(UserId::from(42u32).as_bytes().len(), 4);
+/// assert_eq!(UserId::from(42i64).as_bytes(), &42i64.to_be_bytes());
+/// assert_eq!(UserId::from(42u64).as_bytes().len(), 8);
+/// assert_eq!(UserId::from(42u128).as_bytes().len(), 16);
+///
+/// // The same number at two widths is two different users.
+/// assert_ne!(UserId::from(42i32), UserId::from(42i64));
+/// // Signedness alone does not change a non-negative id.
+/// assert_eq!(UserId::from(42i64), UserId::from(42u64));
+///
 /// let b = UserId::try_from("alice@example.com")?;
 /// assert_eq!(b.as_bytes(), b"alice@example.com");
 /// assert!(UserId::try_from("x".repeat(256).as_str()).is_err());
