@@ -76,6 +76,198 @@ pub trait Backend: Send + Sync + 'static {
     /// The primary's current write position, asked after the request's
     /// commits so that it covers them.
     fn write_position(&self) -> impl Future<Output = Result<WritePosition, Self::Error>> + Send;
+
+    /// What this backend finds wrong, or worth knowing, about its own state
+    /// and how the layer uses it: for the startup self-check,
+    /// [`ReadAfterWriteLayer::check`](crate::ReadAfterWriteLayer::check).
+    ///
+    /// Runs once at startup or on an operator's request, never per request:
+    /// it may take its time, and may even ask the database. The default finds
+    /// nothing. A finding's message says what to do about it.
+    ///
+    /// ```
+    /// use read_after_write::backend::{Finding, LayerSettings};
+    /// use read_after_write::{Backend, Lsn, RouteReason, Routed, WritePosition};
+    /// use std::time::Duration;
+    ///
+    /// struct SingleNode {
+    ///     pool: String,
+    /// }
+    ///
+    /// impl Backend for SingleNode {
+    ///     type Pool = String;
+    ///     type Error = std::io::Error;
+    ///     fn primary(&self) -> &String {
+    ///         &self.pool
+    ///     }
+    ///     fn eventual(&self) -> Routed<'_, String> {
+    ///         Routed::primary(&self.pool, RouteReason::NoHealthyReplica)
+    ///     }
+    ///     async fn session(&self, _: WritePosition, _: Duration) -> Routed<'_, String> {
+    ///         Routed::primary(&self.pool, RouteReason::NoHealthyReplica)
+    ///     }
+    ///     async fn write_position(&self) -> Result<WritePosition, std::io::Error> {
+    ///         Ok(WritePosition::new(Lsn::ZERO, 1, 0))
+    ///     }
+    ///     async fn diagnose(&self, _settings: &LayerSettings) -> Vec<Finding> {
+    ///         vec![Finding::info(
+    ///             "single_node",
+    ///             "no replicas: every read goes to the primary, so the layer only adds cost",
+    ///         )]
+    ///     }
+    /// }
+    /// ```
+    fn diagnose(&self, settings: &LayerSettings) -> impl Future<Output = Vec<Finding>> + Send {
+        let _ = settings;
+        std::future::ready(Vec::new())
+    }
+}
+
+/// The layer's configuration that a backend's
+/// [`diagnose`](Backend::diagnose) may weigh its state against.
+///
+/// ```
+/// use read_after_write::backend::LayerSettings;
+/// use std::time::Duration;
+///
+/// let settings = LayerSettings::new(Duration::from_millis(20), Duration::from_secs(30));
+/// assert!(settings.uses_positions);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LayerSettings {
+    /// How long a session read waits for a replica before the primary.
+    pub max_wait: Duration,
+    /// How long a token lives: the longest lag it covers.
+    pub ttl: Duration,
+    /// Whether tokens carry write positions (false in time-window mode, where
+    /// a recent writer's session reads go to the primary and replica lag
+    /// does not matter to them).
+    pub uses_positions: bool,
+}
+
+impl LayerSettings {
+    /// Settings for position mode with this `max_wait` and token `ttl`, for
+    /// testing a backend's [`diagnose`](Backend::diagnose).
+    pub fn new(max_wait: Duration, ttl: Duration) -> Self {
+        LayerSettings {
+            max_wait,
+            ttl,
+            uses_positions: true,
+        }
+    }
+}
+
+/// How much a [`Finding`] matters. Ordered: `Info < Warning < Error`.
+///
+/// ```
+/// use read_after_write::backend::Severity;
+///
+/// assert!(Severity::Info < Severity::Warning);
+/// assert_eq!(Severity::Error.to_string(), "error");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum Severity {
+    /// Worth knowing; nothing to fix.
+    Info,
+    /// Works, but not as well as it could: costs primary reads, stale reads
+    /// past a token's life, or a weaker cookie.
+    Warning,
+    /// The layer cannot do its job as configured: no user would ever get a
+    /// token, or browsers refuse the cookie.
+    Error,
+}
+
+impl Severity {
+    /// `info`, `warning` or `error`.
+    ///
+    /// ```
+    /// assert_eq!(read_after_write::backend::Severity::Warning.as_str(), "warning");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One result of a self-check: how much it matters, a stable code to match
+/// or alert on, and a message that says what to do.
+///
+/// ```
+/// use read_after_write::backend::{Finding, Severity};
+///
+/// let finding = Finding::warning("no_healthy_replica", "no replica is healthy; check them");
+/// assert_eq!(finding.severity(), Severity::Warning);
+/// assert_eq!(finding.code(), "no_healthy_replica");
+/// assert_eq!(
+///     finding.to_string(),
+///     "warning: no replica is healthy; check them [no_healthy_replica]"
+/// );
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Finding {
+    severity: Severity,
+    code: &'static str,
+    message: String,
+}
+
+impl Finding {
+    /// A finding of any severity. `code` is a short `snake_case` name that
+    /// stays the same across releases; `message` says what was found and
+    /// what to do about it.
+    pub fn new(severity: Severity, code: &'static str, message: impl Into<String>) -> Self {
+        Finding {
+            severity,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// An [`Info`](Severity::Info) finding.
+    pub fn info(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(Severity::Info, code, message)
+    }
+
+    /// A [`Warning`](Severity::Warning) finding.
+    pub fn warning(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(Severity::Warning, code, message)
+    }
+
+    /// An [`Error`](Severity::Error) finding.
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(Severity::Error, code, message)
+    }
+
+    /// How much it matters.
+    pub fn severity(&self) -> Severity {
+        self.severity
+    }
+
+    /// The stable code, e.g. `secure_cookie_over_http`.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// What was found and what to do.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} [{}]", self.severity, self.message, self.code)
+    }
 }
 
 /// Where a read went and why.

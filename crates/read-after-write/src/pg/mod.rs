@@ -114,9 +114,11 @@ use sqlx::PgPool;
 use self::capture::Capture;
 pub use self::capture::CaptureError;
 use self::pools::PrimaryPools;
-use self::tracker::{Outages, PrimaryState, ReplicaState, TrackerConfig};
+use self::tracker::{
+    Outages, PrimaryState, ReplicaState, TrackerConfig, SEES_TIMELINES_NO, SEES_TIMELINES_YES,
+};
 pub use self::tracker::{ReplicaTracker, TRACKER_APPLICATION_NAME};
-use crate::backend::{Backend, RouteReason, Routed};
+use crate::backend::{Backend, Finding, LayerSettings, RouteReason, Routed};
 use crate::handle::Db;
 use crate::position::{Lsn, WalGeometry, WritePosition};
 
@@ -530,6 +532,11 @@ pub struct ReplicaStatus {
     /// How long ago the primary first had WAL this replica has not replayed
     /// (to within a poll interval); zero when it is caught up.
     pub lag: Duration,
+    /// Whether the tracker's role can see this replica's timeline (is a
+    /// member of `pg_read_all_stats`, e.g. through `pg_monitor`), as asked
+    /// when the tracker connected; `None` before it first connected. Without
+    /// it no read with a token can go to this replica.
+    pub sees_timelines: Option<bool>,
 }
 
 impl PgReplicaSet {
@@ -586,6 +593,11 @@ impl PgReplicaSet {
                         .load(Ordering::Relaxed)
                         .saturating_sub(replayed),
                     lag: primary.time_behind(replayed),
+                    sees_timelines: match r.sees_timelines.load(Ordering::Relaxed) {
+                        SEES_TIMELINES_YES => Some(true),
+                        SEES_TIMELINES_NO => Some(false),
+                        _ => None,
+                    },
                 }
             })
             .collect()
@@ -781,5 +793,185 @@ impl Backend for PgReplicaSet {
             position.timeline,
             self.system_id(),
         ))
+    }
+
+    /// Findings from the tracker's current view (a snapshot: lag moves with
+    /// load): the primary's and each replica's health, whether the tracker's
+    /// role can see replica timelines, and replica lag against the layer's
+    /// `max_wait` and token TTL.
+    async fn diagnose(&self, settings: &LayerSettings) -> Vec<Finding> {
+        diagnose(self.primary_healthy(), &self.replicas(), settings)
+    }
+}
+
+/// The findings for [`PgReplicaSet`]'s `diagnose`, from a snapshot.
+fn diagnose(
+    primary_healthy: bool,
+    replicas: &[ReplicaStatus],
+    settings: &LayerSettings,
+) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    if !primary_healthy {
+        findings.push(Finding::error(
+            "primary_unhealthy",
+            "the primary did not answer the tracker's last probe within probe_timeout: writes \
+             fail until it does; check the primary and the primary URL",
+        ));
+    }
+    if replicas.is_empty() {
+        findings.push(Finding::info(
+            "no_replicas",
+            "no replicas are configured: every read goes to the primary; add them with \
+             replica_url or replica_pool",
+        ));
+        return findings;
+    }
+    for replica in replicas {
+        let name = &replica.name;
+        if replica.diverged {
+            findings.push(Finding::warning(
+                "replica_diverged",
+                format!(
+                    "replica {name} is on another timeline than the primary, or its replay stalled \
+                     while the primary wrote: it serves no reads; re-point it at the primary \
+                     (pg_rewind or a fresh base backup)"
+                ),
+            ));
+        } else if !replica.healthy {
+            let since = if replica.sees_timelines.is_none() {
+                " and has not answered since startup"
+            } else {
+                ""
+            };
+            findings.push(Finding::warning(
+                "replica_unhealthy",
+                format!(
+                    "replica {name} serves no reads{since}: down, not answering within \
+                     probe_timeout, or not in recovery; check it and its URL"
+                ),
+            ));
+        }
+        if replica.sees_timelines == Some(false) {
+            findings.push(Finding::warning(
+                "replica_role_cannot_see_timelines",
+                format!(
+                    "replica {name}: the role in its URL is not a member of pg_read_all_stats, so \
+                     the tracker cannot see its timeline and no read with a token goes to it (they \
+                     all go to the primary); run `GRANT pg_monitor TO <that role>` on the primary"
+                ),
+            ));
+        }
+    }
+    let serving = || replicas.iter().filter(|r| r.healthy && !r.diverged);
+    let Some(least_lag) = serving().map(|r| r.lag).min() else {
+        findings.push(Finding::warning(
+            "no_healthy_replica",
+            "no replica is healthy: every read goes to the primary until one answers",
+        ));
+        return findings;
+    };
+    if settings.uses_positions && least_lag > settings.max_wait {
+        findings.push(Finding::warning(
+            "lag_exceeds_max_wait",
+            format!(
+                "every replica lags at least {least_lag:?}, more than max_wait ({:?}): a user's \
+                 reads right after their write wait max_wait and then go to the primary; raise \
+                 max_wait above the lag, or accept those primary reads",
+                settings.max_wait
+            ),
+        ));
+    }
+    for replica in serving().filter(|r| r.lag > settings.ttl) {
+        findings.push(Finding::warning(
+            "lag_exceeds_ttl",
+            format!(
+                "replica {} lags {:?}, more than the token TTL ({:?}): once a token expires its \
+                 user's reads may go to this replica without their write; raise the layer's ttl \
+                 above the worst lag",
+                replica.name, replica.lag, settings.ttl
+            ),
+        ));
+    }
+    findings
+}
+
+#[cfg(test)]
+mod diagnose_tests {
+    use super::*;
+
+    fn replica(name: &str, lag_ms: u64) -> ReplicaStatus {
+        ReplicaStatus {
+            name: name.to_owned(),
+            healthy: true,
+            replayed: Lsn::new(0x1000),
+            timeline: 1,
+            diverged: false,
+            lag_bytes: 0,
+            lag: Duration::from_millis(lag_ms),
+            sees_timelines: Some(true),
+        }
+    }
+
+    fn codes(findings: &[Finding]) -> Vec<&'static str> {
+        findings.iter().map(Finding::code).collect()
+    }
+
+    fn settings() -> LayerSettings {
+        LayerSettings::new(Duration::from_millis(20), Duration::from_secs(30))
+    }
+
+    #[test]
+    fn a_healthy_set_finds_nothing() {
+        let replicas = [replica("a", 0), replica("b", 5)];
+        assert!(diagnose(true, &replicas, &settings()).is_empty());
+    }
+
+    #[test]
+    fn a_role_without_pg_monitor_is_named_with_the_grant() {
+        let mut blind = replica("replica-2", 0);
+        blind.sees_timelines = Some(false);
+        let findings = diagnose(true, &[replica("replica-1", 0), blind], &settings());
+        assert_eq!(codes(&findings), ["replica_role_cannot_see_timelines"]);
+        assert!(findings[0].message().contains("replica-2"));
+        assert!(findings[0].message().contains("GRANT pg_monitor"));
+    }
+
+    #[test]
+    fn lag_beyond_max_wait_warns_only_when_every_replica_lags() {
+        let findings = diagnose(true, &[replica("a", 5), replica("b", 120)], &settings());
+        assert!(findings.is_empty(), "{findings:?}");
+        let findings = diagnose(true, &[replica("a", 50), replica("b", 120)], &settings());
+        assert_eq!(codes(&findings), ["lag_exceeds_max_wait"]);
+        let mut window = settings();
+        window.uses_positions = false;
+        assert!(diagnose(true, &[replica("a", 50)], &window).is_empty());
+    }
+
+    #[test]
+    fn lag_beyond_the_ttl_warns_per_replica() {
+        let findings = diagnose(true, &[replica("a", 0), replica("b", 40_000)], &settings());
+        assert_eq!(codes(&findings), ["lag_exceeds_ttl"]);
+        assert!(findings[0].message().contains("replica b"));
+    }
+
+    #[test]
+    fn no_serving_replica_and_a_silent_primary_are_reported() {
+        let mut down = replica("a", 0);
+        down.healthy = false;
+        down.sees_timelines = None;
+        let mut orphan = replica("b", 0);
+        orphan.diverged = true;
+        let findings = diagnose(false, &[down, orphan], &settings());
+        assert_eq!(
+            codes(&findings),
+            [
+                "primary_unhealthy",
+                "replica_unhealthy",
+                "replica_diverged",
+                "no_healthy_replica"
+            ]
+        );
+        assert!(findings[1].message().contains("since startup"));
+        assert_eq!(codes(&diagnose(true, &[], &settings())), ["no_replicas"]);
     }
 }

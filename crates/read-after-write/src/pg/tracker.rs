@@ -3,7 +3,7 @@
 //! few atomic loads and no database round trip.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,18 @@ pub(crate) struct ReplicaState {
     warned: AtomicBool,
     /// Set once the "cannot see timelines" warning was logged.
     warned_privilege: AtomicBool,
+    /// Whether the tracker's role may read `pg_stat_wal_receiver`, as asked
+    /// when its connection opened: [`SEES_TIMELINES_UNKNOWN`] until then,
+    /// else [`SEES_TIMELINES_YES`] or [`SEES_TIMELINES_NO`].
+    pub(crate) sees_timelines: AtomicU8,
 }
+
+/// [`ReplicaState::sees_timelines`] before the tracker first connected.
+pub(crate) const SEES_TIMELINES_UNKNOWN: u8 = 0;
+/// The tracker's role is a member of `pg_read_all_stats`.
+pub(crate) const SEES_TIMELINES_YES: u8 = 1;
+/// The tracker's role cannot see replica timelines.
+pub(crate) const SEES_TIMELINES_NO: u8 = 2;
 
 impl ReplicaState {
     pub(crate) fn new(
@@ -73,6 +84,7 @@ impl ReplicaState {
             refresh: Notify::new(),
             warned: AtomicBool::new(false),
             warned_privilege: AtomicBool::new(false),
+            sees_timelines: AtomicU8::new(SEES_TIMELINES_UNKNOWN),
         }
     }
 
@@ -421,6 +433,7 @@ impl ReplicaTracker {
                 conn,
                 self.primary.system_id,
                 &replica.warned_privilege,
+                &replica.sees_timelines,
             ),
         )
         .await;
@@ -669,6 +682,7 @@ async fn probe_replica(
     conn: &mut Option<PgConnection>,
     system_id: u64,
     warned_privilege: &AtomicBool,
+    sees_timelines_flag: &AtomicU8,
 ) -> Result<Probe, sqlx::Error> {
     if conn.is_none() {
         let mut fresh = connect
@@ -698,6 +712,14 @@ async fn probe_replica(
             sqlx::query_as("select pg_has_role('pg_read_all_stats', 'USAGE')")
                 .fetch_one(&mut fresh)
                 .await?;
+        sees_timelines_flag.store(
+            if sees_timelines {
+                SEES_TIMELINES_YES
+            } else {
+                SEES_TIMELINES_NO
+            },
+            Ordering::Relaxed,
+        );
         if !sees_timelines && !warned_privilege.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 replica = %describe(connect),
