@@ -329,3 +329,360 @@ async fn the_html_form_posts_redirects_and_shows_the_post() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// The metrics that examples/social/alerts.yml and grafana-dashboard.json name
+// must be what the library exports: renaming a metric without updating them
+// fails here.
+
+/// The alert rules and the dashboard, as shipped.
+const ALERTS: &str = include_str!("../examples/social/alerts.yml");
+const DASHBOARD: &str = include_str!("../examples/social/grafana-dashboard.json");
+
+/// Like [`serve`], on a replica set whose builder `tune` adjusts: for
+/// instances that provoke the faults some series only appear after.
+async fn serve_tuned(
+    cluster: &TestCluster,
+    keys: KeySet,
+    tune: impl FnOnce(
+        read_after_write::pg::PgReplicaSetBuilder,
+    ) -> read_after_write::pg::PgReplicaSetBuilder,
+) -> SocketAddr {
+    let mut builder = PgReplicaSet::builder().primary_url(cluster.primary_url());
+    for replica in cluster.replicas() {
+        builder = builder.replica_url(replica.name(), replica.url());
+    }
+    let replicas = tune(builder)
+        .connect()
+        .await
+        .expect("connect the replica set");
+    let config = AppConfig {
+        keys,
+        cookie_secure: false,
+        max_wait: Duration::from_millis(20),
+        debug_header: true,
+        time_window: None,
+        tokens: true,
+        request_timeout: Some(Duration::from_secs(5)),
+    };
+    let router = social::router(replicas.clone(), replicas, &config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    address
+}
+
+/// Whether `c` can continue a metric or label name.
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// A label matcher in a selector: `(label, op, value)`.
+type Matcher = (String, String, String);
+
+/// Every `read_after_write_*` metric named in `text`, each with the label
+/// matchers of the selector that follows it (`name{label op "value", ...}`),
+/// if any.
+fn metric_references(text: &str) -> Vec<(String, Vec<Matcher>)> {
+    const PREFIX: &str = "read_after_write_";
+    let mut found = Vec::new();
+    for (start, _) in text.match_indices(PREFIX) {
+        if text[..start].chars().next_back().is_some_and(is_name_char) {
+            continue;
+        }
+        let rest = &text[start..];
+        let end = rest.find(|c| !is_name_char(c)).unwrap_or(rest.len());
+        let name = rest[..end].to_owned();
+        let mut matchers = Vec::new();
+        if let Some(body) = rest[end..].strip_prefix('{') {
+            // label op "value", ...: values are quoted, so split by hand.
+            let mut body = body.trim_start();
+            while !body.starts_with('}') {
+                let label_end = body.find(|c| !is_name_char(c)).expect("a label matcher");
+                let label = body[..label_end].to_owned();
+                let after = body[label_end..].trim_start();
+                let op_end = after.find('"').expect("a quoted matcher value");
+                let op = after[..op_end].trim().to_owned();
+                let value_and_rest = &after[op_end + 1..];
+                let value_end = value_and_rest.find('"').expect("a closing quote");
+                let value = value_and_rest[..value_end].to_owned();
+                body = value_and_rest[value_end + 1..].trim_start();
+                body = body.strip_prefix(',').unwrap_or(body).trim_start();
+                assert!(
+                    ["=", "!=", "=~", "!~"].contains(&op.as_str()),
+                    "{name}: matcher {label} {op} {value:?}"
+                );
+                matchers.push((label, op, value));
+            }
+        }
+        found.push((name, matchers));
+    }
+    found
+}
+
+/// Every string in a JSON document, to search the dashboard's expressions,
+/// variable queries and descriptions unescaped.
+fn json_strings(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::String(text) => out.push(text.clone()),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| json_strings(v, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| json_strings(v, out)),
+        _ => {}
+    }
+}
+
+/// A Prometheus text exposition as metric name → the label sets of its
+/// samples. Names are as exported: a summary shows as `name{quantile=..}`,
+/// `name_sum` and `name_count`; a histogram would show `name_bucket{le=..}`
+/// instead of the bare name.
+fn scraped_series(
+    text: &str,
+) -> std::collections::BTreeMap<String, Vec<std::collections::BTreeMap<String, String>>> {
+    let mut series = std::collections::BTreeMap::<String, Vec<_>>::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(|c| !is_name_char(c)).unwrap_or(line.len());
+        let mut labels = std::collections::BTreeMap::new();
+        if let Some(mut body) = line[name_end..].strip_prefix('{') {
+            while let Some((label, after)) = body.split_once("=\"") {
+                let mut value = String::new();
+                let mut chars = after.char_indices();
+                let mut rest = "";
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                        '"' => {
+                            rest = &after[i + 1..];
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                labels.insert(label.trim_start_matches(',').trim().to_owned(), value);
+                body = rest;
+            }
+        }
+        series
+            .entry(line[..name_end].to_owned())
+            .or_default()
+            .push(labels);
+    }
+    series
+}
+
+/// What `source` names that `scrape` lacks: metrics, labels their selectors
+/// match on, and literal values of `=` matchers.
+fn missing_from_scrape(source: &str, text: &str, scrape: &str) -> Vec<String> {
+    let series = scraped_series(scrape);
+    let mut missing = Vec::new();
+    for (name, matchers) in metric_references(text) {
+        let Some(samples) = series.get(&name) else {
+            missing.push(format!("{source}: metric {name}"));
+            continue;
+        };
+        for (label, op, value) in matchers {
+            if !samples.iter().any(|s| s.contains_key(&label)) {
+                missing.push(format!("{source}: label {label} on {name}"));
+            } else if op == "="
+                && !value.contains('$')
+                && !samples
+                    .iter()
+                    .any(|s| s.get(&label).is_some_and(|v| *v == value))
+            {
+                missing.push(format!("{source}: {name}{{{label}=\"{value}\"}}"));
+            }
+        }
+    }
+    missing.sort();
+    missing.dedup();
+    missing
+}
+
+#[test]
+fn metric_references_parse_selectors() {
+    let refs = metric_references(
+        r#"sum(rate(read_after_write_reads_total{target="primary", reason!~"write|critical"}[5m]))
+           / x_read_after_write_not_ours + read_after_write_replica_up == 0"#,
+    );
+    let flat: Vec<_> = refs
+        .iter()
+        .map(|(name, m)| (name.as_str(), m.len()))
+        .collect();
+    assert_eq!(
+        flat,
+        [
+            ("read_after_write_reads_total", 2),
+            ("read_after_write_replica_up", 0)
+        ]
+    );
+    assert_eq!(
+        refs[0].1[1],
+        ("reason".into(), "!~".into(), "write|critical".into())
+    );
+    let series = scraped_series(
+        "# TYPE a summary\na{quantile=\"0.99\"} 1\na_sum 2\nb{x=\"p,q\",y=\"\\\"\"} 3\n",
+    );
+    assert_eq!(series["a"][0]["quantile"], "0.99");
+    assert!(series["a_sum"][0].is_empty());
+    assert_eq!(series["b"][0]["x"], "p,q");
+    assert_eq!(series["b"][0]["y"], "\"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(DASHBOARD).expect("grafana-dashboard.json is JSON");
+    assert_eq!(dashboard["title"], "read-after-write");
+    assert_eq!(dashboard["schemaVersion"], 39);
+    let mut strings = Vec::new();
+    json_strings(&dashboard, &mut strings);
+    let dashboard_text = strings.join("\n");
+    let alert_names: std::collections::BTreeSet<_> = metric_references(ALERTS)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let dashboard_names: std::collections::BTreeSet<_> = metric_references(&dashboard_text)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(alert_names.len() >= 4, "{alert_names:?}");
+    // Every alerted-on metric has a panel to look at when the alert fires.
+    let unplotted: Vec<_> = alert_names.difference(&dashboard_names).collect();
+    assert!(
+        unplotted.is_empty(),
+        "alerted on but not on the dashboard: {unplotted:?}"
+    );
+
+    let cluster = cluster().await;
+    // The app as deployed, and two instances on the same cluster tuned to
+    // provoke the series that only appear after a fault. The recorder is
+    // process-wide, so the first instance's /metrics shows all three.
+    let base = format!("http://{}", serve(cluster, keys(11)).await);
+    // A primary pool that takes 100 ms to hand out a connection, and a
+    // capture timeout of 10 ms: the handler's write succeeds, every
+    // write-position capture times out (read_after_write_capture_failures_total).
+    let slow_primary = sqlx::postgres::PgPoolOptions::new()
+        .after_connect(|_, _| {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok(())
+            })
+        })
+        .before_acquire(|_, _| {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok(true)
+            })
+        })
+        .connect_lazy(&cluster.primary_url())
+        .unwrap();
+    let failing_capture = format!(
+        "http://{}",
+        serve_tuned(cluster, keys(11), |b| {
+            b.primary_pool(slow_primary)
+                .capture_timeout(Duration::from_millis(10))
+        })
+        .await
+    );
+    // A replica whose replay stands still for 1 ms while the primary writes
+    // counts as stalled, which every lagging replica does after a write:
+    // read_after_write_replica_diverged{replica} = 1.
+    let stalling = format!(
+        "http://{}",
+        serve_tuned(cluster, keys(11), |b| {
+            b.stall_timeout(Duration::from_millis(1))
+        })
+        .await
+    );
+
+    let user = 707;
+    let with_cookie = browser();
+    let without_cookie = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut round = 0;
+    loop {
+        round += 1;
+        // A write (writes, capture queries, tokens issued), then session
+        // reads with the token (reads that wait: read_wait_seconds; valid)
+        // and without (absent), a critical read (target="primary") and the
+        // feed (eventual).
+        let (id, headers) = create(&with_cookie, &base, user, &format!("scraped {round}")).await;
+        own_posts(&with_cookie, &base, user).await;
+        own_posts(&without_cookie, &base, user).await;
+        let response = with_cookie
+            .get(format!("{base}/api/posts/{id}"))
+            .header("x-user-id", user)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let response = without_cookie
+            .get(format!("{base}/api/feed"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        // A tampered cookie (bad_signature), and more well-formed forgeries
+        // naming the requester than the MAC budget allows
+        // (token_mac_budget_exhausted_total).
+        let token = headers["x-primary-affinity"].to_str().unwrap();
+        let mut tampered = token.as_bytes().to_vec();
+        let last = tampered.len() - 5;
+        tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        for copies in [1, read_after_write::MAX_MACS_PER_REQUEST + 1] {
+            let cookie = vec![format!("primary_affinity={tampered}"); copies].join("; ");
+            let response = without_cookie
+                .get(format!("{base}/api/posts"))
+                .header("x-user-id", user)
+                .header(COOKIE, cookie)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            assert!(
+                route(&response).ends_with("token=bad_signature"),
+                "{}",
+                route(&response)
+            );
+        }
+        // Writes on the tuned instances.
+        create(&without_cookie, &failing_capture, user, "no capture").await;
+        create(&without_cookie, &stalling, user, "stalls").await;
+
+        let scrape = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut missing = missing_from_scrape("alerts.yml", ALERTS, &scrape);
+        missing.extend(missing_from_scrape(
+            "grafana-dashboard.json",
+            &dashboard_text,
+            &scrape,
+        ));
+        if missing.is_empty() {
+            let unplotted: Vec<_> = scraped_series(&scrape)
+                .into_keys()
+                .filter(|name| {
+                    name.starts_with("read_after_write_") && !dashboard_text.contains(name.as_str())
+                })
+                .collect();
+            eprintln!(
+                "round {round}: all {} metrics named in alerts.yml and the dashboard are exported; \
+                 exported but not on the dashboard: {unplotted:?}",
+                alert_names.union(&dashboard_names).count()
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "named in the alerts or the dashboard but not exported after {round} rounds of \
+             traffic:\n  {}\n/metrics:\n{scrape}",
+            missing.join("\n  ")
+        );
+    }
+}
