@@ -103,7 +103,7 @@ fn start_capture<B: Backend, ResBody>(
     }
     metrics::counter!("read_after_write_writes_total").increment(1);
     if state.user.is_none() {
-        tracing::debug!("request wrote but has no identity; no affinity token issued");
+        warn_wrote_without_identity(shared);
         return None;
     }
     match shared.mode {
@@ -138,6 +138,37 @@ fn start_capture<B: Backend, ResBody>(
                 }
             }))
         }
+    }
+}
+
+/// Counts a write that gets no token for want of an identity, and says why
+/// at most once a minute per layer.
+///
+/// With an identity function set, this is almost always the authentication
+/// layer placed inside this one: it has not run when the identity function
+/// reads the request, so every user silently loses read-after-write
+/// consistency. Without one, anonymous tokens were turned off.
+fn warn_wrote_without_identity<B>(shared: &Shared<B>) {
+    metrics::counter!("read_after_write_writes_without_identity_total").increment(1);
+    if !shared.no_identity_warning.allow(shared.clock.now_unix()) {
+        tracing::debug!("request wrote but has no identity; no affinity token issued");
+        return;
+    }
+    if shared.identity.is_some() {
+        tracing::warn!(
+            "the identity function returned None for a request that wrote, so it got no affinity \
+             token and its user may not see the write on the next page; is the authentication layer \
+             inside ReadAfterWriteLayer? It must be outside (added after it, with Router::layer) so \
+             it runs first. (Logged at most once a minute; every such write is counted in \
+             read_after_write_writes_without_identity_total)"
+        );
+    } else {
+        tracing::warn!(
+            "a request wrote, but no identity function is set and anonymous tokens are disabled \
+             (allow_anonymous(false)), so no request ever gets an affinity token; set \
+             ReadAfterWriteLayer::identity or allow anonymous tokens. (Logged at most once a \
+             minute; every such write is counted in read_after_write_writes_without_identity_total)"
+        );
     }
 }
 

@@ -82,6 +82,7 @@ mod service;
 mod transport;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -188,6 +189,42 @@ pub(crate) struct Shared<B> {
     /// `Set-Cookie` text before and after the token, derived from the fields
     /// above by [`Shared::refresh`].
     pub(crate) set_cookie: (String, String),
+    /// Rate limit of the "wrote without an identity" warning: one per layer
+    /// per [`Throttle::INTERVAL_SECONDS`], however many requests hit it.
+    pub(crate) no_identity_warning: Throttle,
+}
+
+/// Lets an event through at most once per [`INTERVAL_SECONDS`] of the
+/// layer's clock, so a misconfiguration that every request hits is loud once
+/// a minute, not a flood.
+///
+/// [`INTERVAL_SECONDS`]: Self::INTERVAL_SECONDS
+#[derive(Debug, Default)]
+pub(crate) struct Throttle {
+    /// Unix second from which the next event may pass; 0: never passed.
+    next: AtomicU64,
+}
+
+impl Throttle {
+    pub(crate) const INTERVAL_SECONDS: u64 = 60;
+
+    /// Whether an event at `now` (Unix seconds) may pass. Of callers racing
+    /// for one slot, exactly one wins. A clock set back by more than an
+    /// interval reopens the slot instead of silencing events until it
+    /// catches up.
+    pub(crate) fn allow(&self, now: u64) -> bool {
+        let next = self.next.load(Ordering::Relaxed);
+        let open = now >= next || next > now.saturating_add(Self::INTERVAL_SECONDS);
+        open && self
+            .next
+            .compare_exchange(
+                next,
+                now.saturating_add(Self::INTERVAL_SECONDS),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
 }
 
 impl<B> Shared<B> {
@@ -208,6 +245,7 @@ impl<B> Shared<B> {
             writes_on_unsafe_methods: false,
             mode: Mode::Position,
             set_cookie: (String::new(), String::new()),
+            no_identity_warning: Throttle::default(),
         };
         shared.refresh();
         shared
@@ -252,6 +290,7 @@ impl<B> Clone for Shared<B> {
             writes_on_unsafe_methods: self.writes_on_unsafe_methods,
             mode: self.mode,
             set_cookie: self.set_cookie.clone(),
+            no_identity_warning: Throttle::default(),
         }
     }
 }

@@ -1169,3 +1169,144 @@ fn cookie_names_and_domains_are_checked_when_configured() {
         "{message}"
     );
 }
+
+/// Collects the messages of `WARN` events on this thread: a test subscriber
+/// without `tracing-subscriber`.
+#[derive(Clone, Default)]
+struct Warnings(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Warnings {
+    fn taken(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message<'a>(&'a mut String);
+        impl tracing::field::Visit for Message<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    *self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = String::new();
+        event.record(&mut Message(&mut message));
+        self.0.lock().unwrap().push(message);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+fn counter(snapshotter: &Snapshotter, name: &str) -> Option<DebugValue> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find(|(key, ..)| key.key().name() == name)
+        .map(|(.., value)| value)
+}
+
+#[tokio::test]
+async fn a_write_without_identity_warns_once_a_minute_naming_the_layer_order() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _metrics = metrics::set_default_local_recorder(&recorder);
+    let warnings = Warnings::default();
+    let _tracing = tracing::subscriber::set_default(warnings.clone());
+
+    let backend = FakeBackend::new();
+    let clock = ManualClock::new(NOW);
+    let mut svc = layer(&backend, &clock).layer(service_fn(handler));
+    // The auth layer sits inside: the identity function finds no user.
+    let anonymous_write = || Request::post("/write").body(()).unwrap();
+    let response = send(&mut svc, anonymous_write()).await;
+    assert!(affinity_cookie(&response).is_none());
+    let logged = warnings.taken();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(
+        logged[0].contains("is the authentication layer inside ReadAfterWriteLayer?"),
+        "{}",
+        logged[0]
+    );
+    assert!(logged[0].contains("added after it, with Router::layer"));
+
+    // Within the minute: counted, not logged again. Reads and writes with
+    // an identity are neither.
+    clock.advance(Duration::from_secs(59));
+    send(&mut svc, anonymous_write()).await;
+    send(&mut svc, Request::get("/").body(()).unwrap()).await;
+    send(
+        &mut svc,
+        request(Method::POST, "/write", 3).body(()).unwrap(),
+    )
+    .await;
+    assert!(warnings.taken().is_empty());
+    assert_eq!(
+        counter(
+            &snapshotter,
+            "read_after_write_writes_without_identity_total"
+        ),
+        Some(DebugValue::Counter(2))
+    );
+
+    // A minute after the first warning, the next one gets through.
+    clock.advance(Duration::from_secs(1));
+    send(&mut svc, anonymous_write()).await;
+    assert_eq!(warnings.taken().len(), 1);
+    // A clock set back far does not silence it for as long.
+    clock.set(NOW - 3600);
+    send(&mut svc, anonymous_write()).await;
+    assert_eq!(warnings.taken().len(), 1);
+    assert_eq!(
+        counter(
+            &snapshotter,
+            "read_after_write_writes_without_identity_total"
+        ),
+        Some(DebugValue::Counter(2)), // since the last snapshot
+    );
+
+    // Each layer has its own limit, and without an identity function the
+    // message names the other cause.
+    let mut bare = ReadAfterWriteLayer::from_arc(Arc::clone(&backend), keys(1))
+        .allow_anonymous(false)
+        .clock(clock.clone())
+        .layer(service_fn(handler));
+    send(&mut bare, anonymous_write()).await;
+    let logged = warnings.taken();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(
+        logged[0].contains("no identity function is set"),
+        "{}",
+        logged[0]
+    );
+}
+
+#[test]
+fn the_throttle_lets_exactly_one_racer_through() {
+    let throttle = Arc::new(Throttle::default());
+    let passed = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..1000 {
+                    if throttle.allow(NOW) {
+                        passed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(passed.load(Ordering::Relaxed), 1);
+    assert!(!throttle.allow(NOW + Throttle::INTERVAL_SECONDS - 1));
+    assert!(throttle.allow(NOW + Throttle::INTERVAL_SECONDS));
+}
