@@ -5,7 +5,10 @@ use std::time::Duration;
 use http::header::HeaderName;
 use tower_layer::Layer;
 
-use super::{transport, ConfigError, IdentityFn, Mode, ReadAfterWrite, Shared, DEBUG_HEADER};
+use super::{
+    check, transport, CheckContext, ConfigError, IdentityFn, Mode, ReadAfterWrite, SelfCheck,
+    Shared, DEBUG_HEADER,
+};
 use crate::backend::Backend;
 use crate::clock::Clock;
 use crate::token::{KeySet, UserId};
@@ -194,6 +197,79 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     /// The backend this layer routes over.
     pub fn backend(&self) -> &Arc<B> {
         &self.shared.backend
+    }
+
+    /// A startup self-check: what in this configuration, and in the
+    /// backend's present state, would quietly cost consistency or send reads
+    /// to the primary, each [finding](crate::backend::Finding) with a
+    /// severity and a message that says what to do.
+    ///
+    /// The layer's own findings: a `Secure` cookie for an app served over
+    /// plain HTTP (say how it is served with
+    /// [`CheckContext::served_over_https`]; unsaid, `Secure` is reported as
+    /// information), a `__Host-`/`__Secure-` cookie name browsers would
+    /// refuse, no identity function while anonymous tokens are off (no one
+    /// ever gets a token), the debug header, time-window mode and a zero
+    /// `max_wait`. Then the backend's, from
+    /// [`Backend::diagnose`]: for [`PgReplicaSet`](crate::pg::PgReplicaSet),
+    /// the primary's and each replica's health, a replica role without
+    /// `pg_monitor` (it cannot see timelines, so every read with a token
+    /// goes to the primary), and replica lag beyond `max_wait` or the token
+    /// TTL. Lag is a snapshot: run the check after the backend has
+    /// connected, and again from an operator endpoint if you like.
+    ///
+    /// What no startup check can see is the order of layers: whether the
+    /// authentication layer runs before this one, so that the identity
+    /// function finds the user. That shows at runtime: a request that writes
+    /// while the identity function returns `None` logs a warning (at most
+    /// once a minute per layer) and counts in
+    /// `read_after_write_writes_without_identity_total`.
+    ///
+    /// Sends no request through the service and changes nothing.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use read_after_write::backend::Severity;
+    /// use read_after_write::middleware::CheckContext;
+    /// use read_after_write::{KeySet, ReadAfterWriteLayer, SigningKey};
+    /// # use read_after_write::{Backend, Lsn, RouteReason, Routed, WritePosition};
+    /// # use std::time::Duration;
+    /// # #[derive(Default)]
+    /// # struct MyBackend { pool: () }
+    /// # impl Backend for MyBackend {
+    /// #     type Pool = ();
+    /// #     type Error = std::io::Error;
+    /// #     fn primary(&self) -> &() { &self.pool }
+    /// #     fn eventual(&self) -> Routed<'_, ()> { Routed::replica(&self.pool, "replica-1", RouteReason::Eventual) }
+    /// #     async fn session(&self, _: WritePosition, _: Duration) -> Routed<'_, ()> {
+    /// #         Routed::replica(&self.pool, "replica-1", RouteReason::CaughtUp)
+    /// #     }
+    /// #     async fn write_position(&self) -> Result<WritePosition, std::io::Error> {
+    /// #         Ok(WritePosition::new(Lsn::new(0x1000), 1, 7))
+    /// #     }
+    /// # }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let keys = KeySet::from(SigningKey::from_bytes(&[7; 32])?);
+    /// let layer = ReadAfterWriteLayer::new(MyBackend::default(), keys)
+    ///     .identity(|parts| parts.extensions.get::<read_after_write::UserId>().cloned());
+    ///
+    /// // Served over plain HTTP, but the cookie is `Secure` (the default).
+    /// let check = layer.check(CheckContext::new().served_over_https(false)).await;
+    /// check.log(); // or print it: one line per finding, worst first
+    /// assert!(!check.is_ok());
+    /// assert_eq!(check.worst(), Some(Severity::Warning));
+    /// assert_eq!(check.findings()[0].code(), "secure_cookie_over_http");
+    ///
+    /// let check = layer.check(CheckContext::new().served_over_https(true)).await;
+    /// assert!(check.is_ok(), "{check}");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn check(&self, context: CheckContext) -> SelfCheck {
+        check::run(&self.shared, context).await
     }
 }
 

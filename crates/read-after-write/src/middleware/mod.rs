@@ -76,6 +76,7 @@
 //! # }
 //! ```
 
+mod check;
 mod future;
 mod layer;
 mod service;
@@ -88,6 +89,7 @@ use std::time::Duration;
 
 use http::header::HeaderName;
 
+pub use self::check::{CheckContext, SelfCheck};
 pub use self::future::ResponseFuture;
 pub use self::layer::ReadAfterWriteLayer;
 pub use self::service::ReadAfterWrite;

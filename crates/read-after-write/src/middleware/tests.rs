@@ -15,7 +15,7 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use tower::{service_fn, Layer, Service, ServiceExt};
 
 use super::*;
-use crate::backend::{Backend, RouteReason, Routed};
+use crate::backend::{Backend, Finding, LayerSettings, RouteReason, Routed, Severity};
 use crate::clock::ManualClock;
 use crate::handle::{Db, TokenOutcome};
 use crate::position::{Lsn, WritePosition};
@@ -32,6 +32,9 @@ pub(crate) struct FakeBackend {
     captures: AtomicUsize,
     primary: &'static str,
     replica: &'static str,
+    /// What `diagnose` reports, and the settings it was last asked with.
+    findings: std::sync::Mutex<Vec<Finding>>,
+    diagnosed_with: std::sync::Mutex<Option<LayerSettings>>,
 }
 
 impl FakeBackend {
@@ -83,6 +86,11 @@ impl Backend for FakeBackend {
             1,
             SYSTEM,
         ))
+    }
+
+    async fn diagnose(&self, settings: &LayerSettings) -> Vec<Finding> {
+        *self.diagnosed_with.lock().unwrap() = Some(*settings);
+        self.findings.lock().unwrap().clone()
     }
 }
 
@@ -1309,4 +1317,128 @@ fn the_throttle_lets_exactly_one_racer_through() {
     assert_eq!(passed.load(Ordering::Relaxed), 1);
     assert!(!throttle.allow(NOW + Throttle::INTERVAL_SECONDS - 1));
     assert!(throttle.allow(NOW + Throttle::INTERVAL_SECONDS));
+}
+
+fn codes(check: &SelfCheck) -> Vec<&'static str> {
+    check.findings().iter().map(Finding::code).collect()
+}
+
+#[tokio::test]
+async fn the_self_check_weighs_the_cookie_against_how_the_app_is_served() {
+    let backend = FakeBackend::new();
+    let secure = ReadAfterWriteLayer::from_arc(Arc::clone(&backend), keys(1)).identity(user_header);
+    let http = secure
+        .check(CheckContext::new().served_over_https(false))
+        .await;
+    assert_eq!(
+        codes(&http),
+        ["secure_cookie_over_http", "layer_order_unchecked"]
+    );
+    assert!(!http.is_ok());
+    assert!(http.findings()[0].message().contains(".secure(false)"));
+    let https = secure
+        .check(CheckContext::new().served_over_https(true))
+        .await;
+    assert_eq!(codes(&https), ["layer_order_unchecked"]);
+    assert!(https.is_ok(), "{https}");
+    let unsaid = secure.check(CheckContext::new()).await;
+    assert_eq!(codes(&unsaid), ["secure_cookie", "layer_order_unchecked"]);
+    assert!(unsaid.is_ok());
+
+    let plain = secure.clone().secure(false);
+    let check = plain
+        .check(CheckContext::new().served_over_https(true))
+        .await;
+    assert_eq!(codes(&check)[0], "insecure_cookie_over_https");
+    let check = plain
+        .check(CheckContext::new().served_over_https(false))
+        .await;
+    assert!(check.is_ok(), "{check}");
+}
+
+#[tokio::test]
+async fn the_self_check_reports_configurations_that_cannot_work() {
+    let backend = FakeBackend::new();
+    let base = || ReadAfterWriteLayer::from_arc(Arc::clone(&backend), keys(1));
+    let https = || CheckContext::new().served_over_https(true);
+
+    let check = base().allow_anonymous(false).check(https()).await;
+    assert_eq!(codes(&check), ["no_identity_no_anonymous"]);
+    assert_eq!(check.worst(), Some(Severity::Error));
+
+    let check = base()
+        .cookie_name("__Host-affinity")
+        .domain("example.com")
+        .check(https())
+        .await;
+    assert_eq!(codes(&check), ["cookie_prefix_refused", "anonymous_tokens"]);
+    assert!(check.findings()[0].message().contains("no Domain"));
+    let check = base()
+        .cookie_name("__secure-affinity")
+        .secure(false)
+        .check(https())
+        .await;
+    assert_eq!(
+        codes(&check)[..2],
+        ["cookie_prefix_refused", "insecure_cookie_over_https"]
+    );
+    assert!(base()
+        .cookie_name("__Host-affinity")
+        .check(https())
+        .await
+        .is_ok());
+
+    let check = base()
+        .debug_header(true)
+        .max_wait(Duration::ZERO)
+        .check(https())
+        .await;
+    assert_eq!(
+        codes(&check),
+        ["anonymous_tokens", "debug_header_on", "no_wait"]
+    );
+    assert!(check.is_ok());
+    // One line per finding, worst first.
+    let text = check.to_string();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(text.starts_with("info: "), "{text}");
+}
+
+#[tokio::test]
+async fn the_self_check_includes_the_backends_findings_and_gives_it_the_settings() {
+    let backend = FakeBackend::new();
+    backend.findings.lock().unwrap().push(Finding::warning(
+        "no_healthy_replica",
+        "no replica is healthy",
+    ));
+    let layer = ReadAfterWriteLayer::from_arc(Arc::clone(&backend), keys(1))
+        .identity(user_header)
+        .max_wait(Duration::from_millis(40))
+        .ttl(Duration::from_millis(1500));
+    let check = layer.check(CheckContext::new().served_over_https(true));
+    fn assert_send<T: Send>(_: &T) {}
+    assert_send(&check);
+    let check = check.await;
+    assert_eq!(
+        codes(&check),
+        ["no_healthy_replica", "layer_order_unchecked"]
+    );
+    assert!(!check.is_ok());
+    let settings = backend.diagnosed_with.lock().unwrap().unwrap();
+    // The TTL the cookie gets: whole seconds, rounded up.
+    assert_eq!(
+        (settings.max_wait, settings.ttl, settings.uses_positions),
+        (Duration::from_millis(40), Duration::from_secs(2), true)
+    );
+
+    let check = layer
+        .time_window(Duration::from_secs(3))
+        .check(CheckContext::new().served_over_https(true))
+        .await;
+    assert!(codes(&check).contains(&"time_window_mode"));
+    let settings = backend.diagnosed_with.lock().unwrap().unwrap();
+    assert_eq!(
+        (settings.ttl, settings.uses_positions),
+        (Duration::from_secs(3), false)
+    );
 }
