@@ -51,7 +51,7 @@ struct Args {
     /// Mostly reading users.
     #[arg(long, default_value_t = 4)]
     readers: usize,
-    /// Keep every run's history under <out>/histories, not only those of
+    /// Keep every run's history under `<out>/histories`, not only those of
     /// runs that fail the check.
     #[arg(long)]
     keep_histories: bool,

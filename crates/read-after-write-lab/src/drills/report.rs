@@ -168,7 +168,7 @@ pub fn rows(runs: &[RunRecord]) -> Vec<Row> {
         .collect()
 }
 
-const HEADERS: [&str; 16] = [
+const HEADERS: [&str; 17] = [
     "drill",
     "role",
     "runs",
@@ -178,6 +178,7 @@ const HEADERS: [&str; 16] = [
     "lost",
     "no-token",
     "hung",
+    "longest",
     "err in",
     "err out",
     "fault→write",
@@ -187,7 +188,7 @@ const HEADERS: [&str; 16] = [
     "after",
 ];
 
-fn cells(row: &Row) -> [String; 16] {
+fn cells(row: &Row) -> [String; 17] {
     let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
     let share = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1} %", v * 100.0));
     let runs = if row.failed_runs > 0 {
@@ -205,6 +206,7 @@ fn cells(row: &Row) -> [String; 16] {
         row.lost_writes.to_string(),
         row.writes_without_token.to_string(),
         row.hung.to_string(),
+        format!("{:.0} ms", row.longest_ms),
         row.errors_in_window.to_string(),
         row.errors_outside_window.to_string(),
         ms(row.fault_to_first_write_ms),
@@ -217,7 +219,7 @@ fn cells(row: &Row) -> [String; 16] {
 
 /// The table for a terminal: text columns left-aligned, numbers right.
 pub fn table(report: &CampaignReport) -> String {
-    let rows: Vec<[String; 16]> = report.rows.iter().map(cells).collect();
+    let rows: Vec<[String; 17]> = report.rows.iter().map(cells).collect();
     let widths: Vec<usize> = (0..HEADERS.len())
         .map(|i| {
             rows.iter()
@@ -278,6 +280,19 @@ pub fn markdown(report: &CampaignReport) -> String {
     for row in &report.rows {
         let _ = writeln!(out, "| {} |", cells(row).join(" | "));
     }
+    let _ = writeln!(
+        out,
+        "\nstale: own reads that missed an acknowledged write of the same user that exists on the \
+         final primary; mono: own reads that lost a post an earlier own read showed; lost: \
+         acknowledged writes absent from the final primary (asynchronous replication, counted \
+         apart); no-token: acknowledged writes answered without an affinity token; hung: \
+         requests outside the fault window longer than max_wait + 1 s; longest: the longest \
+         request anywhere; err in / out: non-2xx or transport errors overlapping the window or \
+         not; fault→write: from the fault to the first successful write sent after it took \
+         effect (median of runs); replicas again: from the fault to the first own read a \
+         replica served among those sent after recovery (median; - when none did); primary \
+         before / during / after: the primary's share of reads (mean of runs)."
+    );
     let _ = writeln!(out, "\n## Own reads by target and reason\n");
     for row in &report.rows {
         let total: u64 = row.own_read_routes.values().sum();
