@@ -284,8 +284,18 @@ pub struct ProfileUpdate {
     pub bio: String,
 }
 
-const POST_COLUMNS: &str =
-    "id, user_id, content, to_char(created_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') as created_at";
+/// `select <the post's columns>` followed by the rest of the statement, as
+/// one `&'static str`: sqlx 0.9 takes only static SQL (or SQL explicitly
+/// asserted safe), so the column list is spliced in at compile time.
+macro_rules! select_posts {
+    ($rest:literal) => {
+        concat!(
+            "select id, user_id, content, \
+             to_char(created_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') as created_at ",
+            $rest
+        )
+    };
+}
 
 fn validate(content: &str) -> Result<&str, AppError> {
     let content = content.trim();
@@ -317,9 +327,8 @@ async fn own_posts<B: Backend<Pool = PgPool>>(
     db: &Db<B>,
     user: i64,
 ) -> Result<Vec<Post>, AppError> {
-    let sql =
-        format!("select {POST_COLUMNS} from posts where user_id = $1 order by id desc limit 100");
-    Ok(sqlx::query_as(&sql)
+    let sql = select_posts!("from posts where user_id = $1 order by id desc limit 100");
+    Ok(sqlx::query_as(sql)
         .bind(user)
         .fetch_all(db.read().await)
         .await?)
@@ -345,8 +354,8 @@ async fn my_posts<B: Backend<Pool = PgPool>>(
 
 /// `GET /api/feed`: the latest 100 posts by anyone. Eventual.
 async fn feed<B: Backend<Pool = PgPool>>(db: Db<B>) -> Result<Json<Vec<Post>>, AppError> {
-    let sql = format!("select {POST_COLUMNS} from posts order by id desc limit 100");
-    Ok(Json(sqlx::query_as(&sql).fetch_all(db.eventual()).await?))
+    let sql = select_posts!("from posts order by id desc limit 100");
+    Ok(Json(sqlx::query_as(sql).fetch_all(db.eventual()).await?))
 }
 
 /// `GET /api/posts/{id}`: one post, a critical read from the primary.
@@ -354,8 +363,8 @@ async fn post_by_id<B: Backend<Pool = PgPool>>(
     db: Db<B>,
     Path(id): Path<i64>,
 ) -> Result<Json<Post>, AppError> {
-    let sql = format!("select {POST_COLUMNS} from posts where id = $1");
-    let post: Option<Post> = sqlx::query_as(&sql)
+    let sql = select_posts!("from posts where id = $1");
+    let post: Option<Post> = sqlx::query_as(sql)
         .bind(id)
         .fetch_optional(db.primary())
         .await?;

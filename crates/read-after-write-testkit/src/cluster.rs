@@ -811,7 +811,8 @@ impl TestCluster {
     /// ```
     pub async fn execute_on_primary(&self, sql: &str) -> Result<u64, KitError> {
         let mut conn = self.connect_primary().await?;
-        let result = sqlx::raw_sql(sql)
+        // The caller's own SQL, run as given: a test kit's job.
+        let result = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
             .execute(&mut conn)
             .await
             .map_err(|e| sql_error(&self.primary, "running SQL on the primary", e))?;
@@ -1204,9 +1205,9 @@ impl TestCluster {
             let ms = delay.as_millis();
             // Two round trips: several statements in one simple query form
             // an implicit transaction, and ALTER SYSTEM refuses to run in one.
-            sqlx::raw_sql(&format!(
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "alter system set recovery_min_apply_delay = '{ms}ms'"
-            ))
+            )))
             .execute(&mut conn)
             .await
             .map_err(|e| sql_error(node, "changing recovery_min_apply_delay", e))?;

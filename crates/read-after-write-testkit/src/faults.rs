@@ -529,7 +529,7 @@ impl TestCluster {
                      insert into {ORPHANED_WRITES_TABLE} default values"
                 )
             };
-            sqlx::raw_sql(&write)
+            sqlx::raw_sql(sqlx::AssertSqlSafe(write.clone()))
                 .execute(&mut conn)
                 .await
                 .map_err(|e| sql_error(primary, "writing WAL the new primary will miss", e))?;
@@ -738,10 +738,11 @@ async fn set_primary_conninfo(
 ) -> Result<(), KitError> {
     let mut conn = connect(node, true).await?;
     // ALTER SYSTEM takes no bind parameters; quote the literal.
-    sqlx::raw_sql(&format!(
+    // Quoted: single quotes doubled.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "alter system set primary_conninfo = '{}'",
         conninfo.replace('\'', "''")
-    ))
+    )))
     .execute(&mut conn)
     .await
     .map_err(|e| sql_error(node, "changing primary_conninfo", e))?;

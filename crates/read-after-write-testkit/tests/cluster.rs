@@ -13,7 +13,7 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-async fn count(conn: &mut PgConnection, sql: &str) -> i64 {
+async fn count(conn: &mut PgConnection, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(conn).await.unwrap()
 }
 
@@ -28,7 +28,7 @@ async fn in_recovery(conn: &mut PgConnection) -> bool {
 /// when that happened, measured from `since`.
 async fn visible_after(
     conn: &mut PgConnection,
-    sql: &str,
+    sql: &'static str,
     expected: i64,
     since: Instant,
 ) -> Duration {
@@ -62,7 +62,9 @@ async fn lag_is_made_by_the_server_and_primary_restarts() {
     assert!(cluster.server_version_num() >= 130000);
     for replica in cluster.replicas() {
         assert_eq!(replica.state(), ReplicaState::Replaying);
-        let mut conn = sqlx::Connection::connect(replica.url()).await.unwrap();
+        let mut conn = <PgConnection as sqlx::Connection>::connect(replica.url())
+            .await
+            .unwrap();
         assert!(in_recovery(&mut conn).await);
     }
 

@@ -17,7 +17,7 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-async fn count(conn: &mut PgConnection, sql: &str) -> i64 {
+async fn count(conn: &mut PgConnection, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(conn).await.unwrap()
 }
 
@@ -30,7 +30,7 @@ async fn in_recovery(conn: &mut PgConnection) -> bool {
 
 /// Polls `sql` (a count) on `conn` until it returns `expected`, for at most
 /// `within`.
-async fn eventually(conn: &mut PgConnection, sql: &str, expected: i64, within: Duration) {
+async fn eventually(conn: &mut PgConnection, sql: &'static str, expected: i64, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let n = count(conn, sql).await;
@@ -47,7 +47,7 @@ async fn eventually(conn: &mut PgConnection, sql: &str, expected: i64, within: D
 
 /// Asserts that `sql` (a count) on `conn` keeps returning `expected` for
 /// `during`.
-async fn stays(conn: &mut PgConnection, sql: &str, expected: i64, during: Duration) {
+async fn stays(conn: &mut PgConnection, sql: &'static str, expected: i64, during: Duration) {
     let until = Instant::now() + during;
     while Instant::now() < until {
         assert_eq!(count(conn, sql).await, expected, "{sql}");

@@ -102,6 +102,18 @@ mod capture;
 mod pools;
 mod tracker;
 
+/// The sqlx this backend is built on (0.9): use it, or depend on the same
+/// major yourself, so your queries and the pools handed out here share one
+/// `Executor` trait. With another major, nothing compiles ("the trait
+/// `Executor<'_>` is not implemented for `&Pool<Postgres>` ... multiple
+/// different versions of crate `sqlx_core`").
+///
+/// ```
+/// use read_after_write::pg::sqlx::PgPool;
+/// # let _ = std::marker::PhantomData::<PgPool>;
+/// ```
+pub use sqlx;
+
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
