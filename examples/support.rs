@@ -8,7 +8,7 @@
 use std::error::Error;
 use std::time::Duration;
 
-use read_after_write::pg::PgReplicaSet;
+use read_after_write::pg::{PgReplicaSet, PgReplicaSetBuilder};
 use read_after_write::{KeyError, KeySet, SigningKey};
 use read_after_write_testkit::TestCluster;
 
@@ -16,48 +16,34 @@ use read_after_write_testkit::TestCluster;
 /// throwaway cluster (returned too, so the caller keeps it alive) when
 /// neither is set.
 pub async fn replica_set() -> Result<(PgReplicaSet, Option<TestCluster>), Box<dyn Error>> {
-    let primary = std::env::var("DATABASE_URL").ok();
-    let replicas = std::env::var("REPLICA_URLS").ok();
-    let (cluster, primary, replicas) = match (primary, replicas) {
-        (Some(primary), replicas) => {
-            let replicas: Vec<String> = replicas
-                .unwrap_or_default()
-                .split(',')
-                .map(str::trim)
-                .filter(|url| !url.is_empty())
-                .map(str::to_owned)
-                .collect();
-            if replicas.is_empty() {
-                tracing::warn!("REPLICA_URLS is not set: every read goes to the primary");
-            }
-            (None, primary, replicas)
-        }
-        (None, Some(_)) => return Err("REPLICA_URLS is set but DATABASE_URL is not".into()),
-        (None, None) => {
-            println!("DATABASE_URL is not set: starting a throwaway cluster...");
-            let cluster = TestCluster::builder()
-                .replica(Duration::from_millis(50))
-                .replica(Duration::from_millis(200))
-                .start()
-                .await?;
-            let primary = cluster.primary_url();
-            let replicas = cluster.replica_urls();
-            println!("  primary:   {primary}");
-            for (replica, url) in cluster.replicas().iter().zip(&replicas) {
-                println!(
-                    "  {}: {url} (lags {} ms)",
-                    replica.name(),
-                    replica.apply_delay().as_millis()
-                );
-            }
-            (Some(cluster), primary, replicas)
-        }
-    };
-    let mut builder = PgReplicaSet::builder().primary_url(primary);
-    for (i, url) in replicas.into_iter().enumerate() {
-        builder = builder.replica_url(format!("replica-{}", i + 1), url);
+    let configured = std::env::var_os("DATABASE_URL").is_some();
+    if !configured && std::env::var_os("REPLICA_URLS").is_some() {
+        return Err("REPLICA_URLS is set but DATABASE_URL is not".into());
     }
-    Ok((builder.connect().await?, cluster))
+    if configured {
+        return Ok((PgReplicaSetBuilder::from_env()?.connect().await?, None));
+    }
+    println!("DATABASE_URL is not set: starting a throwaway cluster...");
+    let cluster = TestCluster::builder()
+        .replica(Duration::from_millis(50))
+        .replica(Duration::from_millis(200))
+        .start()
+        .await?;
+    println!("  primary:   {}", cluster.primary_url());
+    for replica in cluster.replicas() {
+        println!(
+            "  {}: {} (lags {} ms)",
+            replica.name(),
+            replica.url(),
+            replica.apply_delay().as_millis()
+        );
+    }
+    let replicas = PgReplicaSet::builder()
+        .primary_url(cluster.primary_url())
+        .replica_urls(cluster.replica_urls())
+        .connect()
+        .await?;
+    Ok((replicas, Some(cluster)))
 }
 
 /// Signing keys from `AFFINITY_KEY`, or a random key with a warning.

@@ -243,6 +243,7 @@ impl ClusterBuilder {
         );
         Ok(TestCluster {
             server_version_num: version.parse().unwrap_or(0),
+            primary_url: primary.url(),
             primary,
             primary_running: AtomicBool::new(true),
             replicas,
@@ -285,6 +286,8 @@ impl ClusterBuilder {
 pub struct TestCluster {
     server_version_num: u32,
     primary: Node,
+    /// `primary.url()`, kept so it can be lent like a replica's.
+    primary_url: String,
     primary_running: AtomicBool,
     replicas: Vec<ReplicaInfo>,
     env: Env,
@@ -576,8 +579,8 @@ impl TestCluster {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn primary_url(&self) -> String {
-        self.primary.url()
+    pub fn primary_url(&self) -> &str {
+        &self.primary_url
     }
 
     /// The primary's TCP port on 127.0.0.1.

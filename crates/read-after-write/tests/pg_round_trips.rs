@@ -35,7 +35,7 @@ async fn routing_a_read_adds_no_database_round_trip() {
     let cluster = start_cluster().await;
     create_schema(&cluster).await;
     let set = replica_set(&cluster).await;
-    let mut urls = vec![cluster.primary_url()];
+    let mut urls = vec![cluster.primary_url().to_owned()];
     urls.extend(cluster.replica_urls());
 
     sqlx::query("insert into posts (user_id, body) values (1, 'round trips')")

@@ -190,6 +190,12 @@ pub enum PgSetupError {
     /// The primary reported something unreadable.
     #[error("could not read the primary's WAL position: {0}")]
     Capture(#[from] CaptureError),
+    /// A required environment variable is unset or not valid Unicode.
+    #[error("environment variable {name} is not set (or not valid Unicode); set it to a PostgreSQL URL such as postgres://app@db-primary:5432/app")]
+    MissingEnv {
+        /// The variable's name.
+        name: &'static str,
+    },
     /// Two replicas share a name.
     #[error("two replicas are named {0:?}; names must be unique")]
     DuplicateName(String),
@@ -251,6 +257,63 @@ impl PgReplicaSetBuilder {
     pub fn replica_url(mut self, name: impl Into<String>, url: impl Into<String>) -> Self {
         self.replicas.push((name.into(), Source::Url(url.into())));
         self
+    }
+
+    /// Several replicas by URL, named `replica-1`, `replica-2`, ... in order
+    /// (numbering continues after replicas added before).
+    ///
+    /// ```
+    /// use read_after_write::pg::PgReplicaSet;
+    ///
+    /// let builder = PgReplicaSet::builder()
+    ///     .primary_url("postgres://app@primary/app")
+    ///     .replica_urls(["postgres://app@replica-a/app", "postgres://app@replica-b/app"]);
+    /// assert!(format!("{builder:?}").contains("replica-2"));
+    /// ```
+    ///
+    /// With the test kit: `.primary_url(cluster.primary_url())
+    /// .replica_urls(cluster.replica_urls())` names them as the kit does.
+    pub fn replica_urls<U: Into<String>>(mut self, urls: impl IntoIterator<Item = U>) -> Self {
+        for url in urls {
+            let name = format!("replica-{}", self.replicas.len() + 1);
+            self = self.replica_url(name, url);
+        }
+        self
+    }
+
+    /// A builder from the environment: the primary from `DATABASE_URL`, the
+    /// replicas from `REPLICA_URLS` (comma-separated, optional: without it
+    /// every read goes to the primary, and a warning says so).
+    ///
+    /// ```no_run
+    /// use read_after_write::pg::PgReplicaSetBuilder;
+    /// use std::time::Duration;
+    ///
+    /// # async fn run() -> Result<(), read_after_write::pg::PgSetupError> {
+    /// let replicas = PgReplicaSetBuilder::from_env()?
+    ///     .poll_interval(Duration::from_millis(10))
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_env() -> Result<Self, PgSetupError> {
+        let primary = env_var("DATABASE_URL")?.ok_or(PgSetupError::MissingEnv {
+            name: "DATABASE_URL",
+        })?;
+        let replicas: Vec<String> = env_var("REPLICA_URLS")?
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if replicas.is_empty() {
+            tracing::warn!("REPLICA_URLS is not set: every read goes to the primary");
+        }
+        Ok(PgReplicaSet::builder()
+            .primary_url(primary)
+            .replica_urls(replicas))
     }
 
     /// A replica, as an existing pool. The tracker opens its own connection
@@ -522,6 +585,16 @@ impl Drop for Inner {
     }
 }
 
+/// An environment variable's value: `None` when unset or empty.
+fn env_var(name: &'static str) -> Result<Option<String>, PgSetupError> {
+    match std::env::var(name) {
+        Ok(value) if value.trim().is_empty() => Ok(None),
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(PgSetupError::MissingEnv { name }),
+    }
+}
+
 /// A snapshot of one replica as the tracker sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -570,6 +643,20 @@ impl PgReplicaSet {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(1),
         }
+    }
+
+    /// Connects to the cluster named by `DATABASE_URL` (the primary) and
+    /// `REPLICA_URLS` (comma-separated), with the default settings; see
+    /// [`PgReplicaSetBuilder::from_env`] to tune them.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), read_after_write::pg::PgSetupError> {
+    /// let replicas = read_after_write::pg::PgReplicaSet::from_env().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn from_env() -> Result<PgReplicaSet, PgSetupError> {
+        PgReplicaSetBuilder::from_env()?.connect().await
     }
 
     /// The primary's pool.

@@ -239,7 +239,7 @@ pub async fn visible_on(set: &PgReplicaSet, replica: &str, id: i64) -> bool {
 
 /// Calls of statements whose text contains `marker`, summed per node.
 pub async fn statement_calls(cluster: &TestCluster, marker: &str) -> Vec<i64> {
-    let mut urls = vec![cluster.primary_url()];
+    let mut urls = vec![cluster.primary_url().to_owned()];
     urls.extend(cluster.replica_urls());
     let mut counts = Vec::new();
     for url in urls {
