@@ -92,7 +92,14 @@ fn internal(error: sqlx::Error) -> StatusCode {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() {
+    if let Err(error) = run().await {
+        eprintln!("error: {error}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // DATABASE_URL is the primary, REPLICA_URLS the replicas.
     let replicas = PgReplicaSet::from_env().await?;
     sqlx::query(

@@ -475,6 +475,7 @@ impl ReplicaTracker {
                 if was_healthy || !replica.warned.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         replica = name,
+                        node = %describe(&replica.connect),
                         in_recovery = probe.in_recovery,
                         "node is not replaying WAL (promoted or not a standby); excluded from reads"
                     );
@@ -483,14 +484,22 @@ impl ReplicaTracker {
             }
             Ok(Err(error)) => {
                 if was_healthy || !replica.warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(replica = name, %error, "replica unreachable; excluded from reads");
+                    let node = describe(&replica.connect);
+                    if matches!(error, sqlx::Error::Configuration(_)) {
+                        // It answered: the problem is what it is, not
+                        // whether it can be reached.
+                        tracing::warn!(replica = name, %node, %error, "replica refused; excluded from reads");
+                    } else {
+                        tracing::warn!(replica = name, %node, %error, "replica unreachable; excluded from reads");
+                    }
                 }
                 *conn = None;
                 false
             }
             Err(_elapsed) => {
                 if was_healthy {
-                    tracing::warn!(replica = name, timeout = ?config.probe_timeout, "replica probe timed out; excluded from reads");
+                    let node = describe(&replica.connect);
+                    tracing::warn!(replica = name, %node, timeout = ?config.probe_timeout, "replica probe timed out (down, frozen or partitioned); excluded from reads");
                 }
                 *conn = None;
                 false
