@@ -77,10 +77,16 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3001".to_owned());
     let listener = TcpListener::bind(&bind).await?;
+    let address = listener.local_addr()?;
+    println!("listening on http://{address}; Ctrl-C to stop");
+    println!("  write, keeping the cookie, then read it back (always there):");
     println!(
-        "listening on http://{}; Ctrl-C to stop",
-        listener.local_addr()?
+        "    curl -i -c jar -b jar -H 'x-user-id: 1' --data 'buy milk' http://{address}/notes"
     );
+    println!("    curl -i -c jar -b jar -H 'x-user-id: 1' http://{address}/notes");
+    println!("  write, then read without the cookie at once (may miss it):");
+    println!("    curl -s -H 'x-user-id: 1' --data 'call mum' http://{address}/notes; curl -i -H 'x-user-id: 1' http://{address}/notes");
+    println!("  the x-read-after-write response header says where each read went");
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => accepted?,
