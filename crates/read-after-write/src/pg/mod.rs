@@ -540,6 +540,18 @@ impl PgReplicaSetBuilder {
                 stall_timeout: self.stall_timeout,
             })
             .await;
+        // Every series exists from the start, so alerts and rate() work
+        // before the first fault.
+        for replica in &tracker.replicas {
+            let up = replica.healthy.load(Ordering::Relaxed);
+            metrics::gauge!("read_after_write_replica_up", "replica" => replica.name.clone())
+                .set(if up { 1.0 } else { 0.0 });
+            let diverged = replica.diverged.load(Ordering::Relaxed);
+            metrics::gauge!("read_after_write_replica_diverged", "replica" => replica.name.clone())
+                .set(if diverged { 1.0 } else { 0.0 });
+        }
+        metrics::counter!("read_after_write_capture_failures_total").increment(0);
+        metrics::counter!("read_after_write_capture_queries_total").increment(0);
         tracing::info!(
             replicas = tracker.replicas.len(),
             system_id,
