@@ -2,8 +2,10 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use smallvec::SmallVec;
 
 use crate::backend::{Backend, RouteReason, Routed, Target};
 use crate::middleware::{Mode, Shared};
@@ -69,8 +71,80 @@ pub(crate) struct RequestState {
     /// enough: the handler's future completes before the response future
     /// reads it, on the same task.
     pub(crate) wrote: AtomicBool,
-    /// The last routing decision, kept only when the debug header is on.
-    pub(crate) last_route: Mutex<Option<(String, RouteReason)>>,
+    /// The last routing decision, for [`Db::last_route`] and the debug
+    /// header. Written on every routed access, so it holds no `String`: the
+    /// node's name is copied into an inline buffer (no allocation for names
+    /// up to [`INLINE_NODE_NAME`] bytes).
+    pub(crate) last_route: Mutex<Option<LastRoute>>,
+}
+
+/// Node names up to this many bytes are kept without allocating.
+const INLINE_NODE_NAME: usize = 32;
+
+/// A routing decision as [`RequestState`] keeps it.
+pub(crate) struct LastRoute {
+    target: Target,
+    reason: RouteReason,
+    /// The node's name, UTF-8 copied from a `&str`.
+    node: SmallVec<[u8; INLINE_NODE_NAME]>,
+}
+
+impl LastRoute {
+    /// The node's name. Always the `&str` it was copied from; the fallback
+    /// is never taken.
+    pub(crate) fn node(&self) -> &str {
+        std::str::from_utf8(&self.node).unwrap_or("?")
+    }
+
+    pub(crate) fn reason(&self) -> RouteReason {
+        self.reason
+    }
+
+    fn route(&self) -> Route {
+        Route {
+            node: self.node().to_owned(),
+            target: self.target,
+            reason: self.reason,
+        }
+    }
+}
+
+/// Where a request's database access went: its node, the kind of node, and
+/// why. Returned by [`Db::last_route`].
+///
+/// ```
+/// use read_after_write::handle::Route;
+/// use read_after_write::{RouteReason, Target};
+///
+/// fn explain(route: &Route) -> String {
+///     match (route.target, route.reason) {
+///         (Target::Primary, RouteReason::WaitTimedOut) => {
+///             format!("no replica caught up in time; read {}", route.node)
+///         }
+///         _ => route.to_string(),
+///     }
+/// }
+/// # let _ = explain;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Route {
+    /// The node's name, as the backend calls it (`primary`, `replica-1`).
+    pub node: String,
+    /// Primary or replica.
+    pub target: Target,
+    /// Why it went there.
+    pub reason: RouteReason,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "node={}; target={}; reason={}",
+            self.node, self.target, self.reason
+        )
+    }
 }
 
 impl RequestState {
@@ -136,12 +210,34 @@ impl<B: Backend> Db<B> {
     /// if none has, waits up to the layer's `max_wait` for one, then the
     /// primary. Without a token, any healthy replica. After this request has
     /// itself written, the primary.
+    ///
+    /// # `read()` is async: `.await` it
+    ///
+    /// It may wait for a replica to catch up, so it returns a future:
+    /// `.fetch_one(db.read().await)`. Without the `.await`, sqlx reports
+    /// that "the trait `Executor<'_>` is not implemented for `impl
+    /// Future<Output = &Pool>`" (or `&PgPool`): the fix is the missing
+    /// `.await`, not a conversion. [`eventual`](Self::eventual),
+    /// [`primary`](Self::primary) and [`write`](Self::write) never wait and
+    /// return the pool directly.
+    ///
+    /// ```
+    /// use read_after_write::{Backend, Db};
+    ///
+    /// async fn my_posts<B: Backend>(db: &Db<B>) {
+    ///     let pool: &B::Pool = db.read().await; // not `db.read()`
+    ///     // sqlx::query("select ...").fetch_all(db.read().await).await ...
+    ///     # let _ = pool;
+    /// }
+    /// ```
+    #[must_use = "`read()` returns (a future of) the pool to query: `.fetch_one(db.read().await)`"]
     pub async fn read(&self) -> &B::Pool {
         self.read_within(self.shared.max_wait).await
     }
 
     /// [`read`](Self::read) with its own bound on the wait instead of the
-    /// layer's `max_wait`.
+    /// layer's `max_wait`. Async like `read`: `.await` it.
+    #[must_use = "`read_within()` returns (a future of) the pool to query: `.fetch_one(db.read_within(wait).await)`"]
     pub async fn read_within(&self, max_wait: Duration) -> &B::Pool {
         let backend = &*self.shared.backend;
         let routed = if self.state.wrote() {
@@ -224,6 +320,36 @@ impl<B: Backend> Db<B> {
         &self.shared.backend
     }
 
+    /// Where this request's last routed database access went (through any
+    /// clone of this handle): the node, primary or replica, and why. `None`
+    /// before the first.
+    ///
+    /// For logs and for handlers that explain themselves; the debug header
+    /// ([`debug_header`](crate::ReadAfterWriteLayer::debug_header)) shows
+    /// the same to clients. Kept for every request at the cost of copying
+    /// the node's name, so calling it allocates but routing does not.
+    ///
+    /// ```
+    /// use read_after_write::{Backend, Db, RouteReason, Target};
+    ///
+    /// async fn show_profile<B: Backend>(db: &Db<B>) {
+    ///     let _pool = db.read().await;
+    ///     if let Some(route) = db.last_route() {
+    ///         if route.target == Target::Primary && route.reason == RouteReason::WaitTimedOut {
+    ///             tracing::info!(node = %route.node, "no replica caught up within max_wait");
+    ///         }
+    ///     }
+    /// }
+    /// ```
+    pub fn last_route(&self) -> Option<Route> {
+        self.state
+            .last_route
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(LastRoute::route)
+    }
+
     fn record<'a>(&self, routed: Routed<'a, B::Pool>) -> &'a B::Pool {
         crate::telemetry::count_read(routed.target, routed.reason);
         tracing::debug!(
@@ -233,11 +359,29 @@ impl<B: Backend> Db<B> {
             reason = routed.reason.as_str(),
             "routed database access"
         );
-        if self.shared.debug_header.is_some() {
-            if let Ok(mut last) = self.state.last_route.lock() {
-                *last = Some((routed.node.to_owned(), routed.reason));
+        let mut last = self
+            .state
+            .last_route
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &mut *last {
+            // Reuses the buffer: a name that once spilled to the heap keeps
+            // its allocation for the rest of the request.
+            Some(last) => {
+                last.target = routed.target;
+                last.reason = routed.reason;
+                last.node.clear();
+                last.node.extend_from_slice(routed.node.as_bytes());
+            }
+            None => {
+                *last = Some(LastRoute {
+                    target: routed.target,
+                    reason: routed.reason,
+                    node: SmallVec::from_slice(routed.node.as_bytes()),
+                })
             }
         }
+        drop(last);
         routed.pool
     }
 }

@@ -1,7 +1,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use http::{HeaderValue, Response};
@@ -215,10 +215,15 @@ fn finish<B: Backend, ResBody>(
     let Some(name) = &shared.debug_header else {
         return;
     };
-    let route = state.last_route.lock().ok().and_then(|last| last.clone());
-    let text = match route {
-        Some((node, reason)) => format!(
-            "node={node}; reason={reason}; token={}",
+    let text = match &*state
+        .last_route
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+    {
+        Some(last) => format!(
+            "node={}; reason={}; token={}",
+            last.node(),
+            last.reason(),
             state.token.as_str()
         ),
         None => format!("node=none; token={}", state.token.as_str()),

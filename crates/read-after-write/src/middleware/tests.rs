@@ -1442,3 +1442,98 @@ async fn the_self_check_includes_the_backends_findings_and_gives_it_the_settings
         (Duration::from_secs(3), false)
     );
 }
+
+#[tokio::test]
+async fn the_last_route_is_kept_without_the_debug_header() {
+    use crate::backend::Target;
+    use crate::handle::Route;
+
+    let backend = FakeBackend::new();
+    let layer = ReadAfterWriteLayer::from_arc(Arc::clone(&backend), keys(1))
+        .identity(user_header)
+        .clock(ManualClock::new(NOW));
+    let svc = layer.layer(service_fn(|req: Request<()>| async move {
+        let db = req.extensions().get::<Db<FakeBackend>>().unwrap().clone();
+        let mut routes = vec![db.last_route()];
+        let _ = db.read().await;
+        routes.push(db.last_route());
+        // A clone shares the request's state.
+        db.clone().primary();
+        routes.push(db.last_route());
+        let mut response = Response::new(());
+        response.extensions_mut().insert(routes);
+        Ok::<_, Infallible>(response)
+    }));
+    let response = svc
+        .oneshot(request(Method::GET, "/", 1).body(()).unwrap())
+        .await
+        .unwrap();
+    assert!(response.headers().get(DEBUG_HEADER).is_none());
+    let routes = response.extensions().get::<Vec<Option<Route>>>().unwrap();
+    let route = |node: &str, target, reason| {
+        Some(Route {
+            node: node.to_owned(),
+            target,
+            reason,
+        })
+    };
+    assert_eq!(
+        routes,
+        &[
+            None,
+            route("replica-1", Target::Replica, RouteReason::NoToken),
+            route("primary", Target::Primary, RouteReason::Critical),
+        ]
+    );
+    assert_eq!(
+        routes[2].as_ref().unwrap().to_string(),
+        "node=primary; target=primary; reason=critical"
+    );
+}
+
+/// Names longer than the inline buffer are kept whole.
+struct LongNames(&'static str);
+
+impl Backend for LongNames {
+    type Pool = &'static str;
+    type Error = CaptureFailed;
+
+    fn primary(&self) -> &&'static str {
+        &self.0
+    }
+    fn eventual(&self) -> Routed<'_, &'static str> {
+        Routed::replica(&self.0, self.0, RouteReason::Eventual)
+    }
+    async fn session(&self, _: WritePosition, _: Duration) -> Routed<'_, &'static str> {
+        self.eventual()
+    }
+    async fn write_position(&self) -> Result<WritePosition, CaptureFailed> {
+        Err(CaptureFailed)
+    }
+}
+
+#[tokio::test]
+async fn long_node_names_survive_the_last_route_and_the_debug_header() {
+    const NAME: &str = "replica-eu-west-1a-production-analytics-02-ünïcode";
+    let layer = ReadAfterWriteLayer::new(LongNames(NAME), keys(1)).debug_header(true);
+    let svc = layer.layer(service_fn(|req: Request<()>| async move {
+        let db = req.extensions().get::<Db<LongNames>>().unwrap().clone();
+        db.eventual();
+        db.primary();
+        db.eventual();
+        let node = db.last_route().unwrap().node;
+        let mut response = Response::new(());
+        response.extensions_mut().insert(node);
+        Ok::<_, Infallible>(response)
+    }));
+    let response = svc
+        .oneshot(Request::get("/").body(()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.extensions().get::<String>().unwrap(), NAME);
+    let header = response.headers()[DEBUG_HEADER].as_bytes();
+    assert_eq!(
+        header,
+        format!("node={NAME}; reason=eventual; token=absent").as_bytes()
+    );
+}
