@@ -43,14 +43,72 @@ pub enum KeyError {
     )]
     AllZero,
     /// The environment variable is unset or not valid Unicode.
-    #[error("environment variable {name} is not set; put a base64-encoded key of 32 or more bytes in it")]
+    #[error("environment variable {name} is not set (or not valid Unicode); put a key in it: {VALID_KEY}")]
     MissingEnv {
         /// The variable's name.
         name: String,
     },
+    /// A key read from an environment variable by [`KeySet::from_env`] was
+    /// refused. The message names the variable (and the key, in a list) and
+    /// says what a valid key looks like; `error` is why it was refused.
+    ///
+    /// ```
+    /// use read_after_write::{KeyError, KeySet};
+    ///
+    /// # fn main() {
+    /// // AFFINITY_KEY=correct-horse-battery-staple-1234 (a passphrase, not a key)
+    /// match KeySet::from_env("AFFINITY_KEY") {
+    ///     Err(KeyError::InEnv { name, error, .. }) if matches!(*error, KeyError::TooShort { .. }) => {
+    ///         eprintln!("{name} is too short")
+    ///     }
+    ///     _ => {}
+    /// }
+    /// # }
+    /// ```
+    #[error("{}", env_message(.name, *.list_index, .error))]
+    InEnv {
+        /// The variable's name.
+        name: String,
+        /// Which key of a comma-separated list was refused (0: the current
+        /// key); `None` when the variable holds one key.
+        list_index: Option<usize>,
+        /// Why it was refused: [`TooShort`](KeyError::TooShort),
+        /// [`InvalidBase64`](KeyError::InvalidBase64),
+        /// [`AllZero`](KeyError::AllZero) or [`Empty`](KeyError::Empty).
+        error: Box<KeyError>,
+    },
     /// The operating system's random number generator failed.
     #[error("could not read random bytes from the operating system to generate a key")]
     Random,
+}
+
+/// What every key message ends with.
+const VALID_KEY: &str = "a key is at least 32 random bytes, base64-encoded (44 characters), \
+                         e.g. from `openssl rand -base64 32`";
+
+/// The message of [`KeyError::InEnv`]: the variable and key first, then
+/// what was wrong in terms of the text the operator put there.
+fn env_message(name: &str, list_index: Option<usize>, error: &KeyError) -> String {
+    let key = match list_index {
+        None => name.to_owned(),
+        Some(0) => format!("the first (current) key in {name}"),
+        Some(i) => format!("key {} of the comma-separated list in {name}", i + 1),
+    };
+    match error {
+        KeyError::TooShort { len } => format!(
+            "{key} decodes to {len} bytes; {VALID_KEY} (the value is base64-decoded, not used \
+             as a passphrase)"
+        ),
+        KeyError::InvalidBase64 => format!("{key} is not valid base64; {VALID_KEY}"),
+        KeyError::AllZero => format!(
+            "{key} decodes to all zero bytes (an unset or placeholder secret?); {VALID_KEY}"
+        ),
+        KeyError::Empty => format!(
+            "{name} holds no key (it is empty or only commas); {VALID_KEY}; several keys are \
+             comma-separated, current key first"
+        ),
+        other => format!("{key}: {other}"),
+    }
 }
 
 /// One HMAC-SHA256 key for signing and verifying affinity tokens.
@@ -298,17 +356,34 @@ impl KeySet {
     /// assert_eq!(KeySet::from_base64_list(" , ").err(), Some(KeyError::Empty));
     /// ```
     pub fn from_base64_list(text: &str) -> Result<Self, KeyError> {
-        let mut keys = text
+        Self::parse_list(text).map_err(|(_, error)| error)
+    }
+
+    /// [`from_base64_list`](Self::from_base64_list), telling which key was
+    /// refused: `None` when the text holds at most one.
+    fn parse_list(text: &str) -> Result<Self, (Option<usize>, KeyError)> {
+        let parts: Vec<&str> = text
             .split(',')
             .map(str::trim)
             .filter(|part| !part.is_empty())
-            .map(SigningKey::from_base64);
-        let current = keys.next().ok_or(KeyError::Empty)??;
+            .collect();
+        let at = |i: usize| (parts.len() > 1).then_some(i);
+        let mut keys = parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| SigningKey::from_base64(part).map_err(|error| (at(i), error)));
+        let current = keys.next().ok_or((None, KeyError::Empty))??;
         keys.try_fold(KeySet::new(current), |set, key| Ok(set.with_previous(key?)))
     }
 
     /// Keys from the environment variable `name`, in the
     /// [`from_base64_list`](Self::from_base64_list) format.
+    ///
+    /// An unset variable is [`KeyError::MissingEnv`]; a refused key is
+    /// [`KeyError::InEnv`], whose message names the variable and says what a
+    /// valid key looks like, e.g. for a 32-character passphrase: "AFFINITY_KEY
+    /// decodes to 24 bytes; a key is at least 32 random bytes, base64-encoded
+    /// (44 characters), e.g. from `openssl rand -base64 32` (...)".
     ///
     /// ```no_run
     /// use read_after_write::KeySet;
@@ -320,7 +395,16 @@ impl KeySet {
         let value = Zeroizing::new(std::env::var(name).map_err(|_| KeyError::MissingEnv {
             name: name.to_owned(),
         })?);
-        Self::from_base64_list(&value)
+        Self::from_named_text(name, &value)
+    }
+
+    /// [`from_env`](Self::from_env) for a value already read.
+    fn from_named_text(name: &str, text: &str) -> Result<Self, KeyError> {
+        Self::parse_list(text).map_err(|(list_index, error)| KeyError::InEnv {
+            name: name.to_owned(),
+            list_index,
+            error: Box::new(error),
+        })
     }
 
     /// The key new tokens are signed with.
@@ -462,5 +546,77 @@ mod tests {
                 name: "READ_AFTER_WRITE_SURELY_UNSET_VARIABLE".into()
             }
         );
+    }
+
+    #[test]
+    fn env_errors_name_the_variable_and_what_a_key_looks_like() {
+        let err = |text: &str| KeySet::from_named_text("AFFINITY_KEY", text).unwrap_err();
+        // A 32-character passphrase is base64 of 24 bytes.
+        let passphrase = "correct-horse-battery-staple-123";
+        assert_eq!(passphrase.len(), 32);
+        let error = err(passphrase);
+        assert_eq!(
+            error,
+            KeyError::InEnv {
+                name: "AFFINITY_KEY".into(),
+                list_index: None,
+                error: Box::new(KeyError::TooShort { len: 24 }),
+            }
+        );
+        let message = error.to_string();
+        assert!(
+            message.starts_with(
+                "AFFINITY_KEY decodes to 24 bytes; a key is at least 32 random bytes, \
+                 base64-encoded (44 characters), e.g. from `openssl rand -base64 32`"
+            ),
+            "{message}"
+        );
+        // The error is its own message, not a chain that repeats it.
+        assert!(std::error::Error::source(&error).is_none());
+
+        let message = err("not base64!").to_string();
+        assert!(
+            message.starts_with("AFFINITY_KEY is not valid base64; a key is"),
+            "{message}"
+        );
+        let message = err(&STANDARD.encode([0u8; 32])).to_string();
+        assert!(
+            message.starts_with("AFFINITY_KEY decodes to all zero bytes"),
+            "{message}"
+        );
+        let message = err(" , ").to_string();
+        assert!(
+            message.starts_with("AFFINITY_KEY holds no key"),
+            "{message}"
+        );
+
+        // In a rotation list, the message says which key.
+        let good = STANDARD.encode([1u8; 32]);
+        let error = err(&format!("{good}, c2hvcnQ="));
+        assert!(
+            matches!(&error, KeyError::InEnv { list_index: Some(1), error, .. } if **error == KeyError::TooShort { len: 5 }),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().starts_with(
+                "key 2 of the comma-separated list in AFFINITY_KEY decodes to 5 bytes"
+            ),
+            "{error}"
+        );
+        let message = err(&format!("c2hvcnQ=,{good}")).to_string();
+        assert!(
+            message.starts_with("the first (current) key in AFFINITY_KEY"),
+            "{message}"
+        );
+
+        // Outside the environment, errors stay as they were.
+        assert_eq!(
+            KeySet::from_base64_list(passphrase).unwrap_err(),
+            KeyError::TooShort { len: 24 }
+        );
+        assert!(KeySet::from_named_text("AFFINITY_KEY", &good).is_ok());
+        assert!(KeyError::MissingEnv { name: "K".into() }
+            .to_string()
+            .contains("openssl rand -base64 32"));
     }
 }
