@@ -183,6 +183,11 @@ impl RequestState {
 /// | [`primary`](Self::primary) | the primary | critical reads (balances, uniqueness checks) |
 /// | [`write`](Self::write) | the primary, and marks the request as writing | `INSERT`, `UPDATE`, `DELETE` |
 ///
+/// `read` is async, since it may wait for a replica: `.fetch_one(db.read().await)`.
+/// Without the `.await`, sqlx's error is that `Executor` "is not implemented
+/// for `impl Future<Output = &Pool>`". The other three return the pool at
+/// once.
+///
 /// # Example
 ///
 /// ```
