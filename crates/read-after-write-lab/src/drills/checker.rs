@@ -556,6 +556,33 @@ mod tests {
     }
 
     #[test]
+    fn naive_reads_of_a_lagging_replica_are_stale() {
+        // What the negative control's history looks like: tokens off, so
+        // writes get no token and own reads go to a replica (`no_token`)
+        // that has not applied the write yet.
+        let mut bare = write(1, 0.0, 10.0, 7);
+        bare.token_issued = Some(false);
+        let mut naive = read(1, 11.0, 14.0, &[6]);
+        naive.reason = Some("no_token".into());
+        naive.token = Some("absent".into());
+        let mut later = read(1, 200.0, 203.0, &[7, 6]);
+        later.reason = Some("no_token".into());
+        let f = check(
+            &history(vec![write(1, 0.0, 1.0, 6), bare, naive, later]),
+            &facts(&[6, 7]),
+        );
+        assert_eq!(f.stale_own_reads, 1);
+        assert_eq!(f.own_reads_checked, 2);
+        assert_eq!(f.writes_without_token, 1);
+        assert_eq!(f.own_read_routes.get("replica/no_token"), Some(&2));
+        assert_eq!(f.stale_examples[0].missing_id, 7);
+        assert_eq!(
+            f.stale_examples[0].route,
+            "node=replica-1; reason=no_token; token=absent"
+        );
+    }
+
+    #[test]
     fn writes_without_a_token_are_counted() {
         let mut bare = write(1, 0.0, 10.0, 7);
         bare.token_issued = Some(false);

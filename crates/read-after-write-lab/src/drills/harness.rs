@@ -81,6 +81,10 @@ pub struct AppSettings {
     pub request_timeout: Duration,
     /// Replica apply delays, one replica each.
     pub lags: Vec<Duration>,
+    /// The app reads and issues affinity tokens ([`AppConfig::tokens`]).
+    /// Off only for the negative control, whose reads then go to a replica
+    /// whatever the user wrote, as the lab's `naive` baseline's do.
+    pub tokens: bool,
 }
 
 impl Default for AppSettings {
@@ -89,6 +93,7 @@ impl Default for AppSettings {
             max_wait: Duration::from_millis(200),
             request_timeout: Duration::from_secs(2),
             lags: vec![Duration::from_millis(30), Duration::from_millis(150)],
+            tokens: true,
         }
     }
 }
@@ -175,7 +180,7 @@ impl System {
             max_wait: self.settings.max_wait,
             debug_header: true,
             time_window: None,
-            tokens: true,
+            tokens: self.settings.tokens,
             request_timeout: Some(self.settings.request_timeout),
         };
         let router = social::router(replicas.clone(), replicas.clone(), &config);
@@ -291,7 +296,7 @@ impl System {
 /// Runs the social migrations as `postgres`, then creates the two LOGIN
 /// roles with the app's privileges (trust auth: no passwords).
 async fn prepare_database(cluster: &TestCluster) -> Result<(), DrillError> {
-    let primary = sqlx::PgPool::connect(&cluster.primary_url())
+    let primary = sqlx::PgPool::connect(cluster.primary_url())
         .await
         .map_err(|error| DrillError::Setup(format!("connecting to the primary: {error}")))?;
     social::migrate(&primary)

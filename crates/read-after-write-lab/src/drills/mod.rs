@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! cargo run -p read-after-write-lab --release --bin drills             # 7 drills × 3 roles × 3 runs
-//! cargo run -p read-after-write-lab --bin drills -- --short --check    # CI: 7 runs, roles rotated
+//! cargo run -p read-after-write-lab --bin drills -- --short --check    # CI: 7 runs, roles rotated, and the control
 //! cargo run -p read-after-write-lab --release --bin drills -- --drills frozen-primary --roles plain --runs 1
 //! ```
 //!
@@ -43,6 +43,19 @@
 //! and its backoff settle within the next two seconds. Errors and slow
 //! requests inside it are reported; outside it, they fail `--check`. Stale
 //! own reads fail it wherever they happen.
+//!
+//! # The negative control
+//!
+//! A checker that counts 0 stale own reads proves nothing unless it would
+//! have counted some had the library not been there. So every campaign
+//! starts with one more run, `control-naive` as `superuser`: the same
+//! cluster (replicas lagging 30 and 150 ms), the same load, no fault, and
+//! the app's tokens off (`AppConfig { tokens: false, .. }`, as the lab's
+//! `naive` baseline): every own read goes to a lagging replica whatever
+//! the user just wrote. Its stale own reads are expected and never fail
+//! `--check`; counting none does, since then the campaign cannot tell a
+//! broken library from a working one. Its errors and hung requests (there
+//! is no fault window) fail it as anywhere else.
 //!
 //! # Layout
 //!
@@ -103,6 +116,8 @@ pub struct CampaignConfig {
     pub rotate_roles: bool,
     /// How long each run lasts.
     pub timing: Timing,
+    /// The negative control's length: it runs once, first, when set.
+    pub control: Option<Duration>,
     /// The app's settings.
     pub settings: AppSettings,
     /// The users.
@@ -139,11 +154,26 @@ pub fn plan(config: &CampaignConfig) -> Vec<(Drill, Role, usize)> {
     plan
 }
 
-/// Runs the whole campaign, one run after another.
+/// The role the negative control runs with.
+pub const CONTROL_ROLE: Role = Role::Superuser;
+
+/// Runs the whole campaign, one run after another: the negative control
+/// first (when configured), then the plan.
 pub async fn run(config: &CampaignConfig) -> CampaignReport {
     let started = Instant::now();
     let plan = plan(config);
-    let mut runs = Vec::with_capacity(plan.len());
+    let mut runs = Vec::with_capacity(plan.len() + 1);
+    if let Some(length) = config.control {
+        if config.progress {
+            eprint!(
+                "[control] {} as {CONTROL_ROLE}, tokens off, no fault, {:.0} s; must go stale ... ",
+                Drill::ControlNaive,
+                length.as_secs_f64()
+            );
+        }
+        let timing = Timing::control(length);
+        runs.push(run_and_keep(config, Drill::ControlNaive, CONTROL_ROLE, 1, &timing).await);
+    }
     for (index, (drill, role, run)) in plan.iter().copied().enumerate() {
         if config.progress {
             eprint!(
@@ -152,52 +182,7 @@ pub async fn run(config: &CampaignConfig) -> CampaignReport {
                 plan.len()
             );
         }
-        let (mut record, kept) = scenarios::run_once(
-            drill,
-            role,
-            run,
-            &config.settings,
-            &config.timing,
-            &config.load,
-        )
-        .await;
-        let keep = config.keep_histories
-            || record.error.is_some()
-            || record.figures.as_ref().is_some_and(|f| {
-                f.stale_own_reads > 0
-                    || f.hung > 0
-                    || f.errors_outside_window > 0
-                    || f.monotonic_violations > 0
-            });
-        if let (true, Some(kept)) = (keep, kept) {
-            let dir = config.out.join("histories");
-            let file = dir.join(format!("{drill}-{role}-{run}.json"));
-            let written = std::fs::create_dir_all(&dir).and_then(|()| {
-                let json = serde_json::to_string(&kept).map_err(std::io::Error::other)?;
-                std::fs::write(&file, json)
-            });
-            match written {
-                Ok(()) => record.history_file = Some(file.display().to_string()),
-                Err(error) => tracing::warn!(%error, "could not keep the history"),
-            }
-        }
-        if config.progress {
-            match (&record.figures, &record.error) {
-                (Some(f), _) => eprintln!(
-                    "{} requests, {} stale, {} lost, {} hung, {} errors in / {} out ({:.1} s)",
-                    f.requests,
-                    f.stale_own_reads,
-                    f.lost_writes,
-                    f.hung,
-                    f.errors_in_window,
-                    f.errors_outside_window,
-                    record.load_s
-                ),
-                (None, Some(error)) => eprintln!("could not run: {error}"),
-                (None, None) => eprintln!("no figures"),
-            }
-        }
-        runs.push(record);
+        runs.push(run_and_keep(config, drill, role, run, &config.timing).await);
     }
     let ms = |d: Duration| d.as_millis() as u64;
     CampaignReport {
@@ -214,6 +199,65 @@ pub async fn run(config: &CampaignConfig) -> CampaignReport {
     }
 }
 
+/// One run, its history kept when asked or when it needs a second look,
+/// and its progress line.
+async fn run_and_keep(
+    config: &CampaignConfig,
+    drill: Drill,
+    role: Role,
+    run: usize,
+    timing: &Timing,
+) -> scenarios::RunRecord {
+    let (mut record, kept) =
+        scenarios::run_once(drill, role, run, &config.settings, timing, &config.load).await;
+    let keep = config.keep_histories
+        || record.error.is_some()
+        || record.figures.as_ref().is_some_and(|f| {
+            // The control's stale reads are expected; a control without
+            // any is what needs a look.
+            let stale = if drill.is_control() {
+                f.stale_own_reads == 0
+            } else {
+                f.stale_own_reads > 0 || f.monotonic_violations > 0
+            };
+            stale || f.hung > 0 || f.errors_outside_window > 0
+        });
+    if let (true, Some(kept)) = (keep, kept) {
+        let dir = config.out.join("histories");
+        let file = dir.join(format!("{drill}-{role}-{run}.json"));
+        let written = std::fs::create_dir_all(&dir).and_then(|()| {
+            let json = serde_json::to_string(&kept).map_err(std::io::Error::other)?;
+            std::fs::write(&file, json)
+        });
+        match written {
+            Ok(()) => record.history_file = Some(file.display().to_string()),
+            Err(error) => tracing::warn!(%error, "could not keep the history"),
+        }
+    }
+    if config.progress {
+        match (&record.figures, &record.error) {
+            (Some(f), _) => eprintln!(
+                "{} requests, {} stale{}, {} lost, {} hung, {} errors in / {} out ({:.1} s)",
+                f.requests,
+                f.stale_own_reads,
+                if drill.is_control() {
+                    " (expected)"
+                } else {
+                    ""
+                },
+                f.lost_writes,
+                f.hung,
+                f.errors_in_window,
+                f.errors_outside_window,
+                record.load_s
+            ),
+            (None, Some(error)) => eprintln!("could not run: {error}"),
+            (None, None) => eprintln!("no figures"),
+        }
+    }
+    record
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +269,7 @@ mod tests {
             runs,
             rotate_roles: rotate,
             timing: Timing::short(),
+            control: Some(Duration::from_secs(3)),
             settings: AppSettings::default(),
             load: LoadConfig::default(),
             out: PathBuf::from("target/drills"),
@@ -246,5 +291,16 @@ mod tests {
     #[test]
     fn the_full_plan_runs_every_drill_for_every_role() {
         assert_eq!(plan(&config(false, 3)).len(), 7 * 3 * 3);
+    }
+
+    #[test]
+    fn the_control_is_not_a_drill_of_the_plan() {
+        // `run` adds it once, whatever the runs and roles.
+        assert!(!Drill::ALL.contains(&Drill::ControlNaive));
+        for (rotate, runs) in [(true, 1), (false, 3)] {
+            assert!(plan(&config(rotate, runs))
+                .iter()
+                .all(|(drill, _, _)| !drill.is_control()));
+        }
     }
 }

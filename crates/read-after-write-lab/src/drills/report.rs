@@ -1,5 +1,6 @@
 //! The campaign's report: one row per drill and role summed over its runs,
-//! as a table, JSON and Markdown, and the `--check` verdict.
+//! the negative control's row last, as a table, JSON and Markdown, and the
+//! `--check` verdict.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,6 +42,9 @@ pub struct CampaignReport {
 pub struct Row {
     /// The drill.
     pub drill: Drill,
+    /// The negative control (tokens off, no fault), not a drill: its stale
+    /// own reads are expected, and `--check` fails when there are none.
+    pub control: bool,
     /// The role.
     pub role: Role,
     /// Runs carried out and checked.
@@ -107,7 +111,8 @@ fn mean(values: Vec<f64>) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
 
-/// Sums runs into rows, in the order the pairs first appear.
+/// Sums runs into rows, in the order the pairs first appear, the control's
+/// last.
 pub fn rows(runs: &[RunRecord]) -> Vec<Row> {
     let mut keys: Vec<(Drill, Role)> = Vec::new();
     for run in runs {
@@ -115,6 +120,8 @@ pub fn rows(runs: &[RunRecord]) -> Vec<Row> {
             keys.push((run.drill, run.role));
         }
     }
+    // Stable: drills keep their order, then the control.
+    keys.sort_by_key(|(drill, _)| drill.is_control());
     keys.into_iter()
         .map(|(drill, role)| {
             let group: Vec<&RunRecord> = runs
@@ -130,6 +137,7 @@ pub fn rows(runs: &[RunRecord]) -> Vec<Row> {
             };
             Row {
                 drill,
+                control: drill.is_control(),
                 role,
                 runs: figures.len(),
                 failed_runs: group.len() - figures.len(),
@@ -217,7 +225,20 @@ fn cells(row: &Row) -> [String; 17] {
     ]
 }
 
-/// The table for a terminal: text columns left-aligned, numbers right.
+/// What the table says about the control under it.
+fn control_note(row: &Row) -> String {
+    format!(
+        "{} ({}) is the negative control, not a drill: the same load with the app's tokens off \
+         and no fault. Its stale own reads ({} of {} checked) are expected and do not fail \
+         --check; a control with none fails it, as the checker then could not tell a broken \
+         library from a working one.",
+        row.drill, row.role, row.stale_own_reads, row.own_reads_checked
+    )
+}
+
+/// The table for a terminal: text columns left-aligned, numbers right; a
+/// rule sets the control's row apart, and a note under the table says what
+/// it is.
 pub fn table(report: &CampaignReport) -> String {
     let rows: Vec<[String; 17]> = report.rows.iter().map(cells).collect();
     let widths: Vec<usize> = (0..HEADERS.len())
@@ -250,8 +271,16 @@ pub fn table(report: &CampaignReport) -> String {
     let _ = writeln!(out, "{}", line(&headers));
     let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
     let _ = writeln!(out, "{}", line(&rule));
-    for row in &rows {
-        let _ = writeln!(out, "{}", line(row));
+    let mut drills_done = false;
+    for (row, cells) in report.rows.iter().zip(&rows) {
+        if row.control && !drills_done {
+            drills_done = true;
+            let _ = writeln!(out, "{}", line(&rule));
+        }
+        let _ = writeln!(out, "{}", line(cells));
+    }
+    for row in report.rows.iter().filter(|row| row.control) {
+        let _ = writeln!(out, "\n{}", control_note(row));
     }
     out
 }
@@ -278,7 +307,11 @@ pub fn markdown(report: &CampaignReport) -> String {
         .collect();
     let _ = writeln!(out, "|{}|", align.join("|"));
     for row in &report.rows {
-        let _ = writeln!(out, "| {} |", cells(row).join(" | "));
+        let mut cells = cells(row);
+        if row.control {
+            cells[0] = format!("{} (control)", cells[0]);
+        }
+        let _ = writeln!(out, "| {} |", cells.join(" | "));
     }
     let _ = writeln!(
         out,
@@ -293,6 +326,9 @@ pub fn markdown(report: &CampaignReport) -> String {
          replica served among those sent after recovery (median; - when none did); primary \
          before / during / after: the primary's share of reads (mean of runs)."
     );
+    for row in report.rows.iter().filter(|row| row.control) {
+        let _ = writeln!(out, "\n**Control.** {}", control_note(row));
+    }
     let _ = writeln!(out, "\n## Own reads by target and reason\n");
     for row in &report.rows {
         let total: u64 = row.own_read_routes.values().sum();
@@ -329,15 +365,32 @@ pub fn write_files(report: &CampaignReport, dir: &Path) -> std::io::Result<()> {
 }
 
 /// What `--check` rejects: any stale own read, any hung request or error
-/// outside the fault window, and any run that could not be carried out.
+/// outside the fault window, and any run that could not be carried out;
+/// and a negative control that is missing or saw no stale own read (its
+/// stale own reads themselves are expected).
 pub fn failures(report: &CampaignReport) -> Vec<String> {
     let mut failures = Vec::new();
+    if !report.rows.iter().any(|row| row.control) {
+        failures.push(
+            "no negative control ran: nothing shows the checker would see a stale own read on \
+             this cluster and load"
+                .to_owned(),
+        );
+    }
     for row in &report.rows {
         let name = format!("{} ({})", row.drill, row.role);
         for error in &row.run_errors {
             failures.push(format!("{name}: a run could not be carried out: {error}"));
         }
-        if row.stale_own_reads > 0 {
+        if row.control {
+            if row.runs > 0 && row.stale_own_reads == 0 {
+                failures.push(format!(
+                    "{name}: the checker saw no staleness with tokens off ({} own reads checked): \
+                     the campaign cannot tell a broken library from a working one",
+                    row.own_reads_checked
+                ));
+            }
+        } else if row.stale_own_reads > 0 {
             let example = row.stale_examples.first().map_or(String::new(), |s| {
                 format!(
                     "; e.g. user {} at {:.0} ms missed post {} acknowledged at {:.0} ms ({})",
@@ -361,11 +414,146 @@ pub fn failures(report: &CampaignReport) -> Vec<String> {
                 row.errors_outside_window
             ));
         }
-        if row.runs > 0 && row.own_reads_checked == 0 {
+        if row.runs > 0 && row.own_reads_checked == 0 && !row.control {
             failures.push(format!(
                 "{name}: no own read was checked; the drill proves nothing"
             ));
         }
     }
     failures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drills::checker::RunFigures;
+    use crate::drills::history::FaultWindow;
+
+    fn run(drill: Drill, role: Role, stale: u64, checked: u64) -> RunRecord {
+        RunRecord {
+            drill,
+            role,
+            run: 1,
+            cluster_start_s: 1.0,
+            load_s: 3.0,
+            window: FaultWindow {
+                injected_ms: 0.0,
+                applied_ms: 0.0,
+                recovered_ms: 0.0,
+                grace_ms: 0.0,
+            },
+            figures: Some(RunFigures {
+                requests: 1000,
+                acked_writes: 300,
+                own_reads_checked: checked,
+                stale_own_reads: stale,
+                ..RunFigures::default()
+            }),
+            error: None,
+            history_file: None,
+        }
+    }
+
+    fn report(runs: Vec<RunRecord>) -> CampaignReport {
+        CampaignReport {
+            mode: "short".into(),
+            max_wait_ms: 200,
+            request_timeout_ms: 2000,
+            lags_ms: vec![30, 150],
+            writers: 12,
+            readers: 4,
+            grace_ms: 4000,
+            elapsed_s: 10.0,
+            rows: rows(&runs),
+            runs,
+        }
+    }
+
+    fn control(stale: u64) -> RunRecord {
+        run(Drill::ControlNaive, Role::Superuser, stale, 300)
+    }
+
+    #[test]
+    fn a_stale_control_passes_and_its_stale_reads_do_not_fail() {
+        let r = report(vec![
+            control(250),
+            run(Drill::AppRestart, Role::Plain, 0, 300),
+        ]);
+        assert_eq!(failures(&r), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_control_without_staleness_fails_the_check() {
+        let r = report(vec![
+            control(0),
+            run(Drill::AppRestart, Role::Plain, 0, 300),
+        ]);
+        let failures = failures(&r);
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].starts_with(
+            "control-naive (superuser): the checker saw no staleness with tokens off"
+        ));
+        assert!(failures[0].contains("cannot tell a broken library from a working one"));
+    }
+
+    #[test]
+    fn a_control_that_could_not_run_fails_the_check() {
+        let mut broken = control(0);
+        broken.figures = None;
+        broken.error = Some("setup: no cluster".into());
+        let failures = failures(&report(vec![broken]));
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].contains("could not be carried out: setup: no cluster"));
+    }
+
+    #[test]
+    fn a_campaign_without_a_control_fails_the_check() {
+        let failures = failures(&report(vec![run(Drill::AppRestart, Role::Plain, 0, 300)]));
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].starts_with("no negative control ran"));
+    }
+
+    #[test]
+    fn a_drill_still_fails_on_stale_reads_next_to_the_control() {
+        let r = report(vec![
+            control(250),
+            run(Drill::SplitBrain, Role::Monitor, 2, 300),
+        ]);
+        let failures = failures(&r);
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].starts_with("split-brain (monitor): 2 stale own reads"));
+    }
+
+    #[test]
+    fn the_control_row_comes_last_set_apart_and_explained() {
+        let r = report(vec![
+            control(250),
+            run(Drill::PlannedFailover, Role::Superuser, 0, 300),
+            run(Drill::AppRestart, Role::Plain, 0, 300),
+        ]);
+        let order: Vec<_> = r.rows.iter().map(|row| (row.drill, row.control)).collect();
+        assert_eq!(
+            order,
+            [
+                (Drill::PlannedFailover, false),
+                (Drill::AppRestart, false),
+                (Drill::ControlNaive, true)
+            ]
+        );
+        let text = table(&r);
+        let lines: Vec<&str> = text.lines().collect();
+        // Header, rule, two drills, rule, the control.
+        assert!(lines[4].starts_with("---"), "{text}");
+        assert!(lines[5].starts_with("control-naive "), "{text}");
+        assert!(lines[5].contains(" superuser "), "{text}");
+        assert!(text.contains("is the negative control, not a drill"));
+        assert!(text.contains("(250 of 300 checked)"));
+        let md = markdown(&r);
+        assert!(md.contains("| control-naive (control) | superuser | 1 | 1000 | 250 |"));
+        assert!(md.contains("**Control.** control-naive (superuser) is the negative control"));
+        let json = serde_json::to_value(&r).expect("the report encodes");
+        assert_eq!(json["rows"][2]["drill"], "control-naive");
+        assert_eq!(json["rows"][2]["control"], true);
+        assert_eq!(json["rows"][0]["control"], false);
+    }
 }

@@ -1,6 +1,7 @@
 //! The drills: what fault each injects, on what schedule, and how one run
 //! goes (fresh cluster, warm-up load, fault, recovery, load until after the
-//! window, facts, check).
+//! window, facts, check); and the negative control, the same load with the
+//! app's tokens off and no fault, which must go stale.
 
 use std::fmt;
 use std::sync::Arc;
@@ -37,6 +38,13 @@ pub enum Drill {
     AppRestart,
     /// Replica 1 is killed and restarted 3 s later.
     ReplicaKill,
+    /// The negative control, not a drill: no fault, and the app's tokens
+    /// off (`AppConfig { tokens: false, .. }`, as the lab's `naive`
+    /// baseline), so every own read goes to a lagging replica whatever the
+    /// user just wrote. Its checker must count stale own reads: if it
+    /// counts none, the campaign could not tell a broken library from a
+    /// working one. Not in [`Drill::ALL`]; the campaign runs it once.
+    ControlNaive,
 }
 
 impl Drill {
@@ -61,7 +69,13 @@ impl Drill {
             Drill::TerminatedBackends => "terminated-backends",
             Drill::AppRestart => "app-restart",
             Drill::ReplicaKill => "replica-kill",
+            Drill::ControlNaive => "control-naive",
         }
+    }
+
+    /// Whether this is the negative control rather than a fault drill.
+    pub fn is_control(self) -> bool {
+        self == Drill::ControlNaive
     }
 }
 
@@ -118,6 +132,17 @@ impl Timing {
             grace_base: Duration::from_secs(2),
         }
     }
+
+    /// The negative control's: `length` of load, no warm-up, no fault and
+    /// so no window.
+    pub fn control(length: Duration) -> Self {
+        Timing {
+            warmup: Duration::ZERO,
+            total: length,
+            tail: Duration::ZERO,
+            grace_base: Duration::ZERO,
+        }
+    }
 }
 
 /// One run of one drill for one role.
@@ -161,6 +186,11 @@ struct Injected {
 
 /// Runs one drill once for one role on a fresh cluster. Returns the record,
 /// and the whole history with its facts for the caller to keep.
+///
+/// For [`Drill::ControlNaive`] the app runs with its tokens off, whatever
+/// `settings` says, and nothing is injected: the load runs for
+/// `timing.total` and the fault window is empty (at 0, no grace), so every
+/// error and slow request is outside it.
 pub async fn run_once(
     drill: Drill,
     role: Role,
@@ -185,6 +215,17 @@ pub async fn run_once(
         error: None,
         history_file: None,
     };
+    let control = drill.is_control();
+    let control_settings;
+    let settings = if control {
+        control_settings = AppSettings {
+            tokens: false,
+            ..settings.clone()
+        };
+        &control_settings
+    } else {
+        settings
+    };
     let mut system = match System::start(role, settings).await {
         Ok(system) => system,
         Err(error) => {
@@ -196,22 +237,32 @@ pub async fn run_once(
 
     let recorder = Arc::new(Recorder::new());
     let users = load::start(load_config, system.base(), Arc::clone(&recorder));
-    tokio::time::sleep(timing.warmup).await;
-    let injected_ms = recorder.now_ms();
-    // Every fault script is bounded; a stuck kit call must not hold the
-    // campaign.
-    let injected = match tokio::time::timeout(
-        Duration::from_secs(60),
-        inject(drill, &mut system, &recorder),
-    )
-    .await
-    {
-        Ok(result) => result,
-        Err(_) => Err(DrillError::Fault(format!(
-            "{drill}: the fault script took longer than 60 s"
-        ))),
+    let (injected_ms, injected, grace) = if control {
+        // No fault: an empty window at the start of the run.
+        let none = Injected {
+            applied_ms: 0.0,
+            recovered_ms: 0.0,
+        };
+        (0.0, Ok(none), Duration::ZERO)
+    } else {
+        tokio::time::sleep(timing.warmup).await;
+        let injected_ms = recorder.now_ms();
+        // Every fault script is bounded; a stuck kit call must not hold the
+        // campaign.
+        let injected = match tokio::time::timeout(
+            Duration::from_secs(60),
+            inject(drill, &mut system, &recorder),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(DrillError::Fault(format!(
+                "{drill}: the fault script took longer than 60 s"
+            ))),
+        };
+        let grace = timing.grace_base + settings.request_timeout;
+        (injected_ms, injected, grace)
     };
-    let grace = timing.grace_base + settings.request_timeout;
     let outcome = match injected {
         Ok(injected) => {
             let window = FaultWindow {
@@ -262,7 +313,13 @@ pub async fn run_once(
                 window,
                 max_wait_ms: settings.max_wait.as_secs_f64() * 1000.0,
             };
-            record.figures = Some(checker::check(&history, &facts));
+            let mut figures = checker::check(&history, &facts);
+            if control {
+                // Without a fault there is nothing to recover from.
+                figures.fault_to_first_write_ms = None;
+                figures.replicas_serve_again_ms = None;
+            }
+            record.figures = Some(figures);
             Some(facts)
         }
         Err(error) => {
@@ -337,6 +394,9 @@ async fn inject(
             system.cluster.start_replica(1).await?;
             applied
         }
+        // `run_once` injects nothing for the control; were this reached,
+        // there would be no fault either.
+        Drill::ControlNaive => t0,
     };
     Ok(Injected {
         applied_ms,
