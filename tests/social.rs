@@ -22,7 +22,7 @@ async fn cluster() -> &'static TestCluster {
                 .start()
                 .await
                 .expect("start a primary with two lagging replicas");
-            let primary = sqlx::PgPool::connect(&cluster.primary_url()).await.unwrap();
+            let primary = sqlx::PgPool::connect(cluster.primary_url()).await.unwrap();
             social::migrate(&primary).await.expect("migrate");
             cluster
                 .wait_for_replicas_caught_up(Duration::from_secs(10))
@@ -576,7 +576,7 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
                 Ok(true)
             })
         })
-        .connect_lazy(&cluster.primary_url())
+        .connect_lazy(cluster.primary_url())
         .unwrap();
     let failing_capture = format!(
         "http://{}",

@@ -575,7 +575,7 @@ impl TestCluster {
     /// # use read_after_write_testkit::TestCluster;
     /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
     /// # let cluster = TestCluster::start_with_delays(&[]).await?;
-    /// let pool = sqlx::PgPool::connect(&cluster.primary_url()).await.unwrap();
+    /// let pool = sqlx::PgPool::connect(cluster.primary_url()).await.unwrap();
     /// # Ok(())
     /// # }
     /// ```

@@ -103,7 +103,7 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
     let cluster = builder.start().await?;
     let cluster_start_s = started.elapsed().as_secs_f64();
     {
-        let primary = sqlx::PgPool::connect(&cluster.primary_url()).await?;
+        let primary = sqlx::PgPool::connect(cluster.primary_url()).await?;
         social::migrate(&primary).await?;
         primary.close().await;
     }
