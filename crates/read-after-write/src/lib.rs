@@ -171,8 +171,11 @@
 //!
 //! Through the [metrics](https://docs.rs/metrics) facade: `read_after_write_reads_total{target,
 //! reason}`, `read_after_write_tokens_total{outcome}`,
-//! `read_after_write_tokens_issued_total`, `read_after_write_writes_total`
-//! and `read_after_write_capture_failures_total`; backends add their own.
+//! `read_after_write_tokens_issued_total`, `read_after_write_writes_total`,
+//! `read_after_write_writes_without_identity_total`,
+//! `read_after_write_token_mac_budget_exhausted_total` and
+//! `read_after_write_capture_failures_total`; backends add their own (the
+//! PostgreSQL backend's replica lag, health and divergence gauges).
 
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(rust_2018_idioms)]
@@ -193,11 +196,12 @@ pub mod position;
 mod telemetry;
 pub mod token;
 
-pub use backend::{Backend, RouteReason, Routed, Target};
+pub use backend::{Backend, Finding, LayerSettings, RouteReason, Routed, Severity, Target};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use handle::{Db, TokenOutcome};
+pub use handle::{Db, Route, TokenOutcome};
 pub use middleware::{
-    ConfigError, ReadAfterWrite, ReadAfterWriteLayer, ResponseFuture, MAX_MACS_PER_REQUEST, MAX_TTL,
+    CheckContext, ConfigError, ReadAfterWrite, ReadAfterWriteLayer, ResponseFuture, SelfCheck,
+    MAX_MACS_PER_REQUEST, MAX_TTL,
 };
 pub use position::{Lsn, ParseLsnError, WalGeometry, WritePosition};
 pub use token::{AffinityToken, KeyError, KeySet, SigningKey, TokenError, UserId, UserIdTooLong};

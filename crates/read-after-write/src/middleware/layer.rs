@@ -36,6 +36,16 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     /// Like [`new`](Self::new) for a backend that is already shared, e.g.
     /// with a background task or a second layer.
     pub fn from_arc(backend: Arc<B>, keys: impl Into<KeySet>) -> Self {
+        // The counters that only move on trouble exist from the start, so
+        // alerts and rate() see them before the first incident.
+        for name in [
+            "read_after_write_writes_total",
+            "read_after_write_tokens_issued_total",
+            "read_after_write_writes_without_identity_total",
+            "read_after_write_token_mac_budget_exhausted_total",
+        ] {
+            metrics::counter!(name).increment(0);
+        }
         ReadAfterWriteLayer {
             shared: Arc::new(Shared::new(backend, keys.into())),
         }
