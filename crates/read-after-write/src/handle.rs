@@ -1,7 +1,7 @@
 //! The per-request database handle the layer puts into request extensions.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use smallvec::SmallVec;
 use crate::backend::{Backend, RouteReason, Routed, Target};
 use crate::middleware::{Mode, Shared};
 use crate::position::WritePosition;
+use crate::requirement::Requirement;
 use crate::token::{TokenError, UserId};
 
 /// What the request's token said, after every check.
@@ -71,6 +72,14 @@ pub(crate) struct RequestState {
     /// enough: the handler's future completes before the response future
     /// reads it, on the same task.
     pub(crate) wrote: AtomicBool,
+    /// Bumped by every [`Db::write`] and [`Db::mark_written`]: a captured
+    /// position covers the writes made up to the count it was taken at.
+    writes: AtomicU64,
+    /// A position captured during the request ([`Db::requirement`]) and the
+    /// write count it covers; the response reuses it instead of capturing
+    /// again when no write came after it. The all-zero position means the
+    /// capture failed.
+    captured: Mutex<Option<(u64, WritePosition)>>,
     /// The last routing decision, for [`Db::last_route`] and the debug
     /// header. Written on every routed access, so it holds no `String`: the
     /// node's name is copied into an inline buffer (no allocation for names
@@ -159,12 +168,27 @@ impl RequestState {
             user,
             token,
             wrote: AtomicBool::new(wrote),
+            writes: AtomicU64::new(0),
+            captured: Mutex::new(None),
             last_route: Mutex::new(None),
         }
     }
 
     pub(crate) fn wrote(&self) -> bool {
         self.wrote.load(Ordering::Relaxed)
+    }
+
+    fn mark_written(&self) {
+        self.writes.fetch_add(1, Ordering::AcqRel);
+        self.wrote.store(true, Ordering::Relaxed);
+    }
+
+    /// The position captured during the request, if it still covers every
+    /// write the request made.
+    pub(crate) fn captured(&self) -> Option<WritePosition> {
+        let writes = self.writes.load(Ordering::Acquire);
+        let captured = self.captured.lock().unwrap_or_else(PoisonError::into_inner);
+        captured.and_then(|(covers, position)| (covers == writes).then_some(position))
     }
 }
 
@@ -298,7 +322,62 @@ impl<B: Backend> Db<B> {
     /// made through another path (a queue consumer, a stored procedure
     /// called elsewhere).
     pub fn mark_written(&self) {
-        self.state.wrote.store(true, Ordering::Relaxed);
+        self.state.mark_written();
+    }
+
+    /// What reads acting for this request's user must see, to hand to work
+    /// done elsewhere: a background job's payload, a queue message. Use it
+    /// after the request's writes, with [`Requirement::route`] on the other
+    /// side.
+    ///
+    /// When the request wrote, this captures the primary's position now
+    /// (one query, shared with concurrent writers), so it covers those
+    /// writes; the response then reuses it rather than capturing again,
+    /// unless the request writes after this call. Otherwise it is what the
+    /// request's token required. A lost capture gives
+    /// [`Requirement::Primary`], as it pins the user's own token.
+    ///
+    /// ```no_run
+    /// # async fn handler(db: read_after_write::pg::PgDb) -> Result<(), sqlx::Error> {
+    /// let (post_id,): (i64,) =
+    ///     sqlx::query_as("insert into posts (user_id, content) values (1, 'hi') returning id")
+    ///         .fetch_one(db.write())
+    ///         .await?;
+    /// let requirement = db.requirement().await;
+    /// sqlx::query("insert into jobs (post_id, requirement) values ($1, $2)")
+    ///     .bind(post_id)
+    ///     .bind(requirement.to_string())
+    ///     .execute(db.write())
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn requirement(&self) -> Requirement {
+        let carried = match self.state.required {
+            Required::Nothing => Requirement::Nothing,
+            Required::Position(position) => Requirement::Position(position),
+            Required::Primary => Requirement::Primary,
+        };
+        if !self.state.wrote() {
+            return carried;
+        }
+        if let Mode::TimeWindow(_) = self.shared.mode {
+            return Requirement::Primary;
+        }
+        let written = match self.state.captured() {
+            Some(position) => position,
+            None => {
+                let covers = self.state.writes.load(Ordering::Acquire);
+                let position = crate::middleware::capture_position(&self.shared).await;
+                *self
+                    .state
+                    .captured
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some((covers, position));
+                position
+            }
+        };
+        carried.after_write(written)
     }
 
     /// The position this request's session reads must see, if its token

@@ -15,6 +15,8 @@
 //!
 //! - [`position`]: [`Lsn`] and [`WritePosition`], what a token promises and a
 //!   replica has replayed, with the WAL page-boundary rounding.
+//! - [`requirement`]: [`Requirement`], what reads acting for a user must
+//!   see, in a text form that travels into job payloads and messages.
 //! - [`token`]: [`AffinityToken`], its binary format and HMAC, and the
 //!   [`KeySet`] that allows key rotation.
 //! - [`clock`]: the [`Clock`] token expiry is read from, with a
@@ -193,6 +195,7 @@ pub mod middleware;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod position;
+pub mod requirement;
 mod telemetry;
 pub mod token;
 
@@ -204,4 +207,5 @@ pub use middleware::{
     MAX_MACS_PER_REQUEST, MAX_TTL,
 };
 pub use position::{Lsn, ParseLsnError, WalGeometry, WritePosition};
+pub use requirement::{ParseRequirementError, Requirement};
 pub use token::{AffinityToken, KeyError, KeySet, SigningKey, TokenError, UserId, UserIdTooLong};

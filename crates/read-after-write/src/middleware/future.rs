@@ -122,21 +122,34 @@ fn start_capture<B: Backend, ResBody>(
             // client gets a token with an unknown position instead: it pins
             // the user's session reads to the primary until their next
             // successful write replaces it, or it expires.
+            if let Some(position) = state.captured() {
+                // Db::requirement captured after every write this request
+                // made: that position covers them.
+                issue_token(shared, state, response, position);
+                return None;
+            }
             let shared = Arc::clone(shared);
-            Some(Box::pin(async move {
-                match shared.backend.write_position().await {
-                    Ok(position) => Some(position),
-                    Err(error) => {
-                        metrics::counter!("read_after_write_capture_failures_total").increment(1);
-                        tracing::warn!(
-                            %error,
-                            "could not capture the write position; the affinity token pins this user's \
-                             session reads to the primary until their next write or its expiry"
-                        );
-                        Some(WritePosition::default())
-                    }
-                }
-            }))
+            Some(Box::pin(
+                async move { Some(capture_position(&shared).await) },
+            ))
+        }
+    }
+}
+
+/// The primary's write position now, covering every commit made before this
+/// call. A failed capture gives the all-zero position, which pins the user's
+/// session reads to the primary (see [`WritePosition::pins_primary`]).
+pub(crate) async fn capture_position<B: Backend>(shared: &Shared<B>) -> WritePosition {
+    match shared.backend.write_position().await {
+        Ok(position) => position,
+        Err(error) => {
+            metrics::counter!("read_after_write_capture_failures_total").increment(1);
+            tracing::warn!(
+                %error,
+                "could not capture the write position; the affinity token pins this user's \
+                 session reads to the primary until their next write or its expiry"
+            );
+            WritePosition::default()
         }
     }
 }

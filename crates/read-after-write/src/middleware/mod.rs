@@ -90,6 +90,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 
 pub use self::check::{CheckContext, SelfCheck};
+pub(crate) use self::future::capture_position;
 pub use self::future::ResponseFuture;
 pub use self::layer::ReadAfterWriteLayer;
 pub use self::service::ReadAfterWrite;

@@ -1537,3 +1537,58 @@ async fn long_node_names_survive_the_last_route_and_the_debug_header() {
         format!("node={NAME}; reason=eventual; token=absent").as_bytes()
     );
 }
+
+#[tokio::test]
+async fn a_requirement_taken_after_the_writes_covers_them_and_the_response_reuses_it() {
+    use crate::requirement::Requirement;
+
+    let backend = FakeBackend::new();
+    backend.primary_at.store(0x500, Ordering::SeqCst);
+    let seen_requirements = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen_requirements);
+    let backend_in_handler = Arc::clone(&backend);
+    let service =
+        layer(&backend, &ManualClock::new(NOW)).layer(service_fn(move |req: Request<()>| {
+            let record = Arc::clone(&record);
+            let backend = Arc::clone(&backend_in_handler);
+            async move {
+                let db = req.extensions().get::<Db<FakeBackend>>().unwrap().clone();
+                // Nothing written yet: the token's requirement, no capture.
+                record.lock().unwrap().push(db.requirement().await);
+                db.write();
+                record.lock().unwrap().push(db.requirement().await);
+                // Asked again with no write in between: the same capture.
+                record.lock().unwrap().push(db.requirement().await);
+                if req.uri().path() == "/write-more" {
+                    backend.primary_at.store(0x900, Ordering::SeqCst);
+                    db.write();
+                }
+                Ok::<_, Infallible>(Response::new(()))
+            }
+        }));
+    let response = service
+        .clone()
+        .oneshot(request(Method::POST, "/write", 3).body(()).unwrap())
+        .await
+        .unwrap();
+    let at = |lsn| Requirement::Position(WritePosition::new(Lsn::new(lsn), 1, SYSTEM));
+    assert_eq!(
+        *seen_requirements.lock().unwrap(),
+        vec![Requirement::Nothing, at(0x500), at(0x500)]
+    );
+    // One capture served the job payload and the response's token.
+    assert_eq!(backend.captures.load(Ordering::SeqCst), 1);
+    let token = response.headers()[DEFAULT_TOKEN_HEADER].to_str().unwrap();
+    let token = AffinityToken::verify(token, DEFAULT_COOKIE_NAME, &keys(1), NOW).unwrap();
+    assert_eq!(token.position().lsn, Lsn::new(0x500));
+
+    // A write after the requirement was taken: the response captures again.
+    let response = service
+        .oneshot(request(Method::POST, "/write-more", 3).body(()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(backend.captures.load(Ordering::SeqCst), 3);
+    let token = response.headers()[DEFAULT_TOKEN_HEADER].to_str().unwrap();
+    let token = AffinityToken::verify(token, DEFAULT_COOKIE_NAME, &keys(1), NOW).unwrap();
+    assert_eq!(token.position().lsn, Lsn::new(0x900));
+}
