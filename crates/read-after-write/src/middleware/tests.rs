@@ -1554,11 +1554,14 @@ async fn a_requirement_taken_after_the_writes_covers_them_and_the_response_reuse
             async move {
                 let db = req.extensions().get::<Db<FakeBackend>>().unwrap().clone();
                 // Nothing written yet: the token's requirement, no capture.
-                record.lock().unwrap().push(db.requirement().await);
+                let requirement = db.requirement().await;
+                record.lock().unwrap().push(requirement);
                 db.write();
-                record.lock().unwrap().push(db.requirement().await);
+                let requirement = db.requirement().await;
+                record.lock().unwrap().push(requirement);
                 // Asked again with no write in between: the same capture.
-                record.lock().unwrap().push(db.requirement().await);
+                let requirement = db.requirement().await;
+                record.lock().unwrap().push(requirement);
                 if req.uri().path() == "/write-more" {
                     backend.primary_at.store(0x900, Ordering::SeqCst);
                     db.write();
