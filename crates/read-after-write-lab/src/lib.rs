@@ -6,6 +6,8 @@
 //! - [`social`]: the social app's router, handlers and schema, compiled from
 //!   `examples/social/app.rs` so the example, the tests in `tests/` and the
 //!   lab run the very same code.
+//! - [`jobs`]: background jobs that read their user's writes, compiled
+//!   from `examples/jobs/jobs.rs` for the `jobs` example and its test.
 //! - [`lab`]: the lab that `cargo run --release` runs at the workspace root:
 //!   strategies, virtual users and reports.
 //! - [`drills`]: the fault campaign that the `drills` binary runs: a load
@@ -16,6 +18,9 @@
 
 #[path = "../../../examples/social/app.rs"]
 pub mod social;
+
+#[path = "../../../examples/jobs/jobs.rs"]
+pub mod jobs;
 
 pub mod drills;
 pub mod lab;
