@@ -325,6 +325,37 @@ impl<B: Backend> Db<B> {
         self.state.mark_written();
     }
 
+    /// The token header to send to a downstream service that reads this
+    /// user's data: a token for this request's user covering everything the
+    /// request wrote so far (see [`requirement`](Self::requirement)), or
+    /// `None` when there is nothing to require or no identity.
+    /// [`ForwardTokenLayer`](crate::forward::ForwardTokenLayer) calls this
+    /// for you; use it directly where that layer cannot see the request (a
+    /// spawned task).
+    ///
+    /// ```no_run
+    /// # async fn handler(db: read_after_write::pg::PgDb) {
+    /// let mut call = http::Request::get("http://feed-service/feed").body(()).unwrap();
+    /// if let Some((name, value)) = db.forward_header().await {
+    ///     call.headers_mut().insert(name, value);
+    /// }
+    /// # }
+    /// ```
+    pub async fn forward_header(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
+        let user = self.state.user.clone()?;
+        let position = match self.requirement().await {
+            Requirement::Nothing => return None,
+            Requirement::Position(position) => position,
+            Requirement::Primary => WritePosition::default(),
+        };
+        let token = crate::middleware::mint_token(&self.shared, user, position);
+        let name = self.shared.token_header.clone().unwrap_or_else(|| {
+            http::HeaderName::from_static(crate::middleware::DEFAULT_TOKEN_HEADER)
+        });
+        let value = http::HeaderValue::from_str(&token).ok()?;
+        Some((name, value))
+    }
+
     /// What reads acting for this request's user must see, to hand to work
     /// done elsewhere: a background job's payload, a queue message. Use it
     /// after the request's writes, with [`Requirement::route`] on the other

@@ -25,6 +25,8 @@
 //!   [`RouteReason`] each read is counted under.
 //! - [`middleware`]: [`ReadAfterWriteLayer`], the [`ReadAfterWrite`] service
 //!   and its [`ResponseFuture`].
+//! - [`forward`]: [`ForwardTokenLayer`](forward::ForwardTokenLayer), which
+//!   sends the handled request's token along with outgoing client calls.
 //! - [`handle`]: [`Db`], the per-request handle with `read`, `eventual`,
 //!   `primary` and `write`.
 //! - `extract` (feature `axum`): the axum extractor for [`Db`], with the
@@ -190,6 +192,7 @@ pub mod backend;
 pub mod clock;
 #[cfg(feature = "axum")]
 pub mod extract;
+pub mod forward;
 pub mod handle;
 pub mod middleware;
 #[cfg(feature = "postgres")]

@@ -9,9 +9,10 @@ use pin_project_lite::pin_project;
 
 use super::{transport, Mode, Shared};
 use crate::backend::Backend;
+use crate::forward::{self, TokenSource};
 use crate::handle::{RequestState, Required};
 use crate::position::WritePosition;
-use crate::token::AffinityToken;
+use crate::token::{AffinityToken, UserId};
 
 type CaptureFuture = Pin<Box<dyn Future<Output = Option<WritePosition>> + Send>>;
 
@@ -28,17 +29,26 @@ pin_project! {
         inner: F,
         shared: Arc<Shared<B>>,
         state: Arc<RequestState>,
+        // The request as outgoing clients see it while the handler runs,
+        // when tokens are forwarded.
+        forward: Option<Arc<dyn TokenSource>>,
         // The handler's response, held while the write position is captured.
         capturing: Option<(Response<ResBody>, CaptureFuture)>,
     }
 }
 
 impl<F, B: Backend, ResBody> ResponseFuture<F, B, ResBody> {
-    pub(crate) fn new(inner: F, shared: Arc<Shared<B>>, state: Arc<RequestState>) -> Self {
+    pub(crate) fn new(
+        inner: F,
+        shared: Arc<Shared<B>>,
+        state: Arc<RequestState>,
+        forward: Option<Arc<dyn TokenSource>>,
+    ) -> Self {
         ResponseFuture {
             inner,
             shared,
             state,
+            forward,
             capturing: None,
         }
     }
@@ -64,7 +74,11 @@ where
         let (mut response, mut capture) = match this.capturing.take() {
             Some(capturing) => capturing,
             None => {
-                let mut response = ready!(this.inner.poll(cx))?;
+                let polled = match this.forward {
+                    Some(source) => forward::with_current(source, || this.inner.poll(cx)),
+                    None => this.inner.poll(cx),
+                };
+                let mut response = ready!(polled)?;
                 match start_capture(this.shared, this.state, &mut response) {
                     Some(capture) => (response, capture),
                     None => {
@@ -203,6 +217,14 @@ fn issue_token<B: Backend, ResBody>(
         Required::Position(carried) => carried.max(written),
         Required::Nothing | Required::Primary => written,
     };
+    let token = mint_token(shared, user, position);
+    transport::attach_token(response.headers_mut(), shared, token);
+    metrics::counter!("read_after_write_tokens_issued_total").increment(1);
+    tracing::debug!(lsn = %position.lsn, timeline = position.timeline, "affinity token issued");
+}
+
+/// Signs a token promising `position` to `user` for the configured TTL.
+pub(crate) fn mint_token<B>(shared: &Shared<B>, user: UserId, position: WritePosition) -> String {
     // The clock has whole seconds and a token is valid while `now <
     // expires_at`: one more second makes it live at least the full TTL
     // whatever fraction of a second it was issued in.
@@ -212,11 +234,7 @@ fn issue_token<B: Backend, ResBody>(
         .now_unix()
         .saturating_add(ttl)
         .saturating_add(1);
-    let token =
-        AffinityToken::new(user, position, expires_at).sign(&shared.cookie_name, &shared.keys);
-    transport::attach_token(response.headers_mut(), shared, token);
-    metrics::counter!("read_after_write_tokens_issued_total").increment(1);
-    tracing::debug!(lsn = %position.lsn, timeline = position.timeline, "affinity token issued");
+    AffinityToken::new(user, position, expires_at).sign(&shared.cookie_name, &shared.keys)
 }
 
 /// Adds the debug header when it is on.

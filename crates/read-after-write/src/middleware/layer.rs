@@ -204,6 +204,25 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
         self.edit(|s| s.clock = clock)
     }
 
+    /// Lets outgoing clients wrapped in
+    /// [`ForwardTokenLayer`](crate::forward::ForwardTokenLayer) send the
+    /// handled request's token downstream (off by default: it costs a
+    /// reference count and a thread-local swap per poll of the handler).
+    /// See [`forward`](crate::forward).
+    ///
+    /// ```
+    /// # use read_after_write::{Backend, KeySet, ReadAfterWriteLayer, SigningKey};
+    /// # fn build<B: Backend>(backend: B) -> Result<(), read_after_write::KeyError> {
+    /// let layer = ReadAfterWriteLayer::new(backend, KeySet::new(SigningKey::generate()?))
+    ///     .forward_tokens(true);
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn forward_tokens(self, enabled: bool) -> Self {
+        self.edit(|s| s.forward_tokens = enabled)
+    }
+
     /// The backend this layer routes over.
     pub fn backend(&self) -> &Arc<B> {
         &self.shared.backend

@@ -90,8 +90,8 @@ use std::time::Duration;
 use http::header::HeaderName;
 
 pub use self::check::{CheckContext, SelfCheck};
-pub(crate) use self::future::capture_position;
 pub use self::future::ResponseFuture;
+pub(crate) use self::future::{capture_position, mint_token};
 pub use self::layer::ReadAfterWriteLayer;
 pub use self::service::ReadAfterWrite;
 use crate::clock::{Clock, SystemClock};
@@ -195,6 +195,9 @@ pub(crate) struct Shared<B> {
     /// Rate limit of the "wrote without an identity" warning: one per layer
     /// per [`Throttle::INTERVAL_SECONDS`], however many requests hit it.
     pub(crate) no_identity_warning: Throttle,
+    /// Outgoing clients with [`ForwardTokenLayer`](crate::forward::ForwardTokenLayer)
+    /// see the request being handled.
+    pub(crate) forward_tokens: bool,
 }
 
 /// Lets an event through at most once per [`INTERVAL_SECONDS`] of the
@@ -249,6 +252,7 @@ impl<B> Shared<B> {
             mode: Mode::Position,
             set_cookie: (String::new(), String::new()),
             no_identity_warning: Throttle::default(),
+            forward_tokens: false,
         };
         shared.refresh();
         shared
@@ -294,6 +298,7 @@ impl<B> Clone for Shared<B> {
             mode: self.mode,
             set_cookie: self.set_cookie.clone(),
             no_identity_warning: Throttle::default(),
+            forward_tokens: self.forward_tokens,
         }
     }
 }

@@ -85,11 +85,13 @@ where
         }
         let writes_by_method = shared.writes_on_unsafe_methods && !parts.method.is_safe();
         let state = Arc::new(RequestState::new(required, user, token, writes_by_method));
-        parts
-            .extensions
-            .insert(Db::new(Arc::clone(shared), Arc::clone(&state)));
+        let db = Db::new(Arc::clone(shared), Arc::clone(&state));
+        let forward = shared
+            .forward_tokens
+            .then(|| Arc::new(db.clone()) as Arc<dyn crate::forward::TokenSource>);
+        parts.extensions.insert(db);
         let future = self.inner.call(Request::from_parts(parts, body));
-        ResponseFuture::new(future, Arc::clone(shared), state)
+        ResponseFuture::new(future, Arc::clone(shared), state, forward)
     }
 }
 

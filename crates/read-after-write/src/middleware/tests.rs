@@ -1595,3 +1595,59 @@ async fn a_requirement_taken_after_the_writes_covers_them_and_the_response_reuse
     let token = AffinityToken::verify(token, DEFAULT_COOKIE_NAME, &keys(1), NOW).unwrap();
     assert_eq!(token.position().lsn, Lsn::new(0x900));
 }
+
+#[tokio::test]
+async fn outgoing_calls_carry_a_token_covering_the_writes_made_before_them() {
+    use crate::forward::ForwardTokenLayer;
+
+    async fn run(forward: bool) -> (Option<String>, usize) {
+        let backend = FakeBackend::new();
+        backend.primary_at.store(0x700, Ordering::SeqCst);
+        let sent = Arc::new(std::sync::Mutex::new(None));
+        let record = Arc::clone(&sent);
+        // The downstream client: records the token header it was given.
+        let client = ForwardTokenLayer.layer(service_fn(move |req: Request<()>| {
+            let record = Arc::clone(&record);
+            async move {
+                *record.lock().unwrap() = req
+                    .headers()
+                    .get(DEFAULT_TOKEN_HEADER)
+                    .map(|v| v.to_str().unwrap().to_owned());
+                Ok::<_, Infallible>(Response::new(()))
+            }
+        }));
+        let service = layer(&backend, &ManualClock::new(NOW))
+            .forward_tokens(forward)
+            .layer(service_fn(move |req: Request<()>| {
+                let client = client.clone();
+                async move {
+                    let db = req.extensions().get::<Db<FakeBackend>>().unwrap().clone();
+                    db.write();
+                    client
+                        .oneshot(Request::get("http://downstream/").body(()).unwrap())
+                        .await
+                        .unwrap();
+                    Ok::<_, Infallible>(Response::new(()))
+                }
+            }));
+        service
+            .oneshot(request(Method::POST, "/write", 3).body(()).unwrap())
+            .await
+            .unwrap();
+        let token = sent.lock().unwrap().clone();
+        (token, backend.captures.load(Ordering::SeqCst))
+    }
+
+    let (token, captures) = run(true).await;
+    let token = token.expect("the downstream call carries a token");
+    let token = AffinityToken::verify(&token, DEFAULT_COOKIE_NAME, &keys(1), NOW).unwrap();
+    assert_eq!(token.position().lsn, Lsn::new(0x700));
+    assert_eq!(token.user().as_bytes(), 3u64.to_be_bytes());
+    // The response's token reused the capture made for the call.
+    assert_eq!(captures, 1);
+
+    // Off by default: nothing is sent, nothing captured early.
+    let (token, captures) = run(false).await;
+    assert_eq!(token, None);
+    assert_eq!(captures, 1);
+}
