@@ -354,7 +354,7 @@ impl TestCluster {
     /// cluster.execute_on_primary("create table t (id int); insert into t values (1)").await?;
     /// let failover = cluster.planned_failover(0).await?;
     /// let url = format!("postgres://postgres@127.0.0.1:{}/postgres", failover.port);
-    /// let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&url).await.unwrap();
+    /// let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
     /// sqlx::query("insert into t values (2)").execute(&mut conn).await.unwrap();
     /// // Replica 1 follows the new primary and gets the row.
     /// # Ok(())

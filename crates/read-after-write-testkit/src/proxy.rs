@@ -65,7 +65,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// let cluster = TestCluster::start_with_delays(&[]).await?;
 /// let proxy = TcpProxy::start(cluster.primary_port()).await?;
 /// let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
-/// let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&url).await.unwrap();
+/// let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
 /// let port: i32 = sqlx::query_scalar("select inet_server_port()")
 ///     .fetch_one(&mut conn)
 ///     .await
@@ -323,7 +323,7 @@ impl TcpProxy {
     /// # let cluster = TestCluster::start_with_delays(&[]).await?;
     /// let proxy = TcpProxy::start(cluster.primary_port()).await?;
     /// let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
-    /// let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&url).await.unwrap();
+    /// let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
     /// proxy.freeze();
     /// let query = sqlx::query("select 1").execute(&mut conn);
     /// assert!(tokio::time::timeout(Duration::from_secs(1), query).await.is_err());
@@ -366,7 +366,7 @@ impl TcpProxy {
     /// # let cluster = TestCluster::start_with_delays(&[]).await?;
     /// let proxy = TcpProxy::start(cluster.primary_port()).await?;
     /// let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
-    /// let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&url).await.unwrap();
+    /// let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
     /// assert_eq!(proxy.cut_all(), 1);
     /// assert!(sqlx::query("select 1").execute(&mut conn).await.is_err());
     /// # Ok(())
