@@ -7,8 +7,7 @@
 //! on, put [`ForwardTokenLayer`] on your outgoing HTTP or gRPC client: every
 //! request it sends while a request is being handled carries the token
 //! header with a token for the handled request's user, covering everything
-//! that request wrote so far (one capture query if it wrote, reused by its
-//! response). The downstream service runs its own `ReadAfterWriteLayer` with
+//! that request wrote so far (one capture query if it wrote). The downstream service runs its own `ReadAfterWriteLayer` with
 //! the same signing keys and an identity that yields the same user (forward
 //! the user's credentials, as you would anyway).
 //!

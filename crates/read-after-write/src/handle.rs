@@ -1,7 +1,7 @@
 //! The per-request database handle the layer puts into request extensions.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -72,14 +72,6 @@ pub(crate) struct RequestState {
     /// enough: the handler's future completes before the response future
     /// reads it, on the same task.
     pub(crate) wrote: AtomicBool,
-    /// Bumped by every [`Db::write`] and [`Db::mark_written`]: a captured
-    /// position covers the writes made up to the count it was taken at.
-    writes: AtomicU64,
-    /// A position captured during the request ([`Db::requirement`]) and the
-    /// write count it covers; the response reuses it instead of capturing
-    /// again when no write came after it. The all-zero position means the
-    /// capture failed.
-    captured: Mutex<Option<(u64, WritePosition)>>,
     /// The last routing decision, for [`Db::last_route`] and the debug
     /// header. Written on every routed access, so it holds no `String`: the
     /// node's name is copied into an inline buffer (no allocation for names
@@ -168,8 +160,6 @@ impl RequestState {
             user,
             token,
             wrote: AtomicBool::new(wrote),
-            writes: AtomicU64::new(0),
-            captured: Mutex::new(None),
             last_route: Mutex::new(None),
         }
     }
@@ -179,16 +169,7 @@ impl RequestState {
     }
 
     fn mark_written(&self) {
-        self.writes.fetch_add(1, Ordering::AcqRel);
         self.wrote.store(true, Ordering::Relaxed);
-    }
-
-    /// The position captured during the request, if it still covers every
-    /// write the request made.
-    pub(crate) fn captured(&self) -> Option<WritePosition> {
-        let writes = self.writes.load(Ordering::Acquire);
-        let captured = self.captured.lock().unwrap_or_else(PoisonError::into_inner);
-        captured.and_then(|(covers, position)| (covers == writes).then_some(position))
     }
 }
 
@@ -362,9 +343,10 @@ impl<B: Backend> Db<B> {
     /// side.
     ///
     /// When the request wrote, this captures the primary's position now
-    /// (one query, shared with concurrent writers), so it covers those
-    /// writes; the response then reuses it rather than capturing again,
-    /// unless the request writes after this call. Otherwise it is what the
+    /// (one query, shared with concurrent writers), so it covers the writes
+    /// committed before the call; the response captures again for its own
+    /// token (a capture cannot tell whether a write handed out before it
+    /// committed before it, so none is reused). Otherwise it is what the
     /// request's token required. A lost capture gives
     /// [`Requirement::Primary`], as it pins the user's own token.
     ///
@@ -395,19 +377,7 @@ impl<B: Backend> Db<B> {
         if let Mode::TimeWindow(_) = self.shared.mode {
             return Requirement::Primary;
         }
-        let written = match self.state.captured() {
-            Some(position) => position,
-            None => {
-                let covers = self.state.writes.load(Ordering::Acquire);
-                let position = crate::middleware::capture_position(&self.shared).await;
-                *self
-                    .state
-                    .captured
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some((covers, position));
-                position
-            }
-        };
+        let written = crate::middleware::capture_position(&self.shared).await;
         carried.after_write(written)
     }
 

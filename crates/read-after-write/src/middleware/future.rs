@@ -136,12 +136,6 @@ fn start_capture<B: Backend, ResBody>(
             // client gets a token with an unknown position instead: it pins
             // the user's session reads to the primary until their next
             // successful write replaces it, or it expires.
-            if let Some(position) = state.captured() {
-                // Db::requirement captured after every write this request
-                // made: that position covers them.
-                issue_token(shared, state, response, position);
-                return None;
-            }
             let shared = Arc::clone(shared);
             Some(Box::pin(
                 async move { Some(capture_position(&shared).await) },
