@@ -119,9 +119,12 @@ pub const DEBUG_HEADER: &str = "x-read-after-write";
 /// formed tokens naming a victim's user id (ids are often guessable) with a
 /// known key id (visible in any token) and a far expiry. They never verify,
 /// but 16 of them sent ahead of the real cookie (a longer `Path` is sent
-/// first) use up the budget, and the victim's reads fall back to eventual
-/// consistency until their next write, counted as `bad_signature`. Nothing
-/// is forged and no error reaches the user. To shut this out, name the
+/// first) use up the budget before the real token is checked. Nothing then
+/// proves what the victim wrote last, so their session reads go to the
+/// primary (unknown means unsafe): a cost on the primary for as long as the
+/// planted cookies live, counted by
+/// `read_after_write_token_mac_budget_exhausted_total`, never a stale read
+/// or a forged one. To shut this out, name the
 /// cookie with the `__Host-` prefix (`__Host-primary_affinity`, with
 /// `Secure`, `Path=/` and no `Domain`, which the layer's defaults give),
 /// which no other subdomain can set.

@@ -112,6 +112,9 @@ fn read_token<B: Backend>(
     let mut first_failure = None;
     let mut now = None;
     let mut macs = 0;
+    // Candidates left unchecked that might have promised more: then nothing
+    // proves what the user wrote last, and only the primary is safe.
+    let mut unchecked = false;
     let mut buffer = TokenBuffer::new();
     let found = transport::for_each_candidate(
         headers,
@@ -147,8 +150,9 @@ fn read_token<B: Backend>(
                 metrics::counter!("read_after_write_token_mac_budget_exhausted_total").increment(1);
                 tracing::debug!(
                     budget = MAX_MACS_PER_REQUEST,
-                    "affinity token MAC budget spent; remaining candidates ignored"
+                    "affinity token MAC budget spent; session reads go to the primary"
                 );
+                unchecked = true;
                 return true;
             }
             macs += 1;
@@ -161,6 +165,16 @@ fn read_token<B: Backend>(
             false
         },
     );
+    if unchecked {
+        // Planted well-formed forgeries may sit in front of the real token:
+        // unknown means unsafe. The cost is primary reads for this request,
+        // never a stale one.
+        let outcome = match best {
+            Some(_) => TokenOutcome::Valid,
+            None => first_failure.unwrap_or(TokenOutcome::Rejected(TokenError::Malformed)),
+        };
+        return (Required::Primary, outcome);
+    }
     match best {
         Some(token) => {
             let required = match shared.mode {

@@ -943,8 +943,9 @@ async fn junk_cannot_hide_a_valid_token() {
     }
 
     // The bound itself: that many well-formed forgeries naming the requester
-    // before the valid token do hide it (the residual risk documented on
-    // `MAX_MACS_PER_REQUEST`), and cost exactly the budget in MACs.
+    // before the valid token cost exactly the budget in MACs, and leave the
+    // valid token unchecked: nothing proves what the user wrote last, so
+    // session reads go to the primary, never to a replica that may be stale.
     let forged = (0..MAX_MACS_PER_REQUEST as u64)
         .map(|i| format!("primary_affinity={}", forged_from(&valid, 0xFFFF_0000 + i)))
         .collect::<Vec<_>>()
@@ -953,10 +954,12 @@ async fn junk_cannot_hide_a_valid_token() {
         .header(COOKIE, format!("{forged}; primary_affinity={valid}"))
         .body(())
         .unwrap();
+    let hidden = seen(&send(&mut svc, req).await);
     assert_eq!(
-        seen(&send(&mut svc, req).await).outcome,
+        hidden.outcome,
         TokenOutcome::Rejected(TokenError::BadSignature)
     );
+    assert_eq!(hidden.read_pool, "primary-pool");
 }
 
 #[tokio::test]
