@@ -11,6 +11,10 @@
 //! the same signing keys and an identity that yields the same user (forward
 //! the user's credentials, as you would anyway).
 //!
+//! Every request the wrapped client sends while a handler runs carries the
+//! token, which holds the user id's bytes: wrap only clients that talk to
+//! your own services, not ones that reach third parties.
+//!
 //! The current request is known to the client layer while its handler is
 //! polled, on that thread: calls made from a task the handler spawned are
 //! not covered (take [`Db::forward_header`](crate::Db::forward_header) and

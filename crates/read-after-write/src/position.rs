@@ -198,14 +198,15 @@ impl WritePosition {
     /// The position a new token must promise after a request that carried
     /// `self` wrote and the backend reported `newer`.
     ///
-    /// On the same history this is the larger LSN. Otherwise `newer` wins: it
-    /// is what the current primary reports, and the old position belongs to a
-    /// history the cluster has left.
+    /// Whichever [promises more](Self::cmp_promise): on one timeline the
+    /// larger LSN, across timelines of one cluster the later timeline (so a
+    /// late report from an old primary never lowers the promise). Across
+    /// clusters `newer` wins: it is what the current primary reports.
     pub fn max(self, newer: WritePosition) -> WritePosition {
-        if self.same_history(&newer) && self.lsn > newer.lsn {
-            self
-        } else {
-            newer
+        match self.cmp_promise(&newer) {
+            Some(Ordering::Greater) => self,
+            // Equal, less, or another cluster's (the current one's wins).
+            _ => newer,
         }
     }
 

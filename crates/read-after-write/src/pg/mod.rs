@@ -254,6 +254,12 @@ impl PgReplicaSetBuilder {
     }
 
     /// A replica, by URL, under a name used in metrics and logs.
+    ///
+    /// The URL must name exactly one server: the tracker checks the server
+    /// its own connection reached, and reads go wherever the pool's
+    /// connections land. A round-robin reader endpoint, a pooler in front of
+    /// several replicas, or a DNS name repointed at another server would
+    /// let reads reach a replica the tracker never checked.
     pub fn replica_url(mut self, name: impl Into<String>, url: impl Into<String>) -> Self {
         self.replicas.push((name.into(), Source::Url(url.into())));
         self
@@ -520,6 +526,7 @@ impl PgReplicaSetBuilder {
         let primary_state = Arc::new(PrimaryState {
             pools: Arc::clone(&pools),
             connect: primary_connect,
+            geometry,
             inserted: 0.into(),
             timeline: 0.into(),
             system_id,
@@ -527,6 +534,7 @@ impl PgReplicaSetBuilder {
             healthy: true.into(),
             history: Default::default(),
             changed_at: 0.into(),
+            pool_replaced: false.into(),
         });
         let tracker = ReplicaTracker::new(replicas, primary_state);
         tracker.note_primary_position(first);
@@ -766,7 +774,7 @@ impl PgReplicaSet {
                     ticket
                 };
                 (0..count)
-                    .map(|i| &*replicas[(start + i) % count])
+                    .map(|i| &*replicas[(start % count + i) % count])
                     .find(|r| qualifies(r))
             }
             Selection::LeastLag => replicas

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::capture::{query_position, CaptureError, PrimaryPosition};
 use super::pools::PrimaryPools;
-use crate::position::Lsn;
+use crate::position::{Lsn, WalGeometry};
 
 /// `application_name` of the tracker's own connections, so they can be told
 /// apart in `pg_stat_activity`.
@@ -140,6 +140,9 @@ pub(crate) struct PrimaryState {
     /// How the tracker opens its own connection to the primary: its probes
     /// never wait behind (or get stuck with) the application's pool.
     pub(crate) connect: PgConnectOptions,
+    /// Page and segment sizes, to round polled positions off a page header
+    /// as captures are: a replica's replay stops at the record end.
+    pub(crate) geometry: WalGeometry,
     /// Latest insert position seen on the current timeline, for lag figures.
     pub(crate) inserted: AtomicU64,
     /// Current timeline; changes when a failover promoted a new primary.
@@ -155,6 +158,9 @@ pub(crate) struct PrimaryState {
     /// after the tracker's origin: a replica that has not moved since is
     /// stalled once that is old enough.
     pub(crate) changed_at: AtomicU64,
+    /// Set once the pool was replaced for the current silence; cleared by
+    /// the next probe that answers.
+    pub(crate) pool_replaced: AtomicBool,
 }
 
 /// How far back the primary's position history reaches; longer time lags
@@ -471,7 +477,9 @@ impl ReplicaTracker {
             Ok(Ok(probe)) => {
                 // Answers, but is not a replica any more: promoted, or
                 // misconfigured. Exclude it; keep probing in case it was
-                // rebuilt as a replica.
+                // rebuilt as a replica. Whatever it holds when it comes back
+                // is a new history: forget the timeline seen before.
+                replica.timeline.store(0, Ordering::Relaxed);
                 if was_healthy || !replica.warned.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         replica = name,
@@ -505,6 +513,12 @@ impl ReplicaTracker {
                 false
             }
         };
+        if !up {
+            // Down: it may come back as something else (restored from a
+            // backup, rebuilt after a promotion) with no WAL receiver to
+            // show it. Only a timeline seen after it returns counts.
+            replica.timeline.store(0, Ordering::Relaxed);
+        }
         if was_healthy {
             replica.healthy.store(false, Ordering::Release);
             replica.outages.mark_down();
@@ -530,7 +544,14 @@ impl ReplicaTracker {
         let other_timeline = timeline != 0 && timeline != primary_timeline;
         let advanced_at = replica.advanced_at.load(Ordering::Relaxed);
         let primary_moved_since = self.primary.changed_at.load(Ordering::Relaxed) > advanced_at;
+        // A replica at exactly the primary's position is caught up, however
+        // long ago it got there (it may have seen the WAL before the
+        // primary's poll did). Behind, or past it (an orphan's position on
+        // a history the primary left), and standing still: stalled.
+        let elsewhere = replica.replayed.load(Ordering::Acquire)
+            != self.primary.inserted.load(Ordering::Relaxed);
         let stalled = primary_moved_since
+            && elsewhere
             && now.saturating_sub(advanced_at)
                 > u64::try_from(stall_timeout.as_nanos()).unwrap_or(u64::MAX);
         let diverged = other_timeline || stalled;
@@ -585,6 +606,8 @@ impl ReplicaTracker {
     async fn run_primary(self: Arc<Self>, config: TrackerConfig) {
         let mut shutdown = self.shutdown.subscribe();
         let mut conn: Option<PgConnection> = None;
+        // Consecutive probes that got no answer at all.
+        let mut silent = 0u32;
         while !*shutdown.borrow() {
             tokio::select! {
                 biased;
@@ -599,23 +622,32 @@ impl ReplicaTracker {
             .await;
             match result {
                 Ok(Ok(position)) => {
-                    self.note_primary_position(position);
+                    silent = 0;
+                    self.primary.pool_replaced.store(false, Ordering::Relaxed);
+                    self.note_primary_position(PrimaryPosition {
+                        lsn: position.lsn.round_down_page_header(self.primary.geometry),
+                        timeline: position.timeline,
+                    });
                     if !self.primary.healthy.swap(true, Ordering::Relaxed) {
                         tracing::info!("primary reachable");
                     }
                 }
                 Ok(Err(error)) => {
                     conn = None;
+                    silent = 0;
                     self.primary_down(&error.to_string(), false);
                 }
                 Err(_elapsed) => {
                     conn = None;
+                    silent += 1;
+                    // Two silent probes in a row, not one slow answer under
+                    // load, before the pool is replaced.
                     self.primary_down(
                         &format!(
                             "no answer within the probe timeout ({:?}): frozen or partitioned",
                             config.probe_timeout
                         ),
-                        true,
+                        silent >= 2,
                     );
                 }
             }
@@ -636,7 +668,11 @@ impl ReplicaTracker {
                 "primary unreachable; writes fail until it answers again"
             );
             self.primary.outages.mark_down();
-            if frozen && self.primary.pools.replace() {
+        }
+        // Once per silence, also when it follows an outage that errored.
+        if frozen && !self.primary.pool_replaced.swap(true, Ordering::Relaxed) {
+            self.primary.outages.mark_down();
+            if self.primary.pools.replace() {
                 tracing::warn!("replaced the primary's pool: connections stuck on the silent primary keep no slots");
             }
         }
@@ -648,7 +684,13 @@ impl ReplicaTracker {
     pub(crate) fn note_primary_position(&self, position: PrimaryPosition) {
         let lsn = position.lsn.as_u64();
         let timeline = position.timeline;
-        let before = self.primary.timeline.swap(timeline, Ordering::Relaxed);
+        // Timelines only grow in one cluster: a late answer from the old
+        // primary (a capture in flight across a failover, a connection in
+        // a split brain) must not take the tracker back.
+        let before = self.primary.timeline.fetch_max(timeline, Ordering::Relaxed);
+        if timeline < before {
+            return;
+        }
         let moved = if before != timeline {
             if before != 0 {
                 tracing::warn!(
@@ -807,6 +849,7 @@ mod tests {
         let primary = Arc::new(PrimaryState {
             pools: Arc::new(PrimaryPools::new(pool, None)),
             connect,
+            geometry: WalGeometry::default(),
             inserted: 0.into(),
             timeline: 0.into(),
             system_id: 7,
@@ -814,6 +857,7 @@ mod tests {
             healthy: true.into(),
             history: Default::default(),
             changed_at: 0.into(),
+            pool_replaced: false.into(),
         });
         ReplicaTracker::new(Vec::new(), primary)
     }
@@ -868,6 +912,22 @@ mod tests {
         let quiet = replica(2, 11 * SECOND);
         tracker.judge_divergence(&quiet, 600 * SECOND, stall);
         assert!(quiet.serves_eventual(2));
+        // Nor is a replica that reached the primary's position before the
+        // primary's own poll saw it: caught up is caught up.
+        let early = replica(2, 9 * SECOND);
+        early.replayed.store(4_000, Ordering::Relaxed);
+        tracker.judge_divergence(&early, 600 * SECOND, stall);
+        assert!(early.serves_eventual(2));
+    }
+
+    #[tokio::test]
+    async fn the_primarys_timeline_never_moves_backwards() {
+        let tracker = tracker();
+        tracker.note_primary_position(at(9_000, 2));
+        // A late answer from the old primary across a failover.
+        tracker.note_primary_position(at(12_000, 1));
+        assert_eq!(tracker.primary.timeline.load(Ordering::Relaxed), 2);
+        assert_eq!(tracker.primary.inserted.load(Ordering::Relaxed), 9_000);
     }
 
     #[tokio::test]
