@@ -787,9 +787,15 @@ fn hostile_request(rng: &mut Rng, pools: &Pools) -> Case {
             _ => None,
         })
         .collect();
+    // Valid tokens of different clusters: the layer reads from the primary.
+    let clusters_differ = valid.iter().any(|a| {
+        valid
+            .iter()
+            .any(|b| a.position().cmp_promise(&b.position()).is_none())
+    });
     let expect = match (identity, best(valid.iter().copied())) {
         (Some(_), Some(token)) => {
-            let pinned = token.position().pins_primary();
+            let pinned = token.position().pins_primary() || clusters_differ;
             (
                 Some(TokenOutcome::Valid),
                 (!pinned).then_some(token.position()),

@@ -115,6 +115,9 @@ fn read_token<B: Backend>(
     // Candidates left unchecked that might have promised more: then nothing
     // proves what the user wrote last, and only the primary is safe.
     let mut unchecked = false;
+    // Valid tokens from different clusters (keys shared across
+    // environments): which one this backend serves is not ours to guess.
+    let mut incomparable = false;
     let mut buffer = TokenBuffer::new();
     let found = transport::for_each_candidate(
         headers,
@@ -140,10 +143,12 @@ fn read_token<B: Backend>(
                 first_failure.get_or_insert(TokenOutcome::OtherUser);
                 return false;
             }
-            if best
-                .as_ref()
-                .is_some_and(|best| !candidate.could_beat(best))
-            {
+            // Not worth a MAC: it cannot beat the best so far. One from
+            // another cluster is checked anyway (see `incomparable`).
+            if best.as_ref().is_some_and(|best| {
+                !candidate.could_beat(best)
+                    && best.position().cmp_promise(&candidate.position()).is_some()
+            }) {
                 return false;
             }
             if macs == MAX_MACS_PER_REQUEST {
@@ -157,7 +162,12 @@ fn read_token<B: Backend>(
             }
             macs += 1;
             match candidate.authenticate(&shared.cookie_name, &shared.keys) {
-                Ok(token) => best = Some(token),
+                Ok(token) => {
+                    incomparable |= best.as_ref().is_some_and(|best| {
+                        best.position().cmp_promise(&token.position()).is_none()
+                    });
+                    best = Some(token);
+                }
                 Err(reason) => {
                     first_failure.get_or_insert(TokenOutcome::Rejected(reason));
                 }
@@ -165,8 +175,9 @@ fn read_token<B: Backend>(
             false
         },
     );
-    if unchecked {
-        // Planted well-formed forgeries may sit in front of the real token:
+    if unchecked || incomparable {
+        // Planted well-formed forgeries may sit in front of the real token,
+        // or two valid tokens promise positions of different clusters:
         // unknown means unsafe. The cost is primary reads for this request,
         // never a stale one.
         let outcome = match best {
