@@ -223,21 +223,7 @@ pub async fn demo(
 ) -> Result<DemoReport, Box<dyn std::error::Error + Send + Sync>> {
     migrate(replicas.primary_pool()).await?;
     // The workers read from replicas: wait until they have the tables.
-    for replica in replicas.replicas() {
-        let Some(pool) = replicas.replica_pool(&replica.name) else {
-            continue;
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let (ready,): (bool,) = sqlx::query_as("select to_regclass('job_posts') is not null")
-                .fetch_one(pool)
-                .await?;
-            if ready || tokio::time::Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    crate::schema::wait_for_relation(&replicas, "job_posts", Duration::from_secs(10)).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let app = router(replicas.clone(), keys);

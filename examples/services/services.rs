@@ -170,22 +170,12 @@ pub async fn demo(
 ) -> Result<Report, Box<dyn std::error::Error + Send + Sync>> {
     migrate(replicas_a.primary_pool()).await?;
     // B reads from replicas: wait until they have the table.
-    for replica in replicas_b.replicas() {
-        let Some(pool) = replicas_b.replica_pool(&replica.name) else {
-            continue;
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let (ready,): (bool,) =
-                sqlx::query_as("select to_regclass('service_posts') is not null")
-                    .fetch_one(pool)
-                    .await?;
-            if ready || tokio::time::Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    read_after_write_lab::schema::wait_for_relation(
+        &replicas_b,
+        "service_posts",
+        Duration::from_secs(10),
+    )
+    .await?;
     let keys_b = keys.clone();
     let b_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let b_url = format!("http://{}", b_listener.local_addr()?);

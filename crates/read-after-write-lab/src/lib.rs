@@ -8,6 +8,7 @@
 //!   lab run the very same code.
 //! - [`jobs`]: background jobs that read their user's writes, compiled
 //!   from `examples/jobs/jobs.rs` for the `jobs` example and its test.
+//! - [`schema`]: waiting for a new table to reach the replicas.
 //! - [`lab`]: the lab that `cargo run --release` runs at the workspace root:
 //!   strategies, virtual users and reports.
 //! - [`drills`]: the fault campaign that the `drills` binary runs: a load
@@ -24,3 +25,4 @@ pub mod jobs;
 
 pub mod drills;
 pub mod lab;
+pub mod schema;
