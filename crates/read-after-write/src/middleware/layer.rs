@@ -223,6 +223,26 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
         self.edit(|s| s.forward_tokens = enabled)
     }
 
+    /// Monotonic reads (off by default): a session never observes an older
+    /// database state than it observed before, across requests, tabs and
+    /// web instances, for [`Db::read`](crate::Db::read) and
+    /// [`Db::eventual`](crate::Db::eventual). See the
+    /// [module docs](crate::middleware#monotonic-reads) for the rule and
+    /// its cost.
+    ///
+    /// ```
+    /// # use read_after_write::{Backend, KeySet, ReadAfterWriteLayer, SigningKey};
+    /// # fn build<B: Backend>(backend: B) -> Result<(), read_after_write::KeyError> {
+    /// let layer = ReadAfterWriteLayer::new(backend, KeySet::new(SigningKey::generate()?))
+    ///     .monotonic_reads(true);
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn monotonic_reads(self, enabled: bool) -> Self {
+        self.edit(|s| s.monotonic = enabled)
+    }
+
     /// The backend this layer routes over.
     pub fn backend(&self) -> &Arc<B> {
         &self.shared.backend

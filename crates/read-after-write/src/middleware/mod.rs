@@ -201,6 +201,9 @@ pub(crate) struct Shared<B> {
     /// Outgoing clients with [`ForwardTokenLayer`](crate::forward::ForwardTokenLayer)
     /// see the request being handled.
     pub(crate) forward_tokens: bool,
+    /// Monotonic reads: a session's reads never observe an older state than
+    /// its earlier reads did (see [`ReadAfterWriteLayer::monotonic_reads`]).
+    pub(crate) monotonic: bool,
 }
 
 /// Lets an event through at most once per [`INTERVAL_SECONDS`] of the
@@ -256,6 +259,7 @@ impl<B> Shared<B> {
             set_cookie: (String::new(), String::new()),
             no_identity_warning: Throttle::default(),
             forward_tokens: false,
+            monotonic: false,
         };
         shared.refresh();
         shared
@@ -302,6 +306,7 @@ impl<B> Clone for Shared<B> {
             set_cookie: self.set_cookie.clone(),
             no_identity_warning: Throttle::default(),
             forward_tokens: self.forward_tokens,
+            monotonic: self.monotonic,
         }
     }
 }
