@@ -32,8 +32,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkGroup, Crit
 use http::header::{HeaderName, COOKIE, SET_COOKIE};
 use http::{Method, Request, Response};
 use read_after_write::{
-    AffinityToken, Backend, Db, KeySet, Lsn, ReadAfterWriteLayer, RouteReason, Routed, SigningKey,
-    UserId, WritePosition,
+    AffinityToken, Backend, Bookmark, Bookmarks, Db, KeySet, Lsn, ReadAfterWriteLayer, ReplicaTag,
+    RouteReason, Routed, SigningKey, UserId, WritePosition,
 };
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_sessions::{MemoryStore, Session, SessionManagerLayer};
@@ -82,6 +82,30 @@ impl Backend for ConstantPositionSource {
     async fn write_position(&self) -> Result<WritePosition, Infallible> {
         Ok(self.position)
     }
+
+    fn cluster_id(&self) -> Option<u64> {
+        Some(self.position.system_id)
+    }
+
+    /// Monotonic reads stay on `replica-1`: a bookmark tied to it comes
+    /// back unchanged; any other is moved there (and so re-issued).
+    async fn monotonic(
+        &self,
+        bookmark: Option<Bookmark>,
+        _max_wait: Option<Duration>,
+    ) -> Routed<'_, &'static str> {
+        let here = Bookmark::new(self.position).on_replica(replica_tag());
+        let reason = match bookmark {
+            Some(b) if b == here => RouteReason::Sticky,
+            _ => RouteReason::CaughtUp,
+        };
+        Routed::replica(&self.replica, "replica-1", reason).with_bookmark(here)
+    }
+}
+
+/// The tag of the bench's one replica.
+fn replica_tag() -> ReplicaTag {
+    ReplicaTag::of("replica-1", 1_700_000_000_000_000)
 }
 
 const BACKEND_LABEL: &str = "const_position_source";
@@ -131,6 +155,19 @@ fn valid_token() -> String {
         now + 3600,
     )
     .sign("primary_affinity", &signing_keys())
+}
+
+/// A valid token for `USER` tied to the bench's replica, as a monotonic
+/// session holds after its first read there.
+fn sticky_token() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let bookmark = Bookmark::new(ConstantPositionSource::new().position).on_replica(replica_tag());
+    AffinityToken::with_bookmarks(UserId::from(USER), Bookmarks::one(bookmark), now + 3600)
+        .expect("one bookmark")
+        .sign("primary_affinity", &signing_keys())
 }
 
 /// A request with the user id header and, when `cookie` is given, one
@@ -250,6 +287,40 @@ fn layer(c: &mut Criterion) {
     group.bench_function(format!("write_sets_cookie/{BACKEND_LABEL}"), |b| {
         b.iter_batched(post, |req| send(&mut layered, req), BatchSize::SmallInput)
     });
+
+    // Monotonic reads: a read that keeps its bookmark issues nothing; one
+    // that moves it (here: a token from a write, tied to no replica yet)
+    // re-issues the token.
+    let mut monotonic = rw_layer().monotonic_reads(true).layer(service_fn(handler));
+    let sticky_cookie = format!("primary_affinity={}", sticky_token());
+    let get_sticky = || request(Method::GET, "/", Some(&sticky_cookie), ());
+    let response = send(&mut monotonic, get_sticky());
+    assert!(
+        response.headers().get(SET_COOKIE).is_none(),
+        "a sticky read keeps its token"
+    );
+    let response = send(&mut monotonic, get_token());
+    assert!(
+        response.headers().get(SET_COOKIE).is_some(),
+        "a moved bookmark is re-issued"
+    );
+    group.bench_function(format!("monotonic_read_keeps_token/{BACKEND_LABEL}"), |b| {
+        b.iter_batched(
+            get_sticky,
+            |req| send(&mut monotonic, req),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function(
+        format!("monotonic_read_reissues_token/{BACKEND_LABEL}"),
+        |b| {
+            b.iter_batched(
+                get_token,
+                |req| send(&mut monotonic, req),
+                BatchSize::SmallInput,
+            )
+        },
+    );
     group.finish();
 }
 

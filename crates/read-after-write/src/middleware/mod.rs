@@ -26,6 +26,27 @@
 //! one that [promises the most](crate::AffinityToken::promises_more_than)
 //! decides.
 //!
+//! # Monotonic reads
+//!
+//! With [`ReadAfterWriteLayer::monotonic_reads`] on, a session (a user, or an
+//! anonymous browser when anonymous tokens are allowed) never sees the
+//! database go back in time, across requests, tabs and web instances: its
+//! token carries a [bookmark](crate::bookmark) naming the replica it read,
+//! and it stays there; it leaves only through the primary. The token is
+//! re-issued on a read only when the bookmark moved (the first read, a new
+//! replica) or less than half its TTL is left.
+//!
+//! It is off by default because it costs what read-your-writes alone does
+//! not: a `Set-Cookie` on some read responses (which shared HTTP caches will
+//! not store), a token for sessions that never wrote, and reads that stay on
+//! one replica instead of spreading across all of them. With one primary,
+//! monotonic writes and writes-follow-reads already hold.
+//!
+//! Two tabs that both change the cookie race like any cookie: the last
+//! response wins. A read response can then replace a token that a
+//! concurrent write response set; the loser's promise is lost until its
+//! next write.
+//!
 //! # Example
 //!
 //! ```
@@ -379,3 +400,5 @@ impl<B> fmt::Debug for Shared<B> {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tests_sessions;

@@ -11,7 +11,7 @@
 //! | 1 | user id length `n` (0–255) |
 //! | n | user id |
 //! | 8 | expiry, Unix seconds |
-//! | 1 | bookmark count `m` (1–[`MAX_CLUSTERS`](crate::bookmark::MAX_CLUSTERS)) |
+//! | 1 | bookmark count `m` (1–[`MAX_CLUSTERS`]) |
 //! | 28 × m | per cluster: system identifier (8), timeline (4), LSN (8), replica tag (8, 0 for none) |
 //! | 16 | tag: HMAC-SHA256 over `name ‖ 0x00 ‖ all bytes above`, first 128 bits |
 //!
