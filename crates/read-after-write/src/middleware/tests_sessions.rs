@@ -109,16 +109,16 @@ async fn handler(req: Request<()>) -> Result<Response<()>, Infallible> {
         match step {
             "orders" => target = db.cluster("orders").unwrap(),
             "read" => {
-                target.read().await;
+                let _ = target.read().await;
             }
             "eventual" => {
-                target.eventual();
+                let _ = target.eventual();
             }
             "primary" => {
-                target.primary();
+                let _ = target.primary();
             }
             "write" => {
-                target.write();
+                let _ = target.write();
             }
             other => panic!("unknown step {other}"),
         }
