@@ -22,7 +22,12 @@
 //!
 //! tonic: wrap the channel, `ServiceBuilder::new().layer(ForwardTokenLayer)
 //! .service(channel)`, and build the generated client on it; the token
-//! travels as the `x-primary-affinity` metadata entry.
+//! travels as the `x-primary-affinity` metadata entry. Or, with the `tonic`
+//! feature, use [`ForwardTokenInterceptor`] with the generated client's
+//! `with_interceptor`: interceptors are synchronous and cannot ask the
+//! primary for a position, so after a write in the same handler its token
+//! sends the downstream service's reads of that user to the primary (safe,
+//! and dearer); the layer forwards the exact position.
 //!
 //! # Example
 //!
@@ -59,11 +64,16 @@ type HeaderFuture<'a> =
 /// The request being handled, as the client layer needs it.
 pub(crate) trait TokenSource: Send + Sync {
     fn forward_header(&self) -> HeaderFuture<'_>;
+    fn forward_header_now(&self) -> Option<(HeaderName, HeaderValue)>;
 }
 
 impl<B: Backend> TokenSource for Db<B> {
     fn forward_header(&self) -> HeaderFuture<'_> {
         Box::pin(Db::forward_header(self))
+    }
+
+    fn forward_header_now(&self) -> Option<(HeaderName, HeaderValue)> {
+        Db::forward_header_now(self)
     }
 }
 
@@ -150,5 +160,53 @@ where
             }
             inner.call(request).await
         })
+    }
+}
+
+/// A tonic client interceptor that adds the handled request's token to
+/// outgoing gRPC calls, as `x-primary-affinity` metadata (feature `tonic`).
+///
+/// Synchronous, as tonic interceptors are: it cannot capture the primary's
+/// position. A call made after the handler wrote carries a token that pins
+/// that cluster's session reads of the user to the primary downstream (the
+/// write's exact position is unknown until captured); reads before any
+/// write forward exactly what the request's token promised.
+/// [`ForwardTokenLayer`] around the channel forwards the exact position of
+/// a write instead, at one capture query.
+///
+/// ```
+/// use read_after_write::forward::ForwardTokenInterceptor;
+/// use tonic::service::interceptor::InterceptedService;
+///
+/// // A generated client takes it as
+/// // `FeedClient::with_interceptor(channel, ForwardTokenInterceptor)`; that
+/// // wraps the channel like this:
+/// fn intercepted<Channel>(channel: Channel) -> InterceptedService<Channel, ForwardTokenInterceptor> {
+///     InterceptedService::new(channel, ForwardTokenInterceptor)
+/// }
+/// # let _ = intercepted::<()>;
+/// ```
+#[cfg(feature = "tonic")]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardTokenInterceptor;
+
+#[cfg(feature = "tonic")]
+impl tonic::service::Interceptor for ForwardTokenInterceptor {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some((name, value)) = current().and_then(|source| source.forward_header_now()) else {
+            return Ok(request);
+        };
+        let key = tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes());
+        let value = value
+            .to_str()
+            .ok()
+            .and_then(|text| tonic::metadata::AsciiMetadataValue::try_from(text).ok());
+        if let (Ok(key), Some(value)) = (key, value) {
+            request.metadata_mut().insert(key, value);
+        }
+        Ok(request)
     }
 }

@@ -567,6 +567,51 @@ impl<B: Backend> Db<B> {
         self.target()
     }
 
+    /// Like [`forward_header`](Self::forward_header), without waiting: for
+    /// synchronous callers such as a tonic interceptor. A cluster this
+    /// request wrote to (or, with monotonic reads, read the primary of)
+    /// since its last capture gets a bookmark that pins its session reads
+    /// to the primary downstream, since its exact position is not known
+    /// without asking the primary.
+    ///
+    /// ```no_run
+    /// # fn handler(db: read_after_write::pg::PgDb) {
+    /// if let Some((name, value)) = db.forward_header_now() {
+    ///     // metadata.insert(name.as_str(), value.to_str()?.parse()?) ...
+    ///     # let _ = (name, value);
+    /// }
+    /// # }
+    /// ```
+    pub fn forward_header_now(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
+        let user = self.state.user.clone()?;
+        let bookmarks = match self.shared.mode {
+            Mode::TimeWindow(_) if self.state.wrote() || !self.state.carried.is_empty() => {
+                Bookmarks::one(Bookmark::new(WritePosition::default()))
+            }
+            Mode::TimeWindow(_) => return None,
+            Mode::Position => {
+                let captured: SmallVec<[Option<WritePosition>; 1]> = self
+                    .shared
+                    .clusters
+                    .iter()
+                    .zip(&self.state.clusters)
+                    .map(|(cluster, own)| {
+                        let uncaptured =
+                            own.wrote() || (self.shared.monotonic && own.read_primary());
+                        uncaptured.then(|| Bookmark::pinned(cluster.id.unwrap_or(0)).position)
+                    })
+                    .collect();
+                crate::middleware::next_bookmarks(&self.shared, &self.state, &captured)
+            }
+        };
+        let token = crate::middleware::mint_token(&self.shared, user, bookmarks)?;
+        let name = self.shared.token_header.clone().unwrap_or_else(|| {
+            http::HeaderName::from_static(crate::middleware::DEFAULT_TOKEN_HEADER)
+        });
+        let value = http::HeaderValue::from_str(&token).ok()?;
+        Some((name, value))
+    }
+
     /// Where this request's last routed database access went (through any
     /// clone of this handle): the node, primary or replica, and why. `None`
     /// before the first.

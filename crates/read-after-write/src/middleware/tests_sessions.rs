@@ -307,3 +307,76 @@ fn clusters_must_be_told_apart() {
     let error = full.cluster("e", Tagged::new(11)).err().unwrap();
     assert!(error.to_string().contains("at most 4 clusters"), "{error}");
 }
+
+#[cfg(feature = "tonic")]
+#[tokio::test]
+async fn the_tonic_interceptor_forwards_the_token_and_pins_an_uncaptured_write() {
+    use tonic::service::Interceptor;
+
+    /// Calls the interceptor from inside the handler, after the path's
+    /// accesses, and answers with the metadata it set.
+    async fn calling(req: Request<()>) -> Result<Response<()>, Infallible> {
+        let db = req.extensions().get::<Db<Tagged>>().unwrap().clone();
+        if req.uri().path() == "/write" {
+            let _ = db.write();
+        }
+        let call = crate::forward::ForwardTokenInterceptor
+            .call(tonic::Request::new(()))
+            .unwrap();
+        let token = call
+            .metadata()
+            .get("x-primary-affinity")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let mut response = Response::new(());
+        response.extensions_mut().insert(token);
+        Ok(response)
+    }
+    let clock = ManualClock::new(NOW);
+    let app = ReadAfterWriteLayer::new(Tagged::new(7), keys())
+        .clock(clock.clone())
+        .forward_tokens(true)
+        .layer(service_fn(calling));
+    let forwarded = |response: Response<()>| {
+        response
+            .extensions()
+            .get::<Option<String>>()
+            .cloned()
+            .flatten()
+    };
+    // Nothing to forward without a token or a write.
+    let response = app
+        .clone()
+        .oneshot(Request::get("/read").body(()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(forwarded(response), None);
+    // A write not yet captured: the downstream reads go to the primary.
+    let response = app
+        .clone()
+        .oneshot(Request::get("/write").body(()).unwrap())
+        .await
+        .unwrap();
+    let token = decode(&forwarded(response).expect("a token"), &clock);
+    assert_eq!(token.bookmark(7), Some(&Bookmark::pinned(7)));
+    // A token carried in: forwarded as it is.
+    let carried = AffinityToken::new(
+        UserId::anonymous(),
+        WritePosition::new(Lsn::new(0x99), 1, 7),
+        NOW + 30,
+    )
+    .sign("primary_affinity", &keys());
+    let request = Request::get("/read")
+        .header(COOKIE, format!("primary_affinity={carried}"))
+        .body(())
+        .unwrap();
+    let token = decode(
+        &forwarded(app.clone().oneshot(request).await.unwrap()).unwrap(),
+        &clock,
+    );
+    assert_eq!(token.bookmark(7).unwrap().position.lsn, Lsn::new(0x99));
+    // Outside any handler it adds nothing.
+    let call = crate::forward::ForwardTokenInterceptor
+        .call(tonic::Request::new(()))
+        .unwrap();
+    assert!(call.metadata().is_empty());
+}
