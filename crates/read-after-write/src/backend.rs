@@ -42,6 +42,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+use crate::bookmark::Bookmark;
 use crate::position::WritePosition;
 
 /// A database topology the layer can route reads and writes over.
@@ -72,6 +73,38 @@ pub trait Backend: Send + Sync + 'static {
         required: WritePosition,
         max_wait: Duration,
     ) -> impl Future<Output = Routed<'_, Self::Pool>> + Send;
+
+    /// Which cluster this is, when the backend can tell (PostgreSQL's
+    /// system identifier): a layer over several clusters matches each
+    /// token bookmark to its cluster by it, and needs it. The default,
+    /// `None`, suits a layer over one cluster.
+    fn cluster_id(&self) -> Option<u64> {
+        None
+    }
+
+    /// A read with monotonic reads on, for a session holding `bookmark`
+    /// of this cluster (`None`: it has read nothing here yet). It must never
+    /// show the session an older state than its earlier reads saw (see
+    /// [`bookmark`](crate::bookmark) for the rule), and, with `max_wait`
+    /// (from [`Db::read`](crate::Db::read)), it must also include the
+    /// bookmark's position, waiting at most `max_wait` for it. `max_wait`
+    /// is `None` for [`Db::eventual`](crate::Db::eventual): then it must not
+    /// wait at all (its future must be ready when first polled).
+    ///
+    /// A replica route carries the bookmark the session continues with
+    /// ([`Routed::bookmark`]); a route without one, the primary's included,
+    /// makes the layer capture the primary's position after the request.
+    ///
+    /// The default cannot tell replicas apart, so it always reads from the
+    /// primary, which is always safe.
+    fn monotonic(
+        &self,
+        bookmark: Option<Bookmark>,
+        max_wait: Option<Duration>,
+    ) -> impl Future<Output = Routed<'_, Self::Pool>> + Send {
+        let _ = (bookmark, max_wait);
+        std::future::ready(Routed::primary(self.primary(), RouteReason::LeftReplica))
+    }
 
     /// The primary's current write position, asked after the request's
     /// commits so that it covers them.
@@ -281,9 +314,33 @@ pub struct Routed<'a, P> {
     pub node: &'a str,
     /// Why it went there.
     pub reason: RouteReason,
+    /// For monotonic reads: what a session that read here may carry on
+    /// with, the required position and the replica it read (see
+    /// [`bookmark`](crate::bookmark)). `None` when the read cannot be
+    /// bookmarked (the primary, or a replica the backend cannot name); the
+    /// layer then captures the primary's position after the request.
+    pub bookmark: Option<Bookmark>,
 }
 
 impl<'a, P> Routed<'a, P> {
+    /// The same route, carrying `bookmark`.
+    ///
+    /// ```
+    /// use read_after_write::{Bookmark, ReplicaTag, RouteReason, Routed, WritePosition};
+    ///
+    /// let pool = ();
+    /// let tag = ReplicaTag::of("replica-1", 0);
+    /// let routed = Routed::replica(&pool, "replica-1", RouteReason::CaughtUp)
+    ///     .with_bookmark(Bookmark::new(WritePosition::default()).on_replica(tag));
+    /// assert_eq!(routed.bookmark.unwrap().replica, Some(tag));
+    /// ```
+    pub fn with_bookmark(self, bookmark: Bookmark) -> Self {
+        Routed {
+            bookmark: Some(bookmark),
+            ..self
+        }
+    }
+
     /// A route to the primary, named `primary`.
     ///
     /// ```
@@ -299,6 +356,7 @@ impl<'a, P> Routed<'a, P> {
             target: Target::Primary,
             node: "primary",
             reason,
+            bookmark: None,
         }
     }
 
@@ -317,6 +375,7 @@ impl<'a, P> Routed<'a, P> {
             target: Target::Replica,
             node,
             reason,
+            bookmark: None,
         }
     }
 }
@@ -391,6 +450,14 @@ pub enum RouteReason {
     /// user's last write committed but its position could not be captured,
     /// so only the primary is sure to have it.
     PositionUnknown,
+    /// Monotonic session read on the replica the session read last.
+    Sticky,
+    /// Monotonic session read that had to leave the replica it read last
+    /// (down, restarted, diverged): nothing bounds what it saw there, so
+    /// the primary, and the response captures the primary's position.
+    LeftReplica,
+    /// Monotonic session read after this same request read the primary.
+    ReadPrimaryThisRequest,
 }
 
 impl RouteReason {
@@ -416,6 +483,9 @@ impl RouteReason {
             RouteReason::Write => "write",
             RouteReason::NoReplicaOnTimeline => "no_replica_on_timeline",
             RouteReason::PositionUnknown => "position_unknown",
+            RouteReason::Sticky => "sticky",
+            RouteReason::LeftReplica => "left_replica",
+            RouteReason::ReadPrimaryThisRequest => "read_primary_this_request",
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use smallvec::SmallVec;
 
 use crate::backend::{Backend, RouteReason, Routed, Target};
+use crate::bookmark::{Bookmark, Bookmarks};
 use crate::middleware::{Mode, Shared};
 use crate::position::WritePosition;
 use crate::requirement::Requirement;
@@ -55,8 +56,9 @@ impl TokenOutcome {
 pub(crate) enum Required {
     /// No valid token: session reads are eventual.
     Nothing,
-    /// Read from a node that has replayed this position.
-    Position(WritePosition),
+    /// Read from a node that has replayed the bookmark's position (or,
+    /// with monotonic reads, stay on its replica).
+    Position(Bookmark),
     /// Read from the primary: in time-window mode the user wrote recently;
     /// in position mode the token pins the user to the primary because the
     /// position of their last write is unknown (its capture failed).
@@ -65,18 +67,71 @@ pub(crate) enum Required {
 
 /// Per-request state shared by the handle's clones and the response future.
 pub(crate) struct RequestState {
-    pub(crate) required: Required,
     pub(crate) user: Option<UserId>,
     pub(crate) token: TokenOutcome,
-    /// Set by [`Db::write`]; read once the handler has returned. Relaxed is
-    /// enough: the handler's future completes before the response future
-    /// reads it, on the same task.
-    pub(crate) wrote: AtomicBool,
+    /// Every bookmark the request's valid tokens carried, merged: this
+    /// layer's clusters' and other services' clusters', passed on unchanged
+    /// in the tokens this request issues.
+    pub(crate) carried: Bookmarks,
+    /// When the carried token expires, Unix seconds (0: none).
+    pub(crate) carried_expiry: u64,
+    /// One per cluster of the layer, in the layer's order.
+    pub(crate) clusters: SmallVec<[ClusterState; 1]>,
     /// The last routing decision, for [`Db::last_route`] and the debug
     /// header. Written on every routed access, so it holds no `String`: the
     /// node's name is copied into an inline buffer (no allocation for names
     /// up to [`INLINE_NODE_NAME`] bytes).
     pub(crate) last_route: Mutex<Option<LastRoute>>,
+}
+
+/// What one request did with one cluster.
+pub(crate) struct ClusterState {
+    /// What the token asks of this cluster's session reads.
+    pub(crate) required: Required,
+    /// Set by [`Db::write`]; read once the handler has returned. Relaxed is
+    /// enough: the handler's future completes before the response future
+    /// reads it, on the same task.
+    wrote: AtomicBool,
+    /// Monotonic reads: a read of this request went to the primary, so the
+    /// session may have seen its latest state; later reads of the request
+    /// go there too, and the response captures the primary's position.
+    read_primary: AtomicBool,
+    /// Monotonic reads: the bookmark this request's reads earned (the
+    /// replica they read); later reads of the request stay there.
+    pub(crate) earned: Mutex<Option<Bookmark>>,
+}
+
+impl ClusterState {
+    pub(crate) fn new(required: Required, wrote: bool) -> Self {
+        ClusterState {
+            required,
+            wrote: AtomicBool::new(wrote),
+            read_primary: AtomicBool::new(false),
+            earned: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn wrote(&self) -> bool {
+        self.wrote.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn read_primary(&self) -> bool {
+        self.read_primary.load(Ordering::Relaxed)
+    }
+
+    /// The bookmark session reads route by now: what this request earned,
+    /// else what the token carried.
+    pub(crate) fn bookmark(&self) -> Option<Bookmark> {
+        let earned = *self.earned.lock().unwrap_or_else(PoisonError::into_inner);
+        earned.or(match self.required {
+            Required::Position(bookmark) => Some(bookmark),
+            Required::Nothing | Required::Primary => None,
+        })
+    }
+
+    pub(crate) fn earned(&self) -> Option<Bookmark> {
+        *self.earned.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Node names up to this many bytes are kept without allocating.
@@ -150,26 +205,25 @@ impl fmt::Display for Route {
 
 impl RequestState {
     pub(crate) fn new(
-        required: Required,
         user: Option<UserId>,
         token: TokenOutcome,
-        wrote: bool,
+        carried: Bookmarks,
+        carried_expiry: u64,
+        clusters: SmallVec<[ClusterState; 1]>,
     ) -> Self {
         RequestState {
-            required,
             user,
             token,
-            wrote: AtomicBool::new(wrote),
+            carried,
+            carried_expiry,
+            clusters,
             last_route: Mutex::new(None),
         }
     }
 
+    /// Whether the request wrote to any cluster.
     pub(crate) fn wrote(&self) -> bool {
-        self.wrote.load(Ordering::Relaxed)
-    }
-
-    fn mark_written(&self) {
-        self.wrote.store(true, Ordering::Relaxed);
+        self.clusters.iter().any(ClusterState::wrote)
     }
 }
 
@@ -207,11 +261,55 @@ impl RequestState {
 pub struct Db<B: Backend> {
     shared: Arc<Shared<B>>,
     state: Arc<RequestState>,
+    /// Which of the layer's clusters this handle reads and writes.
+    cluster: usize,
 }
 
 impl<B: Backend> Db<B> {
     pub(crate) fn new(shared: Arc<Shared<B>>, state: Arc<RequestState>) -> Self {
-        Db { shared, state }
+        Db {
+            shared,
+            state,
+            cluster: 0,
+        }
+    }
+
+    /// The handle for the layer's cluster called `name` (added with
+    /// [`ReadAfterWriteLayer::cluster`](crate::ReadAfterWriteLayer::cluster);
+    /// the first is [`DEFAULT_CLUSTER`](crate::middleware::DEFAULT_CLUSTER)),
+    /// sharing this request's state: a write through it is covered by the
+    /// response's token, as a bookmark of that cluster. `None` for a name
+    /// the layer does not know.
+    ///
+    /// ```
+    /// use read_after_write::{Backend, Db};
+    ///
+    /// async fn place_order<B: Backend>(db: &Db<B>) {
+    ///     let Some(orders) = db.cluster("orders") else { return };
+    ///     let pool = orders.write(); // INSERT INTO orders ...
+    ///     # let _ = pool;
+    /// }
+    /// ```
+    pub fn cluster(&self, name: &str) -> Option<Db<B>> {
+        let cluster = self.shared.clusters.iter().position(|c| c.name == name)?;
+        Some(Db {
+            shared: Arc::clone(&self.shared),
+            state: Arc::clone(&self.state),
+            cluster,
+        })
+    }
+
+    /// The name of the cluster this handle uses.
+    pub fn cluster_name(&self) -> &str {
+        &self.shared.clusters[self.cluster].name
+    }
+
+    fn target(&self) -> &B {
+        &self.shared.clusters[self.cluster].backend
+    }
+
+    fn own(&self) -> &ClusterState {
+        &self.state.clusters[self.cluster]
     }
 
     /// A session-consistent read: a node that has everything this user wrote.
@@ -249,11 +347,14 @@ impl<B: Backend> Db<B> {
     /// layer's `max_wait`. Async like `read`: `.await` it.
     #[must_use = "`read_within()` returns (a future of) the pool to query: `.fetch_one(db.read_within(wait).await)`"]
     pub async fn read_within(&self, max_wait: Duration) -> &B::Pool {
-        let backend = &*self.shared.backend;
-        let routed = if self.state.wrote() {
+        if self.shared.monotonic {
+            return self.monotonic(Some(max_wait)).await;
+        }
+        let backend = self.target();
+        let routed = if self.own().wrote() {
             Routed::primary(backend.primary(), RouteReason::WroteThisRequest)
         } else {
-            match self.state.required {
+            match self.own().required {
                 Required::Nothing => {
                     let mut routed = backend.eventual();
                     if routed.target == Target::Replica {
@@ -261,30 +362,87 @@ impl<B: Backend> Db<B> {
                     }
                     routed
                 }
-                Required::Position(position) => backend.session(position, max_wait).await,
-                Required::Primary => {
-                    let reason = match self.shared.mode {
-                        Mode::TimeWindow(_) => RouteReason::TimeWindow,
-                        Mode::Position => RouteReason::PositionUnknown,
-                    };
-                    Routed::primary(backend.primary(), reason)
-                }
+                Required::Position(bookmark) => backend.session(bookmark.position, max_wait).await,
+                Required::Primary => self.pinned(),
             }
         };
         self.record(routed)
     }
 
+    /// The primary, for a token that pins it.
+    fn pinned(&self) -> Routed<'_, B::Pool> {
+        let reason = match self.shared.mode {
+            Mode::TimeWindow(_) => RouteReason::TimeWindow,
+            Mode::Position => RouteReason::PositionUnknown,
+        };
+        Routed::primary(self.target().primary(), reason)
+    }
+
+    /// A read with monotonic reads on: never an older state than the
+    /// session saw before (see [`bookmark`](crate::bookmark)). `max_wait`
+    /// is `None` for [`eventual`](Self::eventual), which never waits.
+    async fn monotonic(&self, max_wait: Option<Duration>) -> &B::Pool {
+        let own = self.own();
+        let backend = self.target();
+        let routed = if own.wrote() {
+            Routed::primary(backend.primary(), RouteReason::WroteThisRequest)
+        } else if own.read_primary() {
+            Routed::primary(backend.primary(), RouteReason::ReadPrimaryThisRequest)
+        } else if own.required == Required::Primary {
+            self.pinned()
+        } else {
+            let routed = backend.monotonic(own.bookmark(), max_wait).await;
+            if routed.target == Target::Replica && own.bookmark().is_none() && max_wait.is_some() {
+                Routed {
+                    reason: RouteReason::NoToken,
+                    ..routed
+                }
+            } else {
+                routed
+            }
+        };
+        self.note_monotonic(&routed);
+        self.record(routed)
+    }
+
+    /// Keeps what a monotonic read saw: the replica it may stay on, or,
+    /// for a read no bookmark can describe, that the response must capture
+    /// the primary's position.
+    fn note_monotonic(&self, routed: &Routed<'_, B::Pool>) {
+        let own = self.own();
+        match (routed.target, routed.bookmark) {
+            // Routed from the session's current bookmark, so it replaces it.
+            (Target::Replica, Some(bookmark)) => {
+                *own.earned.lock().unwrap_or_else(PoisonError::into_inner) = Some(bookmark);
+            }
+            // The primary, or a replica the backend cannot name.
+            _ => own.read_primary.store(true, Ordering::Relaxed),
+        }
+    }
+
     /// An eventually consistent read from any healthy replica (the primary
     /// if none is healthy), whatever the token says.
+    ///
+    /// With [monotonic reads](crate::ReadAfterWriteLayer::monotonic_reads)
+    /// on, it still never shows the session an older state than it saw:
+    /// the replica the session read last, or one that has replayed what
+    /// its token requires, else the primary. It never waits.
     pub fn eventual(&self) -> &B::Pool {
-        self.record(self.shared.backend.eventual())
+        if self.shared.monotonic {
+            // Never waits, so the future is ready at its first poll.
+            return poll_ready_now(self.monotonic(None));
+        }
+        self.record(self.target().eventual())
     }
 
     /// A critical read from the primary. Does not mark the request as
     /// writing.
     pub fn primary(&self) -> &B::Pool {
+        if self.shared.monotonic {
+            self.own().read_primary.store(true, Ordering::Relaxed);
+        }
         self.record(Routed::primary(
-            self.shared.backend.primary(),
+            self.target().primary(),
             RouteReason::Critical,
         ))
     }
@@ -293,17 +451,14 @@ impl<B: Backend> Db<B> {
     /// response carries a fresh token.
     pub fn write(&self) -> &B::Pool {
         self.mark_written();
-        self.record(Routed::primary(
-            self.shared.backend.primary(),
-            RouteReason::Write,
-        ))
+        self.record(Routed::primary(self.target().primary(), RouteReason::Write))
     }
 
     /// Marks the request as writing without handing out a pool, for writes
     /// made through another path (a queue consumer, a stored procedure
     /// called elsewhere).
     pub fn mark_written(&self) {
-        self.state.mark_written();
+        self.own().wrote.store(true, Ordering::Relaxed);
     }
 
     /// The token header to send to a downstream service that reads this
@@ -324,12 +479,17 @@ impl<B: Backend> Db<B> {
     /// ```
     pub async fn forward_header(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
         let user = self.state.user.clone()?;
-        let position = match self.requirement().await {
-            Requirement::Nothing => return None,
-            Requirement::Position(position) => position,
-            Requirement::Primary => WritePosition::default(),
+        let bookmarks = match self.shared.mode {
+            Mode::TimeWindow(_) if self.state.wrote() || !self.state.carried.is_empty() => {
+                Bookmarks::one(Bookmark::new(WritePosition::default()))
+            }
+            Mode::TimeWindow(_) => return None,
+            Mode::Position => {
+                let captured = crate::middleware::capture_all(&self.shared, &self.state).await;
+                crate::middleware::next_bookmarks(&self.shared, &self.state, &captured)
+            }
         };
-        let token = crate::middleware::mint_token(&self.shared, user, position);
+        let token = crate::middleware::mint_token(&self.shared, user, bookmarks)?;
         let name = self.shared.token_header.clone().unwrap_or_else(|| {
             http::HeaderName::from_static(crate::middleware::DEFAULT_TOKEN_HEADER)
         });
@@ -366,26 +526,28 @@ impl<B: Backend> Db<B> {
     /// # }
     /// ```
     pub async fn requirement(&self) -> Requirement {
-        let carried = match self.state.required {
+        let own = self.own();
+        let carried = match own.required {
             Required::Nothing => Requirement::Nothing,
-            Required::Position(position) => Requirement::Position(position),
+            Required::Position(bookmark) => Requirement::Position(bookmark.position),
             Required::Primary => Requirement::Primary,
         };
-        if !self.state.wrote() {
+        if !own.wrote() {
             return carried;
         }
         if let Mode::TimeWindow(_) = self.shared.mode {
             return Requirement::Primary;
         }
-        let written = crate::middleware::capture_position(&self.shared).await;
+        let cluster = &self.shared.clusters[self.cluster];
+        let written = crate::middleware::capture_position(&*cluster.backend, cluster.id).await;
         carried.after_write(written)
     }
 
     /// The position this request's session reads must see, if its token
     /// verified.
     pub fn required_position(&self) -> Option<WritePosition> {
-        match self.state.required {
-            Required::Position(position) => Some(position),
+        match self.own().required {
+            Required::Position(bookmark) => Some(bookmark.position),
             Required::Nothing | Required::Primary => None,
         }
     }
@@ -402,7 +564,7 @@ impl<B: Backend> Db<B> {
 
     /// The backend, for what the handle does not cover.
     pub fn backend(&self) -> &B {
-        &self.shared.backend
+        self.target()
     }
 
     /// Where this request's last routed database access went (through any
@@ -476,6 +638,7 @@ impl<B: Backend> Clone for Db<B> {
         Db {
             shared: Arc::clone(&self.shared),
             state: Arc::clone(&self.state),
+            cluster: self.cluster,
         }
     }
 }
@@ -483,14 +646,28 @@ impl<B: Backend> Clone for Db<B> {
 impl<B: Backend> fmt::Debug for Db<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Db")
-            .field("required", &self.state.required)
+            .field("cluster", &self.cluster_name())
+            .field("required", &self.own().required)
             .field("token", &self.state.token)
             .field("user", &self.state.user)
-            .field("wrote", &self.state.wrote())
+            .field("wrote", &self.own().wrote())
             .field(
                 "time_window",
                 &matches!(self.shared.mode, Mode::TimeWindow(_)),
             )
             .finish_non_exhaustive()
+    }
+}
+
+/// Polls a future that is known never to wait, once, and returns its
+/// output. Used where a sync method shares its routing with an async one
+/// whose waiting branch it never takes.
+fn poll_ready_now<F: std::future::Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut context) {
+        std::task::Poll::Ready(output) => output,
+        // Unreachable by construction: the no-wait branch never awaits.
+        std::task::Poll::Pending => unreachable!("a read that never waits was pending"),
     }
 }

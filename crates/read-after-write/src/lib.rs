@@ -17,6 +17,9 @@
 //!   replica has replayed, with the WAL page-boundary rounding.
 //! - [`requirement`]: [`Requirement`], what reads acting for a user must
 //!   see, in a text form that travels into job payloads and messages.
+//! - [`bookmark`]: a session's place in each cluster, as a token carries
+//!   it: the position its reads must include, and the replica it may stay
+//!   on for monotonic reads.
 //! - [`token`]: [`AffinityToken`], its binary format and HMAC, and the
 //!   [`KeySet`] that allows key rotation.
 //! - [`clock`]: the [`Clock`] token expiry is read from, with a
@@ -189,6 +192,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
+pub mod bookmark;
 pub mod clock;
 #[cfg(feature = "axum")]
 pub mod extract;
@@ -203,6 +207,7 @@ mod telemetry;
 pub mod token;
 
 pub use backend::{Backend, Finding, LayerSettings, RouteReason, Routed, Severity, Target};
+pub use bookmark::{Bookmark, Bookmarks, ReplicaTag};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use handle::{Db, Route, TokenOutcome};
 pub use middleware::{
@@ -211,4 +216,7 @@ pub use middleware::{
 };
 pub use position::{Lsn, ParseLsnError, WalGeometry, WritePosition};
 pub use requirement::{ParseRequirementError, Requirement};
-pub use token::{AffinityToken, KeyError, KeySet, SigningKey, TokenError, UserId, UserIdTooLong};
+pub use token::{
+    AffinityToken, BookmarkCountError, KeyError, KeySet, SigningKey, TokenError, UserId,
+    UserIdTooLong,
+};

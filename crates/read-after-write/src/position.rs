@@ -210,26 +210,31 @@ impl WritePosition {
         }
     }
 
-    /// Whether this is the all-zero position, which a token carries to pin
-    /// its user's session reads to the primary: issued in time-window mode,
-    /// or when the position of a write could not be captured. No replica is
-    /// known to have it, so it promises more than any real position.
+    /// Whether this position pins session reads to the primary: LSN 0 on
+    /// timeline 0, which no replica can have replayed. A token carries it
+    /// when its user's reads must go to the primary: in time-window mode,
+    /// when the position of a write could not be captured, or when a
+    /// session with monotonic reads left the replica it read. With a
+    /// system identifier it pins that cluster only; the all-zero position
+    /// pins every cluster.
     ///
     /// ```
     /// use read_after_write::{Lsn, WritePosition};
     ///
     /// assert!(WritePosition::default().pins_primary());
+    /// assert!(WritePosition::new(Lsn::ZERO, 0, 7).pins_primary());
     /// assert!(!WritePosition::new(Lsn::ZERO, 1, 0).pins_primary());
     /// ```
     pub fn pins_primary(&self) -> bool {
-        *self == WritePosition::default()
+        self.lsn == Lsn::ZERO && self.timeline == 0
     }
 
     /// How much this position promises compared with `other`: `Greater`
     /// when a node that has `self` must be further along.
     ///
-    /// - [Pinned to the primary](Self::pins_primary) beats any position;
-    ///   two pinned positions are equal.
+    /// - [Pinned to the primary](Self::pins_primary) beats any position of
+    ///   its cluster (the all-zero position, of every cluster); two pinned
+    ///   positions are equal.
     /// - One cluster, one timeline: the higher LSN.
     /// - One cluster, different timelines: the higher timeline, which is
     ///   the cluster's later history whatever the LSNs say.
@@ -246,11 +251,20 @@ impl WritePosition {
     /// assert_eq!(p.cmp_promise(&WritePosition::default()), Some(Ordering::Less));
     /// ```
     pub fn cmp_promise(&self, other: &WritePosition) -> Option<Ordering> {
+        let every_cluster = WritePosition::default();
+        match (*self == every_cluster, *other == every_cluster) {
+            (true, true) => return Some(Ordering::Equal),
+            (true, false) => return Some(Ordering::Greater),
+            (false, true) => return Some(Ordering::Less),
+            (false, false) => {}
+        }
+        if self.system_id != other.system_id {
+            return None;
+        }
         match (self.pins_primary(), other.pins_primary()) {
             (true, true) => Some(Ordering::Equal),
             (true, false) => Some(Ordering::Greater),
             (false, true) => Some(Ordering::Less),
-            (false, false) if self.system_id != other.system_id => None,
             (false, false) if self.timeline != other.timeline => {
                 Some(self.timeline.cmp(&other.timeline))
             }

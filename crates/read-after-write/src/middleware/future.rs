@@ -6,15 +6,21 @@ use std::task::{ready, Context, Poll};
 
 use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
+use smallvec::SmallVec;
 
 use super::{transport, Mode, Shared};
 use crate::backend::Backend;
+use crate::bookmark::{Bookmark, Bookmarks};
 use crate::forward::{self, TokenSource};
 use crate::handle::{RequestState, Required};
 use crate::position::WritePosition;
 use crate::token::{AffinityToken, UserId};
 
-type CaptureFuture = Pin<Box<dyn Future<Output = Option<WritePosition>> + Send>>;
+/// The positions captured after the handler, one per cluster of the layer
+/// (`None` where the request neither wrote nor, with monotonic reads, read
+/// the primary).
+type Captured = SmallVec<[Option<WritePosition>; 1]>;
+type CaptureFuture = Pin<Box<dyn Future<Output = Captured> + Send>>;
 
 pin_project! {
     /// Response future of [`ReadAfterWrite`](super::ReadAfterWrite).
@@ -93,10 +99,9 @@ where
                 *this.capturing = Some((response, capture));
                 Poll::Pending
             }
-            Poll::Ready(written) => {
-                if let Some(written) = written {
-                    issue_token(this.shared, this.state, &mut response, written);
-                }
+            Poll::Ready(captured) => {
+                let bookmarks = next_bookmarks(this.shared, this.state, &captured);
+                issue_token(this.shared, this.state, &mut response, bookmarks);
                 finish(this.shared, this.state, &mut response);
                 Poll::Ready(Ok(response))
             }
@@ -107,48 +112,91 @@ where
 /// Decides what a finished handler's response needs. Returns the capture of
 /// the write position when the request wrote in position mode; issues the
 /// token at once in time-window mode.
+/// Decides what the response carries once the handler has returned: starts
+/// the capture of the primary's position where the request wrote (or, with
+/// monotonic reads, read the primary), or issues what needs no capture.
 fn start_capture<B: Backend, ResBody>(
     shared: &Arc<Shared<B>>,
-    state: &RequestState,
+    state: &Arc<RequestState>,
     response: &mut Response<ResBody>,
 ) -> Option<CaptureFuture> {
-    if !state.wrote() {
-        return None;
+    let wrote = state.wrote();
+    if wrote {
+        metrics::counter!("read_after_write_writes_total").increment(1);
     }
-    metrics::counter!("read_after_write_writes_total").increment(1);
     if state.user.is_none() {
-        warn_wrote_without_identity(shared);
+        if wrote {
+            warn_wrote_without_identity(shared);
+        }
         return None;
     }
-    match shared.mode {
-        Mode::TimeWindow(_) => {
-            issue_token(shared, state, response, WritePosition::default());
-            None
+    if let Mode::TimeWindow(_) = shared.mode {
+        if wrote {
+            let pinned = Bookmarks::one(Bookmark::new(WritePosition::default()));
+            issue_token(shared, state, response, pinned);
         }
-        Mode::Position => {
-            // The handler has returned, so its commits are done: a position
-            // asked for now covers them. This runs for 4xx and 5xx responses
-            // too, since a commit may still have happened.
-            //
-            // When the capture fails the write may still have committed, and
-            // the token the client holds promises less than that. Leaving it
-            // would send the next read to a replica without the write, so the
-            // client gets a token with an unknown position instead: it pins
-            // the user's session reads to the primary until their next
-            // successful write replaces it, or it expires.
-            let shared = Arc::clone(shared);
-            Some(Box::pin(
-                async move { Some(capture_position(&shared).await) },
-            ))
-        }
+        return None;
     }
+    if !needs_capture(shared, state) {
+        if shared.monotonic {
+            let bookmarks = next_bookmarks(shared, state, &Captured::new());
+            if bookmarks != state.carried || refresh_due(shared, state) {
+                issue_token(shared, state, response, bookmarks);
+            }
+        }
+        return None;
+    }
+    // The handler has returned, so its commits are done: a position asked
+    // for now covers them (and covers every state a read of this request
+    // saw on the primary). This runs for 4xx and 5xx responses too, since a
+    // commit may still have happened.
+    //
+    // When the capture fails the write may still have committed, and the
+    // token the client holds promises less than that. Leaving it would send
+    // the next read to a replica without the write, so the client gets a
+    // token with an unknown position instead: it pins the user's session
+    // reads of that cluster to the primary until their next successful
+    // write replaces it, or it expires.
+    let shared = Arc::clone(shared);
+    let state = Arc::clone(state);
+    Some(Box::pin(async move { capture_all(&shared, &state).await }))
 }
 
-/// The primary's write position now, covering every commit made before this
-/// call. A failed capture gives the all-zero position, which pins the user's
-/// session reads to the primary (see [`WritePosition::pins_primary`]).
-pub(crate) async fn capture_position<B: Backend>(shared: &Shared<B>) -> WritePosition {
-    match shared.backend.write_position().await {
+/// Whether any cluster's position must be captured for this response.
+fn needs_capture<B>(shared: &Shared<B>, state: &RequestState) -> bool {
+    state
+        .clusters
+        .iter()
+        .any(|c| c.wrote() || (shared.monotonic && c.read_primary()))
+}
+
+/// With monotonic reads, a session that keeps reading keeps its bookmark
+/// alive: its token is re-issued once less than half its TTL is left.
+fn refresh_due<B>(shared: &Shared<B>, state: &RequestState) -> bool {
+    let half = transport::ttl_seconds(shared).unsigned_abs() / 2;
+    !state.carried.is_empty()
+        && shared.clock.now_unix().saturating_add(half) >= state.carried_expiry
+}
+
+/// Captures the primary's position of every cluster that needs it.
+pub(crate) async fn capture_all<B: Backend>(shared: &Shared<B>, state: &RequestState) -> Captured {
+    let mut captured = Captured::new();
+    for (cluster, own) in shared.clusters.iter().zip(&state.clusters) {
+        let capture = own.wrote() || (shared.monotonic && own.read_primary());
+        captured.push(if capture {
+            Some(capture_position(&*cluster.backend, cluster.id).await)
+        } else {
+            None
+        });
+    }
+    captured
+}
+
+/// The position `backend`'s primary reports now; on failure a position
+/// that pins the cluster `id`'s session reads to the primary (see
+/// [`WritePosition::pins_primary`]).
+pub(crate) async fn capture_position<B: Backend>(backend: &B, id: Option<u64>) -> WritePosition {
+    match backend.write_position().await {
         Ok(position) => position,
         Err(error) => {
             metrics::counter!("read_after_write_capture_failures_total").increment(1);
@@ -157,18 +205,63 @@ pub(crate) async fn capture_position<B: Backend>(shared: &Shared<B>) -> WritePos
                 "could not capture the write position; the affinity token pins this user's \
                  session reads to the primary until their next write or its expiry"
             );
-            WritePosition::default()
+            Bookmark::pinned(id.unwrap_or(0)).position
         }
     }
 }
 
-/// Counts a write that gets no token for want of an identity, and says why
-/// at most once a minute per layer.
-///
-/// With an identity function set, this is almost always the authentication
-/// layer placed inside this one: it has not run when the identity function
-/// reads the request, so every user silently loses read-after-write
-/// consistency. Without one, anonymous tokens were turned off.
+/// The bookmarks a token issued now carries: what the request's tokens
+/// carried, with each cluster's bookmark moved on by the positions
+/// captured for it, or, with monotonic reads, by the replica its reads
+/// used.
+pub(crate) fn next_bookmarks<B>(
+    shared: &Shared<B>,
+    state: &RequestState,
+    captured: &[Option<WritePosition>],
+) -> Bookmarks {
+    let mut bookmarks = state.carried.clone();
+    for (index, (cluster, own)) in shared.clusters.iter().zip(&state.clusters).enumerate() {
+        let next = match captured.get(index).copied().flatten() {
+            Some(written) => {
+                let position = match own.required {
+                    Required::Position(_) if written.pins_primary() => written,
+                    Required::Position(carried) => carried.position.max(written),
+                    Required::Nothing | Required::Primary => written,
+                };
+                // A write is not a read: the session still saw no more than
+                // its replica holds, so it may stay there. A read of the
+                // primary is bounded only by the capture.
+                let replica = own.bookmark().and_then(|b| b.replica);
+                Some(match replica {
+                    Some(tag)
+                        if shared.monotonic && !own.read_primary() && !position.pins_primary() =>
+                    {
+                        Bookmark::new(position).on_replica(tag)
+                    }
+                    _ => Bookmark::new(position),
+                })
+            }
+            None if shared.monotonic => own.earned(),
+            None => None,
+        };
+        let Some(next) = next else { continue };
+        if cluster.id.is_none() {
+            // A backend that cannot name its cluster has one: its bookmark
+            // replaces whatever the token carried (the current primary's
+            // position wins, as `WritePosition::max` rules).
+            bookmarks = Bookmarks::one(next);
+            continue;
+        }
+        if !bookmarks.set(next) {
+            // Full of other services' clusters: this layer's own comes first.
+            let ours = |id: u64| shared.clusters.iter().any(|c| c.id == Some(id));
+            bookmarks.retain(|b| ours(b.system_id()));
+            bookmarks.set(next);
+        }
+    }
+    bookmarks
+}
+
 fn warn_wrote_without_identity<B>(shared: &Shared<B>) {
     metrics::counter!("read_after_write_writes_without_identity_total").increment(1);
     if !shared.no_identity_warning.allow(shared.clock.now_unix()) {
@@ -201,24 +294,26 @@ fn issue_token<B: Backend, ResBody>(
     shared: &Shared<B>,
     state: &RequestState,
     response: &mut Response<ResBody>,
-    written: WritePosition,
+    bookmarks: Bookmarks,
 ) {
     let Some(user) = state.user.clone() else {
         return;
     };
-    let position = match state.required {
-        Required::Position(_) if written.pins_primary() => written,
-        Required::Position(carried) => carried.max(written),
-        Required::Nothing | Required::Primary => written,
+    let Some(token) = mint_token(shared, user, bookmarks) else {
+        return;
     };
-    let token = mint_token(shared, user, position);
     transport::attach_token(response.headers_mut(), shared, token);
     metrics::counter!("read_after_write_tokens_issued_total").increment(1);
-    tracing::debug!(lsn = %position.lsn, timeline = position.timeline, "affinity token issued");
+    tracing::debug!("affinity token issued");
 }
 
-/// Signs a token promising `position` to `user` for the configured TTL.
-pub(crate) fn mint_token<B>(shared: &Shared<B>, user: UserId, position: WritePosition) -> String {
+/// A signed token for `user` carrying `bookmarks`, valid for the layer's
+/// TTL; `None` when there is no bookmark to carry.
+pub(crate) fn mint_token<B>(
+    shared: &Shared<B>,
+    user: UserId,
+    bookmarks: Bookmarks,
+) -> Option<String> {
     // The clock has whole seconds and a token is valid while `now <
     // expires_at`: one more second makes it live at least the full TTL
     // whatever fraction of a second it was issued in.
@@ -228,10 +323,10 @@ pub(crate) fn mint_token<B>(shared: &Shared<B>, user: UserId, position: WritePos
         .now_unix()
         .saturating_add(ttl)
         .saturating_add(1);
-    AffinityToken::new(user, position, expires_at).sign(&shared.cookie_name, &shared.keys)
+    let token = AffinityToken::with_bookmarks(user, bookmarks, expires_at).ok()?;
+    Some(token.sign(&shared.cookie_name, &shared.keys))
 }
 
-/// Adds the debug header when it is on.
 fn finish<B: Backend, ResBody>(
     shared: &Shared<B>,
     state: &RequestState,

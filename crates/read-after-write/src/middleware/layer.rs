@@ -223,6 +223,63 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
         self.edit(|s| s.forward_tokens = enabled)
     }
 
+    /// Adds another cluster (another primary with its replicas, e.g.
+    /// `orders` beside `users`): handlers reach it with
+    /// [`Db::cluster`](crate::Db::cluster), and one token covers every
+    /// cluster the user wrote to, a bookmark each (at most
+    /// [`MAX_CLUSTERS`](crate::bookmark::MAX_CLUSTERS), so the cookie stays
+    /// under [`MAX_ENCODED_LEN`](crate::token::MAX_ENCODED_LEN) characters).
+    /// A bookmark applies only to the cluster whose id it names.
+    ///
+    /// Every cluster's backend, the first one's included, must report a
+    /// distinct [`cluster_id`](Backend::cluster_id) (a `PgReplicaSet` reports
+    /// its system identifier).
+    ///
+    /// ```no_run
+    /// # use read_after_write::{KeySet, ReadAfterWriteLayer, SigningKey};
+    /// # use read_after_write::pg::PgReplicaSet;
+    /// # async fn build(users: PgReplicaSet, orders: PgReplicaSet) -> Result<(), Box<dyn std::error::Error>> {
+    /// let layer = ReadAfterWriteLayer::new(users, KeySet::new(SigningKey::generate()?))
+    ///     .cluster("orders", orders)?;
+    /// // In a handler: db.write() writes users; db.cluster("orders") the orders cluster.
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn cluster(self, name: impl Into<String>, backend: B) -> Result<Self, ConfigError> {
+        let name = name.into();
+        let backend = Arc::new(backend);
+        let id = backend.cluster_id();
+        let refuse = |why| ConfigError::InvalidCluster {
+            name: name.clone(),
+            why,
+        };
+        if self.shared.clusters.len() == crate::bookmark::MAX_CLUSTERS {
+            return Err(refuse("the layer has the most clusters a token covers"));
+        }
+        if self.shared.clusters.iter().any(|c| c.name == name) {
+            return Err(refuse("another cluster has that name"));
+        }
+        let Some(id) = id else {
+            return Err(refuse("its backend reports no cluster id"));
+        };
+        if self.shared.clusters[0].id.is_none() {
+            return Err(refuse("the first cluster's backend reports no cluster id"));
+        }
+        if self.shared.clusters.iter().any(|c| c.id == Some(id)) {
+            return Err(refuse(
+                "another cluster has the same id (the same database?)",
+            ));
+        }
+        Ok(self.edit(|s| {
+            s.clusters.push(super::Cluster {
+                name,
+                backend,
+                id: Some(id),
+            })
+        }))
+    }
+
     /// Monotonic reads (off by default): a session never observes an older
     /// database state than it observed before, across requests, tabs and
     /// web instances, for [`Db::read`](crate::Db::read) and

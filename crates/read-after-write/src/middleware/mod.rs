@@ -91,7 +91,7 @@ use http::header::HeaderName;
 
 pub use self::check::{CheckContext, SelfCheck};
 pub use self::future::ResponseFuture;
-pub(crate) use self::future::{capture_position, mint_token};
+pub(crate) use self::future::{capture_all, capture_position, mint_token, next_bookmarks};
 pub use self::layer::ReadAfterWriteLayer;
 pub use self::service::ReadAfterWrite;
 use crate::clock::{Clock, SystemClock};
@@ -160,6 +160,20 @@ pub enum ConfigError {
         /// The rejected domain.
         domain: String,
     },
+    /// A cluster added to a layer over several clusters cannot be told
+    /// apart from the others.
+    #[error(
+        "cluster {name:?} cannot join this layer: {why}. Each cluster of one layer needs a \
+         distinct name and a backend that reports its cluster id (PgReplicaSet does: its \
+         system identifier), and one token covers at most {max} clusters",
+        max = crate::bookmark::MAX_CLUSTERS
+    )]
+    InvalidCluster {
+        /// The cluster's name.
+        name: String,
+        /// What is wrong.
+        why: &'static str,
+    },
 }
 
 pub(crate) type IdentityFn = Arc<dyn Fn(&http::request::Parts) -> Option<UserId> + Send + Sync>;
@@ -177,7 +191,10 @@ pub(crate) enum Mode {
 /// Configuration shared by the layer, every service it builds and every
 /// request's handle.
 pub(crate) struct Shared<B> {
+    /// The first cluster's backend, `clusters[0]`.
     pub(crate) backend: Arc<B>,
+    /// Every cluster, the first one (named [`DEFAULT_CLUSTER`]) included.
+    pub(crate) clusters: Vec<Cluster<B>>,
     pub(crate) keys: KeySet,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) identity: Option<IdentityFn>,
@@ -204,6 +221,28 @@ pub(crate) struct Shared<B> {
     /// Monotonic reads: a session's reads never observe an older state than
     /// its earlier reads did (see [`ReadAfterWriteLayer::monotonic_reads`]).
     pub(crate) monotonic: bool,
+}
+
+/// The name of a layer's first cluster, the one [`Db`](crate::Db)'s
+/// methods use unless [`Db::cluster`](crate::Db::cluster) picks another.
+pub const DEFAULT_CLUSTER: &str = "default";
+
+/// One cluster of a layer.
+pub(crate) struct Cluster<B> {
+    pub(crate) name: String,
+    pub(crate) backend: Arc<B>,
+    /// The backend's cluster id, asked once.
+    pub(crate) id: Option<u64>,
+}
+
+impl<B> Clone for Cluster<B> {
+    fn clone(&self) -> Self {
+        Cluster {
+            name: self.name.clone(),
+            backend: Arc::clone(&self.backend),
+            id: self.id,
+        }
+    }
 }
 
 /// Lets an event through at most once per [`INTERVAL_SECONDS`] of the
@@ -239,9 +278,14 @@ impl Throttle {
     }
 }
 
-impl<B> Shared<B> {
+impl<B: crate::Backend> Shared<B> {
     fn new(backend: Arc<B>, keys: KeySet) -> Self {
         let mut shared = Shared {
+            clusters: vec![Cluster {
+                name: DEFAULT_CLUSTER.to_owned(),
+                id: backend.cluster_id(),
+                backend: Arc::clone(&backend),
+            }],
             backend,
             keys,
             clock: Arc::new(SystemClock),
@@ -264,7 +308,9 @@ impl<B> Shared<B> {
         shared.refresh();
         shared
     }
+}
 
+impl<B> Shared<B> {
     /// Recomputes what is derived from the configuration.
     pub(crate) fn refresh(&mut self) {
         self.set_cookie = transport::set_cookie_template(self);
@@ -290,6 +336,7 @@ impl<B> Clone for Shared<B> {
     fn clone(&self) -> Self {
         Shared {
             backend: Arc::clone(&self.backend),
+            clusters: self.clusters.clone(),
             keys: self.keys.clone(),
             clock: Arc::clone(&self.clock),
             identity: self.identity.clone(),

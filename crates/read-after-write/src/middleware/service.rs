@@ -7,8 +7,9 @@ use tower_service::Service;
 
 use super::{transport, ResponseFuture, Shared, MAX_MACS_PER_REQUEST};
 use crate::backend::Backend;
-use crate::handle::{Db, RequestState, Required, TokenOutcome};
-use crate::token::{AffinityToken, TokenBuffer, TokenError, UnverifiedToken, UserId};
+use crate::bookmark::Bookmarks;
+use crate::handle::{ClusterState, Db, RequestState, Required, TokenOutcome};
+use crate::token::{TokenBuffer, TokenError, UnverifiedToken, UserId};
 
 /// Middleware that gives each request a [`Db`] handle bound to the
 /// requester's last write, and issues a token when the request writes.
@@ -76,7 +77,8 @@ where
         let (mut parts, body) = req.into_parts();
         let shared = &self.shared;
         let user = shared.identify(&parts);
-        let (required, token) = read_token(shared, &parts.headers, user.as_ref());
+        let read = read_token(shared, &parts.headers, user.as_ref());
+        let token = read.outcome;
         if token != TokenOutcome::Absent {
             crate::telemetry::count_token(token);
             if token != TokenOutcome::Valid {
@@ -84,7 +86,18 @@ where
             }
         }
         let writes_by_method = shared.writes_on_unsafe_methods && !parts.method.is_safe();
-        let state = Arc::new(RequestState::new(required, user, token, writes_by_method));
+        let clusters = shared
+            .clusters
+            .iter()
+            .map(|cluster| ClusterState::new(read.required(shared, cluster.id), writes_by_method))
+            .collect();
+        let state = Arc::new(RequestState::new(
+            user,
+            token,
+            read.carried,
+            read.expires_at,
+            clusters,
+        ));
         let db = Db::new(Arc::clone(shared), Arc::clone(&state));
         let forward = shared
             .forward_tokens
@@ -103,21 +116,75 @@ where
 /// [`MAX_MACS_PER_REQUEST`] of them. A browser can hold a stale host-only
 /// cookie beside a fresh domain cookie, or a client a stale header beside a
 /// fresh cookie: the valid token that promises the most decides.
+/// What a request's tokens said, all of them checked and merged.
+struct ReadTokens {
+    outcome: TokenOutcome,
+    /// Every valid token's bookmarks, merged cluster by cluster.
+    carried: Bookmarks,
+    /// The latest expiry among the valid tokens (0: none).
+    expires_at: u64,
+    /// Nothing proves what the user wrote last: only the primary is safe.
+    unsafe_to_route: bool,
+}
+
+impl ReadTokens {
+    /// What the tokens ask of the cluster `id`'s session reads.
+    fn required<B>(&self, shared: &Shared<B>, id: Option<u64>) -> Required {
+        if self.unsafe_to_route {
+            return Required::Primary;
+        }
+        let bookmarks = self.carried.as_slice();
+        if bookmarks.is_empty() {
+            return Required::Nothing;
+        }
+        if let super::Mode::TimeWindow(_) = shared.mode {
+            return Required::Primary;
+        }
+        // The all-zero position (a version 1 pin) pins every cluster.
+        if bookmarks
+            .iter()
+            .any(|b| b.position == crate::WritePosition::default())
+        {
+            return Required::Primary;
+        }
+        let bookmark = match id {
+            Some(id) => match self.carried.get(id) {
+                Some(bookmark) => *bookmark,
+                // Another cluster's token: for a single cluster, its
+                // backend rules on it (`ForeignCluster`); beside other
+                // clusters, it is theirs.
+                None if shared.clusters.len() == 1 => bookmarks[0],
+                None => return Required::Nothing,
+            },
+            // A backend that cannot name its cluster has one; bookmarks of
+            // several clusters leave which is its own to a guess: unknown
+            // means unsafe.
+            None if bookmarks.len() > 1 => return Required::Primary,
+            None => bookmarks[0],
+        };
+        if bookmark.position.pins_primary() {
+            Required::Primary
+        } else {
+            Required::Position(bookmark)
+        }
+    }
+}
+
 fn read_token<B: Backend>(
     shared: &Shared<B>,
     headers: &http::HeaderMap,
     user: Option<&UserId>,
-) -> (Required, TokenOutcome) {
-    let mut best: Option<AffinityToken> = None;
+) -> ReadTokens {
+    let mut carried = Bookmarks::new();
+    let mut valid = false;
+    let mut expires_at = 0;
     let mut first_failure = None;
     let mut now = None;
     let mut macs = 0;
-    // Candidates left unchecked that might have promised more: then nothing
-    // proves what the user wrote last, and only the primary is safe.
+    // Candidates left unchecked that might have promised more, or more
+    // clusters than a token covers: then nothing proves what the user wrote
+    // last, and only the primary is safe.
     let mut unchecked = false;
-    // Valid tokens from different clusters (keys shared across
-    // environments): which one this backend serves is not ours to guess.
-    let mut incomparable = false;
     let mut buffer = TokenBuffer::new();
     let found = transport::for_each_candidate(
         headers,
@@ -143,12 +210,9 @@ fn read_token<B: Backend>(
                 first_failure.get_or_insert(TokenOutcome::OtherUser);
                 return false;
             }
-            // Not worth a MAC: it cannot beat the best so far. One from
-            // another cluster is checked anyway (see `incomparable`).
-            if best.as_ref().is_some_and(|best| {
-                !candidate.could_beat(best)
-                    && best.position().cmp_promise(&candidate.position()).is_some()
-            }) {
+            // Not worth a MAC: it adds nothing to what valid tokens already
+            // promise (only its expiry might be later).
+            if valid && !candidate.adds_to(&carried) {
                 return false;
             }
             if macs == MAX_MACS_PER_REQUEST {
@@ -163,10 +227,10 @@ fn read_token<B: Backend>(
             macs += 1;
             match candidate.authenticate(&shared.cookie_name, &shared.keys) {
                 Ok(token) => {
-                    incomparable |= best.as_ref().is_some_and(|best| {
-                        best.position().cmp_promise(&token.position()).is_none()
-                    });
-                    best = Some(token);
+                    valid = true;
+                    expires_at = expires_at.max(token.expires_at());
+                    // Several valid tokens of one user: every promise holds.
+                    unchecked |= !carried.merge(token.bookmarks());
                 }
                 Err(reason) => {
                     first_failure.get_or_insert(TokenOutcome::Rejected(reason));
@@ -175,33 +239,20 @@ fn read_token<B: Backend>(
             false
         },
     );
-    if unchecked || incomparable {
-        // Planted well-formed forgeries may sit in front of the real token,
-        // or two valid tokens promise positions of different clusters:
-        // unknown means unsafe. The cost is primary reads for this request,
-        // never a stale one.
-        let outcome = match best {
-            Some(_) => TokenOutcome::Valid,
-            None => first_failure.unwrap_or(TokenOutcome::Rejected(TokenError::Malformed)),
-        };
-        return (Required::Primary, outcome);
-    }
-    match best {
-        Some(token) => {
-            let required = match shared.mode {
-                // A token that promises no position was issued in time-window
-                // mode, or after a write whose position could not be
-                // captured: honour it with the primary.
-                super::Mode::Position if token.position().pins_primary() => Required::Primary,
-                super::Mode::Position => Required::Position(token.position()),
-                super::Mode::TimeWindow(_) => Required::Primary,
-            };
-            (required, TokenOutcome::Valid)
-        }
-        None if found => (
-            Required::Nothing,
-            first_failure.unwrap_or(TokenOutcome::Rejected(TokenError::Malformed)),
-        ),
-        None => (Required::Nothing, TokenOutcome::Absent),
+    let outcome = if valid {
+        TokenOutcome::Valid
+    } else if found || unchecked {
+        first_failure.unwrap_or(TokenOutcome::Rejected(TokenError::Malformed))
+    } else {
+        TokenOutcome::Absent
+    };
+    // Planted well-formed forgeries may sit in front of the real token:
+    // unknown means unsafe. The cost is primary reads for this request,
+    // never a stale one.
+    ReadTokens {
+        outcome,
+        carried,
+        expires_at,
+        unsafe_to_route: unchecked,
     }
 }

@@ -99,6 +99,7 @@
 //! ```
 
 mod capture;
+mod monotonic;
 mod pools;
 mod tracker;
 
@@ -131,6 +132,7 @@ use self::tracker::{
 };
 pub use self::tracker::{ReplicaTracker, TRACKER_APPLICATION_NAME};
 use crate::backend::{Backend, Finding, LayerSettings, RouteReason, Routed};
+use crate::bookmark::Bookmark;
 use crate::handle::Db;
 use crate::position::{Lsn, WalGeometry, WritePosition};
 
@@ -834,10 +836,26 @@ impl Backend for PgReplicaSet {
         self.primary_pool()
     }
 
+    fn cluster_id(&self) -> Option<u64> {
+        Some(self.system_id())
+    }
+
+    async fn monotonic(
+        &self,
+        bookmark: Option<Bookmark>,
+        max_wait: Option<Duration>,
+    ) -> Routed<'_, PgPool> {
+        self.route_monotonic(bookmark, max_wait).await
+    }
+
     fn eventual(&self) -> Routed<'_, PgPool> {
         let timeline = self.timeline();
         match self.pick(|r| r.serves_eventual(timeline)) {
-            Some(replica) => Routed::replica(&replica.pool, &replica.name, RouteReason::Eventual),
+            Some(replica) => monotonic::bookmarked(
+                replica,
+                RouteReason::Eventual,
+                monotonic::eventual_bookmark(replica, self.system_id()),
+            ),
             None => Routed::primary(self.primary_pool(), RouteReason::NoHealthyReplica),
         }
     }
@@ -855,8 +873,9 @@ impl Backend for PgReplicaSet {
             return Routed::primary(self.primary_pool(), RouteReason::TimelineChanged);
         }
         let caught_up = |r: &ReplicaState| r.has_replayed(required.lsn, required.timeline);
+        let earned = Bookmark::new(required);
         if let Some(replica) = self.pick(caught_up) {
-            return Routed::replica(&replica.pool, &replica.name, RouteReason::CaughtUp);
+            return monotonic::bookmarked(replica, RouteReason::CaughtUp, earned);
         }
         if let Some(reason) = self.none_eligible(required.timeline) {
             return Routed::primary(self.primary_pool(), reason);
@@ -873,11 +892,7 @@ impl Backend for PgReplicaSet {
             changed.borrow_and_update();
             self.inner.tracker.request_refresh();
             if let Some(replica) = self.pick(caught_up) {
-                break Routed::replica(
-                    &replica.pool,
-                    &replica.name,
-                    RouteReason::CaughtUpAfterWait,
-                );
+                break monotonic::bookmarked(replica, RouteReason::CaughtUpAfterWait, earned);
             }
             // Wake on the tracker's next change, or after one wait-poll
             // interval to ask for another poll when the last one showed no
@@ -888,11 +903,9 @@ impl Backend for PgReplicaSet {
                 // The deadline passed, or the tracker is gone: stop waiting.
                 Ok(Ok(Err(_))) | Err(_) => {
                     break match self.pick(caught_up) {
-                        Some(replica) => Routed::replica(
-                            &replica.pool,
-                            &replica.name,
-                            RouteReason::CaughtUpAfterWait,
-                        ),
+                        Some(replica) => {
+                            monotonic::bookmarked(replica, RouteReason::CaughtUpAfterWait, earned)
+                        }
                         None => Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut),
                     };
                 }

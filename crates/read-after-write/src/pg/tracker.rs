@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::capture::{query_position, CaptureError, PrimaryPosition};
 use super::pools::PrimaryPools;
+use crate::bookmark::ReplicaTag;
 use crate::position::{Lsn, WalGeometry};
 
 /// `application_name` of the tracker's own connections, so they can be told
@@ -49,6 +50,10 @@ pub(crate) struct ReplicaState {
     /// Set once a warning about this node not replaying WAL was logged, so a
     /// misconfigured node does not flood logs.
     warned: AtomicBool,
+    /// The [`ReplicaTag`] of the server incarnation last polled (its name
+    /// and postmaster start time); 0 while unknown or down. Monotonic
+    /// reads stay on a replica only while its tag is the one they read.
+    pub(crate) tag: AtomicU64,
     /// Set once the "cannot see timelines" warning was logged.
     warned_privilege: AtomicBool,
     /// Whether the tracker's role may read `pg_stat_wal_receiver`, as asked
@@ -84,6 +89,7 @@ impl ReplicaState {
             refresh: Notify::new(),
             warned: AtomicBool::new(false),
             warned_privilege: AtomicBool::new(false),
+            tag: AtomicU64::new(0),
             sees_timelines: AtomicU8::new(SEES_TIMELINES_UNKNOWN),
         }
     }
@@ -450,8 +456,11 @@ impl ReplicaTracker {
                 replayed: Some(replayed),
                 in_recovery: true,
                 timeline,
+                started,
             })) => {
                 let now = self.nanos();
+                let tag = started.map_or(0, |micros| ReplicaTag::of(name, micros).get());
+                replica.tag.store(tag, Ordering::Relaxed);
                 let previous = replica.replayed.swap(replayed.as_u64(), Ordering::AcqRel);
                 if previous != replayed.as_u64() {
                     replica.advanced_at.store(now, Ordering::Relaxed);
@@ -513,6 +522,7 @@ impl ReplicaTracker {
                 false
             }
         };
+        replica.tag.store(0, Ordering::Relaxed);
         if !up {
             // Down: it may come back as something else (restored from a
             // backup, rebuilt after a promotion) with no WAL receiver to
@@ -725,6 +735,9 @@ struct Probe {
     replayed: Option<Lsn>,
     in_recovery: bool,
     timeline: Option<u32>,
+    /// `pg_postmaster_start_time()` in Unix microseconds: a restart makes
+    /// the replica another incarnation.
+    started: Option<i64>,
 }
 
 /// One round trip on the tracker's own connection, opening it if needed.
@@ -784,9 +797,15 @@ async fn probe_replica(
     let Some(connection) = conn.as_mut() else {
         return Err(sqlx::Error::PoolClosed);
     };
-    let (replayed, in_recovery, timeline): (Option<String>, bool, Option<i32>) = sqlx::query_as(
+    let (replayed, in_recovery, timeline, started): (
+        Option<String>,
+        bool,
+        Option<i32>,
+        Option<i64>,
+    ) = sqlx::query_as(
         "select pg_last_wal_replay_lsn()::text, pg_is_in_recovery(), \
-                (select received_tli from pg_stat_wal_receiver)",
+                (select received_tli from pg_stat_wal_receiver), \
+                (extract(epoch from pg_postmaster_start_time()) * 1000000)::int8",
     )
     .persistent(true)
     .fetch_one(connection)
@@ -795,6 +814,7 @@ async fn probe_replica(
         replayed: replayed.and_then(|text| text.parse().ok()),
         in_recovery,
         timeline: timeline.and_then(|t| u32::try_from(t).ok()),
+        started,
     })
 }
 

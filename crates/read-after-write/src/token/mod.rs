@@ -1,26 +1,30 @@
 //! The signed affinity token: "this user wrote up to this WAL position".
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! All integers big-endian; every byte before the tag is covered by it.
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 1 | version, `1` |
+//! | 1 | version, `2` |
 //! | 1 | key id (see [`SigningKey::id`]) |
 //! | 1 | user id length `n` (0–255) |
 //! | n | user id |
-//! | 8 | LSN |
-//! | 4 | timeline id |
-//! | 8 | cluster system identifier |
 //! | 8 | expiry, Unix seconds |
+//! | 1 | bookmark count `m` (1–[`MAX_CLUSTERS`](crate::bookmark::MAX_CLUSTERS)) |
+//! | 28 × m | per cluster: system identifier (8), timeline (4), LSN (8), replica tag (8, 0 for none) |
 //! | 16 | tag: HMAC-SHA256 over `name ‖ 0x00 ‖ all bytes above`, first 128 bits |
+//!
+//! Version 1 tokens (one cluster: LSN, timeline, system identifier, expiry,
+//! no replica) are still read, so tokens issued before an upgrade keep
+//! their promise; every token issued is version 2.
 //!
 //! The bytes are encoded as base64url without padding, so the token needs no
 //! escaping in a cookie or a header. `name` is the cookie name: a token minted
-//! for one cookie does not verify under another. A token for an 8-byte user id
-//! is 74 characters. Anything longer than [`MAX_ENCODED_LEN`] is rejected
-//! before it is decoded, and parsing never panics.
+//! for one cookie does not verify under another. A token for an 8-byte user
+//! id and one cluster is 86 characters; each further cluster adds 37 or 38.
+//! Anything longer than [`MAX_ENCODED_LEN`] (527, a 255-byte user id and four
+//! clusters) is rejected before it is decoded, and parsing never panics.
 //!
 //! # Checks, cheapest first
 //!
@@ -32,14 +36,14 @@
 //! [`MAX_MACS_PER_REQUEST`](crate::middleware::MAX_MACS_PER_REQUEST)), so
 //! junk, however much of it, cannot use up the bound and hide a valid token.
 //!
-//! # Which token promises the most
+//! # Several tokens
 //!
 //! A request may carry several valid tokens of one user (a host-only cookie
-//! beside a domain cookie, a header beside a cookie). The one that promises
-//! the most decides, by [`AffinityToken::promises_more_than`]: a token
-//! [pinned to the primary](WritePosition::pins_primary) over any position;
-//! on one cluster and timeline the higher LSN; on one cluster across
-//! timelines the later timeline; across clusters the later expiry.
+//! beside a domain cookie, a header beside a cookie). The layer merges them
+//! cluster by cluster ([`Bookmarks::merge`](crate::bookmark::Bookmarks::merge)):
+//! a bookmark [pinned to the primary](WritePosition::pins_primary) over any
+//! position; on one timeline the higher LSN; across timelines the later
+//! timeline. A token of one cluster never applies to another.
 //!
 //! # Example
 //!
@@ -63,7 +67,6 @@
 
 mod keys;
 
-use std::cmp::Ordering;
 use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -73,24 +76,31 @@ use smallvec::SmallVec;
 
 pub use keys::{KeyError, KeySet, SigningKey};
 
+use crate::bookmark::{Bookmark, Bookmarks, ReplicaTag, MAX_CLUSTERS};
 use crate::position::{Lsn, WritePosition};
 
-/// The token format version this crate writes and reads.
-pub const TOKEN_VERSION: u8 = 1;
+/// The token format version this crate writes. It reads this one and
+/// version 1.
+pub const TOKEN_VERSION: u8 = 2;
 
 /// Bytes of HMAC-SHA256 output kept in a token (128 bits).
 const TAG_LEN: usize = 16;
 /// version, key id, user id length.
 const HEAD_LEN: usize = 3;
-/// LSN, timeline, system identifier, expiry.
-const FIXED_LEN: usize = 8 + 4 + 8 + 8;
-/// The longest raw token: a 255-byte user id.
-const MAX_RAW_LEN: usize = HEAD_LEN + UserId::MAX_LEN + FIXED_LEN + TAG_LEN;
-/// The shortest raw token: an empty user id.
-const MIN_RAW_LEN: usize = HEAD_LEN + FIXED_LEN + TAG_LEN;
+/// Version 1: LSN, timeline, system identifier, expiry.
+const V1_FIXED_LEN: usize = 8 + 4 + 8 + 8;
+/// Version 2: expiry, bookmark count.
+const V2_FIXED_LEN: usize = 8 + 1;
+/// Version 2, per bookmark: system identifier, timeline, LSN, replica tag.
+const BOOKMARK_LEN: usize = 8 + 4 + 8 + 8;
+/// The longest raw token: a 255-byte user id and [`MAX_CLUSTERS`] bookmarks.
+const MAX_RAW_LEN: usize =
+    HEAD_LEN + UserId::MAX_LEN + V2_FIXED_LEN + MAX_CLUSTERS * BOOKMARK_LEN + TAG_LEN;
+/// The shortest raw token of either version: an empty user id, version 1.
+const MIN_RAW_LEN: usize = HEAD_LEN + V1_FIXED_LEN + TAG_LEN;
 
-/// The longest encoded token accepted, in characters. Longer input is
-/// rejected as [`TokenError::TooLong`] before any decoding.
+/// The longest encoded token accepted, in characters (527). Longer input
+/// is rejected as [`TokenError::TooLong`] before any decoding.
 pub const MAX_ENCODED_LEN: usize = (MAX_RAW_LEN * 4).div_ceil(3);
 
 /// Why a token was refused. Each is a reason to treat the token as absent.
@@ -269,35 +279,81 @@ impl TryFrom<String> for UserId {
     }
 }
 
-/// A decoded affinity token: who wrote, up to which position, valid until
-/// when, and which key signed it.
+/// A decoded affinity token: who it belongs to, what the session's reads
+/// must include in each cluster (its [bookmarks](crate::bookmark)), valid
+/// until when, and which key signed it.
 ///
-/// Build one with [`new`](Self::new) and [`sign`](Self::sign) it; read one
-/// with [`verify`](Self::verify). The layer does both for you; use this type
-/// directly to mint tokens elsewhere, for example in a gRPC client test.
+/// Build one with [`new`](Self::new) or [`with_bookmarks`](Self::with_bookmarks)
+/// and [`sign`](Self::sign) it; read one with [`verify`](Self::verify). The
+/// layer does both for you; use this type directly to mint tokens elsewhere,
+/// for example in a gRPC client test.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AffinityToken {
+    version: u8,
     key_id: u8,
     user: UserId,
-    position: WritePosition,
+    /// At least one, at most [`MAX_CLUSTERS`], one per cluster.
+    bookmarks: Bookmarks,
     expires_at: u64,
 }
+
+/// A token was given no bookmark, or more clusters than
+/// [`MAX_CLUSTERS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a token covers 1 to {MAX_CLUSTERS} clusters")]
+pub struct BookmarkCountError;
 
 impl AffinityToken {
     /// A token promising `position` to `user` until `expires_at` (Unix
     /// seconds). The key id is set when it is signed.
     pub fn new(user: UserId, position: WritePosition, expires_at: u64) -> Self {
         AffinityToken {
+            version: TOKEN_VERSION,
             key_id: 0,
             user,
-            position,
+            bookmarks: Bookmarks::one(Bookmark::new(position)),
             expires_at,
         }
     }
 
-    /// The format version, always [`TOKEN_VERSION`].
+    /// A token carrying `bookmarks`, one per cluster, 1 to
+    /// [`MAX_CLUSTERS`] of them.
+    ///
+    /// ```
+    /// use read_after_write::bookmark::{Bookmark, Bookmarks};
+    /// use read_after_write::{AffinityToken, KeySet, Lsn, SigningKey, UserId, WritePosition};
+    ///
+    /// let mut bookmarks = Bookmarks::new();
+    /// bookmarks.set(Bookmark::new(WritePosition::new(Lsn::new(0x100), 1, 7)));
+    /// bookmarks.set(Bookmark::new(WritePosition::new(Lsn::new(0x900), 3, 8)));
+    /// let token = AffinityToken::with_bookmarks(UserId::from(1u64), bookmarks, 99)?;
+    ///
+    /// let keys = KeySet::new(SigningKey::from_bytes(&[7; 32])?);
+    /// let back = AffinityToken::verify(&token.sign("a", &keys), "a", &keys, 0)?;
+    /// assert_eq!(back.bookmark(8).unwrap().position.lsn, Lsn::new(0x900));
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_bookmarks(
+        user: UserId,
+        bookmarks: Bookmarks,
+        expires_at: u64,
+    ) -> Result<Self, BookmarkCountError> {
+        if bookmarks.is_empty() || bookmarks.len() > MAX_CLUSTERS {
+            return Err(BookmarkCountError);
+        }
+        Ok(AffinityToken {
+            version: TOKEN_VERSION,
+            key_id: 0,
+            user,
+            bookmarks,
+            expires_at,
+        })
+    }
+
+    /// The format version it was decoded from, or [`TOKEN_VERSION`] for a
+    /// token built here.
     pub fn version(&self) -> u8 {
-        TOKEN_VERSION
+        self.version
     }
 
     /// Id of the key that signed the token (0 before it is signed).
@@ -310,9 +366,24 @@ impl AffinityToken {
         &self.user
     }
 
-    /// The write position the token promises.
+    /// The first bookmark's position: the one position of a single-cluster
+    /// token.
     pub fn position(&self) -> WritePosition {
-        self.position
+        self.bookmarks
+            .as_slice()
+            .first()
+            .map(|b| b.position)
+            .unwrap_or_default()
+    }
+
+    /// Every bookmark, one per cluster.
+    pub fn bookmarks(&self) -> &Bookmarks {
+        &self.bookmarks
+    }
+
+    /// The bookmark of the cluster `system_id`.
+    pub fn bookmark(&self, system_id: u64) -> Option<&Bookmark> {
+        self.bookmarks.get(system_id)
     }
 
     /// Expiry in Unix seconds; the token is valid while `now < expires_at`.
@@ -321,7 +392,8 @@ impl AffinityToken {
     }
 
     /// Signs with the set's current key, binding the token to `name` (the
-    /// cookie name), and returns it as base64url without padding.
+    /// cookie name), and returns it as base64url without padding. Always in
+    /// the current format, [`TOKEN_VERSION`].
     pub fn sign(&self, name: &str, keys: &KeySet) -> String {
         let key = keys.current();
         let mut raw: SmallVec<[u8; 128]> = SmallVec::new();
@@ -330,10 +402,15 @@ impl AffinityToken {
         // UserId guarantees at most 255 bytes.
         raw.push(self.user.0.len() as u8);
         raw.extend_from_slice(&self.user.0);
-        raw.extend_from_slice(&self.position.lsn.as_u64().to_be_bytes());
-        raw.extend_from_slice(&self.position.timeline.to_be_bytes());
-        raw.extend_from_slice(&self.position.system_id.to_be_bytes());
         raw.extend_from_slice(&self.expires_at.to_be_bytes());
+        // Constructors keep 1..=MAX_CLUSTERS bookmarks.
+        raw.push(self.bookmarks.len() as u8);
+        for bookmark in self.bookmarks.as_slice() {
+            raw.extend_from_slice(&bookmark.position.system_id.to_be_bytes());
+            raw.extend_from_slice(&bookmark.position.timeline.to_be_bytes());
+            raw.extend_from_slice(&bookmark.position.lsn.as_u64().to_be_bytes());
+            raw.extend_from_slice(&bookmark.replica.map_or(0, ReplicaTag::get).to_be_bytes());
+        }
         let mut mac = key.mac();
         mac.update(name.as_bytes());
         mac.update(&[0]);
@@ -345,7 +422,7 @@ impl AffinityToken {
 
     /// Checks a token's length, encoding, layout, version, key id and expiry
     /// against `now_unix`, then its tag (in constant time), in that order,
-    /// and decodes it.
+    /// and decodes it. Reads versions 1 and 2.
     ///
     /// Never panics, whatever `text` holds. A forged token that also fails
     /// an earlier check is refused for that earlier reason: only a token that
@@ -372,11 +449,12 @@ impl AffinityToken {
     /// Whether this token promises more than `other`, so that of two valid
     /// tokens of one user this one should decide where reads go.
     ///
-    /// By [`WritePosition::cmp_promise`]; where the positions promise the
-    /// same, or cannot be compared because they come from different clusters,
-    /// the later expiry wins (the more recently issued token, with the TTL
-    /// every instance shares). Strict: a token never promises more than
-    /// itself.
+    /// Where one token's bookmarks [cover](Bookmarks::covers) the other's
+    /// and not the reverse, that one. Otherwise (equal, or each promising
+    /// something the other does not, as tokens of different clusters do)
+    /// the later expiry wins. Strict: a token never promises more than
+    /// itself. The layer does not pick one of several tokens: it merges
+    /// them ([`Bookmarks::merge`]).
     ///
     /// ```
     /// use read_after_write::{AffinityToken, Lsn, UserId, WritePosition};
@@ -396,24 +474,31 @@ impl AffinityToken {
     /// ```
     pub fn promises_more_than(&self, other: &AffinityToken) -> bool {
         promises_more(
-            (self.position, self.expires_at),
-            (other.position, other.expires_at),
+            (&self.bookmarks, self.expires_at),
+            (&other.bookmarks, other.expires_at),
         )
     }
 }
 
-/// Whether `(position, expires_at)` promises more than `other`; see
-/// [`AffinityToken::promises_more_than`].
-fn promises_more(this: (WritePosition, u64), other: (WritePosition, u64)) -> bool {
-    match this.0.cmp_promise(&other.0) {
-        Some(Ordering::Greater) => true,
-        Some(Ordering::Less) => false,
-        Some(Ordering::Equal) | None => this.1 > other.1,
+/// Whether `(bookmarks, expires_at)` promises more than `other`; see
+/// [`AffinityToken::promises_more_than`]. The all-zero position (version 1's
+/// pin) covers every cluster.
+fn promises_more(this: (&Bookmarks, u64), other: (&Bookmarks, u64)) -> bool {
+    let covers = |a: &Bookmarks, b: &Bookmarks| {
+        a.as_slice()
+            .iter()
+            .any(|m| m.position == WritePosition::default())
+            || a.covers(b)
+    };
+    match (covers(this.0, other.0), covers(other.0, this.0)) {
+        (true, false) => true,
+        (false, true) => false,
+        _ => this.1 > other.1,
     }
 }
 
 /// Room for a decoded token, on the caller's stack: parsing borrows it
-/// rather than moving ~300 bytes around with every result.
+/// rather than moving ~400 bytes around with every result.
 pub(crate) struct TokenBuffer([u8; MAX_RAW_LEN]);
 
 impl TokenBuffer {
@@ -427,8 +512,8 @@ impl TokenBuffer {
 /// controlled until [`authenticate`](Self::authenticate) succeeds; use them
 /// only to decide whether the MAC is worth computing.
 pub(crate) struct UnverifiedToken<'a> {
-    /// The decoded bytes; [`parse`](Self::parse) checked that there are
-    /// `MIN_RAW_LEN + user length` of them.
+    /// The decoded bytes; [`parse`](Self::parse) checked their layout for
+    /// the version in the first byte.
     raw: &'a [u8],
 }
 
@@ -453,10 +538,24 @@ impl<'a> UnverifiedToken<'a> {
         if len < MIN_RAW_LEN {
             return Err(TokenError::Malformed);
         }
-        if raw[0] != TOKEN_VERSION {
-            return Err(TokenError::WrongVersion);
-        }
-        if len != MIN_RAW_LEN + usize::from(raw[2]) {
+        let body = HEAD_LEN + usize::from(raw[2]);
+        let expected = match raw[0] {
+            1 => body + V1_FIXED_LEN + TAG_LEN,
+            2 => {
+                // The count byte sits after the user id and the expiry,
+                // which a short token may not reach.
+                let Some(&count) = raw.get(body + 8) else {
+                    return Err(TokenError::Malformed);
+                };
+                let count = usize::from(count);
+                if count == 0 || count > MAX_CLUSTERS {
+                    return Err(TokenError::Malformed);
+                }
+                body + V2_FIXED_LEN + count * BOOKMARK_LEN + TAG_LEN
+            }
+            _ => return Err(TokenError::WrongVersion),
+        };
+        if len != expected {
             return Err(TokenError::Malformed);
         }
         let token = UnverifiedToken { raw };
@@ -469,43 +568,69 @@ impl<'a> UnverifiedToken<'a> {
         Ok(token)
     }
 
+    fn version(&self) -> u8 {
+        self.raw[0]
+    }
+
     fn key_id(&self) -> u8 {
         self.raw[1]
     }
 
+    /// Where the fields after the user id start.
+    fn body(&self) -> usize {
+        HEAD_LEN + usize::from(self.raw[2])
+    }
+
     /// The user id the token claims.
     pub(crate) fn user(&self) -> &[u8] {
-        &self.raw[HEAD_LEN..HEAD_LEN + usize::from(self.raw[2])]
+        &self.raw[HEAD_LEN..self.body()]
     }
 
-    /// LSN, timeline, system identifier, expiry.
-    fn fixed(&self) -> &[u8] {
-        let start = HEAD_LEN + usize::from(self.raw[2]);
-        &self.raw[start..start + FIXED_LEN]
-    }
-
-    /// The position the token claims.
-    pub(crate) fn position(&self) -> WritePosition {
-        let fixed = self.fixed();
-        WritePosition::new(
-            Lsn::new(u64::from_be_bytes(array(&fixed[0..8]))),
-            u32::from_be_bytes(array(&fixed[8..12])),
-            u64::from_be_bytes(array(&fixed[12..20])),
-        )
+    /// The bookmarks the token claims.
+    pub(crate) fn bookmarks(&self) -> Bookmarks {
+        let at = self.body();
+        if self.version() == 1 {
+            let fixed = &self.raw[at..at + V1_FIXED_LEN];
+            return Bookmarks::one(Bookmark::new(WritePosition::new(
+                Lsn::new(u64::from_be_bytes(array(&fixed[0..8]))),
+                u32::from_be_bytes(array(&fixed[8..12])),
+                u64::from_be_bytes(array(&fixed[12..20])),
+            )));
+        }
+        let entries = &self.raw[at + V2_FIXED_LEN..self.raw.len() - TAG_LEN];
+        let mut bookmarks = Bookmarks::new();
+        for entry in entries.chunks_exact(BOOKMARK_LEN) {
+            let bookmark = Bookmark {
+                position: WritePosition::new(
+                    Lsn::new(u64::from_be_bytes(array(&entry[12..20]))),
+                    u32::from_be_bytes(array(&entry[8..12])),
+                    u64::from_be_bytes(array(&entry[0..8])),
+                ),
+                replica: ReplicaTag::new(u64::from_be_bytes(array(&entry[20..28]))),
+            };
+            // Two bookmarks of one cluster: keep what both promise.
+            let merged = match bookmarks.get(bookmark.system_id()) {
+                Some(seen) => seen.merge(&bookmark),
+                None => bookmark,
+            };
+            bookmarks.set(merged);
+        }
+        bookmarks
     }
 
     /// The expiry the token claims, Unix seconds.
     pub(crate) fn expires_at(&self) -> u64 {
-        u64::from_be_bytes(array(&self.fixed()[20..28]))
+        let at = match self.version() {
+            1 => self.body() + 20,
+            _ => self.body(),
+        };
+        u64::from_be_bytes(array(&self.raw[at..at + 8]))
     }
 
-    /// Whether, if authentic, this token would promise more than `best`;
-    /// see [`AffinityToken::promises_more_than`].
-    pub(crate) fn could_beat(&self, best: &AffinityToken) -> bool {
-        promises_more(
-            (self.position(), self.expires_at()),
-            (best.position, best.expires_at),
-        )
+    /// Whether, if authentic, this token would add to what `known`
+    /// already promises.
+    pub(crate) fn adds_to(&self, known: &Bookmarks) -> bool {
+        !known.covers(&self.bookmarks())
     }
 
     /// Checks the tag (HMAC-SHA256 over `name ‖ 0x00 ‖ payload`, compared
@@ -527,9 +652,10 @@ impl<'a> UnverifiedToken<'a> {
             return Err(TokenError::BadSignature);
         }
         Ok(AffinityToken {
+            version: self.version(),
             key_id: self.key_id(),
             user: UserId(SmallVec::from_slice(self.user())),
-            position: self.position(),
+            bookmarks: self.bookmarks(),
             expires_at: self.expires_at(),
         })
     }
@@ -581,9 +707,18 @@ mod tests {
     fn longest_user_id_round_trips_and_fits_the_limit() {
         let keys = keys(1);
         let user = UserId::new(&[0xAB; 255]).unwrap();
-        let token = AffinityToken::new(user.clone(), WritePosition::default(), NOW + 1);
+        let mut bookmarks = Bookmarks::new();
+        for system in 1..=MAX_CLUSTERS as u64 {
+            let at = WritePosition::new(Lsn::new(u64::MAX), u32::MAX, system);
+            bookmarks.set(Bookmark::new(at).on_replica(ReplicaTag::new(u64::MAX).unwrap()));
+        }
+        let token = AffinityToken::with_bookmarks(user.clone(), bookmarks, NOW + 1).unwrap();
         let text = token.sign(NAME, &keys);
         assert_eq!(text.len(), MAX_ENCODED_LEN);
+        assert_eq!(MAX_ENCODED_LEN, 527);
+        // A fifth cluster does not fit in a token at all.
+        let mut five = token.bookmarks().clone();
+        assert!(!five.set(Bookmark::new(WritePosition::new(Lsn::new(1), 1, 99))));
         assert_eq!(
             AffinityToken::verify(&text, NAME, &keys, NOW)
                 .unwrap()
@@ -684,7 +819,7 @@ mod tests {
             );
         }
         let mut raw = URL_SAFE_NO_PAD.decode(sample(1).sign(NAME, &keys)).unwrap();
-        raw[0] = 2;
+        raw[0] = 3;
         assert_eq!(
             AffinityToken::verify(&URL_SAFE_NO_PAD.encode(&raw), NAME, &keys, NOW),
             Err(TokenError::WrongVersion)
@@ -717,6 +852,73 @@ mod tests {
         assert!(AffinityToken::verify(&text, NAME, &KeySet::new(new), NOW).is_err());
     }
 
+    /// A version 1 token, as this crate signed them before version 2.
+    fn sign_v1(user: &UserId, position: WritePosition, expires_at: u64, keys: &KeySet) -> String {
+        let key = keys.current();
+        let mut raw = vec![1, key.id(), user.as_bytes().len() as u8];
+        raw.extend_from_slice(user.as_bytes());
+        raw.extend_from_slice(&position.lsn.as_u64().to_be_bytes());
+        raw.extend_from_slice(&position.timeline.to_be_bytes());
+        raw.extend_from_slice(&position.system_id.to_be_bytes());
+        raw.extend_from_slice(&expires_at.to_be_bytes());
+        let mut mac = key.mac();
+        mac.update(NAME.as_bytes());
+        mac.update(&[0]);
+        mac.update(&raw);
+        raw.extend_from_slice(&mac.finalize().into_bytes()[..TAG_LEN]);
+        URL_SAFE_NO_PAD.encode(&raw)
+    }
+
+    #[test]
+    fn version_1_tokens_keep_their_promise() {
+        let keys = keys(1);
+        let user = UserId::from(5u64);
+        let position = WritePosition::new(Lsn::new(0x1_6B37_4800), 2, 77);
+        let text = sign_v1(&user, position, NOW + 30, &keys);
+        assert_eq!(text.len(), 74, "the documented length of a v1 token");
+        let token = AffinityToken::verify(&text, NAME, &keys, NOW).unwrap();
+        assert_eq!(token.version(), 1);
+        assert_eq!(token.position(), position);
+        assert_eq!(token.bookmarks(), &Bookmarks::one(Bookmark::new(position)));
+        assert_eq!(token.expires_at(), NOW + 30);
+        assert_eq!(
+            AffinityToken::verify(&text, NAME, &keys, NOW + 30),
+            Err(TokenError::Expired)
+        );
+        // Re-signed, it is version 2 and promises the same.
+        let again = AffinityToken::verify(&token.sign(NAME, &keys), NAME, &keys, NOW).unwrap();
+        assert_eq!((again.version(), again.bookmarks()), (2, token.bookmarks()));
+        // A tampered v1 token fails its MAC.
+        let mut raw = URL_SAFE_NO_PAD.decode(&text).unwrap();
+        raw[12] ^= 1;
+        assert_eq!(
+            AffinityToken::verify(&URL_SAFE_NO_PAD.encode(&raw), NAME, &keys, NOW),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn a_bookmark_count_out_of_range_is_malformed() {
+        let keys = keys(1);
+        let text = sample(1).sign(NAME, &keys);
+        let raw = URL_SAFE_NO_PAD.decode(&text).unwrap();
+        let count_at = HEAD_LEN + 8 + 8;
+        assert_eq!(raw[count_at], 1);
+        for count in [0u8, 2, 5, 255] {
+            let mut bad = raw.clone();
+            bad[count_at] = count;
+            assert_eq!(
+                AffinityToken::verify(&URL_SAFE_NO_PAD.encode(&bad), NAME, &keys, NOW),
+                Err(TokenError::Malformed),
+                "count {count}"
+            );
+        }
+        assert_eq!(
+            AffinityToken::with_bookmarks(UserId::from(1u64), Bookmarks::new(), NOW),
+            Err(BookmarkCountError)
+        );
+    }
+
     #[test]
     fn cheap_checks_come_before_the_mac() {
         let other = keys(2);
@@ -730,7 +932,7 @@ mod tests {
         let mut buffer = TokenBuffer::new();
         let unverified = UnverifiedToken::parse(&forged, &keys, NOW, &mut buffer).unwrap();
         assert_eq!(unverified.user(), UserId::from(7u64).as_bytes());
-        assert_eq!(unverified.position(), sample(7).position());
+        assert_eq!(unverified.bookmarks(), *sample(7).bookmarks());
         assert_eq!(unverified.expires_at(), NOW + 30);
         assert_eq!(
             unverified.authenticate(NAME, &keys),

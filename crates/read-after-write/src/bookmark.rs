@@ -1,0 +1,368 @@
+//! Bookmarks: a session's place in one cluster, as a token carries it.
+//!
+//! A [`Bookmark`] says what a session's reads of one cluster must include:
+//! a [`WritePosition`] every read must have replayed (the user's last write,
+//! or what the session is known to have seen), and, with monotonic reads, the
+//! replica the session read last ([`ReplicaTag`]), where it may stay.
+//!
+//! # What "seen" means, and why the replica travels
+//!
+//! When a read goes to a replica, the tracker's last poll of that replica is
+//! a *lower* bound of what the query saw: the replica may have replayed more
+//! between the poll and the query. Using it as the session's floor would let
+//! a later read move to a replica that sits between the two and see time go
+//! backwards. The only upper bounds are a poll of the same replica made
+//! after the query ended (not known when the response leaves), or the
+//! primary's position captured after it.
+//!
+//! So a bookmark records the replica itself, and means: the session's reads
+//! saw no more than that replica holds now. Replay on one server incarnation
+//! never goes backwards, so staying on it is safe without knowing any upper
+//! bound; the tag names the replica *and* its incarnation (it covers the
+//! postmaster's start time), so a restarted replica, which may briefly serve
+//! an older state, is not mistaken for the one the session read.
+//!
+//! - A read on the bookmark's replica keeps it. [`Db::read`](crate::Db::read)
+//!   also needs the replica to hold `position` (the user's writes), and
+//!   waits for it if it does not yet; [`Db::eventual`](crate::Db::eventual)
+//!   takes it as it is.
+//! - A write keeps the replica (a write is not a read: the session still saw
+//!   no more than the replica holds) and raises `position`.
+//! - When the session must leave its replica (down, restarted, diverged, or
+//!   too far behind its own write), nothing bounds what it saw there: the
+//!   read goes to the primary, and the response captures the primary's
+//!   position. The bookmark is then tied to no replica: everything the
+//!   session saw is at most `position`, so any replica that has replayed it
+//!   is safe, and the next read ties the session to one.
+//!
+//! # Example
+//!
+//! ```
+//! use read_after_write::bookmark::{Bookmark, ReplicaTag};
+//! use read_after_write::{Lsn, WritePosition};
+//! use std::cmp::Ordering;
+//!
+//! let wrote = Bookmark::new(WritePosition::new(Lsn::new(0x500), 1, 7));
+//! let read = wrote.on_replica(ReplicaTag::new(0xA1).unwrap());
+//!
+//! // One replica: the higher position promises more.
+//! let later = Bookmark::new(WritePosition::new(Lsn::new(0x900), 1, 7))
+//!     .on_replica(ReplicaTag::new(0xA1).unwrap());
+//! assert_eq!(later.cmp_promise(&read), Some(Ordering::Greater));
+//! // Two tokens read on different replicas: only the primary has both.
+//! let other = wrote.on_replica(ReplicaTag::new(0xB2).unwrap());
+//! assert_eq!(read.cmp_promise(&other), None);
+//! assert!(read.merge(&other).position.pins_primary());
+//! ```
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::num::NonZeroU64;
+
+use smallvec::SmallVec;
+
+use crate::position::{Lsn, WritePosition};
+
+/// The most clusters one token covers. A layer over more clusters is
+/// refused at configuration; bookmarks of other services' clusters beyond
+/// this are dropped from the tokens a layer issues.
+///
+/// It bounds the token: with a 255-byte user id and four clusters the cookie
+/// value is at most [`MAX_ENCODED_LEN`](crate::token::MAX_ENCODED_LEN)
+/// (528) characters.
+pub const MAX_CLUSTERS: usize = 4;
+
+/// One replica incarnation: a replica's name and its server's start time,
+/// mixed into 64 bits. Never zero (zero means "no replica" on the wire).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReplicaTag(NonZeroU64);
+
+impl ReplicaTag {
+    /// A tag from its wire value; `None` for zero.
+    ///
+    /// ```
+    /// use read_after_write::bookmark::ReplicaTag;
+    ///
+    /// assert!(ReplicaTag::new(0).is_none());
+    /// assert_eq!(ReplicaTag::new(9).unwrap().get(), 9);
+    /// ```
+    pub fn new(value: u64) -> Option<Self> {
+        NonZeroU64::new(value).map(ReplicaTag)
+    }
+
+    /// The tag of the replica called `name` whose server started at
+    /// `started_micros` (Unix microseconds, `pg_postmaster_start_time()`).
+    /// Instances that name their replicas alike compute the same tag.
+    ///
+    /// ```
+    /// use read_after_write::bookmark::ReplicaTag;
+    ///
+    /// let tag = ReplicaTag::of("replica-1", 1_700_000_000_000_000);
+    /// assert_eq!(tag, ReplicaTag::of("replica-1", 1_700_000_000_000_000));
+    /// assert_ne!(tag, ReplicaTag::of("replica-1", 1_700_000_000_000_001));
+    /// assert_ne!(tag, ReplicaTag::of("replica-2", 1_700_000_000_000_000));
+    /// ```
+    pub fn of(name: &str, started_micros: i64) -> Self {
+        // FNV-1a over the name, then the start time: stable across builds
+        // and platforms, which `std`'s hasher does not promise.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in name
+            .as_bytes()
+            .iter()
+            .chain(&[0])
+            .chain(&started_micros.to_be_bytes())
+        {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        ReplicaTag(NonZeroU64::new(hash).unwrap_or(NonZeroU64::MIN))
+    }
+
+    /// The wire value.
+    pub fn get(self) -> u64 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for ReplicaTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A session's place in one cluster: reads must have replayed `position`,
+/// and, when `replica` is set, the session may have seen more than
+/// `position` on that replica (see the [module docs](self)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Bookmark {
+    /// What every read of the session must include.
+    pub position: WritePosition,
+    /// The replica incarnation the session read last, if any.
+    pub replica: Option<ReplicaTag>,
+}
+
+impl Bookmark {
+    /// A bookmark requiring `position`, tied to no replica.
+    pub const fn new(position: WritePosition) -> Self {
+        Bookmark {
+            position,
+            replica: None,
+        }
+    }
+
+    /// A bookmark of the cluster `system_id` that sends the session's reads
+    /// to the primary: what is known about it has no upper bound a replica
+    /// is known to hold.
+    ///
+    /// ```
+    /// use read_after_write::bookmark::Bookmark;
+    ///
+    /// assert!(Bookmark::pinned(7).position.pins_primary());
+    /// assert_eq!(Bookmark::pinned(7).system_id(), 7);
+    /// ```
+    pub const fn pinned(system_id: u64) -> Self {
+        Bookmark::new(WritePosition::new(Lsn::ZERO, 0, system_id))
+    }
+
+    /// The same position, read on `replica`.
+    pub fn on_replica(self, replica: ReplicaTag) -> Self {
+        Bookmark {
+            replica: Some(replica),
+            ..self
+        }
+    }
+
+    /// The cluster this bookmark belongs to.
+    pub fn system_id(&self) -> u64 {
+        self.position.system_id
+    }
+
+    /// How much this bookmark promises compared with `other`: by
+    /// [`WritePosition::cmp_promise`] when both are tied to the same replica
+    /// (or both to none); `None` when they are tied to different replicas,
+    /// or belong to different clusters. A bookmark pinned to the primary
+    /// promises more than any other of its cluster.
+    pub fn cmp_promise(&self, other: &Bookmark) -> Option<Ordering> {
+        let positions = self.position.cmp_promise(&other.position)?;
+        match (self.position.pins_primary(), other.position.pins_primary()) {
+            (false, false) if self.replica != other.replica => None,
+            _ => Some(positions),
+        }
+    }
+
+    /// A bookmark promising everything both do, for one cluster: the one
+    /// that promises more, or, when they are tied to different replicas,
+    /// one that pins the primary, the only node known to hold what the
+    /// session saw on both.
+    pub fn merge(&self, other: &Bookmark) -> Bookmark {
+        match self.cmp_promise(other) {
+            Some(Ordering::Greater | Ordering::Equal) => *self,
+            Some(Ordering::Less) => *other,
+            None if self.system_id() == other.system_id() => Bookmark::pinned(self.system_id()),
+            // Callers merge bookmarks of one cluster only.
+            None => *self,
+        }
+    }
+}
+
+/// Bookmarks of up to [`MAX_CLUSTERS`] clusters, at most one per cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bookmarks(SmallVec<[Bookmark; 1]>);
+
+impl Bookmarks {
+    /// No bookmark at all.
+    pub fn new() -> Self {
+        Bookmarks(SmallVec::new())
+    }
+
+    /// One bookmark.
+    pub fn one(bookmark: Bookmark) -> Self {
+        let mut bookmarks = Bookmarks::new();
+        bookmarks.0.push(bookmark);
+        bookmarks
+    }
+
+    /// The bookmarks, in the order they were added.
+    pub fn as_slice(&self) -> &[Bookmark] {
+        &self.0
+    }
+
+    /// How many clusters are covered.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no cluster is covered.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The bookmark of the cluster `system_id`.
+    pub fn get(&self, system_id: u64) -> Option<&Bookmark> {
+        self.0.iter().find(|b| b.system_id() == system_id)
+    }
+
+    /// Puts `bookmark` in place of its cluster's, or adds it. Returns false,
+    /// changing nothing, when it would be a cluster beyond
+    /// [`MAX_CLUSTERS`].
+    ///
+    /// ```
+    /// use read_after_write::bookmark::{Bookmark, Bookmarks};
+    /// use read_after_write::{Lsn, WritePosition};
+    ///
+    /// let mut bookmarks = Bookmarks::new();
+    /// for cluster in 1..=5 {
+    ///     let added = bookmarks.set(Bookmark::new(WritePosition::new(Lsn::new(1), 1, cluster)));
+    ///     assert_eq!(added, cluster <= 4);
+    /// }
+    /// ```
+    pub fn set(&mut self, bookmark: Bookmark) -> bool {
+        if let Some(slot) = self
+            .0
+            .iter_mut()
+            .find(|b| b.system_id() == bookmark.system_id())
+        {
+            *slot = bookmark;
+            return true;
+        }
+        if self.0.len() == MAX_CLUSTERS {
+            return false;
+        }
+        self.0.push(bookmark);
+        true
+    }
+
+    /// Keeps only the bookmarks for which `keep` holds.
+    pub fn retain(&mut self, keep: impl FnMut(&Bookmark) -> bool) {
+        let mut keep = keep;
+        self.0.retain(|b| keep(b));
+    }
+
+    /// Merges `other` in, cluster by cluster ([`Bookmark::merge`]). Returns
+    /// false when a cluster of `other` found no room; the caller decides
+    /// whether that is safe.
+    pub fn merge(&mut self, other: &Bookmarks) -> bool {
+        let mut fits = true;
+        for bookmark in &other.0 {
+            let merged = match self.get(bookmark.system_id()) {
+                Some(mine) => mine.merge(bookmark),
+                None => *bookmark,
+            };
+            fits &= self.set(merged);
+        }
+        fits
+    }
+
+    /// Whether every cluster's bookmark here promises at least what
+    /// `other`'s does, so `other` adds nothing.
+    pub fn covers(&self, other: &Bookmarks) -> bool {
+        other.0.iter().all(|theirs| {
+            self.get(theirs.system_id()).is_some_and(|mine| {
+                matches!(
+                    mine.cmp_promise(theirs),
+                    Some(Ordering::Greater | Ordering::Equal)
+                )
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(lsn: u64, timeline: u32, system: u64) -> Bookmark {
+        Bookmark::new(WritePosition::new(Lsn::new(lsn), timeline, system))
+    }
+
+    fn tag(value: u64) -> ReplicaTag {
+        ReplicaTag::new(value).unwrap()
+    }
+
+    #[test]
+    fn merge_keeps_the_larger_promise_and_pins_on_two_replicas() {
+        let low = at(0x100, 1, 7);
+        let high = at(0x200, 1, 7);
+        assert_eq!(low.merge(&high), high);
+        assert_eq!(high.merge(&low), high);
+        // One replica: the higher position.
+        let on = |b: Bookmark| b.on_replica(tag(1));
+        assert_eq!(on(low).merge(&on(high)), on(high));
+        // Tied to a replica and to none, or to two replicas: what the
+        // session saw has no common bound but the primary.
+        assert_eq!(low.on_replica(tag(1)).merge(&high), Bookmark::pinned(7));
+        let two = low.on_replica(tag(1)).merge(&low.on_replica(tag(2)));
+        assert_eq!(two, Bookmark::pinned(7));
+        // A pinned bookmark beats every position of its cluster.
+        assert_eq!(Bookmark::pinned(7).merge(&high), Bookmark::pinned(7));
+        assert_eq!(high.merge(&Bookmark::pinned(7)), Bookmark::pinned(7));
+    }
+
+    #[test]
+    fn bookmarks_merge_per_cluster_and_never_mix_clusters() {
+        let mut mine = Bookmarks::one(at(0x100, 1, 7));
+        let theirs = Bookmarks::one(at(0x900, 1, 8));
+        assert!(mine.merge(&theirs));
+        assert_eq!(mine.get(7), Some(&at(0x100, 1, 7)));
+        assert_eq!(mine.get(8), Some(&at(0x900, 1, 8)));
+        assert!(mine.covers(&theirs));
+        assert!(!theirs.covers(&mine));
+        let mut more = Bookmarks::one(at(0x200, 1, 7));
+        more.merge(&mine);
+        assert_eq!(more.get(7), Some(&at(0x200, 1, 7)));
+    }
+
+    #[test]
+    fn a_fifth_cluster_does_not_fit() {
+        let mut bookmarks = Bookmarks::new();
+        for system in 1..=4 {
+            assert!(bookmarks.set(at(1, 1, system)));
+        }
+        assert!(!bookmarks.merge(&Bookmarks::one(at(1, 1, 5))));
+        assert_eq!(bookmarks.len(), MAX_CLUSTERS);
+        assert!(
+            bookmarks.set(at(2, 1, 4)),
+            "an existing cluster is replaced"
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! Monotonic reads over a [`PgReplicaSet`]: where a session that holds a
+//! [`Bookmark`] may read without going back in time.
+//!
+//! The rule (see [`bookmark`](crate::bookmark) for why): a bookmark tied to
+//! a replica is honoured only by that replica, and only while it is the same
+//! server incarnation (its tag, which covers the postmaster's start time,
+//! matches), healthy, not diverged, and on the bookmark's timeline. Replay
+//! on one incarnation never goes backwards, so for an eventual read its
+//! position need not be compared with anything: the replica is at least
+//! where it was when the session read it, whatever this instance's tracker
+//! last polled. A session read also needs the bookmark's position (the
+//! user's writes) and waits for that replica to replay it. A bookmark tied
+//! to no replica is honoured by any replica that has replayed its
+//! position; the read then ties the session to that replica.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+
+use super::tracker::ReplicaState;
+use super::PgReplicaSet;
+use crate::backend::Backend;
+use crate::backend::{RouteReason, Routed};
+use crate::bookmark::{Bookmark, ReplicaTag};
+use crate::position::{Lsn, WritePosition};
+
+impl ReplicaState {
+    /// This replica's tag, if its incarnation is known.
+    pub(crate) fn replica_tag(&self) -> Option<ReplicaTag> {
+        ReplicaTag::new(self.tag.load(Ordering::Relaxed))
+    }
+
+    /// Whether a session that read this replica as `tag` may read it again:
+    /// the same incarnation, healthy, not diverged, on `timeline`.
+    fn still_is(&self, tag: ReplicaTag, timeline: u32) -> bool {
+        self.healthy.load(Ordering::Acquire)
+            && self.replica_tag() == Some(tag)
+            && !self.diverged.load(Ordering::Relaxed)
+            && timeline != 0
+            && self.timeline.load(Ordering::Relaxed) == timeline
+    }
+}
+
+/// A route to `replica` that carries `bookmark`, moved to it, when the
+/// replica's incarnation is known.
+pub(crate) fn bookmarked<'a>(
+    replica: &'a ReplicaState,
+    reason: RouteReason,
+    bookmark: Bookmark,
+) -> Routed<'a, PgPool> {
+    let routed = Routed::replica(&replica.pool, &replica.name, reason);
+    match replica.replica_tag() {
+        Some(tag) => routed.with_bookmark(bookmark.on_replica(tag)),
+        None => routed,
+    }
+}
+
+/// The bookmark an eventual read on `replica` earns: the position the
+/// tracker last saw it at (a lower bound of what the read sees, which is
+/// all a position may promise), on that replica.
+pub(crate) fn eventual_bookmark(replica: &ReplicaState, system_id: u64) -> Bookmark {
+    Bookmark::new(WritePosition::new(
+        Lsn::new(replica.replayed.load(Ordering::Acquire)),
+        replica.timeline.load(Ordering::Relaxed),
+        system_id,
+    ))
+}
+
+impl PgReplicaSet {
+    /// See [`Backend::monotonic`](crate::Backend::monotonic) and the
+    /// [module docs](self).
+    pub(crate) async fn route_monotonic(
+        &self,
+        bookmark: Option<Bookmark>,
+        max_wait: Option<Duration>,
+    ) -> Routed<'_, PgPool> {
+        // Nothing read here yet: any replica, and the session stays there.
+        let Some(bookmark) = bookmark else {
+            return self.eventual();
+        };
+        let position = bookmark.position;
+        if position.system_id != self.system_id() {
+            // Another cluster's bookmark says nothing about this one.
+            let mut routed = self.eventual();
+            routed.reason = RouteReason::ForeignCluster;
+            return routed;
+        }
+        if position.pins_primary() {
+            return Routed::primary(self.primary_pool(), RouteReason::PositionUnknown);
+        }
+        if position.timeline != self.timeline() {
+            return Routed::primary(self.primary_pool(), RouteReason::TimelineChanged);
+        }
+        let Some(tag) = bookmark.replica else {
+            // Everything the session saw is at most `position`: any replica
+            // that has it is safe.
+            self.inner.tracker.note_needed();
+            let caught_up = |r: &ReplicaState| r.has_replayed(position.lsn, position.timeline);
+            return match (self.pick(caught_up), max_wait) {
+                (Some(replica), _) => bookmarked(replica, RouteReason::CaughtUp, bookmark),
+                (None, Some(max_wait)) => self.session(position, max_wait).await,
+                (None, None) => Routed::primary(self.primary_pool(), RouteReason::Lagging),
+            };
+        };
+        let Some(replica) = self
+            .replica_states()
+            .find(|r| r.still_is(tag, position.timeline))
+        else {
+            // Its replica is gone: nothing bounds what the session saw there.
+            return Routed::primary(self.primary_pool(), RouteReason::LeftReplica);
+        };
+        let sticky =
+            |reason| Routed::replica(&replica.pool, &replica.name, reason).with_bookmark(bookmark);
+        let Some(max_wait) = max_wait else {
+            return sticky(RouteReason::Sticky);
+        };
+        if replica.has_replayed(position.lsn, position.timeline) {
+            return sticky(RouteReason::Sticky);
+        }
+        // The user wrote after reading here: wait for this replica to
+        // replay the write, as a session read waits for any.
+        self.inner.tracker.note_needed();
+        let started = Instant::now();
+        let reached = self
+            .wait_until(max_wait, || {
+                replica.has_replayed(position.lsn, position.timeline)
+                    || !replica.still_is(tag, position.timeline)
+            })
+            .await;
+        metrics::histogram!("read_after_write_read_wait_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if reached && replica.has_replayed(position.lsn, position.timeline) {
+            sticky(RouteReason::CaughtUpAfterWait)
+        } else if replica.still_is(tag, position.timeline) {
+            Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut)
+        } else {
+            Routed::primary(self.primary_pool(), RouteReason::LeftReplica)
+        }
+    }
+
+    /// Waits until `done` holds, re-checking on every tracker change and
+    /// asking for polls meanwhile, for at most `max_wait`. Returns whether
+    /// `done` held in time.
+    async fn wait_until(&self, max_wait: Duration, done: impl Fn() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let mut changed = self.inner.tracker.changed.subscribe();
+        loop {
+            changed.borrow_and_update();
+            self.inner.tracker.request_refresh();
+            if done() {
+                return true;
+            }
+            let next = tokio::time::timeout(self.inner.wait_poll_interval, changed.changed());
+            match tokio::time::timeout_at(deadline, next).await {
+                Ok(Ok(Ok(()))) | Ok(Err(_)) => continue,
+                Ok(Ok(Err(_))) | Err(_) => return done(),
+            }
+        }
+    }
+}
