@@ -37,6 +37,9 @@ pub const USER_HEADER: &str = "x-user-id";
 pub const USER_COOKIE: &str = "demo_user";
 /// The longest post accepted, in characters.
 pub const MAX_POST_CHARS: usize = 2_000;
+/// The response header that carries the lab's counter (see
+/// [`LabOptions::counter`]).
+pub const COUNTER_HEADER: &str = "x-lab-counter";
 
 /// How the app's layer is configured.
 #[derive(Clone, Debug)]
@@ -59,6 +62,23 @@ pub struct AppConfig {
     /// returns on its own: the app must bound its requests. `None` leaves
     /// them unbounded.
     pub request_timeout: Option<Duration>,
+}
+
+/// What the lab adds to the app beyond [`AppConfig`], kept apart so that
+/// the example's, the tests' and the drills' configurations stay as they
+/// are. [`router`] leaves both off.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LabOptions {
+    /// Monotonic reads on the layer
+    /// ([`ReadAfterWriteLayer::monotonic_reads`]).
+    pub monotonic_reads: bool,
+    /// Every read endpoint of the API (own posts, feed, profiles) also reads
+    /// `lab_counter` (one row, one `value` column, which the lab creates and
+    /// advances on the primary) on the pool its read used, right after that
+    /// read, and answers it in the [`COUNTER_HEADER`] header. A pool is one
+    /// node, so the value is what that node had replayed: the lab compares
+    /// it across a session's reads to count monotonic-read violations.
+    pub counter: bool,
 }
 
 /// Runs the schema migrations on the primary.
@@ -93,11 +113,25 @@ pub fn metrics_handle() -> PrometheusHandle {
 struct AppState {
     replicas: PgReplicaSet,
     metrics: PrometheusHandle,
+    lab: LabOptions,
 }
 
 /// The whole app: API, HTML page and operations endpoints, with the
 /// read-after-write layer over every route that touches the database.
 pub fn router<B>(backend: B, replicas: PgReplicaSet, config: &AppConfig) -> Router
+where
+    B: Backend<Pool = PgPool>,
+{
+    router_with(backend, replicas, config, LabOptions::default())
+}
+
+/// [`router`] with what the lab adds (see [`LabOptions`]).
+pub fn router_with<B>(
+    backend: B,
+    replicas: PgReplicaSet,
+    config: &AppConfig,
+    lab: LabOptions,
+) -> Router
 where
     B: Backend<Pool = PgPool>,
 {
@@ -110,13 +144,15 @@ where
         .identity(identity)
         .secure(config.cookie_secure)
         .max_wait(config.max_wait)
-        .debug_header(config.debug_header);
+        .debug_header(config.debug_header)
+        .monotonic_reads(lab.monotonic_reads);
     if let Some(window) = config.time_window {
         layer = layer.time_window(window);
     }
     let state = AppState {
         replicas,
         metrics: metrics_handle(),
+        lab,
     };
     let router = Router::new()
         .route("/", get(home::<B>))
@@ -323,15 +359,40 @@ async fn insert_post<B: Backend<Pool = PgPool>>(
     Ok(id)
 }
 
+/// The user's own posts, and the lab's counter on the same node when
+/// `counter` is on.
 async fn own_posts<B: Backend<Pool = PgPool>>(
     db: &Db<B>,
     user: i64,
-) -> Result<Vec<Post>, AppError> {
+    counter: bool,
+) -> Result<(Vec<Post>, Option<i64>), AppError> {
     let sql = select_posts!("from posts where user_id = $1 order by id desc limit 100");
-    Ok(sqlx::query_as(sql)
-        .bind(user)
-        .fetch_all(db.read().await)
-        .await?)
+    let pool = db.read().await;
+    let posts = sqlx::query_as(sql).bind(user).fetch_all(pool).await?;
+    Ok((posts, lab_counter(pool, counter).await?))
+}
+
+/// `lab_counter`'s value on `pool`, the node a read has just used, when the
+/// lab asks for it ([`LabOptions::counter`]); `None` otherwise.
+async fn lab_counter(pool: &PgPool, enabled: bool) -> Result<Option<i64>, AppError> {
+    if !enabled {
+        return Ok(None);
+    }
+    let (value,): (i64,) = sqlx::query_as("select value from lab_counter")
+        .fetch_one(pool)
+        .await?;
+    Ok(Some(value))
+}
+
+/// `body` with the lab's counter in the [`COUNTER_HEADER`] header, if read.
+fn with_counter(body: impl IntoResponse, counter: Option<i64>) -> Response {
+    let mut response = body.into_response();
+    if let Some(value) = counter {
+        response
+            .headers_mut()
+            .insert(COUNTER_HEADER, axum::http::HeaderValue::from(value));
+    }
+    response
 }
 
 /// `POST /api/posts {"content"}`: 201 with the id.
@@ -346,16 +407,24 @@ async fn create_post<B: Backend<Pool = PgPool>>(
 
 /// `GET /api/posts`: the user's own posts, newest first. Session-consistent.
 async fn my_posts<B: Backend<Pool = PgPool>>(
+    State(state): State<AppState>,
     db: Db<B>,
     DemoUser(user): DemoUser,
-) -> Result<Json<Vec<Post>>, AppError> {
-    Ok(Json(own_posts(&db, user).await?))
+) -> Result<Response, AppError> {
+    let (posts, counter) = own_posts(&db, user, state.lab.counter).await?;
+    Ok(with_counter(Json(posts), counter))
 }
 
 /// `GET /api/feed`: the latest 100 posts by anyone. Eventual.
-async fn feed<B: Backend<Pool = PgPool>>(db: Db<B>) -> Result<Json<Vec<Post>>, AppError> {
+async fn feed<B: Backend<Pool = PgPool>>(
+    State(state): State<AppState>,
+    db: Db<B>,
+) -> Result<Response, AppError> {
     let sql = select_posts!("from posts order by id desc limit 100");
-    Ok(Json(sqlx::query_as(sql).fetch_all(db.eventual()).await?))
+    let pool = db.eventual();
+    let posts: Vec<Post> = sqlx::query_as(sql).fetch_all(pool).await?;
+    let counter = lab_counter(pool, state.lab.counter).await?;
+    Ok(with_counter(Json(posts), counter))
 }
 
 /// `GET /api/posts/{id}`: one post, a critical read from the primary.
@@ -400,15 +469,22 @@ async fn put_profile<B: Backend<Pool = PgPool>>(
 /// `GET /api/profile/{user_id}`: session-consistent, so a user sees their
 /// own edit at once.
 async fn get_profile<B: Backend<Pool = PgPool>>(
+    State(state): State<AppState>,
     db: Db<B>,
     Path(user_id): Path<i64>,
-) -> Result<Json<Profile>, AppError> {
+) -> Result<Response, AppError> {
+    let pool = db.read().await;
     let profile: Option<Profile> =
         sqlx::query_as("select user_id, name, bio from profiles where user_id = $1")
             .bind(user_id)
-            .fetch_optional(db.read().await)
+            .fetch_optional(pool)
             .await?;
-    profile.map(Json).ok_or(AppError::NotFound)
+    let counter = lab_counter(pool, state.lab.counter).await?;
+    Ok(match profile {
+        Some(profile) => with_counter(Json(profile), counter),
+        // A 404 read a node too, so it carries the counter as well.
+        None => with_counter(AppError::NotFound, counter),
+    })
 }
 
 /// `GET /healthz`: 200 with each replica's state once the pools are up.
@@ -485,7 +561,7 @@ async fn home<B: Backend<Pool = PgPool>>(
              <button>Sign in</button></form>",
         )));
     };
-    let posts = own_posts(&db, user).await?;
+    let (posts, _) = own_posts(&db, user, false).await?;
     let mut body = format!(
         "<p>Signed in as user {user}.</p>\
          <form method=post action=/posts><textarea name=content rows=3 cols=60 required maxlength={MAX_POST_CHARS}></textarea><br>\

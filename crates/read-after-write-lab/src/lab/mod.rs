@@ -2,6 +2,17 @@
 //! routing strategy over real HTTP on loopback, under the same workload, so
 //! the guarantee and its cost are measured side by side.
 //!
+//! Each strategy runs on [`INSTANCES`] app instances, each with its own
+//! replica set (so its own tracker) and its own layer, sharing the signing
+//! keys, as stateless web instances behind a load balancer do. Every user
+//! alternates its requests between them.
+//!
+//! Meanwhile a writer advances `lab_counter` on the primary every
+//! [`LabConfig::counter_interval`], and every read answers the counter its
+//! node had (see [`LabOptions::counter`]): a session whose read sees a
+//! smaller counter than an earlier read of its own has seen the database go
+//! back in time, a monotonic-read violation.
+//!
 //! # Layout
 //!
 //! - [`strategy`]: the strategies compared and the two baseline backends.
@@ -12,6 +23,7 @@ pub mod report;
 pub mod strategy;
 pub mod workload;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,10 +32,14 @@ use read_after_write::pg::{PgReplicaSet, Selection};
 use read_after_write::{KeySet, SigningKey};
 use read_after_write_testkit::TestCluster;
 use serde::Serialize;
+use sqlx::Connection;
 
 use self::strategy::{PrimaryOnly, RandomReplica, Strategy};
 use self::workload::{Live, Workload};
-use crate::social::{self, AppConfig};
+use crate::social::{self, AppConfig, LabOptions};
+
+/// App instances per strategy, each with its own replica set and layer.
+pub const INSTANCES: usize = 2;
 
 /// How the lab runs.
 #[derive(Clone, Debug)]
@@ -34,13 +50,15 @@ pub struct LabConfig {
     pub strategies: Vec<Strategy>,
     /// The workload each strategy gets.
     pub workload: Workload,
-    /// `max_wait` for `lsn-wait`.
+    /// `max_wait` for `lsn-wait` and `monotonic`.
     pub lsn_wait: Duration,
     /// How often replicas are polled while reads wait.
     pub wait_poll: Duration,
     /// Unmeasured load before each strategy's run, so pools, caches and
     /// plans are warm for every strategy alike, not just the later ones.
     pub warmup: Duration,
+    /// How often the background writer advances `lab_counter`.
+    pub counter_interval: Duration,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -72,6 +90,24 @@ pub struct StrategyResult {
     pub requests_per_second: f64,
     /// Failed requests.
     pub errors: u64,
+    /// Sessions (virtual users) whose reads were checked for monotonic
+    /// reads.
+    pub sessions: u64,
+    /// Of those, how many saw the database go back in time at least once.
+    pub sessions_with_violations: u64,
+    /// Reads that answered the counter, each checked against its session's
+    /// earlier reads.
+    pub counter_reads: u64,
+    /// Reads that saw a smaller counter than an earlier read of the same
+    /// session (reads of a session never overlap: each ended before the
+    /// next began).
+    pub monotonic_violations: u64,
+    /// Share of read responses that set the affinity cookie (a new token),
+    /// 0 to 1.
+    pub read_token_share: f64,
+    /// How many times the writer advanced the counter during the measured
+    /// run (about duration / counter interval when it kept pace).
+    pub counter_advances: u64,
 }
 
 /// Everything one lab run produced.
@@ -89,6 +125,10 @@ pub struct LabReport {
     pub cluster_start_s: f64,
     /// CPU cores of the machine.
     pub cores: usize,
+    /// App instances per strategy.
+    pub instances: usize,
+    /// How often the writer advanced the counter, milliseconds.
+    pub counter_interval_ms: f64,
     /// One row per strategy.
     pub results: Vec<StrategyResult>,
 }
@@ -105,11 +145,14 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
     {
         let primary = sqlx::PgPool::connect(cluster.primary_url()).await?;
         social::migrate(&primary).await?;
+        create_counter(&primary).await?;
         primary.close().await;
     }
+    // The replicas have the counter's table and row before any read asks.
     cluster
         .wait_for_replicas_caught_up(Duration::from_secs(30))
         .await?;
+    let counter = CounterWriter::start(cluster.primary_url(), config.counter_interval).await?;
 
     let keys = KeySet::new(SigningKey::generate()?);
     let mut results = Vec::with_capacity(config.strategies.len());
@@ -118,8 +161,16 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
             first_user: 1_000_000 * (index as i64 + 1),
             ..config.workload.clone()
         };
-        results.push(run_strategy(&cluster, strategy, &keys, &workload, config).await?);
+        let result = run_strategy(&cluster, strategy, &keys, &workload, config, &counter).await;
+        match result {
+            Ok(result) => results.push(result),
+            Err(error) => {
+                counter.stop().await;
+                return Err(error);
+            }
+        }
     }
+    counter.stop().await;
     Ok(LabReport {
         lags_ms: config.lags.iter().map(|d| d.as_millis() as u64).collect(),
         users: config.workload.users,
@@ -127,8 +178,169 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
         write_ratio: config.workload.write_ratio,
         cluster_start_s,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        instances: INSTANCES,
+        counter_interval_ms: config.counter_interval.as_secs_f64() * 1000.0,
         results,
     })
+}
+
+/// Creates `lab_counter`, the one-row table the writer advances and every
+/// read answers (see [`LabOptions::counter`]).
+async fn create_counter(primary: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("create table if not exists lab_counter (value bigint not null)")
+        .execute(primary)
+        .await?;
+    sqlx::query(
+        "insert into lab_counter (value) select 0 where not exists (select from lab_counter)",
+    )
+    .execute(primary)
+    .await?;
+    Ok(())
+}
+
+/// The background writer: advances `lab_counter` on the primary every
+/// interval, on a connection of its own, for the whole run.
+struct CounterWriter {
+    advances: Arc<AtomicU64>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CounterWriter {
+    async fn start(primary_url: &str, interval: Duration) -> Result<Self, sqlx::Error> {
+        let mut connection = sqlx::PgConnection::connect(primary_url).await?;
+        let advances = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let counted = Arc::clone(&advances);
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            // A late tick is late, not a burst: the counter's pace stays even.
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = ticks.tick() => {}
+                }
+                let update = sqlx::query("update lab_counter set value = value + 1")
+                    .execute(&mut connection)
+                    .await;
+                match update {
+                    Ok(_) => {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        // The counter stands still from here: `counter_advances`
+                        // shows it, and naive's negative control fails.
+                        tracing::error!(%error, "the lab counter stopped advancing");
+                        break;
+                    }
+                }
+            }
+            let _ = connection.close().await;
+        });
+        Ok(CounterWriter {
+            advances,
+            stop,
+            task,
+        })
+    }
+
+    /// Advances so far.
+    fn advances(&self) -> u64 {
+        self.advances.load(Ordering::Relaxed)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// One app instance: its own replica set (so its own tracker) and layer,
+/// served over HTTP on loopback.
+struct Instance {
+    base: String,
+    replicas: PgReplicaSet,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Instance {
+    async fn start(
+        cluster: &TestCluster,
+        strategy: Strategy,
+        keys: &KeySet,
+        workload: &Workload,
+        config: &LabConfig,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let selection = match strategy {
+            Strategy::Naive => Selection::Random,
+            _ => Selection::RoundRobin,
+        };
+        let mut builder = PgReplicaSet::builder()
+            .primary_url(cluster.primary_url())
+            .selection(selection)
+            .wait_poll_interval(config.wait_poll)
+            .max_connections(workload.users.clamp(4, 32) as u32);
+        for replica in cluster.replicas() {
+            builder = builder.replica_url(replica.name(), replica.url());
+        }
+        let replicas = builder.connect().await?;
+        let app_config = AppConfig {
+            keys: keys.clone(),
+            cookie_secure: false,
+            max_wait: strategy.max_wait(config.lsn_wait),
+            // The lab counts where reads went from this header.
+            debug_header: true,
+            time_window: (strategy == Strategy::TimeWindow).then_some(Duration::from_secs(5)),
+            // The baselines route without tokens: no token is read or issued.
+            tokens: !matches!(strategy, Strategy::Naive | Strategy::Primary),
+            request_timeout: Some(Duration::from_secs(5)),
+        };
+        let lab = LabOptions {
+            monotonic_reads: strategy == Strategy::Monotonic,
+            counter: true,
+        };
+        let router = match strategy {
+            Strategy::Naive => social::router_with(
+                RandomReplica::new(replicas.clone()),
+                replicas.clone(),
+                &app_config,
+                lab,
+            ),
+            Strategy::Primary => social::router_with(
+                PrimaryOnly::new(replicas.clone()),
+                replicas.clone(),
+                &app_config,
+                lab,
+            ),
+            Strategy::TimeWindow | Strategy::Lsn | Strategy::LsnWait | Strategy::Monotonic => {
+                social::router_with(replicas.clone(), replicas.clone(), &app_config, lab)
+            }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ok(Instance {
+            base,
+            replicas,
+            stop,
+            server,
+        })
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.server.await;
+        self.replicas.shutdown().await;
+    }
 }
 
 async fn run_strategy(
@@ -137,60 +349,22 @@ async fn run_strategy(
     keys: &KeySet,
     workload: &Workload,
     config: &LabConfig,
+    counter: &CounterWriter,
 ) -> Result<StrategyResult, Box<dyn std::error::Error>> {
-    let selection = match strategy {
-        Strategy::Naive => Selection::Random,
-        _ => Selection::RoundRobin,
-    };
-    let mut builder = PgReplicaSet::builder()
-        .primary_url(cluster.primary_url())
-        .selection(selection)
-        .wait_poll_interval(config.wait_poll)
-        .max_connections(workload.users.clamp(4, 32) as u32);
-    for replica in cluster.replicas() {
-        builder = builder.replica_url(replica.name(), replica.url());
-    }
-    let replicas = builder.connect().await?;
-    let max_wait = match strategy {
-        Strategy::LsnWait => config.lsn_wait,
-        _ => Duration::ZERO,
-    };
-    let app_config = AppConfig {
-        keys: keys.clone(),
-        cookie_secure: false,
-        max_wait,
-        // The lab counts where reads went from this header.
-        debug_header: true,
-        time_window: (strategy == Strategy::TimeWindow).then_some(Duration::from_secs(5)),
-        // The baselines route without tokens: no token is read or issued.
-        tokens: !matches!(strategy, Strategy::Naive | Strategy::Primary),
-        request_timeout: Some(Duration::from_secs(5)),
-    };
-    let router = match strategy {
-        Strategy::Naive => social::router(
-            RandomReplica::new(replicas.clone()),
-            replicas.clone(),
-            &app_config,
-        ),
-        Strategy::Primary => social::router(
-            PrimaryOnly::new(replicas.clone()),
-            replicas.clone(),
-            &app_config,
-        ),
-        Strategy::TimeWindow | Strategy::Lsn | Strategy::LsnWait => {
-            social::router(replicas.clone(), replicas.clone(), &app_config)
+    let mut instances = Vec::with_capacity(INSTANCES);
+    for _ in 0..INSTANCES {
+        match Instance::start(cluster, strategy, keys, workload, config).await {
+            Ok(instance) => instances.push(instance),
+            Err(error) => {
+                for instance in instances {
+                    instance.stop().await;
+                }
+                return Err(error);
+            }
         }
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    }
+    let bases: Vec<String> = instances.iter().map(|i| i.base.clone()).collect();
+    let max_wait = strategy.max_wait(config.lsn_wait);
 
     if !config.warmup.is_zero() {
         let warmup = Workload {
@@ -198,7 +372,7 @@ async fn run_strategy(
             first_user: workload.first_user + 500_000,
             ..workload.clone()
         };
-        workload::run(&base, &warmup, Arc::new(Live::default())).await;
+        workload::run(&bases, &warmup, Arc::new(Live::default())).await;
     }
     let live = Arc::new(Live::default());
     let bar = progress_bar(config.progress, strategy, workload.duration);
@@ -213,9 +387,10 @@ async fn run_strategy(
                 let done = started.elapsed().min(total);
                 bar.set_position(done.as_millis() as u64);
                 bar.set_message(format!(
-                    "{} requests, {} stale",
-                    live.requests.load(std::sync::atomic::Ordering::Relaxed),
-                    live.stale.load(std::sync::atomic::Ordering::Relaxed)
+                    "{} requests, {} stale, {} went back in time",
+                    live.requests.load(Ordering::Relaxed),
+                    live.stale.load(Ordering::Relaxed),
+                    live.violations.load(Ordering::Relaxed)
                 ));
                 if done >= total {
                     break;
@@ -223,12 +398,14 @@ async fn run_strategy(
             }
         })
     };
-    let measured = workload::run(&base, workload, Arc::clone(&live)).await;
+    let advances_before = counter.advances();
+    let measured = workload::run(&bases, workload, Arc::clone(&live)).await;
+    let counter_advances = counter.advances() - advances_before;
     ticker.abort();
     bar.finish_and_clear();
-    let _ = stop.send(());
-    let _ = server.await;
-    replicas.shutdown().await;
+    for instance in instances {
+        instance.stop().await;
+    }
 
     let ms = |micros: u64| micros as f64 / 1000.0;
     let requests = measured.reads + measured.writes;
@@ -238,18 +415,29 @@ async fn run_strategy(
         own_reads: measured.own_reads,
         stale_own_reads: measured.stale_own_reads,
         reads: measured.reads,
-        primary_read_share: if measured.reads == 0 {
-            0.0
-        } else {
-            measured.primary_reads as f64 / measured.reads as f64
-        },
+        primary_read_share: share(measured.primary_reads, measured.reads),
         read_p50_ms: ms(measured.read_latency.value_at_quantile(0.5)),
         read_p99_ms: ms(measured.read_latency.value_at_quantile(0.99)),
         write_p50_ms: ms(measured.write_latency.value_at_quantile(0.5)),
         writes: measured.writes,
         requests_per_second: requests as f64 / measured.elapsed.as_secs_f64().max(1e-9),
         errors: measured.errors,
+        sessions: measured.sessions,
+        sessions_with_violations: measured.sessions_with_violations,
+        counter_reads: measured.counter_reads,
+        monotonic_violations: measured.monotonic_violations,
+        read_token_share: share(measured.read_tokens, measured.reads),
+        counter_advances,
     })
+}
+
+/// `part` of `whole`, 0 to 1 (0 when there is no whole).
+fn share(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
 }
 
 fn progress_bar(enabled: bool, strategy: Strategy, duration: Duration) -> ProgressBar {

@@ -8,12 +8,16 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{LabReport, StrategyResult};
 
-const COLUMNS: [&str; 10] = [
+const COLUMNS: [&str; 14] = [
     "strategy",
     "max_wait",
     "own reads",
     "stale own",
+    "reads checked",
+    "went back",
+    "sessions back",
     "primary share",
+    "token reads",
     "read p50",
     "read p99",
     "write p50",
@@ -21,7 +25,7 @@ const COLUMNS: [&str; 10] = [
     "errors",
 ];
 
-fn cells(r: &StrategyResult) -> [String; 10] {
+fn cells(r: &StrategyResult) -> [String; 14] {
     [
         r.strategy.name().to_owned(),
         if r.max_wait_ms == 0 {
@@ -31,7 +35,11 @@ fn cells(r: &StrategyResult) -> [String; 10] {
         },
         r.own_reads.to_string(),
         r.stale_own_reads.to_string(),
+        r.counter_reads.to_string(),
+        r.monotonic_violations.to_string(),
+        format!("{}/{}", r.sessions_with_violations, r.sessions),
         format!("{:.1} %", r.primary_read_share * 100.0),
+        format!("{:.1} %", r.read_token_share * 100.0),
         format!("{:.2} ms", r.read_p50_ms),
         format!("{:.2} ms", r.read_p99_ms),
         format!("{:.2} ms", r.write_p50_ms),
@@ -43,18 +51,23 @@ fn cells(r: &StrategyResult) -> [String; 10] {
 fn describe(report: &LabReport) -> String {
     let lags: Vec<String> = report.lags_ms.iter().map(|ms| format!("{ms} ms")).collect();
     format!(
-        "{} virtual users for {:.0} s per strategy, write ratio {}, replicas lagging {} ({} cores)",
+        "{} virtual users for {:.0} s per strategy over {} app instances, write ratio {}, \
+         replicas lagging {}, a counter advanced every {} ms ({} cores)\n\
+         went back: reads that saw an older counter than an earlier read of their session \
+         (monotonic-read violations); token reads: read responses that set a new token",
         report.users,
         report.duration_s,
+        report.instances,
         report.write_ratio,
         lags.join(" and "),
+        report.counter_interval_ms,
         report.cores
     )
 }
 
 /// The table for a terminal.
 pub fn table(report: &LabReport) -> String {
-    let rows: Vec<[String; 10]> = report.results.iter().map(cells).collect();
+    let rows: Vec<[String; 14]> = report.results.iter().map(cells).collect();
     let mut widths = COLUMNS.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -108,12 +121,13 @@ pub fn write_files(report: &LabReport, dir: &Path) -> Result<(), Box<dyn std::er
     Ok(())
 }
 
-/// Two bar charts side by side: primary read share and stale own reads per
-/// strategy.
+/// Three bar charts side by side: primary read share, stale own reads and
+/// monotonic-read violations per strategy.
 fn chart(report: &LabReport, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    let root = SVGBackend::new(path, (1440, 420)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(480);
+    let (left, rest) = root.split_horizontally(480);
+    let (middle, right) = rest.split_horizontally(480);
     let names: Vec<&str> = report.results.iter().map(|r| r.strategy.name()).collect();
     let shares: Vec<f64> = report
         .results
@@ -135,12 +149,26 @@ fn chart(report: &LabReport, path: &Path) -> Result<(), Box<dyn std::error::Erro
     )?;
     let stale_max = stale.iter().copied().fold(1.0, f64::max) * 1.15;
     bars(
-        &right,
+        &middle,
         "Stale own reads",
         &names,
         &stale,
         stale_max,
         &RGBColor(204, 0, 0),
+    )?;
+    let back: Vec<f64> = report
+        .results
+        .iter()
+        .map(|r| r.monotonic_violations as f64)
+        .collect();
+    let back_max = back.iter().copied().fold(1.0, f64::max) * 1.15;
+    bars(
+        &right,
+        "Reads that went back in time",
+        &names,
+        &back,
+        back_max,
+        &RGBColor(245, 121, 0),
     )?;
     root.present()?;
     Ok(())

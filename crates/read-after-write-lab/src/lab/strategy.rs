@@ -24,16 +24,20 @@ pub enum Strategy {
     Lsn,
     /// The library with a `max_wait` a little above the smaller lag.
     LsnWait,
+    /// `lsn-wait` with monotonic reads on the layer: a session also never
+    /// reads an older state than it has read before.
+    Monotonic,
 }
 
 impl Strategy {
     /// Every strategy, in the order the lab runs them.
-    pub const ALL: [Strategy; 5] = [
+    pub const ALL: [Strategy; 6] = [
         Strategy::Naive,
         Strategy::Primary,
         Strategy::TimeWindow,
         Strategy::Lsn,
         Strategy::LsnWait,
+        Strategy::Monotonic,
     ];
 
     /// The name used on the command line and in reports.
@@ -44,6 +48,7 @@ impl Strategy {
             Strategy::TimeWindow => "time-window",
             Strategy::Lsn => "lsn",
             Strategy::LsnWait => "lsn-wait",
+            Strategy::Monotonic => "monotonic",
         }
     }
 
@@ -51,6 +56,22 @@ impl Strategy {
     /// stale own reads for these in `--check` mode).
     pub fn promises_read_your_writes(self) -> bool {
         !matches!(self, Strategy::Naive)
+    }
+
+    /// Whether the strategy promises monotonic reads (the lab asserts 0
+    /// violations for these in `--check` mode). `primary` keeps it
+    /// trivially, every read on one node, so it also checks the checker.
+    pub fn promises_monotonic_reads(self) -> bool {
+        matches!(self, Strategy::Monotonic | Strategy::Primary)
+    }
+
+    /// The `max_wait` the strategy's reads wait for a replica: `lsn_wait`
+    /// where the strategy waits, else zero.
+    pub fn max_wait(self, lsn_wait: Duration) -> Duration {
+        match self {
+            Strategy::LsnWait | Strategy::Monotonic => lsn_wait,
+            _ => Duration::ZERO,
+        }
     }
 }
 
@@ -68,7 +89,7 @@ impl std::str::FromStr for Strategy {
             .into_iter()
             .find(|strategy| strategy.name() == s)
             .ok_or_else(|| {
-                format!("unknown strategy {s:?}; use naive, primary, time-window, lsn or lsn-wait")
+                format!("unknown strategy {s:?}; use naive, primary, time-window, lsn, lsn-wait or monotonic")
             })
     }
 }
