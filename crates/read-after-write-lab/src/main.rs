@@ -2,7 +2,7 @@
 //! their cost on a real lagging PostgreSQL cluster, strategy by strategy.
 //!
 //! ```sh
-//! cargo run --release                       # defaults: about two and a half minutes
+//! cargo run --release                       # defaults: open loop, 400 actions/s
 //! cargo run --release -- --duration 3s --warmup 500ms --users 16 --check   # CI's short run
 //! cargo run --release -- --json > results.json
 //! ```
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use read_after_write_lab::lab::strategy::Strategy;
-use read_after_write_lab::lab::workload::Workload;
+use read_after_write_lab::lab::workload::{Arrivals, Workload};
 use read_after_write_lab::lab::{self, report, LabConfig};
 
 /// Measure read-your-writes and monotonic reads on a throwaway primary with
@@ -26,7 +26,23 @@ struct Args {
     /// Replica apply delays, one replica each (comma-separated, e.g. 30ms,120ms).
     #[arg(long, value_delimiter = ',', value_parser = parse_duration, default_value = "10ms,150ms")]
     lag: Vec<Duration>,
-    /// Virtual users, each with its own cookie jar.
+    /// Offered load: actions per second, Poisson arrivals (a write action
+    /// is a post and the read of the user's own posts after it, so HTTP
+    /// requests per second are about rate × (1 + write ratio)).
+    #[arg(long, default_value_t = 400.0)]
+    rate: f64,
+    /// Closed loop instead: every user acts again as soon as its last
+    /// action ended (after a 1 to 10 ms think time), flat out. For capacity
+    /// runs; latency then measures saturation as much as cost.
+    #[arg(long)]
+    closed_loop: bool,
+    /// Seeds the arrival times and the users' choices (the same for every
+    /// strategy).
+    #[arg(long, default_value_t = 11)]
+    seed: u64,
+    /// Virtual users (sessions), each with its own cookie jar. In the open
+    /// loop, how many actions can be in flight at once: an arrival that
+    /// finds every session busy is dropped and counted.
     #[arg(long, default_value_t = 64)]
     users: usize,
     /// How long each strategy runs (e.g. 20s, 500ms).
@@ -112,6 +128,10 @@ async fn main() -> ExitCode {
         eprintln!("--counter-interval must be above zero");
         return ExitCode::from(2);
     }
+    if !args.closed_loop && !(args.rate.is_finite() && args.rate > 0.0) {
+        eprintln!("--rate must be above zero");
+        return ExitCode::from(2);
+    }
     if !(0.0..=1.0).contains(&args.write_ratio) {
         eprintln!("--write-ratio must be between 0 and 1");
         return ExitCode::from(2);
@@ -130,8 +150,15 @@ async fn main() -> ExitCode {
             users: args.users.max(1),
             duration: args.duration,
             write_ratio: args.write_ratio,
-            think: (Duration::from_millis(1), Duration::from_millis(10)),
+            arrivals: if args.closed_loop {
+                Arrivals::Closed {
+                    think: (Duration::from_millis(1), Duration::from_millis(10)),
+                }
+            } else {
+                Arrivals::Open { rate: args.rate }
+            },
             first_user: 0,
+            seed: args.seed,
         },
         progress: !args.json,
     };

@@ -35,7 +35,7 @@ use serde::Serialize;
 use sqlx::Connection;
 
 use self::strategy::{PrimaryOnly, RandomReplica, Strategy};
-use self::workload::{Live, Workload};
+use self::workload::{Arrivals, Live, Workload};
 use crate::social::{self, AppConfig, LabOptions};
 
 /// App instances per strategy, each with its own replica set and layer.
@@ -86,8 +86,22 @@ pub struct StrategyResult {
     pub write_p50_ms: f64,
     /// Writes.
     pub writes: u64,
-    /// Requests per second over the run.
+    /// HTTP requests per second over the run (a write action makes two).
     pub requests_per_second: f64,
+    /// Actions offered per second: arrivals over the arrival window (open
+    /// loop), or actions started per second (closed loop).
+    pub offered_rps: f64,
+    /// Actions that ended without an error, per second of the window.
+    pub achieved_rps: f64,
+    /// Arrivals dropped because every session was busy (open loop).
+    pub dropped_arrivals: u64,
+    /// Actions still in flight long after arrivals stopped, abandoned.
+    pub abandoned_actions: u64,
+    /// Latency of a session's first read after its own write (the page
+    /// after the post's redirect), median, milliseconds.
+    pub post_write_read_p50_ms: f64,
+    /// The same, 99th percentile, milliseconds.
+    pub post_write_read_p99_ms: f64,
     /// Failed requests.
     pub errors: u64,
     /// Sessions (virtual users) whose reads were checked for monotonic
@@ -115,8 +129,12 @@ pub struct StrategyResult {
 pub struct LabReport {
     /// The replicas' apply delays, milliseconds.
     pub lags_ms: Vec<u64>,
-    /// Virtual users.
+    /// Virtual users (sessions).
     pub users: usize,
+    /// `open` (a fixed offered rate) or `closed` (users act flat out).
+    pub load: &'static str,
+    /// Offered actions per second in the open loop; 0 in the closed loop.
+    pub rate: f64,
     /// Seconds per strategy.
     pub duration_s: f64,
     /// Write probability per step.
@@ -174,6 +192,14 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
     Ok(LabReport {
         lags_ms: config.lags.iter().map(|d| d.as_millis() as u64).collect(),
         users: config.workload.users,
+        load: match config.workload.arrivals {
+            Arrivals::Open { .. } => "open",
+            Arrivals::Closed { .. } => "closed",
+        },
+        rate: match config.workload.arrivals {
+            Arrivals::Open { rate } => rate,
+            Arrivals::Closed { .. } => 0.0,
+        },
         duration_s: config.workload.duration.as_secs_f64(),
         write_ratio: config.workload.write_ratio,
         cluster_start_s,
@@ -366,12 +392,17 @@ async fn run_strategy(
     let bases: Vec<String> = instances.iter().map(|i| i.base.clone()).collect();
     let max_wait = strategy.max_wait(config.lsn_wait);
 
+    workload::prepare(&bases, workload).await;
     if !config.warmup.is_zero() {
+        // The warm-up's users are others, with other choices, so the
+        // measured users start with empty cookie jars.
         let warmup = Workload {
             duration: config.warmup,
             first_user: workload.first_user + 500_000,
+            seed: workload.seed.wrapping_add(500_000),
             ..workload.clone()
         };
+        workload::prepare(&bases, &warmup).await;
         workload::run(&bases, &warmup, Arc::new(Live::default())).await;
     }
     let live = Arc::new(Live::default());
@@ -387,8 +418,9 @@ async fn run_strategy(
                 let done = started.elapsed().min(total);
                 bar.set_position(done.as_millis() as u64);
                 bar.set_message(format!(
-                    "{} requests, {} stale, {} went back in time",
+                    "{} requests, {} dropped, {} stale, {} went back in time",
                     live.requests.load(Ordering::Relaxed),
+                    live.dropped.load(Ordering::Relaxed),
                     live.stale.load(Ordering::Relaxed),
                     live.violations.load(Ordering::Relaxed)
                 ));
@@ -409,6 +441,7 @@ async fn run_strategy(
 
     let ms = |micros: u64| micros as f64 / 1000.0;
     let requests = measured.reads + measured.writes;
+    let seconds = measured.elapsed.as_secs_f64().max(1e-9);
     Ok(StrategyResult {
         strategy,
         max_wait_ms: max_wait.as_millis() as u64,
@@ -420,7 +453,13 @@ async fn run_strategy(
         read_p99_ms: ms(measured.read_latency.value_at_quantile(0.99)),
         write_p50_ms: ms(measured.write_latency.value_at_quantile(0.5)),
         writes: measured.writes,
-        requests_per_second: requests as f64 / measured.elapsed.as_secs_f64().max(1e-9),
+        requests_per_second: requests as f64 / seconds,
+        offered_rps: measured.arrivals as f64 / seconds,
+        achieved_rps: measured.served as f64 / seconds,
+        dropped_arrivals: measured.dropped,
+        abandoned_actions: measured.abandoned,
+        post_write_read_p50_ms: ms(measured.post_write_read_latency.value_at_quantile(0.5)),
+        post_write_read_p99_ms: ms(measured.post_write_read_latency.value_at_quantile(0.99)),
         errors: measured.errors,
         sessions: measured.sessions,
         sessions_with_violations: measured.sessions_with_violations,

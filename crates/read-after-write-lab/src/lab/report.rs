@@ -8,7 +8,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{LabReport, StrategyResult};
 
-const COLUMNS: [&str; 14] = [
+const COLUMNS: [&str; 17] = [
     "strategy",
     "max_wait",
     "own reads",
@@ -20,12 +20,15 @@ const COLUMNS: [&str; 14] = [
     "token reads",
     "read p50",
     "read p99",
+    "post-write p99",
     "write p50",
-    "req/s",
+    "offered/s",
+    "served/s",
+    "dropped",
     "errors",
 ];
 
-fn cells(r: &StrategyResult) -> [String; 14] {
+fn cells(r: &StrategyResult) -> [String; 17] {
     [
         r.strategy.name().to_owned(),
         if r.max_wait_ms == 0 {
@@ -42,20 +45,32 @@ fn cells(r: &StrategyResult) -> [String; 14] {
         format!("{:.1} %", r.read_token_share * 100.0),
         format!("{:.2} ms", r.read_p50_ms),
         format!("{:.2} ms", r.read_p99_ms),
+        format!("{:.2} ms", r.post_write_read_p99_ms),
         format!("{:.2} ms", r.write_p50_ms),
-        format!("{:.0}", r.requests_per_second),
+        format!("{:.0}", r.offered_rps),
+        format!("{:.0}", r.achieved_rps),
+        r.dropped_arrivals.to_string(),
         r.errors.to_string(),
     ]
 }
 
 fn describe(report: &LabReport) -> String {
     let lags: Vec<String> = report.lags_ms.iter().map(|ms| format!("{ms} ms")).collect();
+    let load = if report.load == "open" {
+        format!(
+            "open loop: {:.0} actions/s offered (Poisson) to {} sessions",
+            report.rate, report.users
+        )
+    } else {
+        format!("closed loop: {} virtual users flat out", report.users)
+    };
     format!(
-        "{} virtual users for {:.0} s per strategy over {} app instances, write ratio {}, \
+        "{load}, {:.1} s per strategy over {} app instances, write ratio {}, \
          replicas lagging {}, a counter advanced every {} ms ({} cores)\n\
          went back: reads that saw an older counter than an earlier read of their session \
-         (monotonic-read violations); token reads: read responses that set a new token",
-        report.users,
+         (monotonic-read violations); token reads: read responses that set a new token; \
+         post-write: the own read right after a write; offered/served: actions per second \
+         (a write action is a post and its own read); dropped: arrivals that found every session busy",
         report.duration_s,
         report.instances,
         report.write_ratio,
@@ -67,7 +82,7 @@ fn describe(report: &LabReport) -> String {
 
 /// The table for a terminal.
 pub fn table(report: &LabReport) -> String {
-    let rows: Vec<[String; 14]> = report.results.iter().map(cells).collect();
+    let rows: Vec<[String; 17]> = report.results.iter().map(cells).collect();
     let mut widths = COLUMNS.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {

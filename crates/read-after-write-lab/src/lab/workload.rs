@@ -2,9 +2,25 @@
 //! posts, the feed and other users' profiles over real HTTP, and checking
 //! every own read for its last write and every read for monotonic reads.
 //!
-//! A user is one session: it sends one request at a time, alternating
-//! between the app instances, and awaits each response (body included)
-//! before the next. So each of its reads ended before its next began, and
+//! Two ways to load the app ([`Arrivals`]):
+//!
+//! - **Open loop** (the default): actions arrive at a fixed offered rate,
+//!   Poisson (exponential gaps from a seeded generator, so every strategy
+//!   gets the same arrival times). Each arrival is served by a free session;
+//!   an arrival that finds none is dropped and counted, never queued. So a
+//!   slow strategy shows as latency and drops at the same offered load, not
+//!   as a lower request rate that hides its cost.
+//! - **Closed loop**: every user sends its next action as soon as the last
+//!   one ended (plus a short think time): the app runs flat out, for
+//!   capacity runs.
+//!
+//! An action is a read (own posts, the feed or a profile), or a write and
+//! then at once a read of the user's own posts (the page after the post's
+//! redirect).
+//!
+//! A session is used by one action at a time, which awaits each response
+//! (body included) before the next request, alternating between the app
+//! instances. So each of its reads ended before its next began, and
 //! comparing a read with the session's earlier reads compares reads ordered
 //! in real time, as the monotonic-read rule asks: a read that saw a smaller
 //! [counter](crate::social::COUNTER_HEADER) than any earlier read of its
@@ -22,20 +38,50 @@ use read_after_write::middleware::DEFAULT_COOKIE_NAME;
 
 use crate::social::{Created, Post, COUNTER_HEADER};
 
+/// How actions arrive.
+#[derive(Clone, Debug)]
+pub enum Arrivals {
+    /// A fixed offered rate, Poisson: `rate` actions per second on average,
+    /// each served by a free session or dropped.
+    Open {
+        /// Actions offered per second.
+        rate: f64,
+    },
+    /// Every user acts again as soon as its last action ended, after a
+    /// think time drawn uniformly from this range.
+    Closed {
+        /// Think time between a user's actions.
+        think: (Duration, Duration),
+    },
+}
+
 /// What the users do.
 #[derive(Clone, Debug)]
 pub struct Workload {
-    /// How many users run at once.
+    /// How many sessions (users) there are: in the open loop, how many
+    /// actions can be in flight at once; in the closed loop, how many run.
     pub users: usize,
-    /// How long they run.
+    /// How long actions arrive (open loop) or users run (closed loop).
     pub duration: Duration,
-    /// Probability that a step is a write (followed at once by an own read).
+    /// Probability that an action is a write (followed at once by an own
+    /// read).
     pub write_ratio: f64,
-    /// Think time between steps: uniformly in this range.
-    pub think: (Duration, Duration),
+    /// Open or closed loop.
+    pub arrivals: Arrivals,
     /// First user id; users are `first_user..first_user + users`.
     pub first_user: i64,
+    /// Seeds the arrival times and every user's choices; the same seed
+    /// gives every strategy the same arrivals and the same actions.
+    pub seed: u64,
 }
+
+/// How long a request may take before the client gives up on it (the app's
+/// own request timeout is shorter), so every action ends.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the open loop waits, once arrivals have stopped, for the actions
+/// still in flight; after it they are abandoned and counted.
+const DRAIN_BOUND: Duration = Duration::from_secs(15);
 
 /// Live counters, for the progress bar.
 #[derive(Debug, Default)]
@@ -46,11 +92,22 @@ pub struct Live {
     pub stale: AtomicU64,
     /// Reads that saw an older counter than their session had seen.
     pub violations: AtomicU64,
+    /// Arrivals dropped because no session was free (open loop).
+    pub dropped: AtomicU64,
 }
 
 /// What one run of the workload measured.
 #[derive(Debug)]
 pub struct Measured {
+    /// Actions that arrived (open loop) or were started (closed loop).
+    pub arrivals: u64,
+    /// Actions that ended without an error.
+    pub served: u64,
+    /// Arrivals that found no free session and were dropped (open loop).
+    pub dropped: u64,
+    /// Actions still in flight [`DRAIN_BOUND`] after arrivals stopped,
+    /// abandoned (their sessions' measurements are lost).
+    pub abandoned: u64,
     /// Own-post reads checked for the user's last write.
     pub own_reads: u64,
     /// Of those, how many missed it.
@@ -77,15 +134,22 @@ pub struct Measured {
     pub read_tokens: u64,
     /// Read latency in microseconds.
     pub read_latency: Histogram<u64>,
+    /// Latency of the own read right after a write, microseconds.
+    pub post_write_read_latency: Histogram<u64>,
     /// Write latency in microseconds.
     pub write_latency: Histogram<u64>,
-    /// Wall time the users ran.
+    /// How long the load was offered: the arrival window (open loop) or the
+    /// users' running time (closed loop).
     pub elapsed: Duration,
 }
 
 impl Measured {
     fn empty() -> Self {
         Measured {
+            arrivals: 0,
+            served: 0,
+            dropped: 0,
+            abandoned: 0,
             own_reads: 0,
             stale_own_reads: 0,
             reads: 0,
@@ -98,12 +162,17 @@ impl Measured {
             monotonic_violations: 0,
             read_tokens: 0,
             read_latency: histogram(),
+            post_write_read_latency: histogram(),
             write_latency: histogram(),
             elapsed: Duration::ZERO,
         }
     }
 
     fn merge(&mut self, other: Measured) {
+        self.arrivals += other.arrivals;
+        self.served += other.served;
+        self.dropped += other.dropped;
+        self.abandoned += other.abandoned;
         self.own_reads += other.own_reads;
         self.stale_own_reads += other.stale_own_reads;
         self.reads += other.reads;
@@ -115,8 +184,11 @@ impl Measured {
         self.counter_reads += other.counter_reads;
         self.monotonic_violations += other.monotonic_violations;
         self.read_tokens += other.read_tokens;
-        // Both histograms have the same bounds, so adding cannot fail.
+        // All histograms have the same bounds, so adding cannot fail.
         let _ = self.read_latency.add(&other.read_latency);
+        let _ = self
+            .post_write_read_latency
+            .add(&other.post_write_read_latency);
         let _ = self.write_latency.add(&other.write_latency);
     }
 }
@@ -127,10 +199,9 @@ fn histogram() -> Histogram<u64> {
         .unwrap_or_else(|_| Histogram::new(3).expect("3 sigfigs is valid"))
 }
 
-/// Runs every user against the app instances at `bases` until the duration
-/// is up; each user alternates its requests between them.
-pub async fn run(bases: &[String], workload: &Workload, live: Arc<Live>) -> Measured {
-    // Every user has a profile, so profile reads find something.
+/// Gives every user of `workload` a profile, so profile reads find
+/// something. Not measured: run it before the warm-up.
+pub async fn prepare(bases: &[String], workload: &Workload) {
     let setup = reqwest::Client::new();
     let first_base = bases.first().map_or("", String::as_str);
     for user in workload.first_user..workload.first_user + workload.users as i64 {
@@ -141,23 +212,132 @@ pub async fn run(bases: &[String], workload: &Workload, live: Arc<Live>) -> Meas
             .send()
             .await;
     }
+}
 
+/// Runs the workload against the app instances at `bases` until its
+/// duration is up, and until the actions in flight then have ended (within
+/// [`DRAIN_BOUND`]). Call [`prepare`] first.
+pub async fn run(bases: &[String], workload: &Workload, live: Arc<Live>) -> Measured {
+    match workload.arrivals {
+        Arrivals::Open { rate } => open_loop(bases, workload, rate, live).await,
+        Arrivals::Closed { think } => closed_loop(bases, workload, think, live).await,
+    }
+}
+
+/// The sessions of `workload`, each with its cookie jar; `None` if an HTTP
+/// client cannot be built.
+fn sessions(bases: &[String], workload: &Workload) -> Option<Vec<Session>> {
+    (0..workload.users)
+        .map(|i| Session::new(bases.to_vec(), workload, i))
+        .collect()
+}
+
+async fn open_loop(bases: &[String], workload: &Workload, rate: f64, live: Arc<Live>) -> Measured {
+    let Some(all) = sessions(bases, workload) else {
+        let mut measured = Measured::empty();
+        measured.errors += 1;
+        return measured;
+    };
+    let free = Arc::new(std::sync::Mutex::new(all));
+    // Two generators: the arrival times must not depend on which sessions
+    // happened to be free.
+    let mut gaps = SmallRng::seed_from_u64(workload.seed);
+    let mut picks = SmallRng::seed_from_u64(workload.seed.wrapping_add(1));
+    let mut in_flight = tokio::task::JoinSet::new();
+    let (mut arrivals, mut dropped) = (0u64, 0u64);
+    let started = tokio::time::Instant::now();
+    let deadline = started + workload.duration;
+    let mut next = started;
+    loop {
+        // Exponential gaps: a Poisson process of `rate` arrivals a second.
+        let uniform: f64 = gaps.random();
+        next += Duration::from_secs_f64(-(1.0 - uniform).ln() / rate.max(1e-3));
+        if next >= deadline {
+            break;
+        }
+        tokio::time::sleep_until(next).await;
+        arrivals += 1;
+        let session = {
+            let mut free = free
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if free.is_empty() {
+                None
+            } else {
+                let index = picks.random_range(0..free.len());
+                Some(free.swap_remove(index))
+            }
+        };
+        let Some(mut session) = session else {
+            dropped += 1;
+            live.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let free = Arc::clone(&free);
+        let live = Arc::clone(&live);
+        let write_ratio = workload.write_ratio;
+        in_flight.spawn(async move {
+            session.act(write_ratio, &live).await;
+            free.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(session);
+        });
+        // Reap what has ended, so the set stays as small as what is in flight.
+        while in_flight.try_join_next().is_some() {}
+    }
+    let drained = tokio::time::timeout(DRAIN_BOUND, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await
+    .is_ok();
+    let abandoned = if drained { 0 } else { in_flight.len() as u64 };
+    in_flight.abort_all();
+    let mut total = Measured::empty();
+    let sessions = std::mem::take(
+        &mut *free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for session in sessions {
+        total.merge(session.finish());
+    }
+    total.arrivals = arrivals;
+    total.dropped = dropped;
+    total.abandoned = abandoned;
+    total.elapsed = workload.duration;
+    total
+}
+
+async fn closed_loop(
+    bases: &[String],
+    workload: &Workload,
+    think: (Duration, Duration),
+    live: Arc<Live>,
+) -> Measured {
+    let Some(all) = sessions(bases, workload) else {
+        let mut measured = Measured::empty();
+        measured.errors += 1;
+        return measured;
+    };
     let started = Instant::now();
     let deadline = started + workload.duration;
     let mut tasks = Vec::with_capacity(workload.users);
-    for i in 0..workload.users {
-        let bases = bases.to_vec();
-        let workload = workload.clone();
+    for mut session in all {
         let live = Arc::clone(&live);
+        let write_ratio = workload.write_ratio;
         tasks.push(tokio::spawn(async move {
-            one_user(
-                bases,
-                &workload,
-                workload.first_user + i as i64,
-                deadline,
-                &live,
-            )
-            .await
+            while Instant::now() < deadline {
+                session.measured.arrivals += 1;
+                session.act(write_ratio, &live).await;
+                let (low, high) = think;
+                let pause = if high > low {
+                    session.rng.random_range(low..high)
+                } else {
+                    low
+                };
+                tokio::time::sleep(pause).await;
+            }
+            session.finish()
         }));
     }
     let mut total = Measured::empty();
@@ -175,6 +355,16 @@ pub async fn run(bases: &[String], workload: &Workload, live: Arc<Live>) -> Meas
 struct Session {
     client: reqwest::Client,
     bases: Vec<String>,
+    /// The user's id, sent in `x-user-id`.
+    user: i64,
+    /// Picks the user's actions; seeded by the workload's seed and the
+    /// user's index, so every strategy's user `i` acts alike.
+    rng: SmallRng,
+    /// The ids of the users, `first_user..first_user + users`, whose
+    /// profiles it reads.
+    users: (i64, i64),
+    /// The id of the user's last post, which its own reads must show.
+    last_write: Option<i64>,
     /// Requests sent so far; picks the instance of the next one.
     sent: usize,
     /// The largest counter any earlier read of this session saw. Every
@@ -184,11 +374,92 @@ struct Session {
 }
 
 impl Session {
+    fn new(bases: Vec<String>, workload: &Workload, index: usize) -> Option<Self> {
+        // Cookies do not tell ports apart (RFC 6265 §8.5), so the jar sends
+        // the affinity cookie to every instance on 127.0.0.1, as a browser
+        // does to instances behind one load balancer.
+        let client = reqwest::Client::builder()
+            .cookie_store(true)
+            .timeout(CLIENT_TIMEOUT)
+            .build()
+            .ok()?;
+        Some(Session {
+            client,
+            bases,
+            user: workload.first_user + index as i64,
+            rng: SmallRng::seed_from_u64(workload.seed ^ (index as u64).wrapping_mul(0x9e37_79b9)),
+            users: (workload.first_user, workload.users.max(1) as i64),
+            last_write: None,
+            sent: 0,
+            seen: None,
+            measured: Measured::empty(),
+        })
+    }
+
+    /// The session's measurements, once it is done.
+    fn finish(self) -> Measured {
+        let mut measured = self.measured;
+        measured.sessions = u64::from(measured.counter_reads > 0);
+        measured
+    }
+
     /// The base URL of the instance the next request goes to.
     fn next_base(&mut self) -> &str {
         let index = self.sent % self.bases.len().max(1);
         self.sent += 1;
         self.bases.get(index).map_or("", String::as_str)
+    }
+
+    /// One action: a write and its own read, or one read.
+    async fn act(&mut self, write_ratio: f64, live: &Live) {
+        let errors = self.measured.errors;
+        if self.rng.random_bool(write_ratio) {
+            if self.write(live).await {
+                self.own_read(true, live).await;
+            }
+        } else {
+            match self.rng.random_range(0..10) {
+                0..=3 => self.other_read("/api/feed".to_owned(), live).await,
+                4..=6 => {
+                    let (first, count) = self.users;
+                    let other = first + self.rng.random_range(0..count);
+                    self.other_read(format!("/api/profile/{other}"), live).await;
+                }
+                _ => self.own_read(false, live).await,
+            }
+        }
+        if self.measured.errors == errors {
+            self.measured.served += 1;
+        }
+    }
+
+    /// Posts; whether it succeeded.
+    async fn write(&mut self, live: &Live) -> bool {
+        let started = Instant::now();
+        let base = self.next_base().to_owned();
+        let user = self.user;
+        let response = self
+            .client
+            .post(format!("{base}/api/posts"))
+            .header("x-user-id", user)
+            .json(&serde_json::json!({"content": format!("lab post by {user}")}))
+            .send()
+            .await;
+        live.requests.fetch_add(1, Ordering::Relaxed);
+        let measured = &mut self.measured;
+        match response {
+            Ok(response) if response.status().is_success() => {
+                if let Ok(created) = response.json::<Created>().await {
+                    measured.write_latency.saturating_record(micros(started));
+                    measured.writes += 1;
+                    self.last_write = Some(created.id);
+                    return true;
+                }
+                measured.errors += 1;
+            }
+            _ => measured.errors += 1,
+        }
+        false
     }
 
     /// Records a finished read's response headers: its route, whether it
@@ -213,136 +484,68 @@ impl Session {
         }
         self.seen = self.seen.max(Some(counter));
     }
-}
 
-async fn one_user(
-    bases: Vec<String>,
-    workload: &Workload,
-    user: i64,
-    deadline: Instant,
-    live: &Live,
-) -> Measured {
-    let Ok(client) = reqwest::Client::builder().cookie_store(true).build() else {
-        let mut measured = Measured::empty();
-        measured.errors += 1;
-        return measured;
-    };
-    // Cookies do not tell ports apart (RFC 6265 §8.5), so the jar sends
-    // the affinity cookie to every instance on 127.0.0.1, as a browser does
-    // to instances behind one load balancer.
-    let mut session = Session {
-        client,
-        bases,
-        sent: 0,
-        seen: None,
-        measured: Measured::empty(),
-    };
-    let mut rng = SmallRng::seed_from_u64(user as u64);
-    let mut last_write: Option<i64> = None;
-    let users = workload.users.max(1) as i64;
-    while Instant::now() < deadline {
-        if rng.random_bool(workload.write_ratio) {
-            let started = Instant::now();
-            let base = session.next_base().to_owned();
-            let response = session
-                .client
-                .post(format!("{base}/api/posts"))
-                .header("x-user-id", user)
-                .json(&serde_json::json!({"content": format!("lab post by {user}")}))
-                .send()
-                .await;
-            let measured = &mut session.measured;
-            match response {
-                Ok(response) if response.status().is_success() => {
-                    if let Ok(created) = response.json::<Created>().await {
-                        measured.write_latency.saturating_record(micros(started));
-                        measured.writes += 1;
-                        last_write = Some(created.id);
-                    } else {
-                        measured.errors += 1;
-                    }
-                }
-                _ => measured.errors += 1,
-            }
-            live.requests.fetch_add(1, Ordering::Relaxed);
-            own_read(&mut session, user, last_write, live).await;
-        } else {
-            match rng.random_range(0..10) {
-                0..=3 => other_read(&mut session, "/api/feed", user, live).await,
-                4..=6 => {
-                    let other = workload.first_user + rng.random_range(0..users);
-                    other_read(&mut session, &format!("/api/profile/{other}"), user, live).await;
-                }
-                _ => own_read(&mut session, user, last_write, live).await,
-            }
-            live.requests.fetch_add(1, Ordering::Relaxed);
-        }
-        let (low, high) = workload.think;
-        let think = if high > low {
-            rng.random_range(low..high)
-        } else {
-            low
+    /// Reads the user's own posts and checks that the last write is there;
+    /// `after_write` when it is the read right after the user's write.
+    async fn own_read(&mut self, after_write: bool, live: &Live) {
+        let started = Instant::now();
+        let base = self.next_base().to_owned();
+        let response = self
+            .client
+            .get(format!("{base}/api/posts"))
+            .header("x-user-id", self.user)
+            .send()
+            .await;
+        live.requests.fetch_add(1, Ordering::Relaxed);
+        let Ok(response) = response else {
+            self.measured.errors += 1;
+            return;
         };
-        tokio::time::sleep(think).await;
-    }
-    let mut measured = session.measured;
-    measured.sessions = u64::from(measured.counter_reads > 0);
-    measured
-}
-
-/// Reads the user's own posts and checks that the last write is there.
-async fn own_read(session: &mut Session, user: i64, last_write: Option<i64>, live: &Live) {
-    let started = Instant::now();
-    let base = session.next_base().to_owned();
-    let response = session
-        .client
-        .get(format!("{base}/api/posts"))
-        .header("x-user-id", user)
-        .send()
-        .await;
-    let Ok(response) = response else {
-        session.measured.errors += 1;
-        return;
-    };
-    if !response.status().is_success() {
-        session.measured.errors += 1;
-        return;
-    }
-    let headers = response.headers().clone();
-    let Ok(posts) = response.json::<Vec<Post>>().await else {
-        session.measured.errors += 1;
-        return;
-    };
-    session.read_finished(&headers, started, live);
-    if let Some(id) = last_write {
-        session.measured.own_reads += 1;
-        if !posts.iter().any(|post| post.id == id) {
-            session.measured.stale_own_reads += 1;
-            live.stale.fetch_add(1, Ordering::Relaxed);
+        if !response.status().is_success() {
+            self.measured.errors += 1;
+            return;
+        }
+        let headers = response.headers().clone();
+        let Ok(posts) = response.json::<Vec<Post>>().await else {
+            self.measured.errors += 1;
+            return;
+        };
+        self.read_finished(&headers, started, live);
+        if after_write {
+            self.measured
+                .post_write_read_latency
+                .saturating_record(micros(started));
+        }
+        if let Some(id) = self.last_write {
+            self.measured.own_reads += 1;
+            if !posts.iter().any(|post| post.id == id) {
+                self.measured.stale_own_reads += 1;
+                live.stale.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
-}
 
-/// Reads something that is not the user's own (`path` on the next
-/// instance): eventual by design for read-your-writes, and still checked
-/// for monotonic reads.
-async fn other_read(session: &mut Session, path: &str, user: i64, live: &Live) {
-    let started = Instant::now();
-    let base = session.next_base().to_owned();
-    let url = format!("{base}{path}");
-    match session
-        .client
-        .get(url)
-        .header("x-user-id", user)
-        .send()
-        .await
-    {
-        Ok(response) if response.status().is_success() || response.status() == 404 => {
-            let headers = response.headers().clone();
-            let _ = response.bytes().await;
-            session.read_finished(&headers, started, live);
+    /// Reads something that is not the user's own (`path` on the next
+    /// instance): eventual by design for read-your-writes, and still checked
+    /// for monotonic reads.
+    async fn other_read(&mut self, path: String, live: &Live) {
+        let started = Instant::now();
+        let base = self.next_base().to_owned();
+        let response = self
+            .client
+            .get(format!("{base}{path}"))
+            .header("x-user-id", self.user)
+            .send()
+            .await;
+        live.requests.fetch_add(1, Ordering::Relaxed);
+        match response {
+            Ok(response) if response.status().is_success() || response.status() == 404 => {
+                let headers = response.headers().clone();
+                let _ = response.bytes().await;
+                self.read_finished(&headers, started, live);
+            }
+            _ => self.measured.errors += 1,
         }
-        _ => session.measured.errors += 1,
     }
 }
 
@@ -389,13 +592,16 @@ mod tests {
     }
 
     fn session() -> Session {
-        Session {
-            client: reqwest::Client::new(),
-            bases: vec!["http://a".to_owned(), "http://b".to_owned()],
-            sent: 0,
-            seen: None,
-            measured: Measured::empty(),
-        }
+        let workload = Workload {
+            users: 1,
+            duration: Duration::from_secs(1),
+            write_ratio: 0.2,
+            arrivals: Arrivals::Open { rate: 100.0 },
+            first_user: 0,
+            seed: 11,
+        };
+        let bases = vec!["http://a".to_owned(), "http://b".to_owned()];
+        Session::new(bases, &workload, 0).expect("a client")
     }
 
     #[test]
