@@ -79,6 +79,10 @@ pub struct LabOptions {
     /// node, so the value is what that node had replayed: the lab compares
     /// it across a session's reads to count monotonic-read violations.
     pub counter: bool,
+    /// Leave `max_wait` at the layer's default instead of
+    /// [`AppConfig::max_wait`]: the lab's `adaptive` strategy runs the
+    /// library as configured out of the box.
+    pub default_max_wait: bool,
 }
 
 /// Runs the schema migrations on the primary.
@@ -143,9 +147,11 @@ where
     let mut layer = ReadAfterWriteLayer::new(backend, config.keys.clone())
         .identity(identity)
         .secure(config.cookie_secure)
-        .max_wait(config.max_wait)
         .debug_header(config.debug_header)
         .monotonic_reads(lab.monotonic_reads);
+    if !lab.default_max_wait {
+        layer = layer.max_wait(config.max_wait);
+    }
     if let Some(window) = config.time_window {
         layer = layer.time_window(window);
     }

@@ -51,9 +51,6 @@ struct Args {
     /// Probability that a user's step is a write (then an immediate own read).
     #[arg(long, default_value_t = 0.2)]
     write_ratio: f64,
-    /// max_wait for lsn-wait and monotonic; default: the smallest lag plus 10 ms.
-    #[arg(long, value_parser = parse_duration)]
-    max_wait: Option<Duration>,
     /// How often replicas are polled while a read waits for them (lsn-wait).
     #[arg(long, value_parser = parse_duration, default_value = "2ms")]
     wait_poll: Duration,
@@ -64,7 +61,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "naive,primary,time-window,lsn,lsn-wait,monotonic"
+        default_value = "naive,primary,time-window,lsn,lsn-wait-10ms,lsn-wait-20ms,lsn-wait-40ms,lsn-wait-80ms,lsn-wait-160ms,monotonic,adaptive"
     )]
     strategies: Vec<Strategy>,
     /// How often a background writer advances the counter that every read
@@ -136,11 +133,7 @@ async fn main() -> ExitCode {
         eprintln!("--write-ratio must be between 0 and 1");
         return ExitCode::from(2);
     }
-    let smallest = args.lag.iter().copied().min().unwrap_or_default();
     let config = LabConfig {
-        lsn_wait: args
-            .max_wait
-            .unwrap_or(smallest + Duration::from_millis(10)),
         lags: args.lag.clone(),
         wait_poll: args.wait_poll,
         warmup: args.warmup,

@@ -50,8 +50,6 @@ pub struct LabConfig {
     pub strategies: Vec<Strategy>,
     /// The workload each strategy gets.
     pub workload: Workload,
-    /// `max_wait` for `lsn-wait` and `monotonic`.
-    pub lsn_wait: Duration,
     /// How often replicas are polled while reads wait.
     pub wait_poll: Duration,
     /// Unmeasured load before each strategy's run, so pools, caches and
@@ -70,6 +68,9 @@ pub struct StrategyResult {
     pub strategy: Strategy,
     /// `max_wait` the strategy ran with, in milliseconds (0 where unused).
     pub max_wait_ms: u64,
+    /// The latency budget the library's predicted routing ran with,
+    /// milliseconds: `adaptive` only, and 0 while the library has none.
+    pub latency_budget_ms: u64,
     /// Own-post reads checked for the user's last write.
     pub own_reads: u64,
     /// Of those, how many missed it.
@@ -299,15 +300,19 @@ impl Instance {
         workload: &Workload,
         config: &LabConfig,
     ) -> Result<Self, Box<dyn std::error::Error>> {
-        let selection = match strategy {
-            Strategy::Naive => Selection::Random,
-            _ => Selection::RoundRobin,
-        };
         let mut builder = PgReplicaSet::builder()
             .primary_url(cluster.primary_url())
-            .selection(selection)
-            .wait_poll_interval(config.wait_poll)
+            // Pool sizes are capacity, not routing: the same for every
+            // strategy, adaptive included.
             .max_connections(workload.users.clamp(4, 32) as u32);
+        builder = match strategy {
+            Strategy::Naive => builder.selection(Selection::Random),
+            // The library's defaults, whatever they are in this version.
+            Strategy::Adaptive => builder,
+            _ => builder
+                .selection(Selection::RoundRobin)
+                .wait_poll_interval(config.wait_poll),
+        };
         for replica in cluster.replicas() {
             builder = builder.replica_url(replica.name(), replica.url());
         }
@@ -315,7 +320,7 @@ impl Instance {
         let app_config = AppConfig {
             keys: keys.clone(),
             cookie_secure: false,
-            max_wait: strategy.max_wait(config.lsn_wait),
+            max_wait: strategy.max_wait(),
             // The lab counts where reads went from this header.
             debug_header: true,
             time_window: (strategy == Strategy::TimeWindow).then_some(Duration::from_secs(5)),
@@ -325,6 +330,7 @@ impl Instance {
         };
         let lab = LabOptions {
             monotonic_reads: strategy == Strategy::Monotonic,
+            default_max_wait: strategy == Strategy::Adaptive,
             counter: true,
         };
         let router = match strategy {
@@ -340,7 +346,11 @@ impl Instance {
                 &app_config,
                 lab,
             ),
-            Strategy::TimeWindow | Strategy::Lsn | Strategy::LsnWait | Strategy::Monotonic => {
+            Strategy::TimeWindow
+            | Strategy::Lsn
+            | Strategy::LsnWait { .. }
+            | Strategy::Monotonic
+            | Strategy::Adaptive => {
                 social::router_with(replicas.clone(), replicas.clone(), &app_config, lab)
             }
         };
@@ -390,7 +400,7 @@ async fn run_strategy(
         }
     }
     let bases: Vec<String> = instances.iter().map(|i| i.base.clone()).collect();
-    let max_wait = strategy.max_wait(config.lsn_wait);
+    let max_wait = strategy.max_wait();
 
     workload::prepare(&bases, workload).await;
     if !config.warmup.is_zero() {
@@ -445,6 +455,7 @@ async fn run_strategy(
     Ok(StrategyResult {
         strategy,
         max_wait_ms: max_wait.as_millis() as u64,
+        latency_budget_ms: strategy.latency_budget().as_millis() as u64,
         own_reads: measured.own_reads,
         stale_own_reads: measured.stale_own_reads,
         reads: measured.reads,

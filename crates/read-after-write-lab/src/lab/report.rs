@@ -30,7 +30,7 @@ const COLUMNS: [&str; 17] = [
 
 fn cells(r: &StrategyResult) -> [String; 17] {
     [
-        r.strategy.name().to_owned(),
+        r.strategy.name(),
         if r.max_wait_ms == 0 {
             "-".to_owned()
         } else {
@@ -143,7 +143,7 @@ fn chart(report: &LabReport, path: &Path) -> Result<(), Box<dyn std::error::Erro
     root.fill(&WHITE)?;
     let (left, rest) = root.split_horizontally(480);
     let (middle, right) = rest.split_horizontally(480);
-    let names: Vec<&str> = report.results.iter().map(|r| r.strategy.name()).collect();
+    let names: Vec<String> = report.results.iter().map(|r| r.strategy.name()).collect();
     let shares: Vec<f64> = report
         .results
         .iter()
@@ -192,7 +192,7 @@ fn chart(report: &LabReport, path: &Path) -> Result<(), Box<dyn std::error::Erro
 fn bars<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
-    names: &[&str],
+    names: &[String],
     values: &[f64],
     max: f64,
     color: &RGBColor,
@@ -214,7 +214,7 @@ where
         .disable_x_mesh()
         .y_label_formatter(&|y| format!("{y:.0}"))
         .x_label_formatter(&|x| match x {
-            SegmentValue::CenterOf(i) => names.get(*i).copied().unwrap_or("").to_owned(),
+            SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
             _ => String::new(),
         })
         .draw()?;

@@ -9,9 +9,18 @@ use read_after_write::pg::{CaptureError, PgReplicaSet};
 use read_after_write::{Backend, RouteReason, Routed, WritePosition};
 use sqlx::PgPool;
 
+/// The `max_wait` of [`ReadAfterWriteLayer`](read_after_write::ReadAfterWriteLayer)
+/// when none is set (its documented default), which `monotonic` and
+/// `adaptive` run with.
+pub const LAYER_DEFAULT_MAX_WAIT: Duration = Duration::from_millis(20);
+
+/// The fixed `max_wait`s of the `lsn-wait-<n>ms` strategies the lab runs by
+/// default, in milliseconds: from shorter than any lag to longer than the
+/// high one.
+pub const FIXED_WAITS_MS: [u32; 5] = [10, 20, 40, 80, 160];
+
 /// One way of routing reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Strategy {
     /// Every read goes to a random replica: fast, and stale after writes.
     Naive,
@@ -22,33 +31,48 @@ pub enum Strategy {
     TimeWindow,
     /// The library with `max_wait = 0`: a caught-up replica, else the primary.
     Lsn,
-    /// The library with a `max_wait` a little above the smaller lag.
-    LsnWait,
-    /// `lsn-wait` with monotonic reads on the layer: a session also never
-    /// reads an older state than it has read before.
+    /// The library with a fixed `max_wait`: wait that long for a replica to
+    /// catch up, then the primary. Named `lsn-wait-<n>ms`.
+    LsnWait {
+        /// The fixed `max_wait`, milliseconds.
+        max_wait_ms: u32,
+    },
+    /// Monotonic reads on the layer, with the layer's default `max_wait`: a
+    /// session also never reads an older state than it has read before.
     Monotonic,
+    /// The library's default routing, configured with nothing but URLs: the
+    /// replica set's and the layer's defaults as they stand.
+    Adaptive,
 }
 
 impl Strategy {
     /// Every strategy, in the order the lab runs them.
-    pub const ALL: [Strategy; 6] = [
-        Strategy::Naive,
-        Strategy::Primary,
-        Strategy::TimeWindow,
-        Strategy::Lsn,
-        Strategy::LsnWait,
-        Strategy::Monotonic,
-    ];
+    pub fn all() -> Vec<Strategy> {
+        let mut all = vec![
+            Strategy::Naive,
+            Strategy::Primary,
+            Strategy::TimeWindow,
+            Strategy::Lsn,
+        ];
+        all.extend(
+            FIXED_WAITS_MS
+                .iter()
+                .map(|&max_wait_ms| Strategy::LsnWait { max_wait_ms }),
+        );
+        all.extend([Strategy::Monotonic, Strategy::Adaptive]);
+        all
+    }
 
     /// The name used on the command line and in reports.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Strategy::Naive => "naive",
-            Strategy::Primary => "primary",
-            Strategy::TimeWindow => "time-window",
-            Strategy::Lsn => "lsn",
-            Strategy::LsnWait => "lsn-wait",
-            Strategy::Monotonic => "monotonic",
+            Strategy::Naive => "naive".to_owned(),
+            Strategy::Primary => "primary".to_owned(),
+            Strategy::TimeWindow => "time-window".to_owned(),
+            Strategy::Lsn => "lsn".to_owned(),
+            Strategy::LsnWait { max_wait_ms } => format!("lsn-wait-{max_wait_ms}ms"),
+            Strategy::Monotonic => "monotonic".to_owned(),
+            Strategy::Adaptive => "adaptive".to_owned(),
         }
     }
 
@@ -65,19 +89,37 @@ impl Strategy {
         matches!(self, Strategy::Monotonic | Strategy::Primary)
     }
 
-    /// The `max_wait` the strategy's reads wait for a replica: `lsn_wait`
-    /// where the strategy waits, else zero.
-    pub fn max_wait(self, lsn_wait: Duration) -> Duration {
+    /// The `max_wait` the strategy's reads wait for a replica (zero where
+    /// they never wait).
+    pub fn max_wait(self) -> Duration {
         match self {
-            Strategy::LsnWait | Strategy::Monotonic => lsn_wait,
-            _ => Duration::ZERO,
+            Strategy::LsnWait { max_wait_ms } => Duration::from_millis(u64::from(max_wait_ms)),
+            Strategy::Monotonic | Strategy::Adaptive => LAYER_DEFAULT_MAX_WAIT,
+            Strategy::Naive | Strategy::Primary | Strategy::TimeWindow | Strategy::Lsn => {
+                Duration::ZERO
+            }
         }
+    }
+}
+
+impl Strategy {
+    /// The latency budget of the library's predicted routing for
+    /// `adaptive`, zero for the others. This version of the library has no
+    /// such budget yet, so it is zero for `adaptive` too.
+    pub fn latency_budget(self) -> Duration {
+        Duration::ZERO
     }
 }
 
 impl fmt::Display for Strategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(&self.name())
+    }
+}
+
+impl serde::Serialize for Strategy {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.name())
     }
 }
 
@@ -85,11 +127,23 @@ impl std::str::FromStr for Strategy {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Strategy::ALL
-            .into_iter()
-            .find(|strategy| strategy.name() == s)
+        let fixed_wait = s
+            .strip_prefix("lsn-wait-")
+            .and_then(|rest| rest.strip_suffix("ms"))
+            .and_then(|ms| ms.parse().ok())
+            .filter(|&ms: &u32| ms > 0)
+            .map(|max_wait_ms| Strategy::LsnWait { max_wait_ms });
+        fixed_wait
+            .or_else(|| {
+                Strategy::all()
+                    .into_iter()
+                    .find(|strategy| strategy.name() == s)
+            })
             .ok_or_else(|| {
-                format!("unknown strategy {s:?}; use naive, primary, time-window, lsn, lsn-wait or monotonic")
+                format!(
+                    "unknown strategy {s:?}; use naive, primary, time-window, lsn, \
+                     lsn-wait-<n>ms (e.g. lsn-wait-40ms), monotonic or adaptive"
+                )
             })
     }
 }
@@ -160,5 +214,23 @@ impl Backend for PrimaryOnly {
 
     async fn write_position(&self) -> Result<WritePosition, CaptureError> {
         Ok(WritePosition::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_strategy_parses_back_from_its_name() {
+        for strategy in Strategy::all() {
+            assert_eq!(strategy.name().parse::<Strategy>(), Ok(strategy));
+        }
+        assert_eq!(
+            "lsn-wait-25ms".parse::<Strategy>(),
+            Ok(Strategy::LsnWait { max_wait_ms: 25 })
+        );
+        assert!("lsn-wait".parse::<Strategy>().is_err());
+        assert!("lsn-wait-0ms".parse::<Strategy>().is_err());
     }
 }
