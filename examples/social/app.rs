@@ -26,7 +26,7 @@ use axum::routing::{get, post, put};
 use axum::{BoxError, Form, Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use read_after_write::pg::PgReplicaSet;
-use read_after_write::{Backend, Db, KeySet, ReadAfterWriteLayer, UserId};
+use read_after_write::{Backend, Db, KeySet, ReadAfterWriteLayer, RouteReason, Target, UserId};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tower::ServiceBuilder;
@@ -40,6 +40,10 @@ pub const MAX_POST_CHARS: usize = 2_000;
 /// The response header that carries the lab's counter (see
 /// [`LabOptions::counter`]).
 pub const COUNTER_HEADER: &str = "x-lab-counter";
+/// The response header that carries how long a session read waited for a
+/// replica before it went to the primary anyway, in microseconds (see
+/// [`LabOptions::wasted_wait`]).
+pub const WASTED_WAIT_HEADER: &str = "x-lab-wasted-wait-us";
 
 /// How the app's layer is configured.
 #[derive(Clone, Debug)]
@@ -83,6 +87,12 @@ pub struct LabOptions {
     /// [`AppConfig::max_wait`]: the lab's `adaptive` strategy runs the
     /// library as configured out of the box.
     pub default_max_wait: bool,
+    /// Every session read (own posts, profiles) whose route was the
+    /// primary because no replica caught up in time
+    /// ([`RouteReason::WaitTimedOut`], from [`Db::last_route`]) answers
+    /// how long `db.read()` took in the [`WASTED_WAIT_HEADER`] header: time
+    /// spent waiting that bought nothing.
+    pub wasted_wait: bool,
 }
 
 /// Runs the schema migrations on the primary.
@@ -365,17 +375,49 @@ async fn insert_post<B: Backend<Pool = PgPool>>(
     Ok(id)
 }
 
-/// The user's own posts, and the lab's counter on the same node when
-/// `counter` is on.
+/// What a read tells the lab, in response headers (see [`LabOptions`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct LabReadings {
+    /// `lab_counter` on the node the read used.
+    counter: Option<i64>,
+    /// How long a session read waited before it went to the primary anyway.
+    wasted_wait: Option<Duration>,
+}
+
+/// `db.read()`, and how long it waited in vain: `Some` when the lab asks
+/// ([`LabOptions::wasted_wait`]) and no replica caught up within
+/// `max_wait`, so the read went to the primary after waiting.
+async fn session_read<'a, B: Backend<Pool = PgPool>>(
+    db: &'a Db<B>,
+    lab: LabOptions,
+) -> (&'a PgPool, Option<Duration>) {
+    let started = std::time::Instant::now();
+    let pool = db.read().await;
+    let waited = started.elapsed();
+    let wasted = lab.wasted_wait
+        && db.last_route().is_some_and(|route| {
+            route.target == Target::Primary && route.reason == RouteReason::WaitTimedOut
+        });
+    (pool, wasted.then_some(waited))
+}
+
+/// The user's own posts, and what the lab asks for.
 async fn own_posts<B: Backend<Pool = PgPool>>(
     db: &Db<B>,
     user: i64,
-    counter: bool,
-) -> Result<(Vec<Post>, Option<i64>), AppError> {
+    lab: LabOptions,
+) -> Result<(Vec<Post>, LabReadings), AppError> {
     let sql = select_posts!("from posts where user_id = $1 order by id desc limit 100");
-    let pool = db.read().await;
+    let (pool, wasted_wait) = session_read(db, lab).await;
     let posts = sqlx::query_as(sql).bind(user).fetch_all(pool).await?;
-    Ok((posts, lab_counter(pool, counter).await?))
+    let counter = lab_counter(pool, lab.counter).await?;
+    Ok((
+        posts,
+        LabReadings {
+            counter,
+            wasted_wait,
+        },
+    ))
 }
 
 /// `lab_counter`'s value on `pool`, the node a read has just used, when the
@@ -390,13 +432,20 @@ async fn lab_counter(pool: &PgPool, enabled: bool) -> Result<Option<i64>, AppErr
     Ok(Some(value))
 }
 
-/// `body` with the lab's counter in the [`COUNTER_HEADER`] header, if read.
-fn with_counter(body: impl IntoResponse, counter: Option<i64>) -> Response {
+/// `body` with what the lab asked for in its headers ([`COUNTER_HEADER`],
+/// [`WASTED_WAIT_HEADER`]).
+fn with_readings(body: impl IntoResponse, readings: LabReadings) -> Response {
     let mut response = body.into_response();
-    if let Some(value) = counter {
+    if let Some(value) = readings.counter {
         response
             .headers_mut()
             .insert(COUNTER_HEADER, axum::http::HeaderValue::from(value));
+    }
+    if let Some(waited) = readings.wasted_wait {
+        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        response
+            .headers_mut()
+            .insert(WASTED_WAIT_HEADER, axum::http::HeaderValue::from(micros));
     }
     response
 }
@@ -417,8 +466,8 @@ async fn my_posts<B: Backend<Pool = PgPool>>(
     db: Db<B>,
     DemoUser(user): DemoUser,
 ) -> Result<Response, AppError> {
-    let (posts, counter) = own_posts(&db, user, state.lab.counter).await?;
-    Ok(with_counter(Json(posts), counter))
+    let (posts, readings) = own_posts(&db, user, state.lab).await?;
+    Ok(with_readings(Json(posts), readings))
 }
 
 /// `GET /api/feed`: the latest 100 posts by anyone. Eventual.
@@ -430,7 +479,13 @@ async fn feed<B: Backend<Pool = PgPool>>(
     let pool = db.eventual();
     let posts: Vec<Post> = sqlx::query_as(sql).fetch_all(pool).await?;
     let counter = lab_counter(pool, state.lab.counter).await?;
-    Ok(with_counter(Json(posts), counter))
+    Ok(with_readings(
+        Json(posts),
+        LabReadings {
+            counter,
+            wasted_wait: None,
+        },
+    ))
 }
 
 /// `GET /api/posts/{id}`: one post, a critical read from the primary.
@@ -479,17 +534,20 @@ async fn get_profile<B: Backend<Pool = PgPool>>(
     db: Db<B>,
     Path(user_id): Path<i64>,
 ) -> Result<Response, AppError> {
-    let pool = db.read().await;
+    let (pool, wasted_wait) = session_read(&db, state.lab).await;
     let profile: Option<Profile> =
         sqlx::query_as("select user_id, name, bio from profiles where user_id = $1")
             .bind(user_id)
             .fetch_optional(pool)
             .await?;
-    let counter = lab_counter(pool, state.lab.counter).await?;
+    let readings = LabReadings {
+        counter: lab_counter(pool, state.lab.counter).await?,
+        wasted_wait,
+    };
     Ok(match profile {
-        Some(profile) => with_counter(Json(profile), counter),
+        Some(profile) => with_readings(Json(profile), readings),
         // A 404 read a node too, so it carries the counter as well.
-        None => with_counter(AppError::NotFound, counter),
+        None => with_readings(AppError::NotFound, readings),
     })
 }
 
@@ -567,7 +625,7 @@ async fn home<B: Backend<Pool = PgPool>>(
              <button>Sign in</button></form>",
         )));
     };
-    let (posts, _) = own_posts(&db, user, false).await?;
+    let (posts, _) = own_posts(&db, user, LabOptions::default()).await?;
     let mut body = format!(
         "<p>Signed in as user {user}.</p>\
          <form method=post action=/posts><textarea name=content rows=3 cols=60 required maxlength={MAX_POST_CHARS}></textarea><br>\

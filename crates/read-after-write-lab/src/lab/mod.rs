@@ -17,8 +17,10 @@
 //!
 //! - [`strategy`]: the strategies compared and the two baseline backends.
 //! - [`workload`]: virtual users with cookie jars, and what they measure.
+//! - [`primary_load`]: what the primary ran, counted by `pg_stat_statements`.
 //! - [`report`]: the table, JSON, Markdown and SVG outputs.
 
+pub mod primary_load;
 pub mod report;
 pub mod strategy;
 pub mod workload;
@@ -34,6 +36,7 @@ use read_after_write_testkit::TestCluster;
 use serde::Serialize;
 use sqlx::Connection;
 
+use self::primary_load::PrimaryStatements;
 use self::strategy::{PrimaryOnly, RandomReplica, Strategy};
 use self::workload::{Arrivals, Live, Workload};
 use crate::social::{self, AppConfig, LabOptions};
@@ -103,6 +106,17 @@ pub struct StrategyResult {
     pub post_write_read_p50_ms: f64,
     /// The same, 99th percentile, milliseconds.
     pub post_write_read_p99_ms: f64,
+    /// Statements the primary ran during the measured window for the
+    /// workload, counted by `pg_stat_statements` (see [`primary_load`]).
+    pub primary_statements: u64,
+    /// Of those, per 1,000 HTTP requests.
+    pub primary_queries_per_1k_requests: f64,
+    /// Session reads that waited for a replica and then went to the
+    /// primary anyway (`wait_timed_out`).
+    pub wasted_wait_reads: u64,
+    /// How long those waited, 99th percentile, milliseconds (0 when none
+    /// did).
+    pub wasted_wait_ms_p99: f64,
     /// Failed requests.
     pub errors: u64,
     /// Sessions (virtual users) whose reads were checked for monotonic
@@ -156,6 +170,9 @@ pub struct LabReport {
 pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Error>> {
     let started = std::time::Instant::now();
     let mut builder = TestCluster::builder();
+    for (name, value) in primary_load::SETTINGS {
+        builder = builder.setting(name, value);
+    }
     for lag in &config.lags {
         builder = builder.replica(*lag);
     }
@@ -167,6 +184,8 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
         create_counter(&primary).await?;
         primary.close().await;
     }
+    primary_load::install(cluster.primary_url(), &["lab_counter"]).await?;
+    let mut statements = PrimaryStatements::connect(cluster.primary_url()).await?;
     // The replicas have the counter's table and row before any read asks.
     cluster
         .wait_for_replicas_caught_up(Duration::from_secs(30))
@@ -180,7 +199,16 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
             first_user: 1_000_000 * (index as i64 + 1),
             ..config.workload.clone()
         };
-        let result = run_strategy(&cluster, strategy, &keys, &workload, config, &counter).await;
+        let result = run_strategy(
+            &cluster,
+            strategy,
+            &keys,
+            &workload,
+            config,
+            &counter,
+            &mut statements,
+        )
+        .await;
         match result {
             Ok(result) => results.push(result),
             Err(error) => {
@@ -235,7 +263,8 @@ struct CounterWriter {
 
 impl CounterWriter {
     async fn start(primary_url: &str, interval: Duration) -> Result<Self, sqlx::Error> {
-        let mut connection = sqlx::PgConnection::connect(primary_url).await?;
+        // Its own role, so the primary's statement counts leave it out.
+        let mut connection = primary_load::connect_background(primary_url).await?;
         let advances = Arc::new(AtomicU64::new(0));
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let counted = Arc::clone(&advances);
@@ -331,6 +360,7 @@ impl Instance {
         let lab = LabOptions {
             monotonic_reads: strategy == Strategy::Monotonic,
             default_max_wait: strategy == Strategy::Adaptive,
+            wasted_wait: true,
             counter: true,
         };
         let router = match strategy {
@@ -386,6 +416,7 @@ async fn run_strategy(
     workload: &Workload,
     config: &LabConfig,
     counter: &CounterWriter,
+    statements: &mut PrimaryStatements,
 ) -> Result<StrategyResult, Box<dyn std::error::Error>> {
     let mut instances = Vec::with_capacity(INSTANCES);
     for _ in 0..INSTANCES {
@@ -441,13 +472,19 @@ async fn run_strategy(
         })
     };
     let advances_before = counter.advances();
+    let reset = statements.reset().await;
     let measured = workload::run(&bases, workload, Arc::clone(&live)).await;
+    let primary_statements = match reset {
+        Ok(()) => statements.count().await,
+        Err(error) => Err(error),
+    };
     let counter_advances = counter.advances() - advances_before;
     ticker.abort();
     bar.finish_and_clear();
     for instance in instances {
         instance.stop().await;
     }
+    let primary_statements = primary_statements?;
 
     let ms = |micros: u64| micros as f64 / 1000.0;
     let requests = measured.reads + measured.writes;
@@ -471,6 +508,11 @@ async fn run_strategy(
         abandoned_actions: measured.abandoned,
         post_write_read_p50_ms: ms(measured.post_write_read_latency.value_at_quantile(0.5)),
         post_write_read_p99_ms: ms(measured.post_write_read_latency.value_at_quantile(0.99)),
+        primary_statements,
+        primary_queries_per_1k_requests: primary_statements as f64 * 1000.0
+            / requests.max(1) as f64,
+        wasted_wait_reads: measured.wasted_wait_reads,
+        wasted_wait_ms_p99: ms(measured.wasted_wait.value_at_quantile(0.99)),
         errors: measured.errors,
         sessions: measured.sessions,
         sessions_with_violations: measured.sessions_with_violations,

@@ -8,7 +8,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{LabReport, StrategyResult};
 
-const COLUMNS: [&str; 17] = [
+const COLUMNS: [&str; 19] = [
     "strategy",
     "max_wait",
     "own reads",
@@ -17,10 +17,12 @@ const COLUMNS: [&str; 17] = [
     "went back",
     "sessions back",
     "primary share",
+    "primary q/1k",
     "token reads",
     "read p50",
     "read p99",
     "post-write p99",
+    "wasted wait p99",
     "write p50",
     "offered/s",
     "served/s",
@@ -28,7 +30,7 @@ const COLUMNS: [&str; 17] = [
     "errors",
 ];
 
-fn cells(r: &StrategyResult) -> [String; 17] {
+fn cells(r: &StrategyResult) -> [String; 19] {
     [
         r.strategy.name(),
         if r.max_wait_ms == 0 {
@@ -42,10 +44,12 @@ fn cells(r: &StrategyResult) -> [String; 17] {
         r.monotonic_violations.to_string(),
         format!("{}/{}", r.sessions_with_violations, r.sessions),
         format!("{:.1} %", r.primary_read_share * 100.0),
+        format!("{:.0}", r.primary_queries_per_1k_requests),
         format!("{:.1} %", r.read_token_share * 100.0),
         format!("{:.2} ms", r.read_p50_ms),
         format!("{:.2} ms", r.read_p99_ms),
         format!("{:.2} ms", r.post_write_read_p99_ms),
+        format!("{:.2} ms", r.wasted_wait_ms_p99),
         format!("{:.2} ms", r.write_p50_ms),
         format!("{:.0}", r.offered_rps),
         format!("{:.0}", r.achieved_rps),
@@ -82,7 +86,7 @@ fn describe(report: &LabReport) -> String {
 
 /// The table for a terminal.
 pub fn table(report: &LabReport) -> String {
-    let rows: Vec<[String; 17]> = report.results.iter().map(cells).collect();
+    let rows: Vec<[String; 19]> = report.results.iter().map(cells).collect();
     let mut widths = COLUMNS.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {

@@ -36,7 +36,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use read_after_write::middleware::DEFAULT_COOKIE_NAME;
 
-use crate::social::{Created, Post, COUNTER_HEADER};
+use crate::social::{Created, Post, COUNTER_HEADER, WASTED_WAIT_HEADER};
 
 /// How actions arrive.
 #[derive(Clone, Debug)]
@@ -138,6 +138,11 @@ pub struct Measured {
     pub post_write_read_latency: Histogram<u64>,
     /// Write latency in microseconds.
     pub write_latency: Histogram<u64>,
+    /// Session reads that waited for a replica and then went to the primary
+    /// anyway (the app's [`WASTED_WAIT_HEADER`]).
+    pub wasted_wait_reads: u64,
+    /// How long each of those waited, microseconds.
+    pub wasted_wait: Histogram<u64>,
     /// How long the load was offered: the arrival window (open loop) or the
     /// users' running time (closed loop).
     pub elapsed: Duration,
@@ -164,6 +169,8 @@ impl Measured {
             read_latency: histogram(),
             post_write_read_latency: histogram(),
             write_latency: histogram(),
+            wasted_wait_reads: 0,
+            wasted_wait: histogram(),
             elapsed: Duration::ZERO,
         }
     }
@@ -190,6 +197,8 @@ impl Measured {
             .post_write_read_latency
             .add(&other.post_write_read_latency);
         let _ = self.write_latency.add(&other.write_latency);
+        self.wasted_wait_reads += other.wasted_wait_reads;
+        let _ = self.wasted_wait.add(&other.wasted_wait);
     }
 }
 
@@ -471,6 +480,10 @@ impl Session {
         measured.reads += 1;
         measured.primary_reads += u64::from(routed_to_primary(headers));
         measured.read_tokens += u64::from(sets_token(headers));
+        if let Some(waited) = header_number::<u64>(headers, WASTED_WAIT_HEADER) {
+            measured.wasted_wait_reads += 1;
+            measured.wasted_wait.saturating_record(waited.max(1));
+        }
         let Some(counter) = counter(headers) else {
             return;
         };
@@ -569,8 +582,13 @@ fn sets_token(headers: &http::HeaderMap) -> bool {
 
 /// The lab's counter the read saw, from [`COUNTER_HEADER`].
 fn counter(headers: &http::HeaderMap) -> Option<i64> {
+    header_number(headers, COUNTER_HEADER)
+}
+
+/// The number in header `name`, if there is one.
+fn header_number<T: std::str::FromStr>(headers: &http::HeaderMap, name: &str) -> Option<T> {
     headers
-        .get(COUNTER_HEADER)
+        .get(name)
         .and_then(|value| value.to_str().ok())
         .and_then(|text| text.parse().ok())
 }
@@ -628,6 +646,21 @@ mod tests {
         assert_eq!(session.measured.reads, 3);
         assert_eq!(session.measured.counter_reads, 2);
         assert_eq!(session.measured.monotonic_violations, 1);
+    }
+
+    #[test]
+    fn only_reads_that_waited_in_vain_count_as_wasted_wait() {
+        let mut session = session();
+        let live = Live::default();
+        session.read_finished(
+            &headers(&[(WASTED_WAIT_HEADER, "20500")]),
+            Instant::now(),
+            &live,
+        );
+        session.read_finished(&headers(&[(COUNTER_HEADER, "3")]), Instant::now(), &live);
+        assert_eq!(session.measured.wasted_wait_reads, 1);
+        assert_eq!(session.measured.wasted_wait.len(), 1);
+        assert!(session.measured.wasted_wait.max() >= 20_000);
     }
 
     #[test]
