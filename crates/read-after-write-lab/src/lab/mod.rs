@@ -18,9 +18,11 @@
 //! - [`strategy`]: the strategies compared and the two baseline backends.
 //! - [`workload`]: virtual users with cookie jars, and what they measure.
 //! - [`primary_load`]: what the primary ran, counted by `pg_stat_statements`.
+//! - [`profile`]: how the replicas lag, steady or changing, per run.
 //! - [`report`]: the table, JSON, Markdown and SVG outputs.
 
 pub mod primary_load;
+pub mod profile;
 pub mod report;
 pub mod strategy;
 pub mod workload;
@@ -37,6 +39,7 @@ use serde::Serialize;
 use sqlx::Connection;
 
 use self::primary_load::PrimaryStatements;
+use self::profile::Profile;
 use self::strategy::{PrimaryOnly, RandomReplica, Strategy};
 use self::workload::{Arrivals, Live, Workload};
 use crate::social::{self, AppConfig, LabOptions};
@@ -47,8 +50,8 @@ pub const INSTANCES: usize = 2;
 /// How the lab runs.
 #[derive(Clone, Debug)]
 pub struct LabConfig {
-    /// Each replica's apply delay; one replica per entry.
-    pub lags: Vec<Duration>,
+    /// The lag profiles to run, in order; every strategy runs under each.
+    pub profiles: Vec<Profile>,
     /// The strategies to run, in order.
     pub strategies: Vec<Strategy>,
     /// The workload each strategy gets.
@@ -67,6 +70,8 @@ pub struct LabConfig {
 /// What one strategy achieved.
 #[derive(Clone, Debug, Serialize)]
 pub struct StrategyResult {
+    /// The lag profile it ran under.
+    pub profile: Profile,
     /// The strategy.
     pub strategy: Strategy,
     /// `max_wait` the strategy ran with, in milliseconds (0 where unused).
@@ -142,8 +147,6 @@ pub struct StrategyResult {
 /// Everything one lab run produced.
 #[derive(Clone, Debug, Serialize)]
 pub struct LabReport {
-    /// The replicas' apply delays, milliseconds.
-    pub lags_ms: Vec<u64>,
     /// Virtual users (sessions).
     pub users: usize,
     /// `open` (a fixed offered rate) or `closed` (users act flat out).
@@ -162,8 +165,31 @@ pub struct LabReport {
     pub instances: usize,
     /// How often the writer advanced the counter, milliseconds.
     pub counter_interval_ms: f64,
-    /// One row per strategy.
+    /// The profiles run, in order.
+    pub profiles: Vec<ProfileInfo>,
+    /// One row per profile and strategy, profile by profile.
     pub results: Vec<StrategyResult>,
+}
+
+/// A lag profile as the report describes it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProfileInfo {
+    /// The profile.
+    pub profile: Profile,
+    /// What it does.
+    pub description: String,
+    /// The replicas' apply delays, milliseconds.
+    pub apply_delays_ms: Vec<u64>,
+}
+
+impl LabReport {
+    /// The results of one profile, in the order they ran.
+    pub fn results_of(&self, profile: Profile) -> Vec<&StrategyResult> {
+        self.results
+            .iter()
+            .filter(|result| result.profile == profile)
+            .collect()
+    }
 }
 
 /// Starts a cluster, runs every strategy in turn, and reports.
@@ -173,8 +199,9 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
     for (name, value) in primary_load::SETTINGS {
         builder = builder.setting(name, value);
     }
-    for lag in &config.lags {
-        builder = builder.replica(*lag);
+    let first = config.profiles.first().copied().unwrap_or(Profile::Skewed);
+    for delay in first.apply_delays() {
+        builder = builder.replica(delay);
     }
     let cluster = builder.start().await?;
     let cluster_start_s = started.elapsed().as_secs_f64();
@@ -182,9 +209,14 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
         let primary = sqlx::PgPool::connect(cluster.primary_url()).await?;
         social::migrate(&primary).await?;
         create_counter(&primary).await?;
+        profile::create_ballast(&primary).await?;
         primary.close().await;
     }
-    primary_load::install(cluster.primary_url(), &["lab_counter"]).await?;
+    primary_load::install(
+        cluster.primary_url(),
+        &["lab_counter", profile::BALLAST_TABLE],
+    )
+    .await?;
     let mut statements = PrimaryStatements::connect(cluster.primary_url()).await?;
     // The replicas have the counter's table and row before any read asks.
     cluster
@@ -193,33 +225,53 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
     let counter = CounterWriter::start(cluster.primary_url(), config.counter_interval).await?;
 
     let keys = KeySet::new(SigningKey::generate()?);
-    let mut results = Vec::with_capacity(config.strategies.len());
-    for (index, strategy) in config.strategies.iter().copied().enumerate() {
-        let workload = Workload {
-            first_user: 1_000_000 * (index as i64 + 1),
-            ..config.workload.clone()
-        };
-        let result = run_strategy(
-            &cluster,
-            strategy,
-            &keys,
-            &workload,
-            config,
-            &counter,
-            &mut statements,
-        )
-        .await;
-        match result {
-            Ok(result) => results.push(result),
-            Err(error) => {
-                counter.stop().await;
-                return Err(error);
+    let mut results = Vec::with_capacity(config.strategies.len() * config.profiles.len());
+    let mut runs = 0i64;
+    for profile in config.profiles.iter().copied() {
+        if let Err(error) = profile.apply(&cluster).await {
+            counter.stop().await;
+            return Err(error);
+        }
+        for strategy in config.strategies.iter().copied() {
+            runs += 1;
+            // Users of every run are others, so each starts without posts.
+            let workload = Workload {
+                first_user: 1_000_000 * runs,
+                ..config.workload.clone()
+            };
+            let run = Run {
+                cluster: &cluster,
+                profile,
+                strategy,
+                keys: &keys,
+                workload: &workload,
+                config,
+                counter: &counter,
+            };
+            match run_strategy(run, &mut statements).await {
+                Ok(result) => results.push(result),
+                Err(error) => {
+                    counter.stop().await;
+                    return Err(error);
+                }
             }
         }
     }
     counter.stop().await;
+    let profiles = config
+        .profiles
+        .iter()
+        .map(|&profile| ProfileInfo {
+            profile,
+            description: profile.describe(),
+            apply_delays_ms: profile
+                .apply_delays()
+                .iter()
+                .map(|d| d.as_millis() as u64)
+                .collect(),
+        })
+        .collect();
     Ok(LabReport {
-        lags_ms: config.lags.iter().map(|d| d.as_millis() as u64).collect(),
         users: config.workload.users,
         load: match config.workload.arrivals {
             Arrivals::Open { .. } => "open",
@@ -235,6 +287,7 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         instances: INSTANCES,
         counter_interval_ms: config.counter_interval.as_secs_f64() * 1000.0,
+        profiles,
         results,
     })
 }
@@ -409,15 +462,30 @@ impl Instance {
     }
 }
 
-async fn run_strategy(
-    cluster: &TestCluster,
+/// One strategy's run under one profile.
+struct Run<'a> {
+    cluster: &'a TestCluster,
+    profile: Profile,
     strategy: Strategy,
-    keys: &KeySet,
-    workload: &Workload,
-    config: &LabConfig,
-    counter: &CounterWriter,
+    keys: &'a KeySet,
+    workload: &'a Workload,
+    config: &'a LabConfig,
+    counter: &'a CounterWriter,
+}
+
+async fn run_strategy(
+    run: Run<'_>,
     statements: &mut PrimaryStatements,
 ) -> Result<StrategyResult, Box<dyn std::error::Error>> {
+    let Run {
+        cluster,
+        profile,
+        strategy,
+        keys,
+        workload,
+        config,
+        counter,
+    } = run;
     let mut instances = Vec::with_capacity(INSTANCES);
     for _ in 0..INSTANCES {
         match Instance::start(cluster, strategy, keys, workload, config).await {
@@ -447,7 +515,7 @@ async fn run_strategy(
         workload::run(&bases, &warmup, Arc::new(Live::default())).await;
     }
     let live = Arc::new(Live::default());
-    let bar = progress_bar(config.progress, strategy, workload.duration);
+    let bar = progress_bar(config.progress, profile, strategy, workload.duration);
     let ticker = {
         let bar = bar.clone();
         let live = Arc::clone(&live);
@@ -473,7 +541,12 @@ async fn run_strategy(
     };
     let advances_before = counter.advances();
     let reset = statements.reset().await;
-    let measured = workload::run(&bases, workload, Arc::clone(&live)).await;
+    // The profile's disturbance starts with the measured window, so every
+    // strategy meets it at the same moments.
+    let (measured, ()) = tokio::join!(
+        workload::run(&bases, workload, Arc::clone(&live)),
+        profile.disturb(cluster, workload.duration)
+    );
     let primary_statements = match reset {
         Ok(()) => statements.count().await,
         Err(error) => Err(error),
@@ -490,6 +563,7 @@ async fn run_strategy(
     let requests = measured.reads + measured.writes;
     let seconds = measured.elapsed.as_secs_f64().max(1e-9);
     Ok(StrategyResult {
+        profile,
         strategy,
         max_wait_ms: max_wait.as_millis() as u64,
         latency_budget_ms: strategy.latency_budget().as_millis() as u64,
@@ -532,14 +606,19 @@ fn share(part: u64, whole: u64) -> f64 {
     }
 }
 
-fn progress_bar(enabled: bool, strategy: Strategy, duration: Duration) -> ProgressBar {
+fn progress_bar(
+    enabled: bool,
+    profile: Profile,
+    strategy: Strategy,
+    duration: Duration,
+) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(duration.as_millis() as u64);
-    if let Ok(style) = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {elapsed:>3} {msg}") {
+    if let Ok(style) = ProgressStyle::with_template("{prefix:>27} [{bar:30}] {elapsed:>3} {msg}") {
         bar.set_style(style.progress_chars("=> "));
     }
-    bar.set_prefix(strategy.name());
+    bar.set_prefix(format!("{profile} {strategy}"));
     bar
 }

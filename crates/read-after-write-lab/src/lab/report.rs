@@ -6,7 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::{LabReport, StrategyResult};
+use super::{LabReport, ProfileInfo, StrategyResult};
 
 const COLUMNS: [&str; 19] = [
     "strategy",
@@ -59,7 +59,6 @@ fn cells(r: &StrategyResult) -> [String; 19] {
 }
 
 fn describe(report: &LabReport) -> String {
-    let lags: Vec<String> = report.lags_ms.iter().map(|ms| format!("{ms} ms")).collect();
     let load = if report.load == "open" {
         format!(
             "open loop: {:.0} actions/s offered (Poisson) to {} sessions",
@@ -69,34 +68,38 @@ fn describe(report: &LabReport) -> String {
         format!("closed loop: {} virtual users flat out", report.users)
     };
     format!(
-        "{load}, {:.1} s per strategy over {} app instances, write ratio {}, \
-         replicas lagging {}, a counter advanced every {} ms ({} cores)\n\
+        "{load}, {:.1} s measured per strategy and profile over {} app instances, write ratio {}, \
+         a counter advanced every {} ms ({} cores)\n\
          went back: reads that saw an older counter than an earlier read of their session \
          (monotonic-read violations); token reads: read responses that set a new token; \
-         post-write: the own read right after a write; offered/served: actions per second \
+         primary q/1k: statements the primary ran per 1,000 requests (pg_stat_statements); \
+         post-write: the own read right after a write; wasted wait: how long reads that then \
+         went to the primary had waited; offered/served: actions per second \
          (a write action is a post and its own read); dropped: arrivals that found every session busy",
         report.duration_s,
         report.instances,
         report.write_ratio,
-        lags.join(" and "),
         report.counter_interval_ms,
         report.cores
     )
 }
 
-/// The table for a terminal.
-pub fn table(report: &LabReport) -> String {
-    let rows: Vec<[String; 19]> = report.results.iter().map(cells).collect();
-    let mut widths = COLUMNS.map(str::len);
-    for row in &rows {
+/// One profile's heading.
+fn profile_heading(info: &ProfileInfo) -> String {
+    format!("{}: {}", info.profile, info.description)
+}
+
+/// One table's lines, columns padded to their widest cell.
+fn aligned(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(String::len).collect();
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.len());
         }
     }
-    let mut out = format!("{}\n\n", describe(report));
     let line = |cells: &[String]| {
         let mut text = String::new();
-        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+        for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
             if i == 0 {
                 let _ = write!(text, "{cell:<width$}");
             } else {
@@ -106,24 +109,52 @@ pub fn table(report: &LabReport) -> String {
         text.push('\n');
         text
     };
-    out.push_str(&line(&COLUMNS.map(str::to_owned)));
+    let mut out = line(header);
     let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
     out.push_str(&line(&rule));
-    for row in &rows {
+    for row in rows {
         out.push_str(&line(row));
     }
     out
 }
 
-/// The same table in Markdown.
-pub fn markdown(report: &LabReport) -> String {
-    let mut out = format!("{}\n\n| {} |\n|", describe(report), COLUMNS.join(" | "));
-    for i in 0..COLUMNS.len() {
-        out.push_str(if i == 0 { "---|" } else { "---:|" });
+/// The tables for a terminal, one per profile.
+pub fn table(report: &LabReport) -> String {
+    let header: Vec<String> = COLUMNS.iter().map(|c| (*c).to_owned()).collect();
+    let mut out = format!("{}\n", describe(report));
+    for info in &report.profiles {
+        let rows: Vec<Vec<String>> = report
+            .results_of(info.profile)
+            .into_iter()
+            .map(|r| cells(r).to_vec())
+            .collect();
+        let _ = write!(
+            out,
+            "\n{}\n\n{}",
+            profile_heading(info),
+            aligned(&header, &rows)
+        );
     }
-    out.push('\n');
-    for result in &report.results {
-        out.push_str(&format!("| {} |\n", cells(result).join(" | ")));
+    out
+}
+
+/// The same tables in Markdown.
+pub fn markdown(report: &LabReport) -> String {
+    let mut out = format!("{}\n", describe(report));
+    for info in &report.profiles {
+        let _ = write!(
+            out,
+            "\n### {}\n\n| {} |\n|",
+            profile_heading(info),
+            COLUMNS.join(" | ")
+        );
+        for i in 0..COLUMNS.len() {
+            out.push_str(if i == 0 { "---|" } else { "---:|" });
+        }
+        out.push('\n');
+        for result in report.results_of(info.profile) {
+            let _ = writeln!(out, "| {} |", cells(result).join(" | "));
+        }
     }
     out
 }
