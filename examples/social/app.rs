@@ -387,10 +387,10 @@ struct LabReadings {
 /// `db.read()`, and how long it waited in vain: `Some` when the lab asks
 /// ([`LabOptions::wasted_wait`]) and no replica caught up within
 /// `max_wait`, so the read went to the primary after waiting.
-async fn session_read<'a, B: Backend<Pool = PgPool>>(
-    db: &'a Db<B>,
+async fn session_read<B: Backend<Pool = PgPool>>(
+    db: &Db<B>,
     lab: LabOptions,
-) -> (&'a PgPool, Option<Duration>) {
+) -> (&PgPool, Option<Duration>) {
     let started = std::time::Instant::now();
     let pool = db.read().await;
     let waited = started.elapsed();

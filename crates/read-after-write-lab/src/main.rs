@@ -75,7 +75,7 @@ struct Args {
     /// Print the results as JSON on stdout instead of the table.
     #[arg(long)]
     json: bool,
-    /// Where results.json, results.md and chart.svg go.
+    /// Where results.json, results.md and the frontier-<profile>.svg charts go.
     #[arg(long, default_value_os_t = default_out_dir())]
     out: PathBuf,
     /// Exit non-zero unless every strategy but naive had 0 stale own reads,
@@ -134,7 +134,8 @@ async fn main() -> ExitCode {
         eprintln!("--counter-interval must be above zero");
         return ExitCode::from(2);
     }
-    if !args.closed_loop && !(args.rate.is_finite() && args.rate > 0.0) {
+    let rate_ok = args.rate.is_finite() && args.rate > 0.0;
+    if !args.closed_loop && !rate_ok {
         eprintln!("--rate must be above zero");
         return ExitCode::from(2);
     }
@@ -194,7 +195,7 @@ async fn main() -> ExitCode {
         println!("{}", report::table(&report));
         let out = args.out.canonicalize().unwrap_or_else(|_| args.out.clone());
         println!(
-            "results: {} (results.json, results.md, chart.svg)",
+            "results: {} (results.json, results.md, frontier-<profile>.svg)",
             out.display()
         );
     }

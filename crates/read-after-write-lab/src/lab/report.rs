@@ -4,7 +4,6 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use plotters::prelude::*;
-use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{LabReport, ProfileInfo, StrategyResult};
 
@@ -159,126 +158,233 @@ pub fn markdown(report: &LabReport) -> String {
     out
 }
 
-/// Writes `results.json`, `results.md` and `chart.svg` into `dir`.
+/// Whether each of `results` is on the frontier: consistent (0 stale own
+/// reads), and no other consistent result has both a primary read share
+/// and a post-write read p99 at most its own, one of them smaller.
+pub fn frontier(results: &[&StrategyResult]) -> Vec<bool> {
+    let consistent = |r: &StrategyResult| r.stale_own_reads == 0;
+    results
+        .iter()
+        .map(|r| {
+            consistent(r)
+                && !results.iter().any(|other| {
+                    consistent(other)
+                        && other.primary_read_share <= r.primary_read_share
+                        && other.post_write_read_p99_ms <= r.post_write_read_p99_ms
+                        && (other.primary_read_share < r.primary_read_share
+                            || other.post_write_read_p99_ms < r.post_write_read_p99_ms)
+                })
+        })
+        .collect()
+}
+
+const FRONTIER_COLUMNS: [&str; 9] = [
+    "strategy",
+    "primary share",
+    "primary q/1k",
+    "post-write p50",
+    "post-write p99",
+    "wasted wait p99",
+    "stale own",
+    "dropped",
+    "frontier",
+];
+
+/// Each profile's strategies by primary read share, marking the frontier,
+/// in Markdown.
+pub fn frontier_tables(report: &LabReport) -> String {
+    let mut out = String::from(
+        "## The trade-off, profile by profile\n\n\
+         Sorted by primary read share. On the frontier: no other strategy with 0 stale own \
+         reads sent fewer reads to the primary without a slower post-write read p99 \
+         (or the reverse).\n",
+    );
+    for info in &report.profiles {
+        let mut results = report.results_of(info.profile);
+        results.sort_by(|a, b| {
+            a.primary_read_share.total_cmp(&b.primary_read_share).then(
+                a.post_write_read_p99_ms
+                    .total_cmp(&b.post_write_read_p99_ms),
+            )
+        });
+        let on = frontier(&results);
+        let _ = write!(
+            out,
+            "\n### {}\n\n| {} |\n|",
+            profile_heading(info),
+            FRONTIER_COLUMNS.join(" | ")
+        );
+        for i in 0..FRONTIER_COLUMNS.len() {
+            out.push_str(if i == 0 { "---|" } else { "---:|" });
+        }
+        out.push('\n');
+        for (r, on) in results.iter().zip(on) {
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} % | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {} | {} | {} |",
+                r.strategy,
+                r.primary_read_share * 100.0,
+                r.primary_queries_per_1k_requests,
+                r.post_write_read_p50_ms,
+                r.post_write_read_p99_ms,
+                r.wasted_wait_ms_p99,
+                r.stale_own_reads,
+                r.dropped_arrivals,
+                if on {
+                    "yes"
+                } else if r.stale_own_reads > 0 {
+                    "stale"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    out
+}
+
+/// Writes `results.json`, `results.md` (every table, then the frontier
+/// tables) and `frontier-<profile>.svg` for each profile into `dir`.
 pub fn write_files(report: &LabReport, dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join("results.json"),
         serde_json::to_string_pretty(report)?,
     )?;
-    std::fs::write(dir.join("results.md"), markdown(report))?;
-    chart(report, &dir.join("chart.svg"))?;
+    std::fs::write(
+        dir.join("results.md"),
+        format!("{}\n{}", markdown(report), frontier_tables(report)),
+    )?;
+    for info in &report.profiles {
+        frontier_chart(
+            report,
+            info,
+            &dir.join(format!("frontier-{}.svg", info.profile)),
+        )?;
+    }
     Ok(())
 }
 
-/// Three bar charts side by side: primary read share, stale own reads and
-/// monotonic-read violations per strategy.
-fn chart(report: &LabReport, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (1440, 420)).into_drawing_area();
+/// A scatter of one profile's strategies: primary read share (x) against
+/// post-write read p99 (y), each point labelled; the frontier joined by a
+/// line, strategies that went stale in red.
+fn frontier_chart(
+    report: &LabReport,
+    info: &ProfileInfo,
+    path: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut results = report.results_of(info.profile);
+    results.sort_by(|a, b| a.primary_read_share.total_cmp(&b.primary_read_share));
+    let on = frontier(&results);
+    let y_max = results
+        .iter()
+        .map(|r| r.post_write_read_p99_ms)
+        .fold(1.0, f64::max)
+        * 1.2;
+    let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (left, rest) = root.split_horizontally(480);
-    let (middle, right) = rest.split_horizontally(480);
-    let names: Vec<String> = report.results.iter().map(|r| r.strategy.name()).collect();
-    let shares: Vec<f64> = report
-        .results
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{}: the cost of reading your writes", info.profile),
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-2.0..105.0, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("primary read share (%)")
+        .y_desc("post-write read p99 (ms)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    let frontier_color = RGBColor(78, 154, 6);
+    let line: Vec<(f64, f64)> = results
         .iter()
-        .map(|r| r.primary_read_share * 100.0)
+        .zip(&on)
+        .filter(|(_, on)| **on)
+        .map(|(r, _)| (r.primary_read_share * 100.0, r.post_write_read_p99_ms))
         .collect();
-    let stale: Vec<f64> = report
-        .results
-        .iter()
-        .map(|r| r.stale_own_reads as f64)
-        .collect();
-    bars(
-        &left,
-        "Primary read share (%)",
-        &names,
-        &shares,
-        100.0,
-        &RGBColor(52, 101, 164),
-    )?;
-    let stale_max = stale.iter().copied().fold(1.0, f64::max) * 1.15;
-    bars(
-        &middle,
-        "Stale own reads",
-        &names,
-        &stale,
-        stale_max,
-        &RGBColor(204, 0, 0),
-    )?;
-    let back: Vec<f64> = report
-        .results
-        .iter()
-        .map(|r| r.monotonic_violations as f64)
-        .collect();
-    let back_max = back.iter().copied().fold(1.0, f64::max) * 1.15;
-    bars(
-        &right,
-        "Reads that went back in time",
-        &names,
-        &back,
-        back_max,
-        &RGBColor(245, 121, 0),
-    )?;
+    chart.draw_series(LineSeries::new(line, frontier_color.stroke_width(2)))?;
+    let label = ("sans-serif", 13).into_font();
+    chart.draw_series(results.iter().zip(&on).enumerate().map(|(i, (r, on))| {
+        let color = if r.stale_own_reads > 0 {
+            RGBColor(204, 0, 0)
+        } else if *on {
+            frontier_color
+        } else {
+            RGBColor(52, 101, 164)
+        };
+        // Labels alternate sides, so points close together stay readable.
+        let offset = if i % 2 == 0 { (7, -14) } else { (7, 2) };
+        EmptyElement::at((r.primary_read_share * 100.0, r.post_write_read_p99_ms))
+            + Circle::new((0, 0), 5, color.filled())
+            + Text::new(r.strategy.name(), offset, label.clone())
+    }))?;
+    root.draw(&Text::new(
+        info.description.clone(),
+        (16, 580),
+        ("sans-serif", 12).into_font(),
+    ))?;
     root.present()?;
     Ok(())
 }
 
-fn bars<DB: DrawingBackend>(
-    area: &DrawingArea<DB, plotters::coord::Shift>,
-    title: &str,
-    names: &[String],
-    values: &[f64],
-    max: f64,
-    color: &RGBColor,
-) -> Result<(), Box<dyn std::error::Error>>
-where
-    DB::ErrorType: 'static,
-{
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(48)
-        .build_cartesian_2d(
-            (0..names.len().saturating_sub(1)).into_segmented(),
-            0.0..max,
-        )?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .x_label_formatter(&|x| match x {
-            SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
-            _ => String::new(),
-        })
-        .draw()?;
-    chart.draw_series(values.iter().enumerate().map(|(i, value)| {
-        let mut bar = Rectangle::new(
-            [
-                (SegmentValue::Exact(i), 0.0),
-                (SegmentValue::Exact(i + 1), *value),
-            ],
-            color.filled(),
-        );
-        bar.set_margin(0, 0, 8, 8);
-        bar
-    }))?;
-    let label = ("sans-serif", 14)
-        .into_font()
-        .into_text_style(area)
-        .pos(Pos::new(HPos::Center, VPos::Bottom));
-    chart.draw_series(values.iter().enumerate().map(|(i, value)| {
-        let text = if value.fract() == 0.0 {
-            format!("{value:.0}")
-        } else {
-            format!("{value:.1}")
-        };
-        Text::new(
-            text,
-            (SegmentValue::CenterOf(i), *value + max * 0.01),
-            label.clone(),
-        )
-    }))?;
-    Ok(())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::profile::Profile;
+    use crate::lab::strategy::Strategy;
+
+    fn result(strategy: Strategy, share: f64, p99: f64, stale: u64) -> StrategyResult {
+        StrategyResult {
+            profile: Profile::Skewed,
+            strategy,
+            max_wait_ms: 0,
+            latency_budget_ms: 0,
+            own_reads: 100,
+            stale_own_reads: stale,
+            reads: 100,
+            primary_read_share: share,
+            read_p50_ms: 1.0,
+            read_p99_ms: p99,
+            write_p50_ms: 1.0,
+            writes: 10,
+            requests_per_second: 100.0,
+            offered_rps: 100.0,
+            achieved_rps: 100.0,
+            dropped_arrivals: 0,
+            abandoned_actions: 0,
+            post_write_read_p50_ms: 1.0,
+            post_write_read_p99_ms: p99,
+            primary_statements: 0,
+            primary_queries_per_1k_requests: 0.0,
+            wasted_wait_reads: 0,
+            wasted_wait_ms_p99: 0.0,
+            errors: 0,
+            sessions: 1,
+            sessions_with_violations: 0,
+            counter_reads: 100,
+            monotonic_violations: 0,
+            read_token_share: 0.0,
+            counter_advances: 0,
+        }
+    }
+
+    #[test]
+    fn the_frontier_is_the_consistent_strategies_nothing_beats_on_both_counts() {
+        let results = [
+            result(Strategy::Naive, 0.0, 1.0, 50),
+            result(Strategy::Primary, 1.0, 5.0, 0),
+            result(Strategy::Lsn, 0.2, 5.0, 0),
+            result(Strategy::LsnWait { max_wait_ms: 10 }, 0.1, 9.0, 0),
+            result(Strategy::LsnWait { max_wait_ms: 80 }, 0.0, 40.0, 0),
+            result(Strategy::LsnWait { max_wait_ms: 160 }, 0.0, 60.0, 0),
+        ];
+        let refs: Vec<&StrategyResult> = results.iter().collect();
+        // Naive is fastest but stale; primary loses to lsn on share at the
+        // same p99; lsn-wait-160ms loses to lsn-wait-80ms on p99.
+        assert_eq!(frontier(&refs), [false, false, true, true, true, false]);
+    }
 }
