@@ -429,8 +429,16 @@ impl<B: Backend> Db<B> {
     /// its token requires, else the primary. It never waits.
     pub fn eventual(&self) -> &B::Pool {
         if self.shared.monotonic {
-            // Never waits, so the future is ready at its first poll.
-            return poll_ready_now(self.monotonic(None));
+            // Never waits, so the future is ready at its first poll. A
+            // backend that breaks that rule gets the primary, never a panic.
+            if let Some(pool) = poll_once(self.monotonic(None)) {
+                return pool;
+            }
+            self.own().read_primary.store(true, Ordering::Relaxed);
+            return self.record(Routed::primary(
+                self.target().primary(),
+                RouteReason::LeftReplica,
+            ));
         }
         self.record(self.target().eventual())
     }
@@ -704,15 +712,14 @@ impl<B: Backend> fmt::Debug for Db<B> {
     }
 }
 
-/// Polls a future that is known never to wait, once, and returns its
-/// output. Used where a sync method shares its routing with an async one
+/// Polls a future once: its output if it is ready, else `None` (it is
+/// dropped). Used where a sync method shares its routing with an async one
 /// whose waiting branch it never takes.
-fn poll_ready_now<F: std::future::Future>(future: F) -> F::Output {
+fn poll_once<F: std::future::Future>(future: F) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
     let mut context = std::task::Context::from_waker(std::task::Waker::noop());
     match future.as_mut().poll(&mut context) {
-        std::task::Poll::Ready(output) => output,
-        // Unreachable by construction: the no-wait branch never awaits.
-        std::task::Poll::Pending => unreachable!("a read that never waits was pending"),
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
     }
 }
