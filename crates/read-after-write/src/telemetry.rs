@@ -19,7 +19,7 @@ static METADATA: Metadata<'static> =
 const TARGETS: [Target; 2] = [Target::Primary, Target::Replica];
 
 /// Every reason, in declaration order, so `reason as usize` indexes it.
-const REASONS: [RouteReason; 15] = [
+const REASONS: [RouteReason; 17] = [
     RouteReason::NoToken,
     RouteReason::CaughtUp,
     RouteReason::CaughtUpAfterWait,
@@ -35,6 +35,8 @@ const REASONS: [RouteReason; 15] = [
     RouteReason::Write,
     RouteReason::NoReplicaOnTimeline,
     RouteReason::PositionUnknown,
+    RouteReason::PredictedLate,
+    RouteReason::TooStale,
 ];
 
 const TOKEN_ERRORS: [TokenError; 6] = [
