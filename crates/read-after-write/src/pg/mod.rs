@@ -76,8 +76,9 @@
 //! With the default [`WaitPolicy::Predicted`] a session read that finds no
 //! replica caught up:
 //! - waits only if some replica is predicted to replay the position within
-//!   the budget, `min(latency_budget, max_wait)` (50 ms and the layer's
-//!   `max_wait`, by default); else it reads from the primary at once,
+//!   the budget: the read's `max_wait` (the layer's, or `read_within`'s),
+//!   capped by [`latency_budget`](PgReplicaSetBuilder::latency_budget) if
+//!   set; else it reads from the primary at once,
 //!   `reason="predicted_late"`, with no time wasted waiting;
 //! - re-checks on every change the tracker sees, and stops waiting the
 //!   moment the prediction slips past the budget (the replica paused, or
@@ -444,11 +445,12 @@ impl PgReplicaSetBuilder {
         self
     }
 
-    /// Route session reads by prediction within `budget` (the default
-    /// policy, with 50 ms): a read that finds no replica caught up waits
-    /// only if a replica is predicted to catch up within
+    /// Route session reads by prediction (the default policy) with `budget`
+    /// as a cap on every read's wait: a read that finds no replica caught up
+    /// waits only if a replica is predicted to catch up within
     /// `min(budget, max_wait)`, and reads from the primary at once
-    /// otherwise; see the [module docs](self#routing-within-a-latency-budget).
+    /// otherwise. Without it the budget is each read's `max_wait`; see the
+    /// [module docs](self#routing-within-a-latency-budget).
     ///
     /// ```
     /// use read_after_write::pg::{PgReplicaSet, WaitPolicy};
@@ -459,7 +461,7 @@ impl PgReplicaSetBuilder {
     /// ```
     pub fn latency_budget(self, budget: Duration) -> Self {
         self.wait_policy(WaitPolicy::Predicted {
-            latency_budget: budget,
+            latency_budget: Some(budget),
         })
     }
 
@@ -478,7 +480,8 @@ impl PgReplicaSetBuilder {
     }
 
     /// How a session read that finds no replica caught up decides whether
-    /// to wait (default [`WaitPolicy::Predicted`] with a 50 ms budget).
+    /// to wait (default [`WaitPolicy::Predicted`], within each read's
+    /// `max_wait`).
     pub fn wait_policy(mut self, policy: WaitPolicy) -> Self {
         self.wait_policy = policy;
         self
@@ -808,8 +811,8 @@ impl PgReplicaSet {
     /// Starts a builder with the defaults: poll every 20 ms, probe timeout
     /// 500 ms, backoff up to 2 s, capture timeout 1 s, stall timeout 5 s,
     /// round-robin, 10 connections per node, checkout timeout 1 s, session
-    /// reads routed by prediction within a 50 ms latency budget, no primary
-    /// budget, no staleness bound on eventual reads.
+    /// reads routed by prediction within their `max_wait`, no primary budget,
+    /// no staleness bound on eventual reads.
     pub fn builder() -> PgReplicaSetBuilder {
         PgReplicaSetBuilder {
             primary: None,

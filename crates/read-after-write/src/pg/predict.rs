@@ -17,20 +17,22 @@
 //! `P`, so it is predicted in `delay - (now - written_at(P))` ([`predict`]).
 //! That holds while the replica keeps to its schedule. A replica that has
 //! fallen behind it (the oldest WAL it lacks is older than its delay plus a
-//! poll of slack) has slowed down or stopped: it is assumed to need at least
-//! as long again as it is already overdue, and at least the bytes it lacks
-//! over its smoothed replay rate when it replays at all. A read waiting for
-//! it thus sees the prediction slip further with every poll and stops
-//! waiting once the slip passes its budget. A replica whose replay is paused
+//! poll of slack) has slowed down or stopped: it is assumed to need as long
+//! again as it is already overdue, or less when its smoothed replay rate
+//! would clear the bytes it lacks sooner (it is late but replaying hard). A
+//! read waiting for a replica that stands still thus sees the prediction
+//! slip further with every poll and stops waiting once the slip passes its
+//! budget. A replica whose replay is paused
 //! (`pg_is_wal_replay_paused()`, which turns true as soon as a pause is
 //! requested) is predicted never.
 //!
 //! Why time and not bytes first: a replica held back by an apply delay
 //! replays in bursts (nothing while the primary was quiet, then everything
 //! at once), so its byte rate says little about when the next commit
-//! lands, while its time delay is steady. The byte rate is the cross-check
-//! for a replica that is late: throughput, not delay, is then what limits
-//! it.
+//! lands, while its time delay is steady. A byte rate measured in a quiet
+//! spell is near zero and would predict "never" for a replica about to
+//! replay a burst; so the rate may only make a late replica's prediction
+//! sooner (evidence that it is replaying), never later.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -89,12 +91,15 @@ pub(crate) fn predict(
     let mut eta = delay.saturating_sub(since_written);
     let overdue = view.lag_now.saturating_sub(delay.saturating_add(slack));
     if !overdue.is_zero() {
-        eta = eta.max(overdue);
+        // Late: assume as long again as it is overdue, unless it is
+        // replaying fast enough to clear what it lacks sooner.
+        let mut late = overdue;
         if view.rate > 0.0 {
             let missing = (target - view.replayed) as f64;
             let by_rate = Duration::try_from_secs_f64(missing / view.rate).unwrap_or(FAR);
-            eta = eta.max(by_rate);
+            late = late.min(by_rate);
         }
+        eta = eta.max(late);
     }
     Some(eta.min(FAR))
 }
@@ -219,12 +224,15 @@ mod tests {
     }
 
     #[test]
-    fn a_late_replica_that_replays_is_bounded_by_its_rate() {
-        let mut slow = view(0, Some(50), 200);
-        slow.rate = 1_000.0; // bytes per second
-                             // 1,000 bytes missing at 1,000 bytes/s: a second, more than overdue.
-        let eta = predict(&slow, 1_000, 200 * MS, 10 * MS);
-        assert_eq!(eta, Some(Duration::from_secs(1)));
+    fn a_late_replica_that_replays_fast_is_predicted_by_its_rate() {
+        // 140 ms overdue, but 100 bytes missing at 10,000 bytes/s: 10 ms.
+        let mut busy = view(0, Some(50), 200);
+        busy.rate = 10_000.0;
+        assert_eq!(predict(&busy, 100, 200 * MS, 10 * MS), Some(10 * MS));
+        // A rate measured in a quiet spell never makes it later: as long
+        // again as it is overdue.
+        busy.rate = 1.0;
+        assert_eq!(predict(&busy, 100, 200 * MS, 10 * MS), Some(140 * MS));
         // On schedule, the rate is not consulted (replay under an apply
         // delay comes in bursts).
         let mut bursty = view(0, Some(50), 20);

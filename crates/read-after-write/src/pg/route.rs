@@ -59,25 +59,23 @@ use crate::position::WritePosition;
 ///
 /// ```
 /// use read_after_write::pg::WaitPolicy;
-/// use std::time::Duration;
 ///
-/// assert_eq!(
-///     WaitPolicy::default(),
-///     WaitPolicy::Predicted { latency_budget: Duration::from_millis(50) }
-/// );
+/// // By default the budget is each read's own max_wait.
+/// assert_eq!(WaitPolicy::default(), WaitPolicy::Predicted { latency_budget: None });
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WaitPolicy {
     /// Wait only while some replica is predicted to replay the position
-    /// within `latency_budget` of the read's start (and never longer than
-    /// the `max_wait` the read is given); otherwise read from the primary at
-    /// once (`reason="predicted_late"`). The prediction is re-checked on
-    /// every tracker change: a replica that pauses or falls behind mid-wait
-    /// ends the wait at once.
+    /// within the budget of the read's start: the `max_wait` the read is
+    /// given, capped by `latency_budget` if set. Otherwise read from the
+    /// primary at once (`reason="predicted_late"`). The prediction is
+    /// re-checked on every tracker change: a replica that pauses or falls
+    /// behind mid-wait ends the wait at once.
     Predicted {
-        /// The most a read adds waiting for a replica.
-        latency_budget: Duration,
+        /// A cap on what any read adds waiting for a replica, below the
+        /// `max_wait` it is given; `None` for no cap beyond `max_wait`.
+        latency_budget: Option<Duration>,
     },
     /// Wait up to the full `max_wait` for any replica, then read from the
     /// primary (`reason="wait_timed_out"`): the behaviour before predictions.
@@ -85,13 +83,15 @@ pub enum WaitPolicy {
 }
 
 impl Default for WaitPolicy {
-    /// [`Predicted`](Self::Predicted) with a 50 ms budget: the top of the
-    /// range a post-write page can afford, and cheap because a predicted
-    /// wait is only spent when it ends on a replica. The layer's `max_wait`
-    /// still bounds it: raise that to let the whole budget be used.
+    /// [`Predicted`](Self::Predicted) with no cap of its own: each read's
+    /// budget is the `max_wait` it is given (the layer's, or
+    /// `Db::read_within`'s), the bound its caller already chose. A second
+    /// default cap would silently cut an explicit `read_within(200 ms)`
+    /// short; and since a predicted wait is only spent when a replica is
+    /// expected to end it, a generous `max_wait` costs little.
     fn default() -> Self {
         WaitPolicy::Predicted {
-            latency_budget: Duration::from_millis(50),
+            latency_budget: None,
         }
     }
 }
@@ -383,7 +383,8 @@ impl PgReplicaSet {
         let bound = over_cap.map(|share| share.hard_max_wait().max(max_wait));
         let routed = match self.inner.wait_policy {
             WaitPolicy::Predicted { latency_budget } => {
-                let budget = bound.unwrap_or(latency_budget.min(max_wait));
+                let capped = latency_budget.map_or(max_wait, |cap| cap.min(max_wait));
+                let budget = bound.unwrap_or(capped);
                 self.wait_predicted(required, budget, started).await
             }
             WaitPolicy::Fixed => {
