@@ -1060,7 +1060,8 @@ fn diagnose(
             "lag_exceeds_max_wait",
             format!(
                 "every replica lags at least {least_lag:?}, more than max_wait ({:?}): a user's \
-                 reads right after their write wait max_wait and then go to the primary; raise \
+                 reads right after their write go to the primary (at once when routed by \
+                 prediction, the default; after waiting max_wait with fixed_wait); raise \
                  max_wait above the lag, or accept those primary reads",
                 settings.max_wait
             ),

@@ -721,6 +721,10 @@ impl ReplicaTracker {
             .set(bytes);
         metrics::gauge!("read_after_write_replica_lag_seconds", "replica" => replica.name.clone())
             .set(seconds);
+        // What predictions are made from; NaN until measured.
+        let delay = replica.delay().map_or(f64::NAN, |d| d.as_secs_f64());
+        metrics::gauge!("read_after_write_replica_replay_delay_seconds", "replica" => replica.name.clone())
+            .set(delay);
     }
 
     /// Polls the primary's position on the tracker's own connection, with
