@@ -415,7 +415,7 @@ async fn wake_up_lateness_after_replay_is_reported_for_both_policies() {
     let predicted = warm_set(cluster, |b| b.latency_budget(budget)).await;
     let fixed = warm_set(cluster, |b| b.fixed_wait()).await;
 
-    const READS: usize = 40;
+    const READS: usize = 100;
     for (set, label) in [(&predicted, "predicted"), (&fixed, "fixed")] {
         let mut observer = cluster.connect_replica(FAST_INDEX).await.unwrap();
         let mut late = Vec::new();
@@ -457,9 +457,10 @@ async fn wake_up_lateness_after_replay_is_reported_for_both_policies() {
         let polls = set.tracker_polls() - polls_before;
         late.sort();
         eprintln!(
-            "{label}: read resumed after the replay p50 {:?} p99 {:?} max {:?} ({early} before \
-             the observer saw it); {:.1} tracker polls per read",
+            "{label}: read resumed after the replay p50 {:?} p90 {:?} p99 {:?} max {:?} \
+             ({early} before the observer saw it); {:.1} tracker polls per read",
             percentile(&late, 0.5),
+            percentile(&late, 0.9),
             percentile(&late, 0.99),
             late[READS - 1],
             polls as f64 / READS as f64
