@@ -95,9 +95,14 @@ async fn naive_stale(set: &PgReplicaSet, name: &str, id: i64) -> bool {
     !visible(set.replica_pool(name).unwrap(), id).await
 }
 
-async fn resume_all(cluster: &TestCluster) {
+/// Replay resumed and the apply delays as the cluster started with: run at
+/// the start of every test, so one that failed halfway leaves nothing
+/// behind for the next.
+async fn restore(cluster: &TestCluster) {
     cluster.resume_replay(FAST_INDEX).await.unwrap();
     cluster.resume_replay(SLOW_INDEX).await.unwrap();
+    cluster.set_apply_delay(FAST_INDEX, FAST).await.unwrap();
+    cluster.set_apply_delay(SLOW_INDEX, SLOW).await.unwrap();
     cluster
         .wait_for_replicas_caught_up(Duration::from_secs(10))
         .await
@@ -114,6 +119,7 @@ async fn a_replica_predicted_past_the_budget_sends_the_read_to_the_primary_at_on
 ) {
     let _serial = SERIAL.lock().await;
     let cluster = cluster().await;
+    restore(cluster).await;
     // The budget and max_wait are 30 ms; both replicas lag more.
     let budget = Duration::from_millis(30);
     let adaptive = warm_set(cluster, |b| b.latency_budget(budget)).await;
@@ -187,6 +193,7 @@ async fn a_replica_predicted_past_the_budget_sends_the_read_to_the_primary_at_on
 async fn a_replica_predicted_within_the_budget_is_waited_for_and_serves_the_read() {
     let _serial = SERIAL.lock().await;
     let cluster = cluster().await;
+    restore(cluster).await;
     let budget = Duration::from_millis(150);
     let set = warm_set(cluster, |b| b.latency_budget(budget)).await;
 
@@ -230,6 +237,7 @@ async fn a_replica_predicted_within_the_budget_is_waited_for_and_serves_the_read
 async fn a_read_stops_waiting_when_its_replica_pauses_mid_wait() {
     let _serial = SERIAL.lock().await;
     let cluster = cluster().await;
+    restore(cluster).await;
     // A budget the 400 ms replica fits in.
     let budget = Duration::from_secs(1);
     let set = warm_set(cluster, |b| b.latency_budget(budget)).await;
@@ -272,7 +280,61 @@ async fn a_read_stops_waiting_when_its_replica_pauses_mid_wait() {
     // replayed the row (400 ms), far before the budget (1 s).
     assert!(waited < Duration::from_millis(350), "waited {waited:?}");
     pauser.await.unwrap();
-    resume_all(cluster).await;
+    restore(cluster).await;
+    set.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_stops_waiting_when_its_replica_falls_behind_schedule_without_a_pause() {
+    let _serial = SERIAL.lock().await;
+    let cluster = cluster().await;
+    restore(cluster).await;
+    let budget = Duration::from_millis(1500);
+    let set = warm_set(cluster, |b| b.latency_budget(budget)).await;
+    cluster.pause_replay(FAST_INDEX).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !set.replicas()[FAST_INDEX].paused {
+        assert!(Instant::now() < deadline, "the tracker never saw the pause");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let (id, position) = write_one(&set, "stalled-mid-wait").await;
+    assert!(naive_stale(&set, "replica-2", id).await);
+    // 100 ms into the wait the slow replica's apply delay becomes 5 s: it
+    // stands still with no pause flag to see. Only its lateness against
+    // its own schedule (about 400 ms) can tell.
+    let slower = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cluster
+            .set_apply_delay(SLOW_INDEX, Duration::from_secs(5))
+            .await
+            .unwrap();
+    });
+    let started = Instant::now();
+    let routed = set.session(position, budget).await;
+    let waited = started.elapsed();
+    slower.await.unwrap();
+    eprintln!(
+        "apply delay raised 100 ms into the wait: the read waited {waited:?}, then {} ({})",
+        routed.node, routed.reason
+    );
+    assert_eq!(
+        (routed.target, routed.reason),
+        (Target::Primary, RouteReason::PredictedLate),
+        "{:?}",
+        set.replicas()
+    );
+    assert!(visible(routed.pool, id).await);
+    // Waited past when the replica was due, and gave up before the budget
+    // ran out: a replica overdue by d is assumed to need d more, so the
+    // read stops once waited + overdue passes the budget (about 0.95 s).
+    assert!(waited > SLOW, "waited {waited:?}");
+    assert!(
+        waited < budget - Duration::from_millis(200),
+        "waited {waited:?}"
+    );
+
+    restore(cluster).await;
     set.shutdown().await;
 }
 
@@ -280,6 +342,7 @@ async fn a_read_stops_waiting_when_its_replica_pauses_mid_wait() {
 async fn eventual_reads_leave_a_replica_beyond_max_staleness_where_the_unbounded_read_is_stale() {
     let _serial = SERIAL.lock().await;
     let cluster = cluster().await;
+    restore(cluster).await;
     let bound = Duration::from_secs(1);
     // A paused replica would count as stalled (diverged) after
     // stall_timeout and leave eventual reads anyway: keep that out of this
@@ -336,7 +399,7 @@ async fn eventual_reads_leave_a_replica_beyond_max_staleness_where_the_unbounded
     assert_eq!(routed.target, Target::Replica);
     assert!(!visible(routed.pool, id).await, "the naive read is stale");
 
-    resume_all(cluster).await;
+    restore(cluster).await;
     bounded.shutdown().await;
     unbounded.shutdown().await;
 }
@@ -345,6 +408,7 @@ async fn eventual_reads_leave_a_replica_beyond_max_staleness_where_the_unbounded
 async fn a_primary_budget_makes_reads_wait_longer_for_a_replica_and_never_read_stale() {
     let _serial = SERIAL.lock().await;
     let cluster = cluster().await;
+    restore(cluster).await;
     let budget = Duration::from_millis(30);
     let hard = Duration::from_millis(300);
     let plain = warm_set(cluster, |b| b.latency_budget(budget)).await;
@@ -411,16 +475,30 @@ async fn a_primary_budget_makes_reads_wait_longer_for_a_replica_and_never_read_s
 async fn wake_up_lateness_after_replay_is_reported_for_both_policies() {
     let _serial = SERIAL.lock().await;
     let cluster = cluster().await;
+    restore(cluster).await;
     let budget = Duration::from_millis(150);
-    let predicted = warm_set(cluster, |b| b.latency_budget(budget)).await;
-    let fixed = warm_set(cluster, |b| b.fixed_wait()).await;
 
     const READS: usize = 100;
-    for (set, label) in [(&predicted, "predicted"), (&fixed, "fixed")] {
+    for label in ["predicted", "fixed"] {
+        // Built right before use, so its tracker is polling at full rate
+        // (it slows down 5 s after the last read).
+        let set = &warm_set(cluster, |b| match label {
+            "fixed" => b.fixed_wait(),
+            _ => b.latency_budget(budget),
+        })
+        .await;
         let mut observer = cluster.connect_replica(FAST_INDEX).await.unwrap();
         let mut late = Vec::new();
         let mut early = 0;
+        // The tracker's own polling with no read waiting, to tell apart the
+        // polls that waiting reads add.
+        let idle_before = set.tracker_polls();
+        let idle_started = Instant::now();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle_rate =
+            (set.tracker_polls() - idle_before) as f64 / idle_started.elapsed().as_secs_f64();
         let polls_before = set.tracker_polls();
+        let loop_started = Instant::now();
         for i in 0..READS {
             let (id, position) = write_one(set, &format!("wake-{label}-{i}")).await;
             let lsn = position.lsn.to_string();
@@ -455,17 +533,19 @@ async fn wake_up_lateness_after_replay_is_reported_for_both_policies() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let polls = set.tracker_polls() - polls_before;
+        let added = polls as f64 - idle_rate * loop_started.elapsed().as_secs_f64();
         late.sort();
         eprintln!(
             "{label}: read resumed after the replay p50 {:?} p90 {:?} p99 {:?} max {:?} \
-             ({early} before the observer saw it); {:.1} tracker polls per read",
+             ({early} before the observer saw it); {:.1} tracker polls per read, {:.1} of them \
+             added by the wait",
             percentile(&late, 0.5),
             percentile(&late, 0.9),
             percentile(&late, 0.99),
             late[READS - 1],
-            polls as f64 / READS as f64
+            polls as f64 / READS as f64,
+            added / READS as f64
         );
+        set.shutdown().await;
     }
-    predicted.shutdown().await;
-    fixed.shutdown().await;
 }

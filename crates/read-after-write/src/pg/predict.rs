@@ -18,8 +18,9 @@
 //! That holds while the replica keeps to its schedule. A replica that has
 //! fallen behind it (the oldest WAL it lacks is older than its delay plus a
 //! poll of slack) has slowed down or stopped: it is assumed to need as long
-//! again as it is already overdue, or less when its smoothed replay rate
-//! would clear the bytes it lacks sooner (it is late but replaying hard). A
+//! again as it is already overdue, or less when it is still moving and its
+//! smoothed replay rate would clear the bytes it lacks sooner (late but
+//! replaying hard). A
 //! read waiting for a replica that stands still thus sees the prediction
 //! slip further with every poll and stops waiting once the slip passes its
 //! budget. A replica whose replay is paused
@@ -61,6 +62,8 @@ pub(crate) struct ReplicaView {
     pub(crate) delay: Option<Duration>,
     /// Smoothed replay rate, bytes per second.
     pub(crate) rate: f64,
+    /// How long its replay position has not moved.
+    pub(crate) still_for: Duration,
     /// How long ago the primary first had WAL the replica lacks; zero when
     /// it has everything the tracker saw.
     pub(crate) lag_now: Duration,
@@ -92,9 +95,11 @@ pub(crate) fn predict(
     let overdue = view.lag_now.saturating_sub(delay.saturating_add(slack));
     if !overdue.is_zero() {
         // Late: assume as long again as it is overdue, unless it is
-        // replaying fast enough to clear what it lacks sooner.
+        // replaying (it moved within the slack) fast enough to clear what it
+        // lacks sooner. A smoothed rate outlives a stall by about its time
+        // constant, so a replica standing still gets no credit for it.
         let mut late = overdue;
-        if view.rate > 0.0 {
+        if view.rate > 0.0 && view.still_for <= slack {
             let missing = (target - view.replayed) as f64;
             let by_rate = Duration::try_from_secs_f64(missing / view.rate).unwrap_or(FAR);
             late = late.min(by_rate);
@@ -180,6 +185,7 @@ mod tests {
             paused: false,
             delay: delay_ms.map(Duration::from_millis),
             rate: 0.0,
+            still_for: Duration::ZERO,
             lag_now: Duration::from_millis(lag_ms),
         }
     }
@@ -232,6 +238,10 @@ mod tests {
         // A rate measured in a quiet spell never makes it later: as long
         // again as it is overdue.
         busy.rate = 1.0;
+        assert_eq!(predict(&busy, 100, 200 * MS, 10 * MS), Some(140 * MS));
+        // Nor does a rate left over from before it stopped moving.
+        busy.rate = 10_000.0;
+        busy.still_for = 150 * MS;
         assert_eq!(predict(&busy, 100, 200 * MS, 10 * MS), Some(140 * MS));
         // On schedule, the rate is not consulted (replay under an apply
         // delay comes in bursts).

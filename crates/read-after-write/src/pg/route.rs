@@ -320,8 +320,9 @@ impl PgReplicaSet {
     /// primary.
     pub(super) fn route_eventual(&self, max_staleness: Option<Duration>) -> Routed<'_, PgPool> {
         let timeline = self.timeline();
-        let now = self.inner.tracker.nanos();
-        let fresh = |r: &ReplicaState| max_staleness.is_none_or(|bound| r.staleness(now) <= bound);
+        // Read the clock only when there is a bound to hold it against.
+        let bound = max_staleness.map(|bound| (bound, self.inner.tracker.nanos()));
+        let fresh = |r: &ReplicaState| bound.is_none_or(|(bound, now)| r.staleness(now) <= bound);
         match self.pick(|r| r.serves_eventual(timeline) && fresh(r)) {
             Some(replica) => Routed::replica(&replica.pool, &replica.name, RouteReason::Eventual),
             None if max_staleness.is_some()
@@ -506,6 +507,7 @@ impl PgReplicaSet {
         let tracker = &self.inner.tracker;
         let slack = self.inner.poll_interval;
         let now = Instant::now();
+        let now_nanos = tracker.nanos();
         let soonest = tracker.primary.with_history(|history| {
             let since_written = predict::since_written(history, target, now);
             let mut soonest: Option<Duration> = None;
@@ -516,7 +518,7 @@ impl PgReplicaSet {
                 let replayed = replica.replayed.load(Ordering::Acquire);
                 let lag_now = predict::first_missing(history, replayed)
                     .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
-                let view = replica.view(lag_now);
+                let view = replica.view(lag_now, now_nanos);
                 let Some(eta) = predict::predict(&view, target, since_written, slack) else {
                     continue;
                 };

@@ -138,14 +138,17 @@ impl ReplicaState {
         }
     }
 
-    /// What a prediction needs, with `lag_now` worked out by the caller
-    /// from the primary's history.
-    pub(crate) fn view(&self, lag_now: Duration) -> ReplicaView {
+    /// What a prediction needs at `now` (nanoseconds after the tracker's
+    /// origin), with `lag_now` worked out by the caller from the primary's
+    /// history.
+    pub(crate) fn view(&self, lag_now: Duration, now: u64) -> ReplicaView {
+        let advanced_at = self.advanced_at.load(Ordering::Relaxed);
         ReplicaView {
             replayed: self.replayed.load(Ordering::Acquire),
             paused: self.paused.load(Ordering::Relaxed),
             delay: self.delay(),
             rate: self.rate(),
+            still_for: Duration::from_nanos(now.saturating_sub(advanced_at)),
             lag_now,
         }
     }
