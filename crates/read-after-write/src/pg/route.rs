@@ -475,12 +475,17 @@ impl PgReplicaSet {
             let Some(soonest) = soonest.filter(|&eta| eta <= left) else {
                 return Routed::primary(self.primary_pool(), RouteReason::PredictedLate);
             };
+            // Sleep until fast polls are due, or until the prediction of a
+            // replica that stands still would pass the budget: a late
+            // replica's prediction grows as fast as time passes while the
+            // budget left shrinks as fast, so they meet halfway. Nothing
+            // changes in the tracker while a replica stands still, so only
+            // this wake-up re-checks it.
             let until_fast = soonest.saturating_sub(lead);
-            let nap = if until_fast.is_zero() {
-                self.inner.wait_poll_interval
-            } else {
-                until_fast
-            };
+            let until_slip = (left - soonest) / 2;
+            let nap = until_fast
+                .min(until_slip)
+                .max(self.inner.wait_poll_interval);
             let next = tokio::time::timeout(nap, changed.changed());
             match tokio::time::timeout_at(deadline, next).await {
                 Ok(Ok(Ok(()))) | Ok(Err(_)) => continue,
