@@ -216,8 +216,7 @@ impl PrimaryShare {
         let epoch = self.epoch(now);
         let bucket = &self.buckets[(epoch % BUCKETS as u64) as usize];
         let seen = bucket.epoch.load(Ordering::Acquire);
-        if seen != epoch
-            && seen < epoch
+        if seen < epoch
             && bucket
                 .epoch
                 .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire)
