@@ -440,7 +440,35 @@ impl<B: Backend> Db<B> {
                 RouteReason::LeftReplica,
             ));
         }
-        self.record(self.target().eventual())
+        let backend = self.target();
+        self.record(match self.shared.max_staleness {
+            Some(bound) => backend.eventual_within(bound),
+            None => backend.eventual(),
+        })
+    }
+
+    /// Like [`eventual`](Self::eventual), from a replica at most
+    /// `max_staleness` behind (the primary when none is), whatever the
+    /// layer's [default](crate::ReadAfterWriteLayer::max_staleness).
+    ///
+    /// With monotonic reads on, this is [`eventual`](Self::eventual): the
+    /// session stays on its replica, and the replica set's own bound
+    /// (`PgReplicaSetBuilder::max_staleness`) decides when it must leave.
+    ///
+    /// ```
+    /// use read_after_write::{Backend, Db};
+    /// use std::time::Duration;
+    ///
+    /// async fn feed<B: Backend>(db: &Db<B>) {
+    ///     let pool = db.eventual_within(Duration::from_secs(2)); // a feed may lag, not by minutes
+    ///     # let _ = pool;
+    /// }
+    /// ```
+    pub fn eventual_within(&self, max_staleness: Duration) -> &B::Pool {
+        if self.shared.monotonic {
+            return self.eventual();
+        }
+        self.record(self.target().eventual_within(max_staleness))
     }
 
     /// A critical read from the primary. Does not mark the request as
