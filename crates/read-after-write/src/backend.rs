@@ -63,6 +63,43 @@ pub trait Backend: Send + Sync + 'static {
     /// every position.
     fn eventual(&self) -> Routed<'_, Self::Pool>;
 
+    /// Like [`eventual`](Self::eventual), but from a node no more than
+    /// `max_staleness` behind the primary; the primary when no replica is
+    /// that fresh. The default ignores the bound and calls `eventual`:
+    /// backends that know their replicas' lag override it.
+    ///
+    /// ```
+    /// use read_after_write::{Backend, Lsn, RouteReason, Routed, Target, WritePosition};
+    /// use std::time::Duration;
+    ///
+    /// struct SingleNode(String);
+    ///
+    /// impl Backend for SingleNode {
+    ///     type Pool = String;
+    ///     type Error = std::io::Error;
+    ///     fn primary(&self) -> &String {
+    ///         &self.0
+    ///     }
+    ///     fn eventual(&self) -> Routed<'_, String> {
+    ///         Routed::primary(&self.0, RouteReason::NoHealthyReplica)
+    ///     }
+    ///     async fn session(&self, _: WritePosition, _: Duration) -> Routed<'_, String> {
+    ///         Routed::primary(&self.0, RouteReason::NoHealthyReplica)
+    ///     }
+    ///     async fn write_position(&self) -> Result<WritePosition, std::io::Error> {
+    ///         Ok(WritePosition::new(Lsn::ZERO, 1, 0))
+    ///     }
+    /// }
+    ///
+    /// let node = SingleNode("primary".into());
+    /// let routed = node.eventual_within(Duration::from_secs(1));
+    /// assert_eq!(routed.target, Target::Primary);
+    /// ```
+    fn eventual_within(&self, max_staleness: Duration) -> Routed<'_, Self::Pool> {
+        let _ = max_staleness;
+        self.eventual()
+    }
+
     /// A node that has replayed at least `required`.
     ///
     /// If no replica has, wait at most `max_wait` for one, then fall back to
@@ -458,6 +495,13 @@ pub enum RouteReason {
     LeftReplica,
     /// Monotonic session read after this same request read the primary.
     ReadPrimaryThisRequest,
+    /// Session read; no replica had replayed the token's position and none
+    /// was predicted to within the latency budget (or the prediction
+    /// slipped past it while waiting): the primary, with no wait wasted.
+    PredictedLate,
+    /// Eventual read; every healthy replica lagged more than the staleness
+    /// bound, so the primary served it.
+    TooStale,
 }
 
 impl RouteReason {
@@ -486,6 +530,8 @@ impl RouteReason {
             RouteReason::Sticky => "sticky",
             RouteReason::LeftReplica => "left_replica",
             RouteReason::ReadPrimaryThisRequest => "read_primary_this_request",
+            RouteReason::PredictedLate => "predicted_late",
+            RouteReason::TooStale => "too_stale",
         }
     }
 }

@@ -64,6 +64,7 @@ type HeaderFuture<'a> =
 /// The request being handled, as the client layer needs it.
 pub(crate) trait TokenSource: Send + Sync {
     fn forward_header(&self) -> HeaderFuture<'_>;
+    #[cfg(feature = "tonic")]
     fn forward_header_now(&self) -> Option<(HeaderName, HeaderValue)>;
 }
 
@@ -72,6 +73,7 @@ impl<B: Backend> TokenSource for Db<B> {
         Box::pin(Db::forward_header(self))
     }
 
+    #[cfg(feature = "tonic")]
     fn forward_header_now(&self) -> Option<(HeaderName, HeaderValue)> {
         Db::forward_header_now(self)
     }

@@ -429,10 +429,46 @@ impl<B: Backend> Db<B> {
     /// its token requires, else the primary. It never waits.
     pub fn eventual(&self) -> &B::Pool {
         if self.shared.monotonic {
-            // Never waits, so the future is ready at its first poll.
-            return poll_ready_now(self.monotonic(None));
+            // Never waits, so the future is ready at its first poll. A
+            // backend that breaks that rule gets the primary, never a panic.
+            if let Some(pool) = poll_once(self.monotonic(None)) {
+                return pool;
+            }
+            self.own().read_primary.store(true, Ordering::Relaxed);
+            return self.record(Routed::primary(
+                self.target().primary(),
+                RouteReason::LeftReplica,
+            ));
         }
-        self.record(self.target().eventual())
+        let backend = self.target();
+        self.record(match self.shared.max_staleness {
+            Some(bound) => backend.eventual_within(bound),
+            None => backend.eventual(),
+        })
+    }
+
+    /// Like [`eventual`](Self::eventual), from a replica at most
+    /// `max_staleness` behind (the primary when none is), whatever the
+    /// layer's [default](crate::ReadAfterWriteLayer::max_staleness).
+    ///
+    /// With monotonic reads on, this is [`eventual`](Self::eventual): the
+    /// session stays on its replica, and the replica set's own bound
+    /// (`PgReplicaSetBuilder::max_staleness`) decides when it must leave.
+    ///
+    /// ```
+    /// use read_after_write::{Backend, Db};
+    /// use std::time::Duration;
+    ///
+    /// async fn feed<B: Backend>(db: &Db<B>) {
+    ///     let pool = db.eventual_within(Duration::from_secs(2)); // a feed may lag, not by minutes
+    ///     # let _ = pool;
+    /// }
+    /// ```
+    pub fn eventual_within(&self, max_staleness: Duration) -> &B::Pool {
+        if self.shared.monotonic {
+            return self.eventual();
+        }
+        self.record(self.target().eventual_within(max_staleness))
     }
 
     /// A critical read from the primary. Does not mark the request as
@@ -704,15 +740,14 @@ impl<B: Backend> fmt::Debug for Db<B> {
     }
 }
 
-/// Polls a future that is known never to wait, once, and returns its
-/// output. Used where a sync method shares its routing with an async one
+/// Polls a future once: its output if it is ready, else `None` (it is
+/// dropped). Used where a sync method shares its routing with an async one
 /// whose waiting branch it never takes.
-fn poll_ready_now<F: std::future::Future>(future: F) -> F::Output {
+fn poll_once<F: std::future::Future>(future: F) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
     let mut context = std::task::Context::from_waker(std::task::Waker::noop());
     match future.as_mut().poll(&mut context) {
-        std::task::Poll::Ready(output) => output,
-        // Unreachable by construction: the no-wait branch never awaits.
-        std::task::Poll::Pending => unreachable!("a read that never waits was pending"),
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
     }
 }

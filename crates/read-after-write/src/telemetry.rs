@@ -19,7 +19,7 @@ static METADATA: Metadata<'static> =
 const TARGETS: [Target; 2] = [Target::Primary, Target::Replica];
 
 /// Every reason, in declaration order, so `reason as usize` indexes it.
-const REASONS: [RouteReason; 18] = [
+const REASONS: [RouteReason; 20] = [
     RouteReason::NoToken,
     RouteReason::CaughtUp,
     RouteReason::CaughtUpAfterWait,
@@ -38,6 +38,8 @@ const REASONS: [RouteReason; 18] = [
     RouteReason::Sticky,
     RouteReason::LeftReplica,
     RouteReason::ReadPrimaryThisRequest,
+    RouteReason::PredictedLate,
+    RouteReason::TooStale,
 ];
 
 const TOKEN_ERRORS: [TokenError; 6] = [

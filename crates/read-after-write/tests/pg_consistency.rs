@@ -177,7 +177,10 @@ async fn the_wait_budget_decides_between_replica_and_primary() {
     assert!(visible(routed.pool, id).await);
 
     // A budget below both lags: the primary, after at most the budget plus
-    // a small margin, every time.
+    // a small margin, every time. By default the set routes by prediction:
+    // once it has seen the replicas replay, it reads from the primary at
+    // once (predicted_late) instead of waiting the budget out
+    // (wait_timed_out); tests/pg_adaptive.rs compares the two.
     let budget = Duration::from_millis(20);
     let mut worst = Duration::ZERO;
     for i in 0..20 {
@@ -185,9 +188,14 @@ async fn the_wait_budget_decides_between_replica_and_primary() {
         let started = Instant::now();
         let routed = set.session(position, budget).await;
         worst = worst.max(started.elapsed());
-        assert_eq!(
-            (routed.target, routed.reason),
-            (Target::Primary, RouteReason::WaitTimedOut)
+        assert_eq!(routed.target, Target::Primary);
+        assert!(
+            matches!(
+                routed.reason,
+                RouteReason::PredictedLate | RouteReason::WaitTimedOut
+            ),
+            "{:?}",
+            routed.reason
         );
         assert!(visible(routed.pool, id).await);
     }

@@ -27,7 +27,7 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     /// A layer over `backend`, signing and verifying with `keys`.
     ///
     /// Defaults: cookie `primary_affinity` and header `x-primary-affinity`,
-    /// TTL 30 s, `max_wait` 20 ms, cookie `Secure`, tokens bound to no user
+    /// TTL 30 s, `max_wait` 50 ms, cookie `Secure`, tokens bound to no user
     /// until [`identity`](Self::identity) is set.
     pub fn new(backend: B, keys: impl Into<KeySet>) -> Self {
         Self::from_arc(Arc::new(backend), keys)
@@ -141,8 +141,14 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
         self.edit(|s| s.ttl = ttl)
     }
 
-    /// How long a session read waits for a replica to catch up before it
-    /// goes to the primary. Zero means never wait.
+    /// The longest a session read waits for a replica to catch up before it
+    /// goes to the primary (default 50 ms). Zero means never wait.
+    ///
+    /// It is a bound, not a wait: a backend that predicts catch-up (the
+    /// default of [`PgReplicaSet`](crate::pg::PgReplicaSet)) waits only when a
+    /// replica is predicted to replay the write within it, and otherwise
+    /// reads from the primary at once, so a generous bound costs latency
+    /// only on reads a replica then serves.
     pub fn max_wait(self, max_wait: Duration) -> Self {
         self.edit(|s| s.max_wait = max_wait)
     }
@@ -278,6 +284,27 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
                 id: Some(id),
             })
         }))
+    }
+
+    /// The most a replica may lag for [`Db::eventual`](crate::Db::eventual)
+    /// reads (none by default): beyond it a replica leaves eventual reads,
+    /// and when every replica is beyond it the primary serves them
+    /// (`reason="too_stale"`). Passed to
+    /// [`Backend::eventual_within`]; [`Db::eventual_within`](crate::Db::eventual_within)
+    /// sets it per call.
+    ///
+    /// ```
+    /// # use read_after_write::{Backend, KeySet, ReadAfterWriteLayer, SigningKey};
+    /// # use std::time::Duration;
+    /// # fn build<B: Backend>(backend: B) -> Result<(), read_after_write::KeyError> {
+    /// let layer = ReadAfterWriteLayer::new(backend, KeySet::new(SigningKey::generate()?))
+    ///     .max_staleness(Duration::from_secs(5));
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_staleness(self, max_staleness: Duration) -> Self {
+        self.edit(|s| s.max_staleness = Some(max_staleness))
     }
 
     /// Monotonic reads (off by default): a session never observes an older

@@ -242,6 +242,8 @@ pub(crate) struct Shared<B> {
     /// Monotonic reads: a session's reads never observe an older state than
     /// its earlier reads did (see [`ReadAfterWriteLayer::monotonic_reads`]).
     pub(crate) monotonic: bool,
+    /// The staleness bound of [`Db::eventual`](crate::Db::eventual), if any.
+    pub(crate) max_staleness: Option<Duration>,
 }
 
 /// The name of a layer's first cluster, the one [`Db`](crate::Db)'s
@@ -315,7 +317,7 @@ impl<B: crate::Backend> Shared<B> {
             cookie_name: DEFAULT_COOKIE_NAME.to_owned(),
             token_header: Some(HeaderName::from_static(DEFAULT_TOKEN_HEADER)),
             ttl: Duration::from_secs(30),
-            max_wait: Duration::from_millis(20),
+            max_wait: Duration::from_millis(50),
             secure: true,
             domain: None,
             debug_header: None,
@@ -325,6 +327,7 @@ impl<B: crate::Backend> Shared<B> {
             no_identity_warning: Throttle::default(),
             forward_tokens: false,
             monotonic: false,
+            max_staleness: None,
         };
         shared.refresh();
         shared
@@ -375,6 +378,7 @@ impl<B> Clone for Shared<B> {
             no_identity_warning: Throttle::default(),
             forward_tokens: self.forward_tokens,
             monotonic: self.monotonic,
+            max_staleness: self.max_staleness,
         }
     }
 }

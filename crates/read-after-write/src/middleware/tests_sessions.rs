@@ -192,6 +192,20 @@ async fn a_first_read_ties_the_session_to_its_replica_and_later_reads_issue_noth
         assert_eq!(reason, RouteReason::Sticky, "{path}");
         assert_eq!(again, None, "{path}: nothing changed, nothing issued");
     }
+    // What a re-issue adds to a response: the cookie and the token header.
+    let response = app
+        .clone()
+        .oneshot(Request::get("/read").body(()).unwrap())
+        .await
+        .unwrap();
+    let added: usize = response
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len())
+        .sum();
+    let cookie = response.headers()[SET_COOKIE].to_str().unwrap().to_owned();
+    eprintln!("a re-issued token adds {added} header bytes: set-cookie: {cookie}");
+    assert!(added < 300, "{added}");
     // Without monotonic reads, a read never issues a token.
     let plain = service(ReadAfterWriteLayer::new(Tagged::new(7), keys()).clock(clock.clone()));
     assert_eq!(send(&plain, "/read", None).await.0, None);

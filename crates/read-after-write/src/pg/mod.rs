@@ -9,11 +9,14 @@
 //!   and keeps it in an atomic. A session read that finds no replica caught up
 //!   asks for an immediate poll and sleeps on a notification, up to
 //!   `max_wait`.
-//! - **Routing.** A session read goes to a replica that has replayed the
-//!   token's position (round-robin or least-lag among them); after
-//!   `max_wait`, to the primary. Eventual reads go to any healthy replica,
-//!   the primary when none is. Routing is a few atomic loads: no database
-//!   round trip is added to a read.
+//! - **Routing** ([`route`](self#routing-within-a-latency-budget)). A
+//!   session read goes to a replica that has replayed the token's position
+//!   (round-robin or least-lag among them). When none has, it waits only if
+//!   a replica is predicted to get there within the latency budget, else
+//!   reads from the primary at once. Eventual reads go to any healthy
+//!   replica (within `max_staleness`, if set), the primary when none is.
+//!   Routing a read that finds a replica ready is a few atomic loads: no
+//!   database round trip is added to a read.
 //! - **Health.** A replica that errors or times out is excluded and re-probed
 //!   with exponential backoff; it is readmitted once it answers in recovery
 //!   with a replay position. A node that answers `NULL` (promoted, or not a
@@ -58,6 +61,45 @@
 //! orphan whose timeline cannot be seen (no privilege, or no WAL receiver
 //! since this process started).
 //!
+//! # Routing within a latency budget
+//!
+//! A fixed wait is either too short (post-write reads go to the primary
+//! whenever lag exceeds it) or too long (a read waits in full, then goes to
+//! the primary anyway). From the positions it polls the tracker learns each
+//! replica's replay delay (how long after the primary wrote WAL the replica
+//! replays it) and replay rate, and so predicts when a replica will hold a
+//! position; the rule and why it is robust are in `predict.rs`'s docs, in
+//! short: when the primary first had the position, plus the replica's
+//! delay, pushed later when the replica is running behind its own schedule,
+//! never while its replay is paused.
+//!
+//! With the default [`WaitPolicy::Predicted`] a session read that finds no
+//! replica caught up:
+//! - waits only if some replica is predicted to replay the position within
+//!   the budget: the read's `max_wait` (the layer's, or `read_within`'s),
+//!   capped by [`latency_budget`](PgReplicaSetBuilder::latency_budget) if
+//!   set; else it reads from the primary at once,
+//!   `reason="predicted_late"`, with no time wasted waiting;
+//! - re-checks on every change the tracker sees, and stops waiting the
+//!   moment the prediction slips past the budget (the replica paused, or
+//!   fell behind);
+//! - asks for fast polls (every `wait_poll_interval`) only of the replicas
+//!   predicted within the budget, and only from shortly before their
+//!   predicted time, so the wait ends within about one fast poll of the
+//!   replay.
+//!
+//! [`WaitPolicy::Fixed`] ([`fixed_wait`](PgReplicaSetBuilder::fixed_wait))
+//! keeps the behaviour before predictions: wait up to `max_wait`, then the
+//! primary. A [`PrimaryBudget`] caps the primary's share of session reads:
+//! over the cap, reads wait up to its `hard_max_wait` for a replica. A read
+//! never goes to a replica that lacks its write, whatever the policy.
+//!
+//! Eventual reads skip replicas more than
+//! [`max_staleness`](PgReplicaSetBuilder::max_staleness) behind (the time
+//! since the primary first had WAL the replica lacks, to within a poll) and
+//! go to the primary when every healthy replica is that far behind,
+//! `reason="too_stale"`.
+//!
 //! # Time bounds
 //!
 //! Every database call the library makes is bounded: the tracker's probes
@@ -101,6 +143,8 @@
 mod capture;
 mod monotonic;
 mod pools;
+mod predict;
+mod route;
 mod tracker;
 
 /// The sqlx this backend is built on (0.9): use it, or depend on the same
@@ -119,7 +163,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -127,11 +171,13 @@ use sqlx::PgPool;
 use self::capture::Capture;
 pub use self::capture::CaptureError;
 use self::pools::PrimaryPools;
+use self::route::PrimaryShare;
+pub use self::route::{PrimaryBudget, WaitPolicy};
 use self::tracker::{
     Outages, PrimaryState, ReplicaState, TrackerConfig, SEES_TIMELINES_NO, SEES_TIMELINES_YES,
 };
 pub use self::tracker::{ReplicaTracker, TRACKER_APPLICATION_NAME};
-use crate::backend::{Backend, Finding, LayerSettings, RouteReason, Routed};
+use crate::backend::{Backend, Finding, LayerSettings, Routed};
 use crate::bookmark::Bookmark;
 use crate::handle::Db;
 use crate::position::{Lsn, WalGeometry, WritePosition};
@@ -222,6 +268,9 @@ pub struct PgReplicaSetBuilder {
     selection: Selection,
     max_connections: u32,
     acquire_timeout: Duration,
+    wait_policy: WaitPolicy,
+    primary_budget: Option<PrimaryBudget>,
+    max_staleness: Option<Duration>,
 }
 
 impl fmt::Debug for PgReplicaSetBuilder {
@@ -237,6 +286,9 @@ impl fmt::Debug for PgReplicaSetBuilder {
             )
             .field("poll_interval", &self.poll_interval)
             .field("selection", &self.selection)
+            .field("wait_policy", &self.wait_policy)
+            .field("primary_budget", &self.primary_budget)
+            .field("max_staleness", &self.max_staleness)
             .finish_non_exhaustive()
     }
 }
@@ -392,6 +444,96 @@ impl PgReplicaSetBuilder {
     /// How reads pick among qualifying replicas (default round-robin).
     pub fn selection(mut self, selection: Selection) -> Self {
         self.selection = selection;
+        self
+    }
+
+    /// Route session reads by prediction (the default policy) with `budget`
+    /// as a cap on every read's wait: a read that finds no replica caught up
+    /// waits only if a replica is predicted to catch up within
+    /// `min(budget, max_wait)`, and reads from the primary at once
+    /// otherwise. Without it the budget is each read's `max_wait`; see the
+    /// [module docs](self#routing-within-a-latency-budget).
+    ///
+    /// ```
+    /// use read_after_write::pg::{PgReplicaSet, WaitPolicy};
+    /// use std::time::Duration;
+    ///
+    /// let builder = PgReplicaSet::builder().latency_budget(Duration::from_millis(30));
+    /// assert!(format!("{builder:?}").contains("30ms"));
+    /// ```
+    pub fn latency_budget(self, budget: Duration) -> Self {
+        self.wait_policy(WaitPolicy::Predicted {
+            latency_budget: Some(budget),
+        })
+    }
+
+    /// Wait the full `max_wait` for a replica whatever the predictions say,
+    /// then read from the primary: the behaviour before predictions
+    /// ([`WaitPolicy::Fixed`]).
+    ///
+    /// ```
+    /// use read_after_write::pg::PgReplicaSet;
+    ///
+    /// let builder = PgReplicaSet::builder().fixed_wait();
+    /// assert!(format!("{builder:?}").contains("Fixed"));
+    /// ```
+    pub fn fixed_wait(self) -> Self {
+        self.wait_policy(WaitPolicy::Fixed)
+    }
+
+    /// How a session read that finds no replica caught up decides whether
+    /// to wait (default [`WaitPolicy::Predicted`], within each read's
+    /// `max_wait`).
+    pub fn wait_policy(mut self, policy: WaitPolicy) -> Self {
+        self.wait_policy = policy;
+        self
+    }
+
+    /// Cap the primary's share of session reads (default: no cap). While
+    /// the share over the budget's window is above it, reads wait up to its
+    /// `hard_max_wait` for a replica predicted to catch up in that time,
+    /// instead of going to the primary. Never to a replica that lacks the
+    /// write.
+    ///
+    /// ```
+    /// use read_after_write::pg::{PgReplicaSet, PrimaryBudget};
+    /// use std::time::Duration;
+    ///
+    /// let builder = PgReplicaSet::builder().primary_budget(PrimaryBudget::new(
+    ///     0.15,
+    ///     Duration::from_secs(10),
+    ///     Duration::from_millis(200),
+    /// ));
+    /// assert!(format!("{builder:?}").contains("0.15"));
+    /// ```
+    pub fn primary_budget(mut self, budget: PrimaryBudget) -> Self {
+        self.primary_budget = Some(budget);
+        self
+    }
+
+    /// The most an eventual read may lag (default: no bound). A replica
+    /// whose staleness (how long ago the primary first had WAL it lacks, to
+    /// within a poll) exceeds it serves no eventual reads; when every
+    /// healthy replica does, eventual reads go to the primary
+    /// (`reason="too_stale"`).
+    ///
+    /// There is no default bound because it moves every eventual read to
+    /// the primary exactly when replicas fall behind, which is often when
+    /// the primary is busiest: choose it knowing the primary can take that
+    /// load. A bound at or below the layer's token TTL keeps a user whose
+    /// token has expired from reading a replica that lacks their write.
+    /// Sessions that must not see older data than a bound can pass it per
+    /// call with [`Backend::eventual_within`].
+    ///
+    /// ```
+    /// use read_after_write::pg::PgReplicaSet;
+    /// use std::time::Duration;
+    ///
+    /// let builder = PgReplicaSet::builder().max_staleness(Duration::from_secs(5));
+    /// assert!(format!("{builder:?}").contains("5s"));
+    /// ```
+    pub fn max_staleness(mut self, bound: Duration) -> Self {
+        self.max_staleness = Some(bound);
         self
     }
 
@@ -574,7 +716,11 @@ impl PgReplicaSetBuilder {
                 tracker,
                 selection: self.selection,
                 wait_poll_interval: self.wait_poll_interval.max(Duration::from_micros(100)),
+                poll_interval: self.poll_interval,
                 next: AtomicUsize::new(0),
+                wait_policy: self.wait_policy,
+                primary_share: self.primary_budget.map(PrimaryShare::new),
+                max_staleness: self.max_staleness,
             }),
         })
     }
@@ -597,8 +743,16 @@ struct Inner {
     selection: Selection,
     /// How often a waiting read asks for another poll.
     wait_poll_interval: Duration,
+    /// How often replicas are polled when no read waits: how stale a
+    /// position (and a prediction made from it) can be.
+    poll_interval: Duration,
     /// Round-robin cursor.
     next: AtomicUsize,
+    wait_policy: WaitPolicy,
+    /// The primary's share of session reads, when capped.
+    primary_share: Option<PrimaryShare>,
+    /// Eventual reads skip replicas further behind.
+    max_staleness: Option<Duration>,
 }
 
 impl Drop for Inner {
@@ -644,12 +798,23 @@ pub struct ReplicaStatus {
     /// when the tracker connected; `None` before it first connected. Without
     /// it no read with a token can go to this replica.
     pub sees_timelines: Option<bool>,
+    /// A replay pause was requested or is in effect
+    /// (`pg_wal_replay_pause()`): reads are never made to wait for it.
+    pub paused: bool,
+    /// How long after the primary wrote WAL this replica replays it,
+    /// smoothed (rises fast, falls slowly); `None` until measured. What
+    /// predictions are made from.
+    pub replay_delay: Option<Duration>,
+    /// Bytes of WAL replayed per second, smoothed over about a second.
+    pub replay_rate: u64,
 }
 
 impl PgReplicaSet {
     /// Starts a builder with the defaults: poll every 20 ms, probe timeout
     /// 500 ms, backoff up to 2 s, capture timeout 1 s, stall timeout 5 s,
-    /// round-robin, 10 connections per node, checkout timeout 1 s.
+    /// round-robin, 10 connections per node, checkout timeout 1 s, session
+    /// reads routed by prediction within their `max_wait`, no primary budget,
+    /// no staleness bound on eventual reads.
     pub fn builder() -> PgReplicaSetBuilder {
         PgReplicaSetBuilder {
             primary: None,
@@ -664,6 +829,9 @@ impl PgReplicaSet {
             selection: Selection::RoundRobin,
             max_connections: 10,
             acquire_timeout: Duration::from_secs(1),
+            wait_policy: WaitPolicy::default(),
+            primary_budget: None,
+            max_staleness: None,
         }
     }
 
@@ -719,6 +887,9 @@ impl PgReplicaSet {
                         SEES_TIMELINES_NO => Some(false),
                         _ => None,
                     },
+                    paused: r.paused.load(Ordering::Relaxed),
+                    replay_delay: r.delay(),
+                    replay_rate: r.rate() as u64,
                 }
             })
             .collect()
@@ -759,62 +930,6 @@ impl PgReplicaSet {
     fn replica_states(&self) -> impl Iterator<Item = &ReplicaState> {
         self.inner.tracker.replicas.iter().map(|r| &**r)
     }
-
-    /// A replica for which `qualifies` holds, by the configured selection.
-    fn pick(&self, qualifies: impl Fn(&ReplicaState) -> bool) -> Option<&ReplicaState> {
-        let replicas = &self.inner.tracker.replicas;
-        let count = replicas.len();
-        if count == 0 {
-            return None;
-        }
-        match self.inner.selection {
-            Selection::RoundRobin | Selection::Random => {
-                let ticket = self.inner.next.fetch_add(1, Ordering::Relaxed);
-                let start = if self.inner.selection == Selection::Random {
-                    scramble(ticket)
-                } else {
-                    ticket
-                };
-                (0..count)
-                    .map(|i| &*replicas[(start % count + i) % count])
-                    .find(|r| qualifies(r))
-            }
-            Selection::LeastLag => replicas
-                .iter()
-                .map(|r| &**r)
-                .filter(|r| qualifies(r))
-                .max_by_key(|r| r.replayed.load(Ordering::Acquire)),
-        }
-    }
-
-    /// Why no replica can serve a token on `timeline`, if none can: none is
-    /// healthy, or none was seen on that timeline.
-    fn none_eligible(&self, timeline: u32) -> Option<RouteReason> {
-        let mut healthy = false;
-        for replica in self.replica_states() {
-            if replica.is_on(timeline) {
-                return None;
-            }
-            healthy |= replica.healthy.load(Ordering::Acquire);
-        }
-        Some(if healthy {
-            RouteReason::NoReplicaOnTimeline
-        } else {
-            RouteReason::NoHealthyReplica
-        })
-    }
-}
-
-/// A bijective mix of a counter (the splitmix64 finaliser): a cheap,
-/// lock-free pseudo-random sequence, enough to spread reads.
-fn scramble(ticket: usize) -> usize {
-    let mut x = (ticket as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^= x >> 31;
-    x as usize
 }
 
 impl fmt::Debug for PgReplicaSet {
@@ -848,72 +963,24 @@ impl Backend for PgReplicaSet {
         self.route_monotonic(bookmark, max_wait).await
     }
 
+    /// Any healthy replica following the primary, within `max_staleness`
+    /// if one was set; else the primary.
     fn eventual(&self) -> Routed<'_, PgPool> {
-        let timeline = self.timeline();
-        match self.pick(|r| r.serves_eventual(timeline)) {
-            Some(replica) => monotonic::bookmarked(
-                replica,
-                RouteReason::Eventual,
-                monotonic::eventual_bookmark(replica, self.system_id()),
-            ),
-            None => Routed::primary(self.primary_pool(), RouteReason::NoHealthyReplica),
-        }
+        self.route_eventual(self.inner.max_staleness)
     }
 
-    async fn session(&self, required: WritePosition, max_wait: Duration) -> Routed<'_, PgPool> {
-        self.inner.tracker.note_needed();
-        if required.system_id != self.system_id() {
-            let mut routed = self.eventual();
-            if routed.reason == RouteReason::Eventual {
-                routed.reason = RouteReason::ForeignCluster;
-            }
-            return routed;
-        }
-        if required.timeline != self.timeline() {
-            return Routed::primary(self.primary_pool(), RouteReason::TimelineChanged);
-        }
-        let caught_up = |r: &ReplicaState| r.has_replayed(required.lsn, required.timeline);
-        let earned = Bookmark::new(required);
-        if let Some(replica) = self.pick(caught_up) {
-            return monotonic::bookmarked(replica, RouteReason::CaughtUp, earned);
-        }
-        if let Some(reason) = self.none_eligible(required.timeline) {
-            return Routed::primary(self.primary_pool(), reason);
-        }
-        if max_wait.is_zero() {
-            return Routed::primary(self.primary_pool(), RouteReason::Lagging);
-        }
+    /// Like [`eventual`](Backend::eventual), with `max_staleness` for this
+    /// read in place of the configured bound.
+    fn eventual_within(&self, max_staleness: Duration) -> Routed<'_, PgPool> {
+        self.route_eventual(Some(max_staleness))
+    }
 
-        // Wait on the tracker's change notification, not a sleep loop.
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + max_wait);
-        let mut changed = self.inner.tracker.changed.subscribe();
-        let routed = loop {
-            changed.borrow_and_update();
-            self.inner.tracker.request_refresh();
-            if let Some(replica) = self.pick(caught_up) {
-                break monotonic::bookmarked(replica, RouteReason::CaughtUpAfterWait, earned);
-            }
-            // Wake on the tracker's next change, or after one wait-poll
-            // interval to ask for another poll when the last one showed no
-            // progress.
-            let next = tokio::time::timeout(self.inner.wait_poll_interval, changed.changed());
-            match tokio::time::timeout_at(deadline, next).await {
-                Ok(Ok(Ok(()))) | Ok(Err(_)) => continue,
-                // The deadline passed, or the tracker is gone: stop waiting.
-                Ok(Ok(Err(_))) | Err(_) => {
-                    break match self.pick(caught_up) {
-                        Some(replica) => {
-                            monotonic::bookmarked(replica, RouteReason::CaughtUpAfterWait, earned)
-                        }
-                        None => Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut),
-                    };
-                }
-            }
-        };
-        metrics::histogram!("read_after_write_read_wait_seconds")
-            .record(started.elapsed().as_secs_f64());
-        routed
+    /// A replica that has replayed `required`; else, by the
+    /// [`WaitPolicy`], a wait for one predicted within the budget (or up to
+    /// `max_wait`); else the primary. See the
+    /// [module docs](self#routing-within-a-latency-budget).
+    async fn session(&self, required: WritePosition, max_wait: Duration) -> Routed<'_, PgPool> {
+        self.route_session(required, max_wait).await
     }
 
     async fn write_position(&self) -> Result<WritePosition, CaptureError> {
@@ -1007,7 +1074,8 @@ fn diagnose(
             "lag_exceeds_max_wait",
             format!(
                 "every replica lags at least {least_lag:?}, more than max_wait ({:?}): a user's \
-                 reads right after their write wait max_wait and then go to the primary; raise \
+                 reads right after their write go to the primary (at once when routed by \
+                 prediction, the default; after waiting max_wait with fixed_wait); raise \
                  max_wait above the lag, or accept those primary reads",
                 settings.max_wait
             ),
@@ -1041,6 +1109,9 @@ mod diagnose_tests {
             lag_bytes: 0,
             lag: Duration::from_millis(lag_ms),
             sees_timelines: Some(true),
+            paused: false,
+            replay_delay: None,
+            replay_rate: 0,
         }
     }
 

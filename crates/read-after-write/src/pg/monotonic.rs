@@ -110,6 +110,13 @@ impl PgReplicaSet {
             // Its replica is gone: nothing bounds what the session saw there.
             return Routed::primary(self.primary_pool(), RouteReason::LeftReplica);
         };
+        // A bound on staleness holds for the session's replica too: one that
+        // fell too far behind is left, through the primary.
+        if let Some(bound) = self.inner.max_staleness {
+            if replica.staleness(self.inner.tracker.nanos()) > bound {
+                return Routed::primary(self.primary_pool(), RouteReason::TooStale);
+            }
+        }
         let sticky =
             |reason| Routed::replica(&replica.pool, &replica.name, reason).with_bookmark(bookmark);
         let Some(max_wait) = max_wait else {

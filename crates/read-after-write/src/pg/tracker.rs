@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::capture::{query_position, CaptureError, PrimaryPosition};
 use super::pools::PrimaryPools;
+use super::predict::{self, ReplicaView};
 use crate::bookmark::ReplicaTag;
 use crate::position::{Lsn, WalGeometry};
 
@@ -56,11 +57,31 @@ pub(crate) struct ReplicaState {
     pub(crate) tag: AtomicU64,
     /// Set once the "cannot see timelines" warning was logged.
     warned_privilege: AtomicBool,
+    /// A replay pause is requested or in effect (`pg_is_wal_replay_paused()`
+    /// at the last poll): the replica is predicted never to catch up.
+    pub(crate) paused: AtomicBool,
+    /// Smoothed replay delay in nanoseconds ([`predict::smooth_delay`]);
+    /// [`UNKNOWN`] until the replica was seen replaying past a position in
+    /// the primary's history.
+    delay: AtomicU64,
+    /// Smoothed replay rate in bytes per second, as `f64` bits.
+    rate: AtomicU64,
+    /// When the primary was first seen with WAL this replica lacked at its
+    /// last poll, in nanoseconds after the tracker's origin; [`UNKNOWN`]
+    /// when it lacked nothing the tracker had seen. How stale its reads are
+    /// is the time since (to within a poll).
+    missing_since: AtomicU64,
+    /// When the last poll that answered with a position arrived, in
+    /// nanoseconds after the tracker's origin, for the replay rate.
+    polled_at: AtomicU64,
     /// Whether the tracker's role may read `pg_stat_wal_receiver`, as asked
     /// when its connection opened: [`SEES_TIMELINES_UNKNOWN`] until then,
     /// else [`SEES_TIMELINES_YES`] or [`SEES_TIMELINES_NO`].
     pub(crate) sees_timelines: AtomicU8,
 }
+
+/// An unset nanosecond atomic: no delay measured yet, nothing missing.
+pub(crate) const UNKNOWN: u64 = u64::MAX;
 
 /// [`ReplicaState::sees_timelines`] before the tracker first connected.
 pub(crate) const SEES_TIMELINES_UNKNOWN: u8 = 0;
@@ -91,7 +112,57 @@ impl ReplicaState {
             warned_privilege: AtomicBool::new(false),
             tag: AtomicU64::new(0),
             sees_timelines: AtomicU8::new(SEES_TIMELINES_UNKNOWN),
+            paused: AtomicBool::new(false),
+            delay: AtomicU64::new(UNKNOWN),
+            rate: AtomicU64::new(0f64.to_bits()),
+            missing_since: AtomicU64::new(UNKNOWN),
+            polled_at: AtomicU64::new(0),
         }
+    }
+
+    /// The smoothed replay delay, if one was measured.
+    pub(crate) fn delay(&self) -> Option<Duration> {
+        match self.delay.load(Ordering::Relaxed) {
+            UNKNOWN => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// The smoothed replay rate, bytes per second.
+    pub(crate) fn rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+
+    /// How stale this replica's reads are at `now` (nanoseconds after the
+    /// tracker's origin): how long ago the primary first had WAL it lacked
+    /// at its last poll; zero when it lacked nothing.
+    #[inline]
+    pub(crate) fn staleness(&self, now: u64) -> Duration {
+        match self.missing_since.load(Ordering::Relaxed) {
+            UNKNOWN => Duration::ZERO,
+            since => Duration::from_nanos(now.saturating_sub(since)),
+        }
+    }
+
+    /// What a prediction needs at `now` (nanoseconds after the tracker's
+    /// origin), with `lag_now` worked out by the caller from the primary's
+    /// history.
+    pub(crate) fn view(&self, lag_now: Duration, now: u64) -> ReplicaView {
+        let advanced_at = self.advanced_at.load(Ordering::Relaxed);
+        ReplicaView {
+            replayed: self.replayed.load(Ordering::Acquire),
+            paused: self.paused.load(Ordering::Relaxed),
+            delay: self.delay(),
+            rate: self.rate(),
+            still_for: Duration::from_nanos(now.saturating_sub(advanced_at)),
+            lag_now,
+        }
+    }
+
+    /// Asks this replica's task for an immediate poll (no sooner than the
+    /// minimum gap after its last one).
+    pub(crate) fn request_refresh(&self) {
+        self.refresh.notify_one();
     }
 
     /// Whether this replica is healthy and has replayed `lsn` on `timeline`.
@@ -192,6 +263,14 @@ impl PrimaryState {
             history.pop_front();
         }
         true
+    }
+
+    /// Runs `f` over the position history; `None` if its lock is poisoned.
+    pub(crate) fn with_history<R>(
+        &self,
+        f: impl FnOnce(&VecDeque<(Instant, u64)>) -> R,
+    ) -> Option<R> {
+        self.history.lock().ok().map(|history| f(&history))
     }
 
     /// How long ago the primary first had WAL that `replayed` lacks; zero
@@ -343,8 +422,13 @@ impl ReplicaTracker {
         }
     }
 
-    fn nanos(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    /// Nanoseconds since the tracker's origin.
+    pub(crate) fn nanos(&self) -> u64 {
+        self.nanos_at(Instant::now())
+    }
+
+    fn nanos_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX - 1)
     }
 
     /// The poll interval right now: fast while positions are needed, slow
@@ -457,11 +541,14 @@ impl ReplicaTracker {
                 in_recovery: true,
                 timeline,
                 started,
+                paused,
             })) => {
                 let now = self.nanos();
                 let tag = started.map_or(0, |micros| ReplicaTag::of(name, micros).get());
                 replica.tag.store(tag, Ordering::Relaxed);
                 let previous = replica.replayed.swap(replayed.as_u64(), Ordering::AcqRel);
+                self.learn(replica, previous, replayed.as_u64(), was_healthy, now);
+                let pause_changed = replica.paused.swap(paused, Ordering::Relaxed) != paused;
                 if previous != replayed.as_u64() {
                     replica.advanced_at.store(now, Ordering::Relaxed);
                 }
@@ -477,7 +564,7 @@ impl ReplicaTracker {
                     tracing::info!(replica = name, lsn = %replayed, "replica admitted");
                     metrics::gauge!("read_after_write_replica_up", "replica" => replica.name.clone()).set(1.0);
                     self.bump();
-                } else if previous != replayed.as_u64() || diverged {
+                } else if previous != replayed.as_u64() || diverged || pause_changed {
                     self.bump();
                 }
                 self.report_lag(replica, replayed.as_u64());
@@ -544,6 +631,48 @@ impl ReplicaTracker {
         up
     }
 
+    /// Updates what predictions need after a poll found `replica` at
+    /// `replayed`, `previous` before: its replay delay and rate, and since
+    /// when it lacks WAL. Delay and rate learn only from a replica that was
+    /// healthy at the poll before (else `previous` is from before an
+    /// outage) and follows the primary's timeline.
+    fn learn(
+        &self,
+        replica: &ReplicaState,
+        previous: u64,
+        replayed: u64,
+        was_healthy: bool,
+        now: u64,
+    ) {
+        let at = Instant::now();
+        let timeline = replica.timeline.load(Ordering::Relaxed);
+        let same_timeline =
+            timeline == 0 || timeline == self.primary.timeline.load(Ordering::Relaxed);
+        let learned = self.primary.with_history(|history| {
+            let sample = predict::delay_sample(history, previous, replayed, at);
+            (sample, predict::first_missing(history, replayed))
+        });
+        let Some((sample, missing)) = learned else {
+            return;
+        };
+        replica.missing_since.store(
+            missing.map_or(UNKNOWN, |at| self.nanos_at(at)),
+            Ordering::Relaxed,
+        );
+        let polled_before = replica.polled_at.swap(now, Ordering::Relaxed);
+        if !was_healthy || !same_timeline {
+            return;
+        }
+        if let Some(sample) = sample {
+            let delay = predict::smooth_delay(replica.delay(), sample);
+            let nanos = u64::try_from(delay.as_nanos()).unwrap_or(UNKNOWN - 1);
+            replica.delay.store(nanos, Ordering::Relaxed);
+        }
+        let elapsed = Duration::from_nanos(now.saturating_sub(polled_before));
+        let rate = predict::smooth_rate(replica.rate(), replayed.saturating_sub(previous), elapsed);
+        replica.rate.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
     /// Decides whether `replica` has left the primary's history: seen on
     /// another timeline, or its replay stood still for `stall_timeout` while
     /// the primary moved (the only sign of an orphan whose timeline cannot
@@ -605,6 +734,10 @@ impl ReplicaTracker {
             .set(bytes);
         metrics::gauge!("read_after_write_replica_lag_seconds", "replica" => replica.name.clone())
             .set(seconds);
+        // What predictions are made from; NaN until measured.
+        let delay = replica.delay().map_or(f64::NAN, |d| d.as_secs_f64());
+        metrics::gauge!("read_after_write_replica_replay_delay_seconds", "replica" => replica.name.clone())
+            .set(delay);
     }
 
     /// Polls the primary's position on the tracker's own connection, with
@@ -738,6 +871,8 @@ struct Probe {
     /// `pg_postmaster_start_time()` in Unix microseconds: a restart makes
     /// the replica another incarnation.
     started: Option<i64>,
+    /// A replay pause is requested or in effect.
+    paused: bool,
 }
 
 /// One round trip on the tracker's own connection, opening it if needed.
@@ -797,14 +932,18 @@ async fn probe_replica(
     let Some(connection) = conn.as_mut() else {
         return Err(sqlx::Error::PoolClosed);
     };
-    let (replayed, in_recovery, timeline, started): (
+    // pg_is_wal_replay_paused() raises an error outside recovery; since
+    // PostgreSQL 14 it is true as soon as a pause is requested.
+    let (replayed, in_recovery, timeline, paused, started): (
         Option<String>,
         bool,
         Option<i32>,
+        bool,
         Option<i64>,
     ) = sqlx::query_as(
         "select pg_last_wal_replay_lsn()::text, pg_is_in_recovery(), \
                 (select received_tli from pg_stat_wal_receiver), \
+                case when pg_is_in_recovery() then pg_is_wal_replay_paused() else false end, \
                 (extract(epoch from pg_postmaster_start_time()) * 1000000)::int8",
     )
     .persistent(true)
@@ -815,6 +954,7 @@ async fn probe_replica(
         in_recovery,
         timeline: timeline.and_then(|t| u32::try_from(t).ok()),
         started,
+        paused,
     })
 }
 
