@@ -87,11 +87,13 @@ pub struct LabOptions {
     /// [`AppConfig::max_wait`]: the lab's `adaptive` strategy runs the
     /// library as configured out of the box.
     pub default_max_wait: bool,
-    /// Every session read (own posts, profiles) whose route was the
-    /// primary because no replica caught up in time
-    /// ([`RouteReason::WaitTimedOut`], from [`Db::last_route`]) answers
-    /// how long `db.read()` took in the [`WASTED_WAIT_HEADER`] header: time
-    /// spent waiting that bought nothing.
+    /// Every session read (own posts, profiles) that went to the primary
+    /// because no replica caught up within its wait
+    /// ([`RouteReason::WaitTimedOut`]) or none was predicted to
+    /// ([`RouteReason::PredictedLate`], possibly after waiting until the
+    /// prediction slipped), from [`Db::last_route`], answers how long
+    /// `db.read()` took in the [`WASTED_WAIT_HEADER`] header: time spent
+    /// waiting that bought nothing.
     pub wasted_wait: bool,
 }
 
@@ -385,8 +387,8 @@ struct LabReadings {
 }
 
 /// `db.read()`, and how long it waited in vain: `Some` when the lab asks
-/// ([`LabOptions::wasted_wait`]) and no replica caught up within
-/// `max_wait`, so the read went to the primary after waiting.
+/// ([`LabOptions::wasted_wait`]) and the read went to the primary because
+/// no replica caught up in time (or none was predicted to).
 async fn session_read<B: Backend<Pool = PgPool>>(
     db: &Db<B>,
     lab: LabOptions,
@@ -396,7 +398,11 @@ async fn session_read<B: Backend<Pool = PgPool>>(
     let waited = started.elapsed();
     let wasted = lab.wasted_wait
         && db.last_route().is_some_and(|route| {
-            route.target == Target::Primary && route.reason == RouteReason::WaitTimedOut
+            route.target == Target::Primary
+                && matches!(
+                    route.reason,
+                    RouteReason::WaitTimedOut | RouteReason::PredictedLate
+                )
         });
     (pool, wasted.then_some(waited))
 }

@@ -77,7 +77,8 @@ pub struct StrategyResult {
     /// `max_wait` the strategy ran with, in milliseconds (0 where unused).
     pub max_wait_ms: u64,
     /// The latency budget the library's predicted routing ran with,
-    /// milliseconds: `adaptive` only, and 0 while the library has none.
+    /// milliseconds: `adaptive` only (its default: the read's `max_wait`
+    /// unless the default policy caps it), 0 for the others.
     pub latency_budget_ms: u64,
     /// Own-post reads checked for the user's last write.
     pub own_reads: u64,
@@ -165,6 +166,9 @@ pub struct LabReport {
     pub instances: usize,
     /// How often the writer advanced the counter, milliseconds.
     pub counter_interval_ms: f64,
+    /// The layer's default `max_wait` (what `monotonic` and `adaptive` run
+    /// with), milliseconds, read from the layer.
+    pub layer_default_max_wait_ms: u64,
     /// The profiles run, in order.
     pub profiles: Vec<ProfileInfo>,
     /// One row per profile and strategy, profile by profile.
@@ -225,6 +229,7 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
     let counter = CounterWriter::start(cluster.primary_url(), config.counter_interval).await?;
 
     let keys = KeySet::new(SigningKey::generate()?);
+    let layer_default = strategy::layer_default_max_wait(&keys).await;
     let mut results = Vec::with_capacity(config.strategies.len() * config.profiles.len());
     let mut runs = 0i64;
     for profile in config.profiles.iter().copied() {
@@ -244,6 +249,7 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
                 profile,
                 strategy,
                 keys: &keys,
+                layer_default,
                 workload: &workload,
                 config,
                 counter: &counter,
@@ -287,6 +293,7 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         instances: INSTANCES,
         counter_interval_ms: config.counter_interval.as_secs_f64() * 1000.0,
+        layer_default_max_wait_ms: layer_default.as_millis() as u64,
         profiles,
         results,
     })
@@ -379,6 +386,7 @@ impl Instance {
         cluster: &TestCluster,
         strategy: Strategy,
         keys: &KeySet,
+        layer_default: Duration,
         workload: &Workload,
         config: &LabConfig,
     ) -> Result<Self, Box<dyn std::error::Error>> {
@@ -391,6 +399,11 @@ impl Instance {
             Strategy::Naive => builder.selection(Selection::Random),
             // The library's defaults, whatever they are in this version.
             Strategy::Adaptive => builder,
+            // A fixed max_wait, waited in full: the policy before predictions.
+            Strategy::LsnWait { .. } => builder
+                .selection(Selection::RoundRobin)
+                .wait_poll_interval(config.wait_poll)
+                .fixed_wait(),
             _ => builder
                 .selection(Selection::RoundRobin)
                 .wait_poll_interval(config.wait_poll),
@@ -402,7 +415,7 @@ impl Instance {
         let app_config = AppConfig {
             keys: keys.clone(),
             cookie_secure: false,
-            max_wait: strategy.max_wait(),
+            max_wait: strategy.max_wait(layer_default),
             // The lab counts where reads went from this header.
             debug_header: true,
             time_window: (strategy == Strategy::TimeWindow).then_some(Duration::from_secs(5)),
@@ -468,6 +481,8 @@ struct Run<'a> {
     profile: Profile,
     strategy: Strategy,
     keys: &'a KeySet,
+    /// The layer's default `max_wait`.
+    layer_default: Duration,
     workload: &'a Workload,
     config: &'a LabConfig,
     counter: &'a CounterWriter,
@@ -482,13 +497,14 @@ async fn run_strategy(
         profile,
         strategy,
         keys,
+        layer_default,
         workload,
         config,
         counter,
     } = run;
     let mut instances = Vec::with_capacity(INSTANCES);
     for _ in 0..INSTANCES {
-        match Instance::start(cluster, strategy, keys, workload, config).await {
+        match Instance::start(cluster, strategy, keys, layer_default, workload, config).await {
             Ok(instance) => instances.push(instance),
             Err(error) => {
                 for instance in instances {
@@ -499,7 +515,7 @@ async fn run_strategy(
         }
     }
     let bases: Vec<String> = instances.iter().map(|i| i.base.clone()).collect();
-    let max_wait = strategy.max_wait();
+    let max_wait = strategy.max_wait(layer_default);
 
     workload::prepare(&bases, workload).await;
     if !config.warmup.is_zero() {
@@ -566,7 +582,7 @@ async fn run_strategy(
         profile,
         strategy,
         max_wait_ms: max_wait.as_millis() as u64,
-        latency_budget_ms: strategy.latency_budget().as_millis() as u64,
+        latency_budget_ms: strategy.latency_budget(layer_default).as_millis() as u64,
         own_reads: measured.own_reads,
         stale_own_reads: measured.stale_own_reads,
         reads: measured.reads,

@@ -5,14 +5,14 @@
 use std::fmt;
 use std::time::Duration;
 
-use read_after_write::pg::{CaptureError, PgReplicaSet};
-use read_after_write::{Backend, RouteReason, Routed, WritePosition};
-use sqlx::PgPool;
+use std::sync::{Arc, Mutex};
 
-/// The `max_wait` of [`ReadAfterWriteLayer`](read_after_write::ReadAfterWriteLayer)
-/// when none is set (its documented default), which `monotonic` and
-/// `adaptive` run with.
-pub const LAYER_DEFAULT_MAX_WAIT: Duration = Duration::from_millis(20);
+use read_after_write::pg::{CaptureError, PgReplicaSet, WaitPolicy};
+use read_after_write::{
+    Backend, CheckContext, Finding, KeySet, LayerSettings, ReadAfterWriteLayer, RouteReason,
+    Routed, WritePosition,
+};
+use sqlx::PgPool;
 
 /// The fixed `max_wait`s of the `lsn-wait-<n>ms` strategies the lab runs by
 /// default, in milliseconds: from shorter than any lag to longer than the
@@ -31,14 +31,16 @@ pub enum Strategy {
     TimeWindow,
     /// The library with `max_wait = 0`: a caught-up replica, else the primary.
     Lsn,
-    /// The library with a fixed `max_wait`: wait that long for a replica to
+    /// The library with a fixed `max_wait` and the fixed wait policy
+    /// (`PgReplicaSetBuilder::fixed_wait`): wait that long for a replica to
     /// catch up, then the primary. Named `lsn-wait-<n>ms`.
     LsnWait {
         /// The fixed `max_wait`, milliseconds.
         max_wait_ms: u32,
     },
-    /// Monotonic reads on the layer, with the layer's default `max_wait`: a
-    /// session also never reads an older state than it has read before.
+    /// Monotonic reads on the layer, with the library's default wait policy
+    /// and the layer's default `max_wait`: a session also never reads an
+    /// older state than it has read before.
     Monotonic,
     /// The library's default routing, configured with nothing but URLs: the
     /// replica set's and the layer's defaults as they stand.
@@ -89,12 +91,13 @@ impl Strategy {
         matches!(self, Strategy::Monotonic | Strategy::Primary)
     }
 
-    /// The `max_wait` the strategy's reads wait for a replica (zero where
-    /// they never wait).
-    pub fn max_wait(self) -> Duration {
+    /// The `max_wait` the strategy's reads wait for a replica at most (zero
+    /// where they never wait), given the layer's default
+    /// ([`layer_default_max_wait`]).
+    pub fn max_wait(self, layer_default: Duration) -> Duration {
         match self {
             Strategy::LsnWait { max_wait_ms } => Duration::from_millis(u64::from(max_wait_ms)),
-            Strategy::Monotonic | Strategy::Adaptive => LAYER_DEFAULT_MAX_WAIT,
+            Strategy::Monotonic | Strategy::Adaptive => layer_default,
             Strategy::Naive | Strategy::Primary | Strategy::TimeWindow | Strategy::Lsn => {
                 Duration::ZERO
             }
@@ -103,11 +106,71 @@ impl Strategy {
 }
 
 impl Strategy {
-    /// The latency budget of the library's predicted routing for
-    /// `adaptive`, zero for the others. This version of the library has no
-    /// such budget yet, so it is zero for `adaptive` too.
-    pub fn latency_budget(self) -> Duration {
-        Duration::ZERO
+    /// The latency budget `adaptive` routes within, zero for the others:
+    /// the default [`WaitPolicy`]'s own cap, or with none the read's
+    /// `max_wait` (the layer's default, `layer_default`).
+    pub fn latency_budget(self, layer_default: Duration) -> Duration {
+        if self != Strategy::Adaptive {
+            return Duration::ZERO;
+        }
+        match WaitPolicy::default() {
+            WaitPolicy::Predicted { latency_budget } => {
+                latency_budget.map_or(layer_default, |budget| budget.min(layer_default))
+            }
+            // A fixed wait has no budget of its own.
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// The `max_wait` of a [`ReadAfterWriteLayer`] that was given none, asked of
+/// the layer itself: its self-check hands the backend the settings, and
+/// [`SettingsProbe`] keeps them.
+pub async fn layer_default_max_wait(keys: &KeySet) -> Duration {
+    let probe = Arc::new(SettingsProbe::default());
+    let layer = ReadAfterWriteLayer::from_arc(Arc::clone(&probe), keys.clone());
+    let _ = layer.check(CheckContext::new()).await;
+    let seen = *probe
+        .max_wait
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    seen.unwrap_or_default()
+}
+
+/// A backend without a database that keeps the `max_wait` the layer's
+/// self-check gives it. Routes nowhere; only [`layer_default_max_wait`]
+/// uses it.
+#[derive(Default)]
+struct SettingsProbe {
+    max_wait: Mutex<Option<Duration>>,
+}
+
+impl Backend for SettingsProbe {
+    type Pool = ();
+    type Error = std::convert::Infallible;
+
+    fn primary(&self) -> &() {
+        &()
+    }
+
+    fn eventual(&self) -> Routed<'_, ()> {
+        Routed::primary(&(), RouteReason::Critical)
+    }
+
+    async fn session(&self, _required: WritePosition, _max_wait: Duration) -> Routed<'_, ()> {
+        Routed::primary(&(), RouteReason::Critical)
+    }
+
+    async fn write_position(&self) -> Result<WritePosition, Self::Error> {
+        Ok(WritePosition::default())
+    }
+
+    async fn diagnose(&self, settings: &LayerSettings) -> Vec<Finding> {
+        *self
+            .max_wait
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(settings.max_wait);
+        Vec::new()
     }
 }
 
@@ -220,6 +283,15 @@ impl Backend for PrimaryOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_layers_default_max_wait_is_read_from_the_layer() {
+        let keys = KeySet::new(read_after_write::SigningKey::generate().expect("a key"));
+        let default = layer_default_max_wait(&keys).await;
+        assert!(default > Duration::ZERO, "{default:?}");
+        assert_eq!(Strategy::Adaptive.latency_budget(default), default);
+        assert_eq!(Strategy::Lsn.latency_budget(default), Duration::ZERO);
+    }
 
     #[test]
     fn every_strategy_parses_back_from_its_name() {
