@@ -107,6 +107,9 @@ pub struct StrategyResult {
     pub dropped_arrivals: u64,
     /// Actions still in flight long after arrivals stopped, abandoned.
     pub abandoned_actions: u64,
+    /// Reads right after the session's own write (one per successful
+    /// write): the sample behind the post-write percentiles.
+    pub post_write_reads: u64,
     /// Latency of a session's first read after its own write (the page
     /// after the post's redirect), median, milliseconds.
     pub post_write_read_p50_ms: f64,
@@ -596,6 +599,7 @@ async fn run_strategy(
         achieved_rps: measured.served as f64 / seconds,
         dropped_arrivals: measured.dropped,
         abandoned_actions: measured.abandoned,
+        post_write_reads: measured.post_write_read_latency.len(),
         post_write_read_p50_ms: ms(measured.post_write_read_latency.value_at_quantile(0.5)),
         post_write_read_p99_ms: ms(measured.post_write_read_latency.value_at_quantile(0.99)),
         primary_statements,
