@@ -67,7 +67,7 @@ struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "500ms")]
     warmup: Duration,
     /// Strategies to run, in order (comma-separated): naive, primary,
-    /// time-window, lsn, lsn-wait-<n>ms, monotonic, adaptive. Default:
+    /// time-window, lsn, lsn-wait-Nms, monotonic, adaptive. Default:
     /// naive, primary, time-window, lsn, lsn-wait-10ms to lsn-wait-160ms
     /// (doubling), monotonic and adaptive; with `--check`, one lsn-wait
     /// (20 ms) instead of five, to keep CI's short run short.
@@ -80,7 +80,7 @@ struct Args {
     /// Print the results as JSON on stdout instead of the table.
     #[arg(long)]
     json: bool,
-    /// Where results.json, results.md and the frontier-<profile>.svg charts go.
+    /// Where results.json, results.md and the frontier-PROFILE.svg charts go.
     #[arg(long, default_value_os_t = default_out_dir())]
     out: PathBuf,
     /// Exit non-zero unless, under every profile run, every strategy but

@@ -125,7 +125,7 @@ impl Strategy {
 
 /// The `max_wait` of a [`ReadAfterWriteLayer`] that was given none, asked of
 /// the layer itself: its self-check hands the backend the settings, and
-/// [`SettingsProbe`] keeps them.
+/// a probe backend keeps them.
 pub async fn layer_default_max_wait(keys: &KeySet) -> Duration {
     let probe = Arc::new(SettingsProbe::default());
     let layer = ReadAfterWriteLayer::from_arc(Arc::clone(&probe), keys.clone());

@@ -105,7 +105,7 @@ pub struct Measured {
     pub served: u64,
     /// Arrivals that found no free session and were dropped (open loop).
     pub dropped: u64,
-    /// Actions still in flight [`DRAIN_BOUND`] after arrivals stopped,
+    /// Actions still in flight 15 s after arrivals stopped,
     /// abandoned (their sessions' measurements are lost).
     pub abandoned: u64,
     /// Own-post reads checked for the user's last write.
@@ -225,7 +225,7 @@ pub async fn prepare(bases: &[String], workload: &Workload) {
 
 /// Runs the workload against the app instances at `bases` until its
 /// duration is up, and until the actions in flight then have ended (within
-/// [`DRAIN_BOUND`]). Call [`prepare`] first.
+/// 15 s). Call [`prepare`] first.
 pub async fn run(bases: &[String], workload: &Workload, live: Arc<Live>) -> Measured {
     match workload.arrivals {
         Arrivals::Open { rate } => open_loop(bases, workload, rate, live).await,
