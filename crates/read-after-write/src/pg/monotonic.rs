@@ -126,30 +126,50 @@ impl PgReplicaSet {
             return sticky(RouteReason::Sticky);
         }
         // The user wrote after reading here: wait for this replica to
-        // replay the write, as a session read waits for any.
+        // replay the write, as a session read waits for any; with
+        // predictions, only while it is predicted to make it in time.
         self.inner.tracker.note_needed();
         let started = Instant::now();
+        let budget = self.predicted_budget(max_wait);
+        let in_time = |left: Duration| {
+            budget.is_none()
+                || self
+                    .predict_one(replica, position)
+                    .is_some_and(|eta| eta <= left)
+        };
+        if !in_time(budget.unwrap_or(max_wait)) {
+            return Routed::primary(self.primary_pool(), RouteReason::PredictedLate);
+        }
+        let bound = budget.unwrap_or(max_wait);
+        let mut slipped = false;
         let reached = self
-            .wait_until(max_wait, || {
-                replica.has_replayed(position.lsn, position.timeline)
+            .wait_until(bound, || {
+                if replica.has_replayed(position.lsn, position.timeline)
                     || !replica.still_is(tag, position.timeline)
+                {
+                    return true;
+                }
+                slipped = !in_time(bound.saturating_sub(started.elapsed()));
+                slipped
             })
             .await;
         metrics::histogram!("read_after_write_read_wait_seconds")
             .record(started.elapsed().as_secs_f64());
         if reached && replica.has_replayed(position.lsn, position.timeline) {
             sticky(RouteReason::CaughtUpAfterWait)
-        } else if replica.still_is(tag, position.timeline) {
-            Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut)
-        } else {
+        } else if !replica.still_is(tag, position.timeline) {
             Routed::primary(self.primary_pool(), RouteReason::LeftReplica)
+        } else if slipped {
+            Routed::primary(self.primary_pool(), RouteReason::PredictedLate)
+        } else {
+            Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut)
         }
     }
 
     /// Waits until `done` holds, re-checking on every tracker change and
     /// asking for polls meanwhile, for at most `max_wait`. Returns whether
     /// `done` held in time.
-    async fn wait_until(&self, max_wait: Duration, done: impl Fn() -> bool) -> bool {
+    async fn wait_until(&self, max_wait: Duration, mut done: impl FnMut() -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + max_wait;
         let mut changed = self.inner.tracker.changed.subscribe();
         loop {

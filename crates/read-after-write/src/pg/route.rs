@@ -515,6 +515,42 @@ impl PgReplicaSet {
     /// timeline, following the primary) is predicted to replay it; `None`
     /// when every one is predicted never. Asks those predicted within `lead`
     /// of now, and within `left`, for a poll.
+    /// When `replica` is predicted to replay `required`, from now; `None`
+    /// for never (paused, or no prediction can be made).
+    pub(super) fn predict_one(
+        &self,
+        replica: &ReplicaState,
+        required: WritePosition,
+    ) -> Option<Duration> {
+        let target = required.lsn.as_u64();
+        let tracker = &self.inner.tracker;
+        let now = Instant::now();
+        let now_nanos = tracker.nanos();
+        tracker
+            .primary
+            .with_history(|history| {
+                let since_written = predict::since_written(history, target, now);
+                let replayed = replica.replayed.load(Ordering::Acquire);
+                let lag_now = predict::first_missing(history, replayed)
+                    .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+                let view = replica.view(lag_now, now_nanos);
+                predict::predict(&view, target, since_written, self.inner.poll_interval)
+            })
+            .flatten()
+    }
+
+    /// The budget of a session read given `max_wait`, by the wait policy:
+    /// `None` for a fixed wait (wait up to `max_wait` whatever the
+    /// prediction).
+    pub(super) fn predicted_budget(&self, max_wait: Duration) -> Option<Duration> {
+        match self.inner.wait_policy {
+            WaitPolicy::Predicted { latency_budget } => {
+                Some(latency_budget.map_or(max_wait, |cap| cap.min(max_wait)))
+            }
+            WaitPolicy::Fixed => None,
+        }
+    }
+
     fn soonest(&self, required: WritePosition, left: Duration, lead: Duration) -> Option<Duration> {
         let target = required.lsn.as_u64();
         let tracker = &self.inner.tracker;
