@@ -112,9 +112,9 @@ const BACKEND_LABEL: &str = "const_position_source";
 const USER: u64 = 42;
 const OTHER_COOKIES_BEFORE: &str = "theme=dark";
 const OTHER_COOKIES_AFTER: &str = "_ga=GA1.2.1234567890.1700000000";
-/// The value a `SignedCookieJar` user would sign instead of our token: 55
-/// characters, the size of the token's raw bytes.
-const JAR_VALUE: &str = "u42.lsn-0-16B3748.tl-1.sys-7301234567890123456.exp-1800";
+/// The value a `SignedCookieJar` user would sign instead of our token: 64
+/// characters, the size of the token's raw bytes (version 2).
+const JAR_VALUE: &str = "u42.lsn-0-16B3748.tl-1.sys-7301234567890123456.exp-1800.r-a1b2c3";
 const JAR_COOKIE: &str = "affinity";
 
 fn signing_keys() -> KeySet {
