@@ -1191,9 +1191,54 @@ impl Warnings {
     fn taken(&self) -> Vec<String> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
+
+    /// Collects this thread's warnings until the guard drops.
+    ///
+    /// tracing caches each call site's interest across threads: a test on
+    /// another thread without a subscriber can leave a call site cached as
+    /// "never", and this thread's warning is then lost. A global subscriber
+    /// that answers "sometimes" for every call site keeps any from being
+    /// cached as "never", so the thread's own subscriber is always asked.
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(AskEveryTime);
+        });
+        tracing::subscriber::set_default(self.clone())
+    }
+}
+
+/// A global subscriber that records nothing and never lets a call site be
+/// cached as disabled (see [`Warnings::capture`]).
+struct AskEveryTime;
+
+impl tracing::Subscriber for AskEveryTime {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 impl tracing::Subscriber for Warnings {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
     fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
         *metadata.level() <= tracing::Level::WARN
     }
@@ -1234,7 +1279,7 @@ async fn a_write_without_identity_warns_once_a_minute_naming_the_layer_order() {
     let snapshotter = recorder.snapshotter();
     let _metrics = metrics::set_default_local_recorder(&recorder);
     let warnings = Warnings::default();
-    let _tracing = tracing::subscriber::set_default(warnings.clone());
+    let _tracing = warnings.capture();
 
     let backend = FakeBackend::new();
     let clock = ManualClock::new(NOW);
