@@ -47,6 +47,10 @@ struct Args {
     /// Print the results as JSON on stdout instead of the table.
     #[arg(long)]
     json: bool,
+    /// Run the app with monotonic reads on: the same drills and checks,
+    /// with sessions that must leave their replica through the primary.
+    #[arg(long)]
+    monotonic: bool,
     /// Drills to run, in order (default: all).
     #[arg(long, value_delimiter = ',')]
     drills: Vec<Drill>,
@@ -124,7 +128,10 @@ async fn main() -> ExitCode {
         } else {
             CONTROL_FULL
         }),
-        settings: AppSettings::default(),
+        settings: AppSettings {
+            monotonic: args.monotonic,
+            ..AppSettings::default()
+        },
         load: LoadConfig {
             writers: args.writers,
             readers: args.readers,

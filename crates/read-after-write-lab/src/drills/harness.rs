@@ -85,6 +85,11 @@ pub struct AppSettings {
     /// Off only for the negative control, whose reads then go to a replica
     /// whatever the user wrote, as the lab's `naive` baseline's do.
     pub tokens: bool,
+    /// Monotonic reads on the app's layer
+    /// ([`ReadAfterWriteLayer::monotonic_reads`](read_after_write::ReadAfterWriteLayer::monotonic_reads)):
+    /// the drills then also exercise sessions leaving a replica that went
+    /// down, restarted or diverged.
+    pub monotonic: bool,
 }
 
 impl Default for AppSettings {
@@ -94,6 +99,7 @@ impl Default for AppSettings {
             request_timeout: Duration::from_secs(2),
             lags: vec![Duration::from_millis(30), Duration::from_millis(150)],
             tokens: true,
+            monotonic: false,
         }
     }
 }
@@ -183,7 +189,11 @@ impl System {
             tokens: self.settings.tokens,
             request_timeout: Some(self.settings.request_timeout),
         };
-        let router = social::router(replicas.clone(), replicas.clone(), &config);
+        let lab = social::LabOptions {
+            monotonic_reads: self.settings.monotonic,
+            ..social::LabOptions::default()
+        };
+        let router = social::router_with(replicas.clone(), replicas.clone(), &config, lab);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|error| DrillError::Setup(format!("binding the app's port: {error}")))?;
