@@ -406,6 +406,19 @@ impl PgReplicaSet {
         routed
     }
 
+    /// A replica that has replayed `required` now, as a read that waited
+    /// for it is routed: tied to that replica for monotonic reads.
+    fn caught_up_after_wait(&self, required: WritePosition) -> Option<Routed<'_, PgPool>> {
+        self.pick(|r| r.has_replayed(required.lsn, required.timeline))
+            .map(|replica| {
+                super::monotonic::bookmarked(
+                    replica,
+                    RouteReason::CaughtUpAfterWait,
+                    Bookmark::new(required),
+                )
+            })
+    }
+
     /// The wait before predictions: up to `max_wait` for any replica, asking
     /// every replica for a poll each wait-poll interval.
     async fn wait_fixed(
@@ -414,18 +427,13 @@ impl PgReplicaSet {
         max_wait: Duration,
         started: Instant,
     ) -> Routed<'_, PgPool> {
-        let caught_up = |r: &ReplicaState| r.has_replayed(required.lsn, required.timeline);
         let deadline = tokio::time::Instant::from_std(started + max_wait);
         let mut changed = self.inner.tracker.changed.subscribe();
         loop {
             changed.borrow_and_update();
             self.inner.tracker.request_refresh();
-            if let Some(replica) = self.pick(caught_up) {
-                return super::monotonic::bookmarked(
-                    replica,
-                    RouteReason::CaughtUpAfterWait,
-                    Bookmark::new(required),
-                );
+            if let Some(routed) = self.caught_up_after_wait(required) {
+                return routed;
             }
             // Wake on the tracker's next change, or after one wait-poll
             // interval to ask for another poll when the last one showed no
@@ -435,14 +443,9 @@ impl PgReplicaSet {
                 Ok(Ok(Ok(()))) | Ok(Err(_)) => continue,
                 // The deadline passed, or the tracker is gone: stop waiting.
                 Ok(Ok(Err(_))) | Err(_) => {
-                    return match self.pick(caught_up) {
-                        Some(replica) => super::monotonic::bookmarked(
-                            replica,
-                            RouteReason::CaughtUpAfterWait,
-                            Bookmark::new(required),
-                        ),
-                        None => Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut),
-                    };
+                    return self.caught_up_after_wait(required).unwrap_or_else(|| {
+                        Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut)
+                    });
                 }
             }
         }
@@ -462,7 +465,6 @@ impl PgReplicaSet {
         budget: Duration,
         started: Instant,
     ) -> Routed<'_, PgPool> {
-        let caught_up = |r: &ReplicaState| r.has_replayed(required.lsn, required.timeline);
         let deadline = tokio::time::Instant::from_std(started + budget);
         let mut changed = self.inner.tracker.changed.subscribe();
         // Fast polls start this long before the soonest prediction: two
@@ -470,12 +472,8 @@ impl PgReplicaSet {
         let lead = self.inner.poll_interval.saturating_mul(2);
         loop {
             changed.borrow_and_update();
-            if let Some(replica) = self.pick(caught_up) {
-                return super::monotonic::bookmarked(
-                    replica,
-                    RouteReason::CaughtUpAfterWait,
-                    Bookmark::new(required),
-                );
+            if let Some(routed) = self.caught_up_after_wait(required) {
+                return routed;
             }
             let elapsed = started.elapsed();
             let left = budget.saturating_sub(elapsed);
@@ -498,14 +496,9 @@ impl PgReplicaSet {
             match tokio::time::timeout_at(deadline, next).await {
                 Ok(Ok(Ok(()))) | Ok(Err(_)) => continue,
                 Ok(Ok(Err(_))) | Err(_) => {
-                    return match self.pick(caught_up) {
-                        Some(replica) => super::monotonic::bookmarked(
-                            replica,
-                            RouteReason::CaughtUpAfterWait,
-                            Bookmark::new(required),
-                        ),
-                        None => Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut),
-                    };
+                    return self.caught_up_after_wait(required).unwrap_or_else(|| {
+                        Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut)
+                    });
                 }
             }
         }
