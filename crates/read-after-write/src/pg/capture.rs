@@ -15,15 +15,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::heartbeat::Heartbeat;
 use super::pools::PrimaryPools;
-use crate::position::{Lsn, WalGeometry};
-
-/// The primary's insert position and timeline, as one query reports them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct PrimaryPosition {
-    pub(crate) lsn: Lsn,
-    pub(crate) timeline: u32,
-}
+use super::probe::{self, PrimaryProbe};
+use crate::position::WalGeometry;
 
 /// Why the write position could not be captured. The layer then returns the
 /// response with a token that pins the user's session reads to the primary
@@ -46,11 +41,14 @@ pub enum CaptureError {
     Abandoned,
 }
 
-type Slot = Option<Result<PrimaryPosition, CaptureError>>;
+type Slot = Option<Result<PrimaryProbe, CaptureError>>;
 
 /// Single-flight capture of the primary's write position.
 pub(crate) struct Capture {
     primary: Arc<PrimaryPools>,
+    /// Written by every capture while replicas are proven by heartbeats:
+    /// the capture is then an upsert returning the same position.
+    heartbeat: Option<Arc<Heartbeat>>,
     geometry: WalGeometry,
     timeout: Duration,
     state: Mutex<State>,
@@ -67,11 +65,13 @@ struct State {
 impl Capture {
     pub(crate) fn new(
         primary: Arc<PrimaryPools>,
+        heartbeat: Option<Arc<Heartbeat>>,
         geometry: WalGeometry,
         timeout: Duration,
     ) -> Arc<Self> {
         Arc::new(Capture {
             primary,
+            heartbeat,
             geometry,
             timeout,
             state: Mutex::new(State {
@@ -89,7 +89,7 @@ impl Capture {
 
     /// The write position covering every commit that finished before this
     /// call. Bounded: at most the query in flight plus this caller's own.
-    pub(crate) async fn capture(self: &Arc<Self>) -> Result<PrimaryPosition, CaptureError> {
+    pub(crate) async fn capture(self: &Arc<Self>) -> Result<PrimaryProbe, CaptureError> {
         let mut receiver = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             let receiver = match &state.pending {
@@ -137,17 +137,14 @@ impl Capture {
             // starts: their commits are covered.
             self.queries.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("read_after_write_capture_queries_total").increment(1);
-            let result =
-                match tokio::time::timeout(self.timeout, query_position(self.primary.current()))
-                    .await
-                {
-                    Ok(Ok(position)) => Ok(PrimaryPosition {
-                        lsn: position.lsn.round_down_page_header(self.geometry),
-                        timeline: position.timeline,
-                    }),
-                    Ok(Err(error)) => Err(error),
-                    Err(_elapsed) => Err(CaptureError::TimedOut(self.timeout)),
-                };
+            let result = match tokio::time::timeout(self.timeout, self.query()).await {
+                Ok(Ok(position)) => Ok(PrimaryProbe {
+                    lsn: position.lsn.round_down_page_header(self.geometry),
+                    ..position
+                }),
+                Ok(Err(error)) => Err(CaptureError::Query(Arc::new(error))),
+                Err(_elapsed) => Err(CaptureError::TimedOut(self.timeout)),
+            };
             batch.send_replace(Some(result));
         }
     }
@@ -177,28 +174,19 @@ impl Drop for DriverGuard<'_> {
     }
 }
 
-/// One round trip: the primary's insert position and current timeline.
-///
-/// `pg_current_wal_insert_lsn()`, not `pg_current_wal_lsn()`: the latter can
-/// be behind a commit under `synchronous_commit = off`. The timeline is the
-/// first 8 hex digits of the WAL file name for that position.
-pub(crate) async fn query_position<'c>(
-    primary: impl sqlx::PgExecutor<'c>,
-) -> Result<PrimaryPosition, CaptureError> {
-    let (lsn, timeline): (String, String) = sqlx::query_as(
-        "select pg_current_wal_insert_lsn()::text, \
-                substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8)",
-    )
-    .fetch_one(primary)
-    .await
-    .map_err(|error| CaptureError::Query(Arc::new(error)))?;
-    let parsed_lsn = lsn
-        .parse::<Lsn>()
-        .map_err(|_| CaptureError::Unreadable(lsn.clone()))?;
-    let timeline =
-        u32::from_str_radix(&timeline, 16).map_err(|_| CaptureError::Unreadable(timeline))?;
-    Ok(PrimaryPosition {
-        lsn: parsed_lsn,
-        timeline,
-    })
+impl Capture {
+    /// One round trip: the primary's insert position, timeline and epoch,
+    /// writing this instance's heartbeat at that position when heartbeats
+    /// are in use. A heartbeat that cannot be written at all (no table, no
+    /// privilege) is turned off, loudly, and the position asked plainly.
+    async fn query(&self) -> Result<PrimaryProbe, sqlx::Error> {
+        let pool = self.primary.current();
+        if let Some(heartbeat) = self.heartbeat.as_deref().filter(|h| h.is_enabled()) {
+            match probe::primary(pool, &heartbeat.write_sql(), true).await {
+                Err(error) if Heartbeat::is_permanent(&error) => heartbeat.disable(&error),
+                answer => return answer,
+            }
+        }
+        probe::primary(pool, &probe::primary_position_sql(None), false).await
+    }
 }

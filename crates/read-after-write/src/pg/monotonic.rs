@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
-use super::tracker::ReplicaState;
+use super::server::ReplicaState;
 use super::PgReplicaSet;
 use crate::backend::Backend;
 use crate::backend::{RouteReason, Routed};
@@ -35,10 +35,11 @@ impl ReplicaState {
     /// the same incarnation, healthy, not diverged, on `timeline`.
     fn still_is(&self, tag: ReplicaTag, timeline: u32) -> bool {
         self.healthy.load(Ordering::Acquire)
+            && self.tied()
             && self.replica_tag() == Some(tag)
             && !self.diverged.load(Ordering::Relaxed)
             && timeline != 0
-            && self.timeline.load(Ordering::Relaxed) == timeline
+            && self.known_timeline() == timeline
     }
 }
 
@@ -62,7 +63,7 @@ pub(crate) fn bookmarked<'a>(
 pub(crate) fn eventual_bookmark(replica: &ReplicaState, system_id: u64) -> Bookmark {
     Bookmark::new(WritePosition::new(
         Lsn::new(replica.replayed.load(Ordering::Acquire)),
-        replica.timeline.load(Ordering::Relaxed),
+        replica.known_timeline(),
         system_id,
     ))
 }
@@ -98,7 +99,10 @@ impl PgReplicaSet {
             self.inner.tracker.note_needed();
             let caught_up = |r: &ReplicaState| r.has_replayed(position.lsn, position.timeline);
             return match (self.pick(caught_up), max_wait) {
-                (Some(replica), _) => bookmarked(replica, RouteReason::CaughtUp, bookmark),
+                (Some(replica), _) => {
+                    self.inner.canary.sample(replica, position.lsn);
+                    bookmarked(replica, RouteReason::CaughtUp, bookmark)
+                }
                 (None, Some(max_wait)) => self.session(position, max_wait).await,
                 (None, None) => Routed::primary(self.primary_pool(), RouteReason::Lagging),
             };

@@ -24,7 +24,9 @@ const GENERATIONS: usize = 64;
 /// How long a replaced pool may take to close its idle connections.
 const CLOSE_BOUND: Duration = Duration::from_secs(30);
 
-type Rebuild = Box<dyn Fn() -> PgPool + Send + Sync>;
+/// Builds a fresh pool from the options the pool in use has now, so rotated
+/// credentials carry over.
+pub(crate) type Rebuild = Box<dyn Fn(sqlx::postgres::PgConnectOptions) -> PgPool + Send + Sync>;
 
 /// The primary's pool and the generations that replaced it.
 pub(crate) struct PrimaryPools {
@@ -81,7 +83,8 @@ impl PrimaryPools {
             );
             return false;
         }
-        if self.generations[next].set(rebuild()).is_err() {
+        let options = self.current().connect_options().as_ref().clone();
+        if self.generations[next].set(rebuild(options)).is_err() {
             // Another caller replaced it at the same moment.
             return false;
         }

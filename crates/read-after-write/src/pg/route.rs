@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 
 use super::predict;
-use super::tracker::ReplicaState;
+use super::server::ReplicaState;
 use super::PgReplicaSet;
 use crate::backend::{RouteReason, Routed, Target};
 use crate::bookmark::Bookmark;
@@ -273,7 +273,7 @@ fn scramble(ticket: usize) -> usize {
 impl PgReplicaSet {
     /// A replica for which `qualifies` holds, by the configured selection.
     pub(super) fn pick(&self, qualifies: impl Fn(&ReplicaState) -> bool) -> Option<&ReplicaState> {
-        let replicas = &self.inner.tracker.replicas;
+        let replicas = &self.inner.tracker.servers;
         let count = replicas.len();
         if count == 0 {
             return None;
@@ -287,12 +287,11 @@ impl PgReplicaSet {
                     ticket
                 };
                 (0..count)
-                    .map(|i| &*replicas[(start % count + i) % count])
+                    .filter_map(|i| replicas.get((start % count + i) % count))
                     .find(|r| qualifies(r))
             }
             super::Selection::LeastLag => replicas
                 .iter()
-                .map(|r| &**r)
                 .filter(|r| qualifies(r))
                 .max_by_key(|r| r.replayed.load(Ordering::Acquire)),
         }
@@ -322,7 +321,10 @@ impl PgReplicaSet {
         let timeline = self.timeline();
         // Read the clock only when there is a bound to hold it against.
         let bound = max_staleness.map(|bound| (bound, self.inner.tracker.nanos()));
-        let fresh = |r: &ReplicaState| bound.is_none_or(|(bound, now)| r.staleness(now) <= bound);
+        // A bound needs the read to run where the staleness was measured.
+        let fresh = |r: &ReplicaState| {
+            bound.is_none_or(|(bound, now)| r.tied() && r.staleness(now) <= bound)
+        };
         match self.pick(|r| r.serves_eventual(timeline) && fresh(r)) {
             Some(replica) => super::monotonic::bookmarked(
                 replica,
@@ -369,6 +371,7 @@ impl PgReplicaSet {
         }
         let caught_up = |r: &ReplicaState| r.has_replayed(required.lsn, required.timeline);
         if let Some(replica) = self.pick(caught_up) {
+            self.inner.canary.sample(replica, required.lsn);
             return super::monotonic::bookmarked(
                 replica,
                 RouteReason::CaughtUp,
@@ -411,6 +414,7 @@ impl PgReplicaSet {
     fn caught_up_after_wait(&self, required: WritePosition) -> Option<Routed<'_, PgPool>> {
         self.pick(|r| r.has_replayed(required.lsn, required.timeline))
             .map(|replica| {
+                self.inner.canary.sample(replica, required.lsn);
                 super::monotonic::bookmarked(
                     replica,
                     RouteReason::CaughtUpAfterWait,
@@ -504,10 +508,6 @@ impl PgReplicaSet {
         }
     }
 
-    /// The soonest any replica that may serve `required` (healthy, on its
-    /// timeline, following the primary) is predicted to replay it; `None`
-    /// when every one is predicted never. Asks those predicted within `lead`
-    /// of now, and within `left`, for a poll.
     /// When `replica` is predicted to replay `required`, from now; `None`
     /// for never (paused, or no prediction can be made).
     pub(super) fn predict_one(
@@ -544,6 +544,10 @@ impl PgReplicaSet {
         }
     }
 
+    /// The soonest any replica that may serve `required` (healthy, on its
+    /// timeline, following the primary) is predicted to replay it; `None`
+    /// when every one is predicted never. Asks those predicted within `lead`
+    /// of now, and within `left`, for a poll.
     fn soonest(&self, required: WritePosition, left: Duration, lead: Duration) -> Option<Duration> {
         let target = required.lsn.as_u64();
         let tracker = &self.inner.tracker;
