@@ -567,11 +567,6 @@ impl PgReplicaSetBuilder {
         };
         let aurora = text(4)? == "true";
         let table_usable = text(5)? == "true";
-        let primary_sql = probe::primary_position_sql(None);
-        let first = tokio::time::timeout(bound, probe::primary(&primary, &primary_sql, false))
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(failed)?;
 
         // The tracker's own connection to the primary: it says whether the
         // tracker's role sees replica timelines (roles are cluster-wide),
@@ -617,6 +612,17 @@ impl PgReplicaSetBuilder {
                  only. See the platforms guide"
             );
         }
+        // The first position; with heartbeats, written as one, so that
+        // replicas are proven to follow this primary as soon as they replay
+        // it, before the first write.
+        let first_sql = probe::primary_position_sql(heartbeat.as_deref());
+        let first = tokio::time::timeout(
+            bound,
+            probe::primary(&primary, &first_sql, heartbeat.is_some()),
+        )
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(failed)?;
         let probe_kind = if aurora {
             ProbeKind::Aurora
         } else {

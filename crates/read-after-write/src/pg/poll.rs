@@ -10,7 +10,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 
 use super::probe::{self, ProbeKind, ReplicaProbe};
-use super::server::{ReplicaState, UNKNOWN};
+use super::server::{ReplicaState, STALE_FOREVER, UNKNOWN};
 use super::tracker::{describe, ReplicaTracker};
 
 impl ReplicaTracker {
@@ -247,7 +247,7 @@ impl ReplicaTracker {
         if !probe.in_recovery {
             return true;
         }
-        server.missing_since.store(0, Ordering::Relaxed);
+        server.missing_since.store(STALE_FOREVER, Ordering::Relaxed);
         if !was_healthy {
             server.down_since.store(0, Ordering::Relaxed);
             server.healthy.store(true, Ordering::Release);

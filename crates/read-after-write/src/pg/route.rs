@@ -297,12 +297,27 @@ impl PgReplicaSet {
         }
     }
 
+    /// Whether a read with a token on `timeline` may wait for `replica`:
+    /// it is known to follow that timeline, or, with heartbeats, it follows
+    /// no known one yet and may prove it when it replays the heartbeat
+    /// written after the token's write (right after a start, or after the
+    /// primary changed, no heartbeat of the new primary is visible
+    /// anywhere). Waiting is never reading: the read still needs the proof.
+    fn may_prove(&self, replica: &ReplicaState, timeline: u32) -> bool {
+        replica.is_on(timeline)
+            || (self.inner.tracker.heartbeat.is_some()
+                && timeline != 0
+                && replica.healthy.load(Ordering::Acquire)
+                && replica.tied()
+                && replica.known_timeline() == 0)
+    }
+
     /// Why no replica can serve a token on `timeline`, if none can: none is
     /// healthy, or none was seen on that timeline.
     fn none_eligible(&self, timeline: u32) -> Option<RouteReason> {
         let mut healthy = false;
         for replica in self.replica_states() {
-            if replica.is_on(timeline) {
+            if self.may_prove(replica, timeline) {
                 return None;
             }
             healthy |= replica.healthy.load(Ordering::Acquire);
@@ -558,7 +573,9 @@ impl PgReplicaSet {
             let since_written = predict::since_written(history, target, now);
             let mut soonest: Option<Duration> = None;
             for replica in self.replica_states() {
-                if !replica.is_on(required.timeline) || replica.diverged.load(Ordering::Relaxed) {
+                if !self.may_prove(replica, required.timeline)
+                    || replica.diverged.load(Ordering::Relaxed)
+                {
                     continue;
                 }
                 let replayed = replica.replayed.load(Ordering::Acquire);

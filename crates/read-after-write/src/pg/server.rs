@@ -25,6 +25,10 @@ use crate::position::Lsn;
 /// An unset nanosecond atomic: no delay measured yet, nothing missing.
 pub(crate) const UNKNOWN: u64 = u64::MAX;
 
+/// `missing_since` of a replica whose position cannot be known (Aurora):
+/// infinitely stale, so no staleness bound admits it.
+pub(crate) const STALE_FOREVER: u64 = u64::MAX - 1;
+
 /// [`ReplicaState::sees_timelines`] before the tracker first connected.
 pub(crate) const SEES_TIMELINES_UNKNOWN: u8 = 0;
 /// The tracker's role is a member of `pg_read_all_stats`.
@@ -220,6 +224,7 @@ impl ReplicaState {
     pub(crate) fn staleness(&self, now: u64) -> Duration {
         match self.missing_since.load(Ordering::Relaxed) {
             UNKNOWN => Duration::ZERO,
+            STALE_FOREVER => Duration::MAX,
             since => Duration::from_nanos(now.saturating_sub(since)),
         }
     }

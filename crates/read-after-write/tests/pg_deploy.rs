@@ -1,0 +1,329 @@
+//! Where users deploy: a least-privilege role proven by the heartbeat, a
+//! monitoring role of its own, Aurora detected, and the canary catching a
+//! read routed to a server the tracker does not see. Each on a real
+//! cluster (replicas 50 ms and 200 ms behind), each with the naive read
+//! shown stale in the same test.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use read_after_write::pg::{PgReplicaSet, PgReplicaSetBuilder, HEARTBEAT_DDL};
+use read_after_write::{Backend, LayerSettings};
+use read_after_write_testkit::TestCluster;
+use tokio::sync::OnceCell;
+
+use common::{app, start_cluster, Browser};
+
+/// The least-privilege role: LOGIN, owner of its database, nothing else.
+const PLAIN: &str = "deploy_plain";
+/// A role with `pg_monitor` and nothing else, for the tracker.
+const MONITOR: &str = "deploy_monitor";
+
+static CLUSTER: OnceCell<TestCluster> = OnceCell::const_new();
+
+/// One cluster for the binary: the roles, and a database per test so that
+/// tests running side by side do not share tables.
+async fn cluster() -> &'static TestCluster {
+    CLUSTER
+        .get_or_init(|| async {
+            let cluster = start_cluster().await;
+            cluster
+                .execute_on_primary(&format!(
+                    "create role {PLAIN} login; create role {MONITOR} login; grant pg_monitor to {MONITOR}"
+                ))
+                .await
+                .expect("create roles");
+            cluster
+        })
+        .await
+}
+
+/// A database owned by the plain role, with the test table (and, if asked,
+/// the heartbeat table) created by that role; replicas have it on return.
+async fn database(cluster: &TestCluster, name: &str, heartbeat: bool) -> String {
+    cluster
+        .execute_on_primary(&format!("create database {name} owner {PLAIN}"))
+        .await
+        .expect("create database");
+    let url = url(cluster.primary_port(), PLAIN, name);
+    let pool = sqlx::PgPool::connect(&url)
+        .await
+        .expect("connect as the plain role");
+    sqlx::raw_sql(
+        "create table posts (id bigserial primary key, user_id bigint not null, body text not null)",
+    )
+    .execute(&pool)
+    .await
+    .expect("the plain role creates its table");
+    if heartbeat {
+        sqlx::raw_sql(HEARTBEAT_DDL)
+            .execute(&pool)
+            .await
+            .expect("the plain role creates the heartbeat table");
+    }
+    pool.close().await;
+    cluster
+        .wait_for_replicas_caught_up(Duration::from_secs(10))
+        .await
+        .expect("replicas replay the schema");
+    url
+}
+
+fn url(port: u16, user: &str, database: &str) -> String {
+    format!("postgres://{user}@127.0.0.1:{port}/{database}")
+}
+
+/// A replica set for `user` on `database`, tuned like the other tests'.
+async fn replica_set(
+    cluster: &TestCluster,
+    user: &str,
+    database: &str,
+    configure: impl FnOnce(PgReplicaSetBuilder) -> PgReplicaSetBuilder,
+) -> PgReplicaSet {
+    let mut builder = PgReplicaSet::builder()
+        .primary_url(url(cluster.primary_port(), user, database))
+        .poll_interval(Duration::from_millis(10))
+        .probe_timeout(Duration::from_millis(300))
+        .max_backoff(Duration::from_millis(400));
+    for replica in cluster.replicas() {
+        builder = builder.replica_url(replica.name(), url(replica.port(), user, database));
+    }
+    configure(builder)
+        .connect()
+        .await
+        .expect("connect the replica set")
+}
+
+/// What a run of write-then-read rounds saw.
+#[derive(Debug, Default)]
+struct Rounds {
+    reads: usize,
+    stale: usize,
+    on_replica: usize,
+    /// The same post read naively from the slow replica right after the
+    /// write, missing.
+    naive_stale: usize,
+    reasons: Vec<String>,
+}
+
+/// `rounds` times: a user posts, reads the post back at once through the
+/// layer, and the slow replica is asked naively too.
+async fn write_then_read(set: &PgReplicaSet, rounds: usize) -> Rounds {
+    let service = app(set.clone(), Duration::from_millis(400));
+    let mut seen = Rounds::default();
+    for round in 0..rounds {
+        let mut browser = Browser::new(service.clone(), 1_000 + round as i64);
+        let id = browser.post("hello").await;
+        if !common::visible_on(set, "replica-2", id).await {
+            seen.naive_stale += 1;
+        }
+        let (found, route) = browser.sees(id).await;
+        seen.reads += 1;
+        if !found {
+            seen.stale += 1;
+        }
+        if route.starts_with("node=replica") {
+            seen.on_replica += 1;
+        }
+        let reason = route
+            .split("; ")
+            .find_map(|part| part.strip_prefix("reason="))
+            .unwrap_or("?")
+            .to_owned();
+        if !seen.reasons.contains(&reason) {
+            seen.reasons.push(reason);
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_role_reads_its_writes_from_replicas_proven_by_the_heartbeat() {
+    let cluster = cluster().await;
+    database(cluster, "deploy_heartbeat", true).await;
+
+    // Without the heartbeat nothing proves what a replica holds to this
+    // role: every read after a write goes to the primary (safe, costly).
+    let blind = replica_set(cluster, PLAIN, "deploy_heartbeat", |b| {
+        b.without_heartbeat()
+    })
+    .await;
+    assert_eq!(blind.heartbeat_table(), None);
+    let before = write_then_read(&blind, 10).await;
+    assert_eq!(before.stale, 0, "{before:?}");
+    assert_eq!(before.on_replica, 0, "{before:?}");
+    assert_eq!(before.reasons, ["no_replica_on_timeline"], "{before:?}");
+    blind.shutdown().await;
+
+    // With it (found at connect), the same role reads from replicas.
+    let set = replica_set(cluster, PLAIN, "deploy_heartbeat", |b| b.canary_rate(1.0)).await;
+    assert_eq!(set.heartbeat_table(), Some("read_after_write_heartbeat"));
+    assert!(set
+        .replicas()
+        .iter()
+        .all(|r| r.sees_timelines == Some(false)));
+    let after = write_then_read(&set, 30).await;
+    assert_eq!(after.stale, 0, "{after:?}");
+    assert!(
+        after.naive_stale > 0,
+        "the slow replica never lagged: {after:?}"
+    );
+    assert!(
+        after.on_replica * 10 >= after.reads * 8,
+        "at least 80 % of reads after a write on a replica: {after:?}"
+    );
+    assert!(set.replicas().iter().any(|r| r.heartbeat_proven));
+    let findings = set
+        .diagnose(&LayerSettings::new(
+            Duration::from_millis(400),
+            Duration::from_secs(30),
+        ))
+        .await;
+    assert!(
+        findings
+            .iter()
+            .all(|f| f.code() != "replica_role_cannot_see_timelines"),
+        "{findings:?}"
+    );
+    // The canary checked every replica read; none lacked its write.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while set.canary_counts().0 == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (checks, violations) = set.canary_counts();
+    assert!(checks > 0, "the canary checked nothing");
+    assert_eq!(violations, 0);
+    set.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitoring_role_of_its_own_keeps_pg_monitor_off_the_application_role() {
+    let cluster = cluster().await;
+    database(cluster, "deploy_monitor", false).await;
+    let set = replica_set(cluster, PLAIN, "deploy_monitor", |b| {
+        b.without_heartbeat()
+            .tracker_connect_options(|options| options.username(MONITOR))
+    })
+    .await;
+    assert!(set
+        .replicas()
+        .iter()
+        .all(|r| r.sees_timelines == Some(true)));
+    let seen = write_then_read(&set, 20).await;
+    assert_eq!(seen.stale, 0, "{seen:?}");
+    assert!(
+        seen.naive_stale > 0,
+        "the slow replica never lagged: {seen:?}"
+    );
+    assert!(
+        seen.on_replica * 10 >= seen.reads * 8,
+        "at least 80 % of reads after a write on a replica: {seen:?}"
+    );
+    set.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aurora_is_detected_and_degrades_loudly_to_the_writer_for_reads_with_a_token() {
+    let cluster = cluster().await;
+    database(cluster, "deploy_aurora", true).await;
+    // Aurora's own function, as a stand-in: what the detection looks for.
+    let pool = sqlx::PgPool::connect(&url(cluster.primary_port(), PLAIN, "deploy_aurora"))
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "create function aurora_version() returns text language sql as $$ select '16.4.0' $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    cluster
+        .wait_for_replicas_caught_up(Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let set = replica_set(cluster, PLAIN, "deploy_aurora", |b| b).await;
+    let findings = set
+        .diagnose(&LayerSettings::new(
+            Duration::from_millis(400),
+            Duration::from_secs(30),
+        ))
+        .await;
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.code() == "aurora_replicas_unverifiable"
+                && f.severity() == read_after_write::Severity::Error),
+        "{findings:?}"
+    );
+    assert_eq!(
+        set.heartbeat_table(),
+        None,
+        "no heartbeat can prove anything there"
+    );
+    let seen = write_then_read(&set, 5).await;
+    assert_eq!(seen.stale, 0, "{seen:?}");
+    assert_eq!(
+        seen.on_replica, 0,
+        "reads with a token go to the writer: {seen:?}"
+    );
+    // Eventual reads still use the replicas, but not under a staleness
+    // bound nobody can measure there.
+    assert_eq!(set.eventual().target, read_after_write::Target::Replica);
+    assert_eq!(
+        set.eventual_within(Duration::from_secs(60)).target,
+        read_after_write::Target::Primary
+    );
+    set.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_counts_reads_routed_to_a_server_the_tracker_does_not_see() {
+    let cluster = cluster().await;
+    database(cluster, "deploy_canary", false).await;
+    // Routing made wrong on purpose: the pool reads the slow replica while
+    // the tracker's (misconfigured) monitoring options watch the fast one.
+    let fast_port = cluster.replica(0).port();
+    let slow_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_lazy(&url(cluster.replica(1).port(), "postgres", "deploy_canary"))
+        .unwrap();
+    let set = PgReplicaSet::builder()
+        .primary_url(url(cluster.primary_port(), "postgres", "deploy_canary"))
+        .replica_pool("replica-2", slow_pool)
+        .tracker_connect_options(move |options| options.port(fast_port))
+        .poll_interval(Duration::from_millis(10))
+        .canary_rate(1.0)
+        .connect()
+        .await
+        .unwrap();
+    let service = app(set.clone(), Duration::from_millis(400));
+    let mut stale = 0;
+    for round in 0..20 {
+        let mut browser = Browser::new(service.clone(), 2_000 + round);
+        let id = browser.post("hello").await;
+        let (found, _) = browser.sees(id).await;
+        if !found {
+            stale += 1;
+        }
+    }
+    assert!(stale > 0, "the misrouted reads should have been stale");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while set.canary_counts().1 == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (checks, violations) = set.canary_counts();
+    assert!(violations > 0, "{checks} checks found no violation");
+    let findings = set
+        .diagnose(&LayerSettings::new(
+            Duration::from_millis(400),
+            Duration::from_secs(30),
+        ))
+        .await;
+    assert!(
+        findings.iter().any(|f| f.code() == "canary_violations"),
+        "{findings:?}"
+    );
+    set.shutdown().await;
+}
