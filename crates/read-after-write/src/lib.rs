@@ -34,6 +34,8 @@
 //!   `primary` and `write`.
 //! - `extract` (feature `axum`): the axum extractor for [`Db`], with the
 //!   notes on layer order.
+//! - [`guide`]: guide pages, such as [where each managed PostgreSQL
+//!   stands](guide::platforms).
 //! - `pg` (feature `postgres`, on by default): [`PgReplicaSet`](pg::PgReplicaSet),
 //!   the sqlx backend for a primary and its streaming replicas, and the
 //!   [`ReplicaTracker`](pg::ReplicaTracker) that follows their replay positions.
@@ -42,8 +44,8 @@
 //!
 //! ```toml
 //! [dependencies]
-//! read-after-write = { version = "0.1", features = ["axum"] } # `postgres` is on by default
-//! sqlx = { version = "0.9", features = ["postgres", "runtime-tokio"] } # the sqlx this crate is built on
+//! read-after-write = { version = "0.1", features = ["axum", "tls-rustls"] } # `postgres` is on by default
+//! sqlx = { version = "0.9", features = ["postgres", "runtime-tokio", "tls-rustls"] } # the sqlx this crate is built on
 //! ```
 //!
 //! An axum app whose users always read their own posts, although reads go
@@ -197,6 +199,7 @@ pub mod clock;
 #[cfg(feature = "axum")]
 pub mod extract;
 pub mod forward;
+pub mod guide;
 pub mod handle;
 pub mod middleware;
 #[cfg(feature = "postgres")]

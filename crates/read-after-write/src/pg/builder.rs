@@ -236,7 +236,7 @@ impl PgReplicaSetBuilder {
 
     /// How long a replica's replay may stand still while the primary writes
     /// before it counts as diverged and serves no reads (default 5 s); see
-    /// the [module docs](self#replicas-that-left-the-primarys-history).
+    /// the [module docs](super#replicas-that-left-the-primarys-history).
     pub fn stall_timeout(mut self, timeout: Duration) -> Self {
         self.stall_timeout = timeout;
         self
@@ -253,7 +253,7 @@ impl PgReplicaSetBuilder {
     /// waits only if a replica is predicted to catch up within
     /// `min(budget, max_wait)`, and reads from the primary at once
     /// otherwise. Without it the budget is each read's `max_wait`; see the
-    /// [module docs](self#routing-within-a-latency-budget).
+    /// [module docs](super#routing-within-a-latency-budget).
     ///
     /// ```
     /// use read_after_write::pg::{PgReplicaSet, WaitPolicy};
@@ -324,7 +324,7 @@ impl PgReplicaSetBuilder {
     /// load. A bound at or below the layer's token TTL keeps a user whose
     /// token has expired from reading a replica that lacks their write.
     /// Sessions that must not see older data than a bound can pass it per
-    /// call with [`Backend::eventual_within`].
+    /// call with [`Backend::eventual_within`](crate::Backend::eventual_within).
     ///
     /// ```
     /// use read_after_write::pg::PgReplicaSet;

@@ -27,7 +27,7 @@
 //! position: no extra round trip), so a replica proves a write as soon as it
 //! replays the capture that followed it; and by the tracker about once a
 //! second while positions are in use. Each instance writes its own row of
-//! [`SLOTS`] (picked at random), with `synchronous_commit` off for that
+//! 16 (picked at random), with `synchronous_commit` off for that
 //! transaction: a heartbeat that a crash loses was never sent to a replica,
 //! since a primary sends only WAL it has flushed.
 //!

@@ -51,7 +51,7 @@
 //!   WAL is the current primary's: its WAL receiver seen on the token's
 //!   timeline (PostgreSQL shows it only to superusers and members of
 //!   `pg_read_all_stats`, e.g. via `pg_monitor`), or, for any role, a
-//!   [heartbeat](heartbeat) of the current primary at or past the token's
+//!   [heartbeat] of the current primary at or past the token's
 //!   position visible on the replica. With neither (no privilege and no
 //!   heartbeat table) every read with a token goes to the primary (safe, but
 //!   costly), and a warning says so.
