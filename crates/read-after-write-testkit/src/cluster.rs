@@ -225,6 +225,7 @@ impl ClusterBuilder {
                     running: true,
                     paused: false,
                     promoted: false,
+                    frozen: false,
                 }),
             });
         }
@@ -324,6 +325,9 @@ struct Flags {
     running: bool,
     paused: bool,
     promoted: bool,
+    /// Stopped by `SIGSTOP` ([`TestCluster::freeze_replica`]); the other
+    /// flags say what it does once thawed.
+    frozen: bool,
 }
 
 /// What a replica is doing, as far as the kit's controls know.
@@ -352,6 +356,11 @@ pub enum ReplicaState {
     Stopped,
     /// Promoted by [`TestCluster::promote_replica`]: running as a primary.
     Promoted,
+    /// Frozen by [`TestCluster::freeze_replica`]: its processes are stopped
+    /// (`SIGSTOP`) and answer nothing until
+    /// [`TestCluster::thaw_replica`], after which it is in the state it was
+    /// in before.
+    Frozen,
 }
 
 impl ReplicaInfo {
@@ -445,6 +454,8 @@ impl ReplicaInfo {
         let flags = self.flags();
         if !flags.running {
             ReplicaState::Stopped
+        } else if flags.frozen {
+            ReplicaState::Frozen
         } else if flags.promoted {
             ReplicaState::Promoted
         } else if flags.paused {
@@ -488,6 +499,13 @@ impl ReplicaInfo {
         &self.node.log
     }
 
+    fn frozen_error(&self) -> KitError {
+        KitError::Frozen {
+            node: self.node.name.clone(),
+            hint: "TestCluster::thaw_replica",
+        }
+    }
+
     fn flags(&self) -> Flags {
         *self.flags.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -496,8 +514,13 @@ impl ReplicaInfo {
         f(&mut self.flags.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
-    /// Fails unless the replica is running (and, if `standby`, still a
-    /// standby).
+    /// Records that the replica was frozen or thawed.
+    pub(crate) fn set_frozen(&self, frozen: bool) {
+        self.update(|f| f.frozen = frozen);
+    }
+
+    /// Fails unless the replica is running and not frozen (and, if
+    /// `standby`, still a standby).
     fn require_running(&self, standby: bool) -> Result<Flags, KitError> {
         let flags = self.flags();
         if !flags.running {
@@ -505,6 +528,9 @@ impl ReplicaInfo {
                 node: self.node.name.clone(),
                 hint: "TestCluster::start_replica",
             });
+        }
+        if flags.frozen {
+            return Err(self.frozen_error());
         }
         if standby && flags.promoted {
             return Err(KitError::Promoted {
@@ -767,8 +793,10 @@ impl TestCluster {
     ///
     /// # Errors
     ///
-    /// [`KitError::NoSuchReplica`], or [`KitError::Sql`] if the replica does
-    /// not accept it.
+    /// [`KitError::NoSuchReplica`], [`KitError::Frozen`] if it is frozen
+    /// (connect to [`ReplicaInfo::url`] yourself, under a timeout, to see a
+    /// connection hang), or [`KitError::Sql`] if the replica does not
+    /// accept it.
     ///
     /// # Examples
     ///
@@ -787,7 +815,11 @@ impl TestCluster {
     /// # }
     /// ```
     pub async fn connect_replica(&self, index: usize) -> Result<PgConnection, KitError> {
-        connect(&self.get(index)?.node, false).await
+        let replica = self.get(index)?;
+        if replica.flags().frozen {
+            return Err(replica.frozen_error());
+        }
+        connect(&replica.node, false).await
     }
 
     /// Runs `sql` on the primary with the simple query protocol, so it may
@@ -823,6 +855,41 @@ impl TestCluster {
         Ok(result.rows_affected())
     }
 
+    /// Runs `sql` on replica `index` the way
+    /// [`execute_on_primary`](Self::execute_on_primary) runs it on the
+    /// primary (simple query protocol, several statements allowed), and
+    /// returns the number of rows affected. A standby refuses writes; reads,
+    /// `set`, `checkpoint` and the like work.
+    ///
+    /// # Errors
+    ///
+    /// [`KitError::NoSuchReplica`], [`KitError::Frozen`], or
+    /// [`KitError::Sql`] if it is stopped or a statement fails.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use read_after_write_testkit::TestCluster;
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// # let cluster = TestCluster::start_with_delays(&[Duration::ZERO]).await?;
+    /// cluster.execute_on_replica(0, "select pg_is_in_recovery()").await?;
+    /// assert!(cluster.execute_on_replica(0, "create table t (id int)").await.is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn execute_on_replica(&self, index: usize, sql: &str) -> Result<u64, KitError> {
+        let mut conn = self.connect_replica(index).await?;
+        let node = &self.get(index)?.node;
+        // The caller's own SQL, run as given: a test kit's job.
+        let result = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| sql_error(node, "running SQL on the replica", e))?;
+        let _ = conn.close().await;
+        Ok(result.rows_affected())
+    }
+
     /// Pauses WAL replay on replica `index` (`pg_wal_replay_pause()`) and
     /// waits until the server reports it paused. Writes on the primary stay
     /// invisible there until [`resume_replay`](Self::resume_replay).
@@ -834,7 +901,8 @@ impl TestCluster {
     /// # Errors
     ///
     /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`],
-    /// [`KitError::Promoted`], or [`KitError::NotReady`] if the pause is not
+    /// [`KitError::Frozen`], [`KitError::Promoted`], or
+    /// [`KitError::NotReady`] if the pause is not
     /// confirmed within the timeout plus the apply delay.
     ///
     /// # Examples
@@ -895,7 +963,7 @@ impl TestCluster {
     /// # Errors
     ///
     /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`],
-    /// [`KitError::Promoted`] or [`KitError::Sql`].
+    /// [`KitError::Frozen`], [`KitError::Promoted`] or [`KitError::Sql`].
     ///
     /// # Examples
     ///
@@ -928,7 +996,9 @@ impl TestCluster {
     ///
     /// # Errors
     ///
-    /// [`KitError::NoSuchReplica`] or [`KitError::Command`].
+    /// [`KitError::NoSuchReplica`], [`KitError::Frozen`] (a frozen server
+    /// cannot shut down: thaw it, or [`kill_replica`](Self::kill_replica)),
+    /// or [`KitError::Command`].
     ///
     /// # Examples
     ///
@@ -945,8 +1015,12 @@ impl TestCluster {
     /// ```
     pub async fn stop_replica(&self, index: usize) -> Result<(), KitError> {
         let replica = self.get(index)?;
-        if !replica.flags().running {
+        let flags = replica.flags();
+        if !flags.running {
             return Ok(());
+        }
+        if flags.frozen {
+            return Err(replica.frozen_error());
         }
         self.stop_node(&replica.node, "fast").await?;
         replica.update(|f| {
@@ -959,7 +1033,7 @@ impl TestCluster {
     /// Crashes replica `index`: SIGKILL to its postmaster and all its
     /// server processes, then waits until they are gone and its port is
     /// closed. [`start_replica`](Self::start_replica) brings it back
-    /// through crash recovery.
+    /// through crash recovery. Works on a frozen replica too.
     ///
     /// # Errors
     ///
@@ -984,6 +1058,7 @@ impl TestCluster {
         replica.update(|f| {
             f.running = false;
             f.paused = false;
+            f.frozen = false;
         });
         Ok(())
     }
@@ -1032,8 +1107,9 @@ impl TestCluster {
     ///
     /// # Errors
     ///
-    /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`], or
-    /// [`KitError::NotReady`] if promotion does not finish in time.
+    /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`],
+    /// [`KitError::Frozen`], or [`KitError::NotReady`] if promotion does not
+    /// finish in time.
     ///
     /// # Examples
     ///
@@ -1170,8 +1246,8 @@ impl TestCluster {
     /// # Errors
     ///
     /// [`KitError::NoSuchReplica`], [`KitError::Promoted`],
-    /// [`KitError::Sql`], or [`KitError::NotReady`] if the new value does
-    /// not show up.
+    /// [`KitError::Frozen`], [`KitError::Sql`], or [`KitError::NotReady`] if
+    /// the new value does not show up.
     ///
     /// # Examples
     ///
@@ -1192,6 +1268,9 @@ impl TestCluster {
             return Err(KitError::Promoted {
                 node: replica.node.name.clone(),
             });
+        }
+        if flags.running && flags.frozen {
+            return Err(replica.frozen_error());
         }
         let node = &replica.node;
         if !flags.running {
@@ -1255,7 +1334,7 @@ impl TestCluster {
     }
 
     /// Waits until every replica that is replaying (running, not paused, not
-    /// promoted) has applied all WAL the primary had flushed when this was
+    /// frozen, not promoted) has applied all WAL the primary had flushed when this was
     /// called, so every transaction committed before the call is visible on
     /// those replicas. With an apply delay this takes at least the delay
     /// after the last commit.
@@ -1387,6 +1466,10 @@ impl TestCluster {
 
     pub(crate) fn replica_node(&self, index: usize) -> Result<&Node, KitError> {
         Ok(&self.get(index)?.node)
+    }
+
+    pub(crate) fn replica_info(&self, index: usize) -> Result<&ReplicaInfo, KitError> {
+        self.get(index)
     }
 }
 

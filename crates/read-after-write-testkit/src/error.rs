@@ -144,6 +144,19 @@ pub enum KitError {
         hint: &'static str,
     },
 
+    /// The operation needs a node that answers, but the kit froze it
+    /// (`SIGSTOP`): it would wait in vain.
+    #[error(
+        "{node} is frozen (SIGSTOP) and answers nothing, so this would wait in vain; \
+         thaw it first with {hint}"
+    )]
+    Frozen {
+        /// The node's name.
+        node: String,
+        /// The method that thaws it.
+        hint: &'static str,
+    },
+
     /// The operation needs a replica that is still a standby, but it was
     /// promoted.
     #[error(

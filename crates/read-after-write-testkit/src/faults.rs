@@ -1,4 +1,4 @@
-//! Fault drills on a [`TestCluster`]: a frozen primary, broken connections,
+//! Fault drills on a [`TestCluster`]: a frozen primary or replica, broken connections,
 //! replicas detached from or re-pointed at another server, and failovers,
 //! planned or losing WAL, described by a [`Failover`].
 //!
@@ -114,7 +114,7 @@ impl TestCluster {
     pub async fn freeze_primary(&self) -> Result<(), KitError> {
         let node = self.running_primary()?.clone();
         let timeout = self.env().timeout;
-        blocking(move || freeze(&node, timeout)).await
+        blocking(move || freeze(&node, timeout, "TestCluster::start_primary")).await
     }
 
     /// Resumes a primary frozen by [`freeze_primary`](Self::freeze_primary):
@@ -140,6 +140,104 @@ impl TestCluster {
     pub async fn thaw_primary(&self) -> Result<(), KitError> {
         let data = self.primary_node().data.clone();
         blocking(move || thaw(&data)).await
+    }
+
+    /// Freezes replica `index` the way
+    /// [`freeze_primary`](Self::freeze_primary) freezes the primary:
+    /// `SIGSTOP` to its postmaster and every child, waiting until all of
+    /// them are stopped. Nothing is closed and no reset is sent: open
+    /// connections hang, new ones hang in the startup handshake, and the
+    /// replica neither receives nor replays WAL. What a client sees of a
+    /// replica on a stalled machine, or of one behind a partition.
+    ///
+    /// Its [`ReplicaState`] is [`ReplicaState::Frozen`] until
+    /// [`thaw_replica`](Self::thaw_replica); meanwhile the kit's controls
+    /// that would wait for it ([`connect_replica`](Self::connect_replica),
+    /// [`pause_replay`](Self::pause_replay),
+    /// [`stop_replica`](Self::stop_replica), ...) fail with
+    /// [`KitError::Frozen`] instead of hanging,
+    /// [`wait_for_replicas_caught_up`](Self::wait_for_replicas_caught_up)
+    /// and failovers leave it out, and
+    /// [`kill_replica`](Self::kill_replica) works. Dropping the cluster
+    /// thaws it before stopping it; a cluster that is never dropped (a
+    /// `static`) must thaw it before the test ends, as for the primary.
+    /// Freezing a frozen replica does nothing more.
+    ///
+    /// # Errors
+    ///
+    /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`] if it is not
+    /// running, or [`KitError::NotReady`] if its processes do not all stop
+    /// in time (it is then marked frozen: thaw it).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use read_after_write_testkit::{ReplicaState, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// # let cluster = TestCluster::start_with_delays(&[Duration::ZERO]).await?;
+    /// let mut conn = cluster.connect_replica(0).await?;
+    /// cluster.freeze_replica(0).await?;
+    /// assert_eq!(cluster.replica(0).state(), ReplicaState::Frozen);
+    /// let query = sqlx::query("select 1").execute(&mut conn);
+    /// assert!(tokio::time::timeout(Duration::from_secs(1), query).await.is_err());
+    /// cluster.thaw_replica(0).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn freeze_replica(&self, index: usize) -> Result<(), KitError> {
+        let replica = self.replica_info(index)?;
+        if replica.state() == ReplicaState::Stopped {
+            return Err(KitError::NodeStopped {
+                node: replica.name().to_owned(),
+                hint: "TestCluster::start_replica",
+            });
+        }
+        // Marked first: a freeze that fails half-way leaves some processes
+        // stopped, and thaw_replica (or the drop) must still see to them.
+        replica.set_frozen(true);
+        let node = self.replica_node(index)?.clone();
+        let timeout = self.env().timeout;
+        let result = blocking(move || freeze(&node, timeout, "TestCluster::start_replica")).await;
+        if let Err(KitError::NodeStopped { .. }) = result {
+            replica.set_frozen(false);
+        }
+        result
+    }
+
+    /// Resumes replica `index` after [`freeze_replica`](Self::freeze_replica):
+    /// `SIGCONT` to its postmaster and every child. Queries that waited go
+    /// on, and the replica receives and replays the WAL it missed. Does
+    /// nothing to a replica that is not frozen.
+    ///
+    /// # Errors
+    ///
+    /// [`KitError::NoSuchReplica`], or [`KitError::Io`] if a process cannot
+    /// be signalled.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use read_after_write_testkit::{ReplicaState, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// # let cluster = TestCluster::start_with_delays(&[Duration::ZERO]).await?;
+    /// cluster.freeze_replica(0).await?;
+    /// cluster.thaw_replica(0).await?;
+    /// assert_eq!(cluster.replica(0).state(), ReplicaState::Replaying);
+    /// cluster.execute_on_replica(0, "select 1").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn thaw_replica(&self, index: usize) -> Result<(), KitError> {
+        let replica = self.replica_info(index)?;
+        if replica.state() != ReplicaState::Frozen {
+            return Ok(());
+        }
+        let data = self.replica_node(index)?.data.clone();
+        blocking(move || thaw(&data)).await?;
+        replica.set_frozen(false);
+        Ok(())
     }
 
     /// Terminates every client session of the primary
@@ -226,8 +324,8 @@ impl TestCluster {
     /// # Errors
     ///
     /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`],
-    /// [`KitError::Promoted`], [`KitError::Sql`], or [`KitError::NotReady`]
-    /// if the WAL receiver does not stop in time.
+    /// [`KitError::Frozen`], [`KitError::Promoted`], [`KitError::Sql`], or
+    /// [`KitError::NotReady`] if the WAL receiver does not stop in time.
     ///
     /// # Examples
     ///
@@ -290,8 +388,8 @@ impl TestCluster {
     /// # Errors
     ///
     /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`],
-    /// [`KitError::Promoted`], [`KitError::Sql`], or [`KitError::NotReady`]
-    /// if the setting does not show up.
+    /// [`KitError::Frozen`], [`KitError::Promoted`], [`KitError::Sql`], or
+    /// [`KitError::NotReady`] if the setting does not show up.
     ///
     /// # Examples
     ///
@@ -330,16 +428,17 @@ impl TestCluster {
     ///    [`follow`](Self::follow), and waits until the replaying ones
     ///    stream its new timeline.
     ///
-    /// Stopped replicas keep pointing at the old primary: after
-    /// [`start_replica`](Self::start_replica), call
-    /// [`follow`](Self::follow). The old primary stays stopped;
+    /// Stopped and frozen replicas keep pointing at the old primary: after
+    /// [`start_replica`](Self::start_replica) or
+    /// [`thaw_replica`](Self::thaw_replica), call [`follow`](Self::follow). The old primary stays stopped;
     /// [`primary_url`](Self::primary_url) still names it, and
     /// [`Failover::port`] is where writes go now.
     ///
     /// # Errors
     ///
     /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`] (the primary
-    /// or `new_primary` is not running), [`KitError::Promoted`],
+    /// or `new_primary` is not running), [`KitError::Frozen`] (`new_primary`
+    /// is), [`KitError::Promoted`],
     /// [`KitError::CatchUpTimeout`] if a replica did not get all the WAL
     /// (it was disconnected when the primary stopped), or
     /// [`KitError::NotReady`] if a replica does not follow in time.
@@ -422,9 +521,9 @@ impl TestCluster {
     /// # Errors
     ///
     /// [`KitError::Io`] if `new_primary == orphan`;
-    /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`] or
-    /// [`KitError::Promoted`] if either replica (or the primary) is not
-    /// usable; [`KitError::NotReady`] if a step does not happen in time or
+    /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`],
+    /// [`KitError::Frozen`] or [`KitError::Promoted`] if either replica (or
+    /// the primary) is not usable; [`KitError::NotReady`] if a step does not happen in time or
     /// the orphan did not end up orphaned.
     ///
     /// # Examples
@@ -602,6 +701,10 @@ impl TestCluster {
                 node: node.name.clone(),
                 hint: "TestCluster::start_replica",
             }),
+            ReplicaState::Frozen => Err(KitError::Frozen {
+                node: node.name.clone(),
+                hint: "TestCluster::thaw_replica",
+            }),
             ReplicaState::Promoted => Err(KitError::Promoted {
                 node: node.name.clone(),
             }),
@@ -714,15 +817,18 @@ impl TestCluster {
     }
 }
 
-/// Thaws a primary left frozen, so that the cluster directory's teardown
+/// Thaws every node left frozen, so that the cluster directory's teardown
 /// (`pg_ctl stop -m immediate`, which a stopped process would not answer)
 /// can stop it.
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        if let Some(pid) = process::postmaster_pid(&self.primary_node().data) {
-            if process_state(pid) == Some('T') {
-                tracing::debug!(pid, "thawing the frozen primary before stopping it");
-                let _ = thaw(&self.primary_node().data);
+        let replicas = (0..self.replica_count()).filter_map(|i| self.replica_node(i).ok());
+        for node in std::iter::once(self.primary_node()).chain(replicas) {
+            if let Some(pid) = process::postmaster_pid(&node.data) {
+                if process_state(pid) == Some('T') {
+                    tracing::debug!(node = %node.name, pid, "thawing a frozen node before stopping it");
+                    let _ = thaw(&node.data);
+                }
             }
         }
     }
@@ -777,14 +883,15 @@ async fn set_primary_conninfo(
 }
 
 /// `SIGSTOP` to the postmaster (so it forks nothing new), then to each
-/// child, until every one of them is stopped.
-fn freeze(node: &Node, timeout: Duration) -> Result<(), KitError> {
+/// child, until every one of them is stopped. `start_hint` names the
+/// method that starts the node, for when it is not running.
+fn freeze(node: &Node, timeout: Duration, start_hint: &'static str) -> Result<(), KitError> {
     let Some(postmaster) =
         process::postmaster_pid(&node.data).filter(|&pid| !process::process_is_gone(pid))
     else {
         return Err(KitError::NodeStopped {
             node: node.name.clone(),
-            hint: "TestCluster::start_primary",
+            hint: start_hint,
         });
     };
     signal(postmaster, Signal::SIGSTOP)?;
