@@ -644,6 +644,28 @@ impl TestCluster {
         self.replicas.iter().map(|r| r.url.clone()).collect()
     }
 
+    /// The replicas' TCP ports on 127.0.0.1, in index order: what a reader
+    /// endpoint ([`TcpProxy::start_balanced`]) is put in front of.
+    ///
+    /// [`TcpProxy::start_balanced`]: crate::TcpProxy::start_balanced
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use read_after_write_testkit::{TcpProxy, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO]).await?;
+    /// let ports = cluster.replica_ports();
+    /// assert_eq!(ports, [cluster.replica(0).port(), cluster.replica(1).port()]);
+    /// let reader_endpoint = TcpProxy::start_balanced(&ports).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn replica_ports(&self) -> Vec<u16> {
+        self.replicas.iter().map(|r| r.node.port).collect()
+    }
+
     /// How many replicas the cluster has.
     ///
     /// # Examples

@@ -1,6 +1,7 @@
 //! [`TcpProxy`]: a TCP forwarder on 127.0.0.1 that fault drills repoint,
 //! freeze and cut, standing in for a load balancer or virtual IP in front of
-//! the primary.
+//! the primary, or, balancing new connections over several servers, for a
+//! reader endpoint in front of replicas.
 //!
 //! # Example
 //!
@@ -22,12 +23,27 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! A reader endpoint (Aurora's `cluster-ro`, a Cloud SQL read pool, HAProxy
+//! or DNS round robin) over two replicas:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use read_after_write_testkit::{TcpProxy, TestCluster};
+//!
+//! # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+//! let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::from_secs(1)]).await?;
+//! let reader = TcpProxy::start_balanced(&cluster.replica_ports()).await?;
+//! // Each new connection lands on the next replica; a connection stays on its own.
+//! let url = format!("postgres://postgres@127.0.0.1:{}/postgres", reader.port());
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, Shutdown};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -50,6 +66,15 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// and that a test can repoint, freeze and cut: the faults a client sees
 /// when the primary behind a load balancer or virtual IP fails over, hangs
 /// or is partitioned away.
+///
+/// With several targets ([`start_balanced`](Self::start_balanced),
+/// [`set_targets`](Self::set_targets)) it hands each new connection to the
+/// next target in turn, round robin, and a connection stays on the server
+/// it reached first: a reader endpoint such as Aurora's `cluster-ro`, a
+/// Cloud SQL or AlloyDB read pool, HAProxy or DNS round robin. It checks no
+/// health: a connection handed to a target that is down is closed at once,
+/// as with DNS round robin; take such a target out with
+/// [`set_targets`](Self::set_targets).
 ///
 /// It runs on its own thread with its own tokio runtime, so it keeps working
 /// after the runtime that called [`start`](Self::start) ends (a proxy shared
@@ -84,12 +109,37 @@ pub struct TcpProxy {
 
 /// What the proxy's handle and its thread share.
 struct Shared {
-    /// Where the next session connects.
-    target_port: AtomicU16,
+    /// Where new sessions connect.
+    targets: Mutex<Targets>,
     /// `true` while frozen. Sessions look at it before every read and every
     /// write, and stop waiting on a read or write when it turns `true`.
     frozen: watch::Sender<bool>,
     sessions: Mutex<Sessions>,
+}
+
+/// The target ports and whose turn it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Targets {
+    ports: Vec<u16>,
+    /// Index into `ports` of the target for the next session; kept below
+    /// `ports.len()` (or 0).
+    next: usize,
+}
+
+impl Targets {
+    fn new(ports: &[u16]) -> Self {
+        Self {
+            ports: ports.to_vec(),
+            next: 0,
+        }
+    }
+
+    /// The next session's target, turning the wheel; `None` without targets.
+    fn pick(&mut self) -> Option<u16> {
+        let port = *self.ports.get(self.next)?;
+        self.next = (self.next + 1) % self.ports.len();
+        Some(port)
+    }
 }
 
 #[derive(Default)]
@@ -124,6 +174,10 @@ impl SessionSockets {
 impl Shared {
     fn sessions(&self) -> MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn targets(&self) -> MutexGuard<'_, Targets> {
+        self.targets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Registers a new session; `None` if its socket cannot be duplicated.
@@ -202,6 +256,42 @@ impl TcpProxy {
     /// # }
     /// ```
     pub async fn start(target_port: u16) -> Result<TcpProxy, KitError> {
+        Self::start_balanced(&[target_port]).await
+    }
+
+    /// Listens on 127.0.0.1 on a free port and hands each new connection to
+    /// the next of `target_ports` (on 127.0.0.1) in turn, starting with the
+    /// first: a reader endpoint over several replicas. A connection stays
+    /// on the server it was handed to. With one port this is
+    /// [`start`](Self::start); with none, every connection is closed at
+    /// once until [`set_targets`](Self::set_targets) gives it some.
+    ///
+    /// # Errors
+    ///
+    /// [`KitError::Io`] if no port can be bound or the proxy thread cannot
+    /// start.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use read_after_write_testkit::{TcpProxy, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO]).await?;
+    /// let reader = TcpProxy::start_balanced(&cluster.replica_ports()).await?;
+    /// let url = format!("postgres://postgres@127.0.0.1:{}/postgres", reader.port());
+    /// for expected in [cluster.replica(0).port(), cluster.replica(1).port()] {
+    ///     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    ///     let port: i32 = sqlx::query_scalar("select inet_server_port()")
+    ///         .fetch_one(&mut conn)
+    ///         .await
+    ///         .unwrap();
+    ///     assert_eq!(port, i32::from(expected));
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn start_balanced(target_ports: &[u16]) -> Result<TcpProxy, KitError> {
         let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .map_err(|e| KitError::io("binding a port on 127.0.0.1 for the TCP proxy", e))?;
         let port = listener
@@ -222,7 +312,7 @@ impl TcpProxy {
                 .map_err(|e| KitError::io("registering the TCP proxy's listener", e))?
         };
         let shared = Arc::new(Shared {
-            target_port: AtomicU16::new(target_port),
+            targets: Mutex::new(Targets::new(target_ports)),
             frozen: watch::Sender::new(false),
             sessions: Mutex::new(Sessions::default()),
         });
@@ -244,7 +334,7 @@ impl TcpProxy {
                 }
             })
             .map_err(|e| KitError::io("starting the TCP proxy's thread", e))?;
-        tracing::debug!(port, target_port, "TCP proxy started");
+        tracing::debug!(port, ?target_ports, "TCP proxy started");
         Ok(TcpProxy {
             port,
             shared,
@@ -269,7 +359,10 @@ impl TcpProxy {
         self.port
     }
 
-    /// Where new sessions connect now.
+    /// Where new sessions connect now: the first of
+    /// [`targets`](Self::targets), which is the only one after
+    /// [`start`](Self::start) or [`repoint`](Self::repoint); 0 when the
+    /// proxy has no target.
     ///
     /// # Examples
     ///
@@ -283,11 +376,53 @@ impl TcpProxy {
     /// # }
     /// ```
     pub fn target_port(&self) -> u16 {
-        self.shared.target_port.load(Ordering::SeqCst)
+        self.shared.targets().ports.first().copied().unwrap_or(0)
     }
 
-    /// Sends new connections to 127.0.0.1:`target_port`. Open sessions keep
-    /// their upstream (what HAProxy does by default); end them with
+    /// The ports new connections are handed to, in turn.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use read_after_write_testkit::TcpProxy;
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// let proxy = TcpProxy::start_balanced(&[5433, 5434]).await?;
+    /// assert_eq!(proxy.targets(), [5433, 5434]);
+    /// proxy.repoint(5432);
+    /// assert_eq!(proxy.targets(), [5432]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn targets(&self) -> Vec<u16> {
+        self.shared.targets().ports.clone()
+    }
+
+    /// Hands new connections to `target_ports` in turn from now on,
+    /// starting with the first (an empty list closes each new connection at
+    /// once: a load balancer with no server behind it). Open sessions keep
+    /// their upstream; end them with [`cut_all`](Self::cut_all).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use read_after_write_testkit::{TcpProxy, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// # let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO]).await?;
+    /// let reader = TcpProxy::start_balanced(&cluster.replica_ports()).await?;
+    /// cluster.freeze_replica(1).await?;
+    /// // The endpoint's health check takes the frozen replica out.
+    /// reader.set_targets(&[cluster.replica(0).port()]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_targets(&self, target_ports: &[u16]) {
+        *self.shared.targets() = Targets::new(target_ports);
+    }
+
+    /// Sends new connections to 127.0.0.1:`target_port`, and to it alone
+    /// (`set_targets(&[target_port])`). Open sessions keep their upstream
+    /// (what HAProxy does by default); end them with
     /// [`cut_all`](Self::cut_all).
     ///
     /// # Examples
@@ -303,7 +438,7 @@ impl TcpProxy {
     /// # }
     /// ```
     pub fn repoint(&self, target_port: u16) {
-        self.shared.target_port.store(target_port, Ordering::SeqCst);
+        self.set_targets(&[target_port]);
     }
 
     /// Stops moving bytes, in both directions, on every open session and on
@@ -404,7 +539,7 @@ impl fmt::Debug for TcpProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TcpProxy")
             .field("port", &self.port)
-            .field("target_port", &self.target_port())
+            .field("targets", &self.targets())
             .field("frozen", &*self.shared.frozen.borrow())
             .field("open_sessions", &self.open_sessions())
             .finish()
@@ -439,9 +574,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// One client connection: waits until thawed, connects to the target of
-/// that moment, then copies both ways until either side ends or the session
-/// is cut.
+/// One client connection: waits until thawed, connects to the target whose
+/// turn it is then, then copies both ways until either side ends or the
+/// session is cut.
 async fn session(client: TcpStream, shared: Arc<Shared>) {
     let Some((id, mut client)) = shared.register(client) else {
         return;
@@ -454,7 +589,10 @@ async fn session(client: TcpStream, shared: Arc<Shared>) {
     if until_thawed(&mut frozen).await.is_err() {
         return;
     }
-    let target_port = shared.target_port.load(Ordering::SeqCst);
+    let Some(target_port) = shared.targets().pick() else {
+        tracing::debug!("TCP proxy: no target, closing a new connection");
+        return;
+    };
     let upstream = match TcpStream::connect((Ipv4Addr::LOCALHOST, target_port)).await {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -612,6 +750,78 @@ mod tests {
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest))
             .await
             .expect("a cut session ends at once");
+        assert!(rest.is_empty());
+    }
+
+    /// A server on 127.0.0.1 that greets each connection with its own port
+    /// and then echoes; returns that port.
+    async fn greeting_server() -> u16 {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    stream.write_all(&port.to_be_bytes()).await.unwrap();
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        port
+    }
+
+    /// Connects through the proxy; returns the stream and the port of the
+    /// server it reached.
+    async fn reach(proxy: &TcpProxy) -> (TcpStream, u16) {
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy.port()))
+            .await
+            .unwrap();
+        let mut greeting = [0; 2];
+        stream.read_exact(&mut greeting).await.unwrap();
+        (stream, u16::from_be_bytes(greeting))
+    }
+
+    #[test]
+    fn targets_take_turns_and_restart_when_replaced() {
+        let mut targets = Targets::new(&[1, 2, 3]);
+        let picks: Vec<_> = (0..7).filter_map(|_| targets.pick()).collect();
+        assert_eq!(picks, [1, 2, 3, 1, 2, 3, 1]);
+        assert_eq!(Targets::new(&[]).pick(), None);
+        assert_eq!(Targets::new(&[9]).pick(), Some(9));
+    }
+
+    #[tokio::test]
+    async fn balanced_proxy_hands_new_connections_round_robin() {
+        let (a, b) = (greeting_server().await, greeting_server().await);
+        let proxy = TcpProxy::start_balanced(&[a, b]).await.unwrap();
+        assert_eq!(proxy.targets(), [a, b]);
+        assert_eq!(proxy.target_port(), a);
+        let mut reached = Vec::new();
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            let (stream, port) = reach(&proxy).await;
+            reached.push(port);
+            streams.push(stream);
+        }
+        assert_eq!(reached, [a, b, a, b]);
+        // A session stays where it landed.
+        assert_eq!(round_trip(&mut streams[1], b"again").await.unwrap(), b"again");
+
+        proxy.repoint(b);
+        assert_eq!(proxy.targets(), [b]);
+        assert_eq!(reach(&proxy).await.1, b);
+        assert_eq!(reach(&proxy).await.1, b);
+
+        proxy.set_targets(&[]);
+        assert_eq!(proxy.target_port(), 0);
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy.port()))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest))
+            .await
+            .expect("a connection without a target is closed at once")
+            .unwrap();
         assert!(rest.is_empty());
     }
 

@@ -355,6 +355,51 @@ async fn unplanned_failover_leaves_an_orphan_with_writes_the_new_primary_lacks()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balanced_proxy_spreads_new_connections_and_a_session_keeps_its_server() {
+    let started = Instant::now();
+    let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO])
+        .await
+        .unwrap();
+    let replicas = cluster.replica_ports();
+    assert_eq!(replicas.len(), 2);
+    let reader = TcpProxy::start_balanced(&replicas).await.unwrap();
+    assert_eq!(reader.targets(), replicas);
+
+    // Fresh connections land on both replicas, in turn.
+    let mut sessions = Vec::new();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let mut conn = connect(reader.port()).await;
+        seen.push(server_port(&mut conn).await);
+        assert!(in_recovery(&mut conn).await);
+        sessions.push(conn);
+    }
+    assert_eq!(
+        seen,
+        [replicas[0], replicas[1], replicas[0], replicas[1]],
+        "new connections did not take turns"
+    );
+
+    // Each session stays on its server, however many connections come and go.
+    for _ in 0..3 {
+        drop(connect(reader.port()).await);
+        for (conn, &expected) in sessions.iter_mut().zip(&seen) {
+            assert_eq!(server_port(conn).await, expected);
+        }
+    }
+
+    // Taking a replica out (a health check) sends new connections elsewhere
+    // only; open sessions on it stay.
+    reader.set_targets(&replicas[1..]);
+    for _ in 0..2 {
+        let mut conn = connect(reader.port()).await;
+        assert_eq!(server_port(&mut conn).await, replicas[1]);
+    }
+    assert_eq!(server_port(&mut sessions[0]).await, replicas[0]);
+    eprintln!("balanced proxy test took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_replica_answers_nothing_until_thawed_and_drop_still_cleans_up() {
     let started = Instant::now();
     let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO])
