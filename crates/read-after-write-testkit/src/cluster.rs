@@ -43,6 +43,7 @@ pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);
 pub struct ClusterBuilder {
     delays: Vec<Duration>,
     settings: Vec<(String, String)>,
+    hba_lines: Vec<String>,
     binaries: Option<PgBinaries>,
     timeout: Option<Duration>,
 }
@@ -93,6 +94,52 @@ impl ClusterBuilder {
     /// ```
     pub fn setting(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.push((name.into(), value.into()));
+        self
+    }
+
+    /// Adds a line to every node's `pg_hba.conf`, ahead of the lines that
+    /// let everyone in without a password (`initdb --auth=trust`), so it
+    /// decides for the connections it matches: for instance
+    /// `host all app 127.0.0.1/32 scram-sha-256` makes role `app` give a
+    /// password over TCP. Call once per line; lines keep their order.
+    ///
+    /// The kit itself connects as `postgres` over 127.0.0.1 without a
+    /// password, so a line of its own that keeps doing so
+    /// (`host all postgres 127.0.0.1/32 trust`, and the same for
+    /// `replication`) comes before yours: lines that match `postgres` do
+    /// not apply to it. Replicas are copies of the primary's data
+    /// directory, and failovers promote replicas in place, so every node
+    /// has the lines from start to end. Roles and their passwords are
+    /// yours to create, on the primary (replicas receive them):
+    /// `set password_encryption = 'scram-sha-256'` first on PostgreSQL 13,
+    /// whose default is `md5`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use read_after_write_testkit::TestCluster;
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// let cluster = TestCluster::builder()
+    ///     .replica(Duration::ZERO)
+    ///     .hba_line("host all app 127.0.0.1/32 scram-sha-256")
+    ///     .start()
+    ///     .await?;
+    /// cluster
+    ///     .execute_on_primary("create role app login password 'secret'")
+    ///     .await?;
+    /// let with_password = format!(
+    ///     "postgres://app:secret@127.0.0.1:{}/postgres",
+    ///     cluster.primary_port()
+    /// );
+    /// let _conn = <sqlx::PgConnection as sqlx::Connection>::connect(&with_password)
+    ///     .await
+    ///     .unwrap();
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn hba_line(mut self, line: impl Into<String>) -> Self {
+        self.hba_lines.push(line.into());
         self
     }
 
@@ -170,10 +217,19 @@ impl ClusterBuilder {
         {
             return Err(KitError::InvalidSetting { name: name.clone() });
         }
+        if let Some(line) = self.hba_lines.iter().find(|line| !node::valid_hba_line(line)) {
+            return Err(KitError::InvalidArgument {
+                what: format!("ClusterBuilder::hba_line({line:?})"),
+                fix: "pass one pg_hba.conf line without line breaks or other control \
+                      characters; call hba_line once per line"
+                    .to_owned(),
+            });
+        }
         let started = Instant::now();
         let timeout = self.timeout.unwrap_or(DEFAULT_TIMEOUT);
         let binaries = self.binaries;
         let settings = self.settings;
+        let hba_lines = self.hba_lines;
         let replica_count = self.delays.len();
         let (env, dir, primary, copies) = blocking(move || {
             let env = Env {
@@ -188,7 +244,7 @@ impl ClusterBuilder {
             // they run, the directory is torn down only after they finish.
             let dir = Arc::new(ClusterDir::create(&env)?);
             let mut primary = Node::create(&env, dir.path(), "primary")?;
-            primary.init_primary(&env, &settings)?;
+            primary.init_primary(&env, &settings, &hba_lines)?;
             // The copies need the primary cleanly stopped: before its start.
             let copies = clone_replicas(&env, dir.path(), &primary, replica_count)?;
             primary.start(&env, true)?;

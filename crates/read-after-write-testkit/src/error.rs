@@ -135,6 +135,17 @@ pub enum KitError {
         name: String,
     },
 
+    /// An argument the kit would write into a configuration file could
+    /// change more than intended (a line break in a `pg_hba.conf` line, a
+    /// control character in a user name).
+    #[error("{what} is not usable: {fix}")]
+    InvalidArgument {
+        /// The call and the rejected value.
+        what: String,
+        /// What to change.
+        fix: String,
+    },
+
     /// The operation needs a node that is currently stopped.
     #[error("{node} is stopped; start it first with {hint}")]
     NodeStopped {

@@ -138,6 +138,7 @@ impl Node {
         &self,
         env: &Env,
         settings: &[(String, String)],
+        hba_lines: &[String],
     ) -> Result<(), KitError> {
         let mut cmd = env.run_as.command(&env.bins.program("initdb"), &self.dir);
         cmd.arg("-D")
@@ -160,10 +161,14 @@ impl Node {
         append(&self.data.join("postgresql.conf"), &conf)?;
 
         let hba_path = self.data.join("pg_hba.conf");
-        let hba = read(&hba_path)?;
+        let mut hba = read(&hba_path)?;
         if !allows_local_replication(&hba) {
-            append(&hba_path, "host replication all 127.0.0.1/32 trust\n")?;
+            hba.push_str("host replication all 127.0.0.1/32 trust\n");
         }
+        // Written in place: initdb made the file with the server user's
+        // owner and mode.
+        fs::write(&hba_path, with_extra_hba_lines(&hba, hba_lines))
+            .map_err(|e| KitError::io(format!("writing {}", hba_path.display()), e))?;
         self.write_node_settings(env, &[("port", self.port.to_string())])
     }
 
@@ -338,6 +343,34 @@ pub(crate) fn millis(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
 
+/// Whether `line` is one `pg_hba.conf` line (no line break or other control
+/// character but tabs), so it cannot add lines of its own.
+pub(crate) fn valid_hba_line(line: &str) -> bool {
+    !line.trim().is_empty() && !line.chars().any(|c| c.is_control() && c != '\t')
+}
+
+/// `hba` (initdb's `pg_hba.conf`) with `extra` lines first, behind the
+/// kit's own lines that keep `postgres` over 127.0.0.1 passwordless, since
+/// the first matching line decides. Unchanged without extra lines.
+fn with_extra_hba_lines(hba: &str, extra: &[String]) -> String {
+    if extra.is_empty() {
+        return hba.to_owned();
+    }
+    let mut text = String::from(
+        "# read-after-write-testkit: the kit connects as postgres without a password\n\
+         host all postgres 127.0.0.1/32 trust\n\
+         host replication postgres 127.0.0.1/32 trust\n\
+         # ClusterBuilder::hba_line\n",
+    );
+    for line in extra {
+        text.push_str(line.trim());
+        text.push('\n');
+    }
+    text.push('\n');
+    text.push_str(hba);
+    text
+}
+
 fn allows_local_replication(hba: &str) -> bool {
     hba.lines().any(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -454,6 +487,33 @@ mod tests {
     fn millis_format() {
         assert_eq!(millis(Duration::from_millis(250)), "250ms");
         assert_eq!(millis(Duration::from_secs(2)), "2000ms");
+    }
+
+    #[test]
+    fn extra_hba_lines_come_first_behind_the_kits_own() {
+        let initdb = "local all all trust\nhost all all 127.0.0.1/32 trust\n";
+        assert_eq!(with_extra_hba_lines(initdb, &[]), initdb);
+        let text = with_extra_hba_lines(
+            initdb,
+            &["host all app 127.0.0.1/32 scram-sha-256".to_owned()],
+        );
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "host all postgres 127.0.0.1/32 trust",
+                "host replication postgres 127.0.0.1/32 trust",
+                "host all app 127.0.0.1/32 scram-sha-256",
+                "local all all trust",
+                "host all all 127.0.0.1/32 trust",
+            ]
+        );
+        assert!(valid_hba_line("host\tall app 127.0.0.1/32 md5"));
+        assert!(!valid_hba_line("host all app 127.0.0.1/32 md5\nhost all all 0.0.0.0/0 trust"));
+        assert!(!valid_hba_line("  "));
     }
 
     #[test]
