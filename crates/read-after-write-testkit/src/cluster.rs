@@ -217,7 +217,11 @@ impl ClusterBuilder {
         {
             return Err(KitError::InvalidSetting { name: name.clone() });
         }
-        if let Some(line) = self.hba_lines.iter().find(|line| !node::valid_hba_line(line)) {
+        if let Some(line) = self
+            .hba_lines
+            .iter()
+            .find(|line| !node::valid_hba_line(line))
+        {
             return Err(KitError::InvalidArgument {
                 what: format!("ClusterBuilder::hba_line({line:?})"),
                 fix: "pass one pg_hba.conf line without line breaks or other control \

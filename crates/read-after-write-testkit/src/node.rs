@@ -512,7 +512,9 @@ mod tests {
             ]
         );
         assert!(valid_hba_line("host\tall app 127.0.0.1/32 md5"));
-        assert!(!valid_hba_line("host all app 127.0.0.1/32 md5\nhost all all 0.0.0.0/0 trust"));
+        assert!(!valid_hba_line(
+            "host all app 127.0.0.1/32 md5\nhost all all 0.0.0.0/0 trust"
+        ));
         assert!(!valid_hba_line("  "));
     }
 

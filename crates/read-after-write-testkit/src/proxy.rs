@@ -805,7 +805,10 @@ mod tests {
         }
         assert_eq!(reached, [a, b, a, b]);
         // A session stays where it landed.
-        assert_eq!(round_trip(&mut streams[1], b"again").await.unwrap(), b"again");
+        assert_eq!(
+            round_trip(&mut streams[1], b"again").await.unwrap(),
+            b"again"
+        );
 
         proxy.repoint(b);
         assert_eq!(proxy.targets(), [b]);

@@ -361,7 +361,10 @@ async fn hba_lines_ask_chosen_roles_for_a_password_on_every_node() {
             .unwrap_or_else(|e| panic!("app with its password on port {port}: {e}"));
         assert_eq!(count(&mut conn, "select 1::bigint").await, 1);
         for refused in [options.clone(), options.clone().password("wrong")] {
-            let err = refused.connect().await.expect_err("app got in without its password");
+            let err = refused
+                .connect()
+                .await
+                .expect_err("app got in without its password");
             let code = err
                 .as_database_error()
                 .and_then(|e| e.code())

@@ -442,8 +442,8 @@ async fn frozen_replica_answers_nothing_until_thawed_and_drop_still_cleans_up() 
         .unwrap();
     {
         // An open session hangs, and so does a new one: no reset.
-        let query = sqlx::query_scalar::<_, i64>("select count(*) from frozen_probe")
-            .fetch_one(&mut conn);
+        let query =
+            sqlx::query_scalar::<_, i64>("select count(*) from frozen_probe").fetch_one(&mut conn);
         tokio::pin!(query);
         assert!(
             timeout(Duration::from_secs(1), &mut query).await.is_err(),
