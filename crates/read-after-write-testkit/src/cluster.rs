@@ -14,7 +14,7 @@ use crate::{KitError, PgBinaries};
 
 /// How long to wait for a server to start, stop or reach a state, unless
 /// [`ClusterBuilder::startup_timeout`] says otherwise.
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often to poll a server while waiting for it.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(10);

@@ -146,6 +146,18 @@ pub enum KitError {
         fix: String,
     },
 
+    /// The `pgbouncer` program could not be found.
+    #[error(
+        "pgbouncer not found (looked in {searched}); set PGBOUNCER=/path/to/pgbouncer or \
+         install it: `bash .ci/ensure-pgbouncer` in this repository, or \
+         `apt-get install pgbouncer` (Debian/Ubuntu), `dnf install pgbouncer` (Fedora/RHEL), \
+         `brew install pgbouncer` (macOS)"
+    )]
+    PgBouncerNotFound {
+        /// The places that were searched.
+        searched: String,
+    },
+
     /// The operation needs a node that is currently stopped.
     #[error("{node} is stopped; start it first with {hint}")]
     NodeStopped {

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::thread;
@@ -66,14 +66,7 @@ pub(crate) struct Env {
 impl Env {
     /// Creates a directory (mode 0700 or 0755) owned by the server user.
     pub(crate) fn create_dir(&self, path: &Path, mode: u32) -> Result<(), KitError> {
-        fs::DirBuilder::new()
-            .mode(mode)
-            .create(path)
-            .map_err(|e| KitError::io(format!("creating {}", path.display()), e))?;
-        // The umask may have cleared bits we need.
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(|e| KitError::io(format!("setting the mode of {}", path.display()), e))?;
-        self.run_as.chown(path)
+        self.run_as.create_dir(path, mode)
     }
 
     fn timeout_secs(&self) -> String {

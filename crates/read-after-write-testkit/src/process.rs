@@ -2,7 +2,8 @@
 //! and signalling server processes.
 
 use std::ffi::OsStr;
-use std::os::unix::fs::chown;
+use std::fs;
+use std::os::unix::fs::{chown, DirBuilderExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -55,6 +56,19 @@ impl RunAs {
                 )
             }),
         }
+    }
+
+    /// Creates a directory with `mode` (0700, 0755) owned by the server
+    /// user.
+    pub(crate) fn create_dir(&self, path: &Path, mode: u32) -> Result<(), KitError> {
+        fs::DirBuilder::new()
+            .mode(mode)
+            .create(path)
+            .map_err(|e| KitError::io(format!("creating {}", path.display()), e))?;
+        // The umask may have cleared bits we need.
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|e| KitError::io(format!("setting the mode of {}", path.display()), e))?;
+        self.chown(path)
     }
 
     /// A command for a server program, run as the server user, in `cwd`
