@@ -133,7 +133,7 @@ impl Node {
         settings: &[(String, String)],
         hba_lines: &[String],
     ) -> Result<(), KitError> {
-        let mut cmd = env.run_as.command(&env.bins.program("initdb"), &self.dir);
+        let mut cmd = env.bins.command(&env.run_as, "initdb", &self.dir);
         cmd.arg("-D")
             .arg(&self.data)
             .args(["--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
@@ -239,7 +239,7 @@ impl Node {
         loop {
             self.remove_stale_pid_file();
             let log_len = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
-            let mut cmd = env.run_as.command(&env.bins.program("pg_ctl"), &self.dir);
+            let mut cmd = env.bins.command(&env.run_as, "pg_ctl", &self.dir);
             cmd.args(["start", "-w", "-t", &env.timeout_secs(), "-D"])
                 .arg(&self.data)
                 .arg("-l")
@@ -265,7 +265,7 @@ impl Node {
 
     /// `pg_ctl stop -m <mode>`, waiting until the server is down.
     pub(crate) fn stop(&self, env: &Env, mode: &str) -> Result<(), KitError> {
-        let mut cmd = env.run_as.command(&env.bins.program("pg_ctl"), &self.dir);
+        let mut cmd = env.bins.command(&env.run_as, "pg_ctl", &self.dir);
         cmd.args(["stop", "-w", "-t", &env.timeout_secs(), "-m", mode, "-D"])
             .arg(&self.data);
         process::run(cmd, Some(&self.log)).map(drop)

@@ -12,7 +12,6 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{geteuid, Pid, User};
 
-use crate::binaries;
 use crate::KitError;
 
 /// The OS user the servers run as when the test process is root.
@@ -71,15 +70,15 @@ impl RunAs {
         self.chown(path)
     }
 
-    /// A command for a server program, run as the server user, in `cwd`
-    /// (which must be accessible to that user), with no stdin, without
-    /// `PG*` environment variables that could redirect it, and with
-    /// `LD_LIBRARY_PATH` leading to the installation's own libraries if it
-    /// ships them (see [`binaries::library_path`]).
+    /// A command for a server program (or PgBouncer), run as the server
+    /// user, in `cwd` (which must be accessible to that user), with no
+    /// stdin and without `PG*` environment variables that could redirect
+    /// it.
     ///
     /// The user is switched by `setuid` in the child just before `exec`, so
     /// the environment set here reaches the program unchanged (the programs
-    /// are not set-uid, so the loader honours `LD_LIBRARY_PATH`).
+    /// are not set-uid, so the loader honours `LD_LIBRARY_PATH`, which
+    /// `PgBinaries::command` sets).
     pub(crate) fn command(&self, program: &Path, cwd: &Path) -> Command {
         let mut cmd = Command::new(program);
         cmd.current_dir(cwd).stdin(Stdio::null());
@@ -87,9 +86,6 @@ impl RunAs {
             if key.to_str().is_some_and(|k| k.starts_with("PG")) {
                 cmd.env_remove(key);
             }
-        }
-        if let Some(path) = binaries::library_path(program) {
-            cmd.env("LD_LIBRARY_PATH", path);
         }
         if let Self::User { uid, gid } = self {
             cmd.uid(*uid).gid(*gid).env("HOME", cwd);

@@ -110,7 +110,7 @@ fn stop_all_servers(env: &Env, cluster_dir: &Path) {
         if process::process_is_gone(pid) {
             continue;
         }
-        let mut cmd = env.run_as.command(&env.bins.program("pg_ctl"), cluster_dir);
+        let mut cmd = env.bins.command(&env.run_as, "pg_ctl", cluster_dir);
         cmd.args(["stop", "-w", "-t", "10", "-m", "immediate", "-D"])
             .arg(&data)
             .stdout(Stdio::null())
