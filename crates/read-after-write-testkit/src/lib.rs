@@ -30,6 +30,31 @@
 //!   then `PATH`, then the usual install directories).
 //! - [`KitError`]: every failure, with a message that says what to do.
 //!
+//! Inside, one module per concern, each using only those before it
+//! (`error` is used by all):
+//!
+//! 1. `error`: [`KitError`].
+//! 2. `process`: running programs as the server user, signals and
+//!    `/proc`.
+//! 3. `binaries`: finding the PostgreSQL programs and building their
+//!    commands (on `process`).
+//! 4. `ports`: free ports on 127.0.0.1, and whether one listens.
+//! 5. `node`: one server's files, configuration, `pg_ctl`, kill, freeze
+//!    and thaw (on `binaries`, `ports`, `process`).
+//! 6. `wait`: the blocking pool, the poll interval, the default timeout.
+//! 7. `sql`: the kit's own SQL to a node: connecting, errors, readiness,
+//!    LSNs (on `node`, `wait`).
+//! 8. `workdir`: the temporary directory, its watchdog and the sweep of
+//!    leftovers (on `node`, `process`).
+//! 9. `cluster`: [`TestCluster`] and its drop, with `builder`,
+//!    `connections`, `replay` controls, `nodes` (lifecycle, freezing) and
+//!    `replica` inside (on everything above).
+//! 10. `faults`: drills built on the cluster's controls, with `failover`
+//!     inside (on `cluster`, `sql`, `node`, `wait`).
+//! 11. `pgbouncer`: [`PgBouncer`] (on `workdir`, `process`, `ports`,
+//!     `wait`; not on the cluster).
+//! 12. `proxy`: [`TcpProxy`] (on `error` only).
+//!
 //! # Example
 //!
 //! ```no_run
@@ -110,8 +135,11 @@ mod error;
 mod faults;
 mod node;
 mod pgbouncer;
+mod ports;
 mod process;
 mod proxy;
+mod sql;
+mod wait;
 mod workdir;
 
 pub use binaries::PgBinaries;

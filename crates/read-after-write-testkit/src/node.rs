@@ -5,16 +5,16 @@
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::ConnectOptions;
 
+use crate::ports::{self, free_port};
 use crate::process::{self, RunAs};
 use crate::{KitError, PgBinaries};
 
@@ -284,7 +284,7 @@ impl Node {
             process::sigkill(child)?;
         }
         let deadline = Instant::now() + env.timeout;
-        while pids.iter().any(|&p| !process::process_is_gone(p)) || self.accepts_tcp() {
+        while pids.iter().any(|&p| !process::process_is_gone(p)) || ports::accepts_tcp(self.port) {
             if Instant::now() > deadline {
                 return Err(KitError::NotReady {
                     node: self.name.clone(),
@@ -298,10 +298,74 @@ impl Node {
         Ok(())
     }
 
-    /// Whether something accepts TCP connections on the node's port.
-    fn accepts_tcp(&self) -> bool {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    /// Freezes the server: `SIGSTOP` to the postmaster (so it forks nothing
+    /// new), then to each child, until every one of them is stopped.
+    /// `start_hint` names the method that starts the node, for when it is
+    /// not running.
+    pub(crate) fn freeze(
+        &self,
+        timeout: Duration,
+        start_hint: &'static str,
+    ) -> Result<(), KitError> {
+        let Some(postmaster) =
+            process::postmaster_pid(&self.data).filter(|&pid| !process::process_is_gone(pid))
+        else {
+            return Err(KitError::NodeStopped {
+                node: self.name.clone(),
+                hint: start_hint,
+            });
+        };
+        process::signal(postmaster, Signal::SIGSTOP)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut pids = process::children_of(postmaster);
+            pids.push(postmaster);
+            // A zombie is a child that exited; the frozen postmaster cannot
+            // reap it, and it has nothing left to do.
+            let running: Vec<i32> = pids
+                .into_iter()
+                .filter(|&pid| !matches!(process::process_state(pid), None | Some('T' | 'Z' | 'X')))
+                .collect();
+            if running.is_empty() {
+                tracing::debug!(node = %self.name, postmaster, "frozen");
+                return Ok(());
+            }
+            for &pid in &running {
+                process::signal(pid, Signal::SIGSTOP)?;
+            }
+            if Instant::now() > deadline {
+                return Err(KitError::NotReady {
+                    node: self.name.clone(),
+                    timeout,
+                    last_error: format!("processes {running:?} did not stop after SIGSTOP"),
+                    log_tail: self.log_tail(),
+                });
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Thaws the server after [`freeze`](Self::freeze): `SIGCONT` to every
+    /// child of the postmaster, then to the postmaster. Does nothing if it
+    /// is not running.
+    pub(crate) fn thaw(&self) -> Result<(), KitError> {
+        let Some(postmaster) = process::postmaster_pid(&self.data) else {
+            return Ok(());
+        };
+        if process::process_is_gone(postmaster) {
+            return Ok(());
+        }
+        for child in process::children_of(postmaster) {
+            process::signal(child, Signal::SIGCONT)?;
+        }
+        process::signal(postmaster, Signal::SIGCONT)
+    }
+
+    /// Whether the postmaster is stopped (`SIGSTOP`): the node was frozen
+    /// and not thawed.
+    pub(crate) fn is_frozen(&self) -> bool {
+        process::postmaster_pid(&self.data)
+            .is_some_and(|pid| process::process_state(pid) == Some('T'))
     }
 
     /// Removes `postmaster.pid` if the process it names is gone. Postgres
@@ -430,31 +494,6 @@ fn append(path: &Path, text: &str) -> Result<(), KitError> {
         .map_err(|e| KitError::io(format!("appending to {}", path.display()), e))
 }
 
-/// Ports handed out by this process, so two nodes never get the same one.
-static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-
-/// A port on 127.0.0.1 that was free a moment ago: the kernel picks it for
-/// a listener on port 0, which is then closed. Someone may take it before
-/// the server binds it; [`Node::start`] retries with another port then.
-pub(crate) fn free_port() -> Result<u16, KitError> {
-    for _ in 0..100 {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .map_err(|e| KitError::io("binding a free port on 127.0.0.1", e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| KitError::io("reading a free port on 127.0.0.1", e))?
-            .port();
-        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
-        if handed_out.get_or_insert_with(HashSet::new).insert(port) {
-            return Ok(port);
-        }
-    }
-    Err(KitError::io(
-        "finding a free port on 127.0.0.1",
-        std::io::Error::from(std::io::ErrorKind::AddrInUse),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,12 +558,5 @@ mod tests {
         assert!(!allows_local_replication(
             "# host replication all 127.0.0.1/32 trust\n"
         ));
-    }
-
-    #[test]
-    fn free_ports_are_distinct() {
-        let a = free_port().unwrap();
-        let b = free_port().unwrap();
-        assert_ne!(a, b);
     }
 }

@@ -43,9 +43,9 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{blocking, DEFAULT_TIMEOUT, POLL_INTERVAL};
-use crate::node::free_port;
+use crate::ports::free_port;
 use crate::process::{self, RunAs};
+use crate::wait::{blocking, DEFAULT_TIMEOUT, POLL_INTERVAL};
 use crate::workdir::{self, KEEP_MARKER};
 use crate::KitError;
 

@@ -168,14 +168,17 @@ pub(crate) fn process_is_gone(pid: i32) -> bool {
 
 fn is_zombie(pid: i32) -> bool {
     // Linux only; elsewhere zombies are reaped by init promptly enough.
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
+    matches!(process_state(pid), Some('Z' | 'X'))
+}
+
+/// A process's state letter (`R`, `S`, `D`, `T` for stopped, `Z`...), from
+/// `/proc/<pid>/stat`; `None` if it is gone (or not on Linux).
+pub(crate) fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The state follows the parenthesised command name, which may itself
     // contain spaces and parentheses.
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next())
-        .is_some_and(|state| state == 'Z' || state == 'X')
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
 }
 
 /// The pids of the direct children of `parent` (Linux only; empty elsewhere).
@@ -198,15 +201,20 @@ pub(crate) fn children_of(parent: i32) -> Vec<i32> {
         .collect()
 }
 
-/// Sends SIGKILL to `pid`, ignoring a process that is already gone.
-pub(crate) fn sigkill(pid: i32) -> Result<(), KitError> {
-    match kill(Pid::from_raw(pid), Signal::SIGKILL) {
+/// Sends `signal` to `pid`, ignoring a process that is already gone.
+pub(crate) fn signal(pid: i32, signal: Signal) -> Result<(), KitError> {
+    match kill(Pid::from_raw(pid), signal) {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
         Err(e) => Err(KitError::io(
-            format!("sending SIGKILL to process {pid}"),
+            format!("sending {signal} to process {pid}"),
             e.into(),
         )),
     }
+}
+
+/// Sends SIGKILL to `pid`, ignoring a process that is already gone.
+pub(crate) fn sigkill(pid: i32) -> Result<(), KitError> {
+    signal(pid, Signal::SIGKILL)
 }
 
 /// The postmaster pid recorded in a data directory, if the server is (or
@@ -225,6 +233,13 @@ mod tests {
         assert!(!process_is_gone(std::process::id() as i32));
         assert!(process_is_gone(i32::MAX));
         assert!(process_is_gone(0));
+    }
+
+    #[test]
+    fn own_process_is_running_not_stopped() {
+        let state = process_state(std::process::id() as i32);
+        assert!(matches!(state, Some('R' | 'S')), "{state:?}");
+        assert_eq!(process_state(i32::MAX), None);
     }
 
     #[test]
