@@ -53,7 +53,8 @@
 //!     inside (on `cluster`, `sql`, `node`, `wait`).
 //! 11. `pgbouncer`: [`PgBouncer`] (on `workdir`, `process`, `ports`,
 //!     `wait`; not on the cluster).
-//! 12. `proxy`: [`TcpProxy`] (on `error` only).
+//! 12. `proxy`: [`TcpProxy`], with `shared` state and `session` loops
+//!     inside (on `error` only).
 //!
 //! # Example
 //!

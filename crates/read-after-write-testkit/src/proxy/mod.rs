@@ -40,27 +40,21 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
 use std::fmt;
-use std::io;
-use std::net::{Ipv4Addr, Shutdown};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 
 use crate::KitError;
 
-/// The size of each direction's copy buffer: a session holds two, whatever
-/// the traffic.
-const BUFFER_SIZE: usize = 16 * 1024;
+mod session;
+mod shared;
 
-/// How long the listener rests after a failed `accept` (out of file
-/// descriptors, say) before trying again, so that it does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+use session::accept_loop;
+use shared::{Shared, Targets};
 
 /// A TCP proxy on 127.0.0.1 that forwards every connection to a target port,
 /// and that a test can repoint, freeze and cut: the faults a client sees
@@ -105,134 +99,6 @@ pub struct TcpProxy {
     /// Dropping (or sending on) it ends the proxy thread's event loop.
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
-}
-
-/// What the proxy's handle and its thread share.
-struct Shared {
-    /// Where new sessions connect.
-    targets: Mutex<Targets>,
-    /// `true` while frozen. Sessions look at it before every read and every
-    /// write, and stop waiting on a read or write when it turns `true`.
-    frozen: watch::Sender<bool>,
-    sessions: Mutex<Sessions>,
-}
-
-/// The target ports and whose turn it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Targets {
-    ports: Vec<u16>,
-    /// Index into `ports` of the target for the next session; kept below
-    /// `ports.len()` (or 0).
-    next: usize,
-}
-
-impl Targets {
-    fn new(ports: &[u16]) -> Self {
-        Self {
-            ports: ports.to_vec(),
-            next: 0,
-        }
-    }
-
-    /// The next session's target, turning the wheel; `None` without targets.
-    fn pick(&mut self) -> Option<u16> {
-        let port = *self.ports.get(self.next)?;
-        self.next = (self.next + 1) % self.ports.len();
-        Some(port)
-    }
-}
-
-#[derive(Default)]
-struct Sessions {
-    next_id: u64,
-    /// Duplicates (`dup(2)`) of each open session's sockets, so that
-    /// [`TcpProxy::cut_all`] can shut them down at once from any thread. A
-    /// duplicate keeps its socket alive, so a shutdown never hits a reused
-    /// descriptor; a session leaves this map (and its sockets are shut down)
-    /// when it ends.
-    open: HashMap<u64, SessionSockets>,
-}
-
-struct SessionSockets {
-    client: std::net::TcpStream,
-    /// `None` until the session has connected to its target.
-    upstream: Option<std::net::TcpStream>,
-}
-
-impl SessionSockets {
-    /// Sends FIN both ways and wakes the session's task, whose reads then
-    /// end; `shutdown` acts on the socket, so the task's own descriptors see
-    /// it too.
-    fn shut_down(&self) {
-        let _ = self.client.shutdown(Shutdown::Both);
-        if let Some(upstream) = &self.upstream {
-            let _ = upstream.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-impl Shared {
-    fn sessions(&self) -> MutexGuard<'_, Sessions> {
-        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn targets(&self) -> MutexGuard<'_, Targets> {
-        self.targets.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Registers a new session; `None` if its socket cannot be duplicated.
-    fn register(&self, client: TcpStream) -> Option<(u64, TcpStream)> {
-        let (client, copy) = duplicate(client)
-            .map_err(|e| tracing::debug!(error = %e, "proxy: dropping a client connection"))
-            .ok()?;
-        let mut sessions = self.sessions();
-        let id = sessions.next_id;
-        sessions.next_id += 1;
-        sessions.open.insert(
-            id,
-            SessionSockets {
-                client: copy,
-                upstream: None,
-            },
-        );
-        Some((id, client))
-    }
-
-    /// Records the session's upstream socket; `None` if the session was cut
-    /// meanwhile (or the socket cannot be duplicated).
-    fn attach_upstream(&self, id: u64, upstream: TcpStream) -> Option<TcpStream> {
-        let (upstream, copy) = duplicate(upstream)
-            .map_err(|e| tracing::debug!(error = %e, "proxy: dropping an upstream connection"))
-            .ok()?;
-        self.sessions().open.get_mut(&id)?.upstream = Some(copy);
-        Some(upstream)
-    }
-
-    /// Shuts down and forgets every open session; returns how many.
-    fn cut_all(&self) -> usize {
-        let cut: Vec<SessionSockets> = self.sessions().open.drain().map(|(_, s)| s).collect();
-        for session in &cut {
-            session.shut_down();
-        }
-        cut.len()
-    }
-}
-
-/// Removes a session from [`Sessions::open`] and shuts its sockets down when
-/// the session's task ends, however it ends (including when the proxy's
-/// runtime drops the task).
-struct Registration {
-    id: u64,
-    shared: Arc<Shared>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let removed = self.shared.sessions().open.remove(&self.id);
-        if let Some(session) = removed {
-            session.shut_down();
-        }
-    }
 }
 
 impl TcpProxy {
@@ -311,11 +177,7 @@ impl TcpProxy {
             TcpListener::from_std(listener)
                 .map_err(|e| KitError::io("registering the TCP proxy's listener", e))?
         };
-        let shared = Arc::new(Shared {
-            targets: Mutex::new(Targets::new(target_ports)),
-            frozen: watch::Sender::new(false),
-            sessions: Mutex::new(Sessions::default()),
-        });
+        let shared = Arc::new(Shared::new(target_ports));
         let (shutdown, stop) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("tcp-proxy-{port}"))
@@ -560,130 +422,15 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        match listener.accept().await {
-            Ok((client, _)) => {
-                tokio::spawn(session(client, Arc::clone(&shared)));
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "TCP proxy: accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    }
-}
-
-/// One client connection: waits until thawed, connects to the target whose
-/// turn it is then, then copies both ways until either side ends or the
-/// session is cut.
-async fn session(client: TcpStream, shared: Arc<Shared>) {
-    let Some((id, mut client)) = shared.register(client) else {
-        return;
-    };
-    let _registration = Registration {
-        id,
-        shared: Arc::clone(&shared),
-    };
-    let mut frozen = shared.frozen.subscribe();
-    if until_thawed(&mut frozen).await.is_err() {
-        return;
-    }
-    let Some(target_port) = shared.targets().pick() else {
-        tracing::debug!("TCP proxy: no target, closing a new connection");
-        return;
-    };
-    let upstream = match TcpStream::connect((Ipv4Addr::LOCALHOST, target_port)).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            tracing::debug!(target_port, error = %e, "TCP proxy: cannot reach the target");
-            return;
-        }
-    };
-    let Some(mut upstream) = shared.attach_upstream(id, upstream) else {
-        return;
-    };
-    // PostgreSQL's messages are small; do not let Nagle delay them.
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
-    let mut frozen_down = shared.frozen.subscribe();
-    tokio::select! {
-        _ = pump(&mut client_read, &mut upstream_write, &mut frozen) => {}
-        _ = pump(&mut upstream_read, &mut client_write, &mut frozen_down) => {}
-    }
-}
-
-/// Copies `from` to `to` through one fixed buffer until `from` ends or
-/// either fails, holding still whenever the proxy is frozen.
-async fn pump<R, W>(from: &mut R, to: &mut W, frozen: &mut watch::Receiver<bool>) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buffer = vec![0_u8; BUFFER_SIZE];
-    loop {
-        until_thawed(frozen).await?;
-        // Both `read` and `write` on a TCP stream are cancel-safe: when the
-        // freeze wins the race, no byte was moved.
-        let read = tokio::select! {
-            biased;
-            frozen_now = until_frozen(frozen) => {
-                frozen_now?;
-                continue;
-            }
-            read = from.read(&mut buffer) => read?,
-        };
-        if read == 0 {
-            return Ok(());
-        }
-        let mut written = 0;
-        while written < read {
-            until_thawed(frozen).await?;
-            tokio::select! {
-                biased;
-                frozen_now = until_frozen(frozen) => frozen_now?,
-                n = to.write(&buffer[written..read]) => match n? {
-                    0 => return Err(io::ErrorKind::WriteZero.into()),
-                    n => written += n,
-                },
-            }
-        }
-    }
-}
-
-/// Returns once the proxy is not frozen (at once if it is not).
-async fn until_thawed(frozen: &mut watch::Receiver<bool>) -> io::Result<()> {
-    frozen
-        .wait_for(|frozen| !*frozen)
-        .await
-        .map(drop)
-        .map_err(|_| io::ErrorKind::BrokenPipe.into())
-}
-
-/// Returns once the proxy is frozen (at once if it is).
-async fn until_frozen(frozen: &mut watch::Receiver<bool>) -> io::Result<()> {
-    frozen
-        .wait_for(|frozen| *frozen)
-        .await
-        .map(drop)
-        .map_err(|_| io::ErrorKind::BrokenPipe.into())
-}
-
-/// The stream back, plus a blocking duplicate of its socket for
-/// [`SessionSockets`].
-fn duplicate(stream: TcpStream) -> io::Result<(TcpStream, std::net::TcpStream)> {
-    let stream = stream.into_std()?;
-    let copy = stream.try_clone()?;
-    Ok((TcpStream::from_std(stream)?, copy))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use std::io;
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     /// An echo server on 127.0.0.1; returns its port.
     async fn echo_server() -> u16 {
@@ -779,15 +526,6 @@ mod tests {
         let mut greeting = [0; 2];
         stream.read_exact(&mut greeting).await.unwrap();
         (stream, u16::from_be_bytes(greeting))
-    }
-
-    #[test]
-    fn targets_take_turns_and_restart_when_replaced() {
-        let mut targets = Targets::new(&[1, 2, 3]);
-        let picks: Vec<_> = (0..7).filter_map(|_| targets.pick()).collect();
-        assert_eq!(picks, [1, 2, 3, 1, 2, 3, 1]);
-        assert_eq!(Targets::new(&[]).pick(), None);
-        assert_eq!(Targets::new(&[9]).pick(), Some(9));
     }
 
     #[tokio::test]
