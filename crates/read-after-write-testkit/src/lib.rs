@@ -51,8 +51,9 @@
 //!    `replica` inside (on everything above).
 //! 10. `faults`: drills built on the cluster's controls, with `failover`
 //!     inside (on `cluster`, `sql`, `node`, `wait`).
-//! 11. `pgbouncer`: [`PgBouncer`] (on `workdir`, `process`, `ports`,
-//!     `wait`; not on the cluster).
+//! 11. `pgbouncer`: [`PgBouncer`], with `builder`, `config`, `program` and
+//!     `runner` inside (on `workdir`, `process`, `ports`, `wait`; not on
+//!     the cluster).
 //! 12. `proxy`: [`TcpProxy`], with `shared` state and `session` loops
 //!     inside (on `error` only).
 //!
