@@ -67,8 +67,9 @@ use runner::Runner;
 /// use [`PoolMode::Session`]. With sqlx, `sqlx::raw_sql(..)` and a plain
 /// `&str` passed to an executor method (`conn.execute("…")`) use the simple
 /// protocol; `sqlx::query(..)` does not, even without bound parameters: it
-/// prepares and caches a named statement (`persistent(false)` only makes it
-/// unnamed, which still spans protocol messages a pooler may split).
+/// prepares and caches a named statement (`persistent(false)` makes it
+/// unnamed, but sqlx still parses and executes it in two round trips, which
+/// a transaction pooler may hand to two different server connections).
 ///
 /// # How it runs
 ///
