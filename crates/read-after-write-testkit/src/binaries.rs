@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::process;
+use crate::process::{self, RunAs};
 use crate::KitError;
 
 /// The programs a cluster needs; all of them must live in one directory.
@@ -153,6 +153,19 @@ impl PgBinaries {
         self.dir.join(name)
     }
 
+    /// A command for the program `name`, run as `run_as` in `cwd` (see
+    /// [`RunAs::command`]), with `LD_LIBRARY_PATH` leading to the
+    /// installation's own libraries if it ships them (see
+    /// [`library_path`]).
+    pub(crate) fn command(&self, run_as: &RunAs, name: &str, cwd: &Path) -> Command {
+        let program = self.program(name);
+        let mut cmd = run_as.command(&program, cwd);
+        if let Some(path) = library_path(&program) {
+            cmd.env("LD_LIBRARY_PATH", path);
+        }
+        cmd
+    }
+
     /// The major version of the programs (`15`, `18`, ...), from
     /// `postgres --version`.
     ///
@@ -199,7 +212,7 @@ impl PgBinaries {
 /// already; this also covers builds without that run path, and keeps
 /// `postgres` and the libraries it loads later (`libpqwalreceiver`) from
 /// picking up a system `libpq` of another version.
-pub(crate) fn library_path(program: &Path) -> Option<OsString> {
+fn library_path(program: &Path) -> Option<OsString> {
     let lib = program.parent()?.parent()?.join("lib");
     if !lib.join(LIBPQ).exists() {
         return None;

@@ -135,12 +135,48 @@ pub enum KitError {
         name: String,
     },
 
+    /// An argument the kit would write into a configuration file could
+    /// change more than intended (a line break in a `pg_hba.conf` line, a
+    /// control character in a user name).
+    #[error("{what} is not usable: {fix}")]
+    InvalidArgument {
+        /// The call and the rejected value.
+        what: String,
+        /// What to change.
+        fix: String,
+    },
+
+    /// The `pgbouncer` program could not be found.
+    #[error(
+        "pgbouncer not found (looked in {searched}); set PGBOUNCER=/path/to/pgbouncer or \
+         install it: `bash .ci/ensure-pgbouncer` in this repository, or \
+         `apt-get install pgbouncer` (Debian/Ubuntu), `dnf install pgbouncer` (Fedora/RHEL), \
+         `brew install pgbouncer` (macOS)"
+    )]
+    PgBouncerNotFound {
+        /// The places that were searched.
+        searched: String,
+    },
+
     /// The operation needs a node that is currently stopped.
     #[error("{node} is stopped; start it first with {hint}")]
     NodeStopped {
         /// The node's name.
         node: String,
         /// The method that starts it.
+        hint: &'static str,
+    },
+
+    /// The operation needs a node that answers, but the kit froze it
+    /// (`SIGSTOP`): it would wait in vain.
+    #[error(
+        "{node} is frozen (SIGSTOP) and answers nothing, so this would wait in vain; \
+         thaw it first with {hint}"
+    )]
+    Frozen {
+        /// The node's name.
+        node: String,
+        /// The method that thaws it.
         hint: &'static str,
     },
 

@@ -5,22 +5,57 @@
 //!
 //! # Layout
 //!
-//! - [`TestCluster`]: a running cluster. Accessors for URLs and ports,
-//!   controls for replay (pause, resume, apply delay), node lifecycle (stop,
-//!   kill, start, promote) and [`TestCluster::wait_for_replicas_caught_up`].
-//!   Dropping it stops the servers and deletes their files.
-//! - [`ClusterBuilder`]: replicas, extra settings, binaries and timeouts;
-//!   [`ClusterBuilder::start`] creates the cluster.
+//! - [`TestCluster`]: a running cluster. Accessors for URLs and ports
+//!   ([`TestCluster::replica_ports`]), SQL on any node
+//!   ([`TestCluster::execute_on_replica`]), controls for replay (pause,
+//!   resume, apply delay), node lifecycle (stop, kill, start, promote) and
+//!   [`TestCluster::wait_for_replicas_caught_up`]. Dropping it stops the
+//!   servers and deletes their files.
+//! - [`ClusterBuilder`]: replicas, extra settings, `pg_hba.conf` lines for
+//!   roles that log in with a password ([`ClusterBuilder::hba_line`]),
+//!   binaries and timeouts; [`ClusterBuilder::start`] creates the cluster.
 //! - [`ReplicaInfo`] and [`ReplicaState`]: one replica and what it is doing.
 //! - Fault drills, more [`TestCluster`] methods: freeze and thaw the
-//!   primary, terminate its connections, detach a replica or make it
-//!   follow another server, and failovers (planned, or losing WAL and
-//!   leaving an orphan replica) that report a [`Failover`].
+//!   primary or a replica ([`TestCluster::freeze_replica`]), terminate the
+//!   primary's connections, detach a replica or make it follow another
+//!   server, and failovers (planned, or losing WAL and leaving an orphan
+//!   replica) that report a [`Failover`].
 //! - [`TcpProxy`]: a repointable TCP address in front of a server, which a
-//!   test can freeze (a partition) and cut (every session closed).
+//!   test can freeze (a partition) and cut (every session closed); with
+//!   several targets ([`TcpProxy::start_balanced`]) a reader endpoint that
+//!   hands each new connection to the next replica.
+//! - [`PgBouncer`], [`PgBouncerBuilder`] and [`PoolMode`]: a throwaway
+//!   PgBouncer in front of one server, in session or transaction mode.
 //! - [`PgBinaries`]: finds `initdb`, `pg_ctl` and `postgres` (`PG_BIN`,
 //!   then `PATH`, then the usual install directories).
 //! - [`KitError`]: every failure, with a message that says what to do.
+//!
+//! Inside, one module per concern, each using only those before it
+//! (`error` is used by all):
+//!
+//! 1. `error`: [`KitError`].
+//! 2. `process`: running programs as the server user, signals and
+//!    `/proc`.
+//! 3. `binaries`: finding the PostgreSQL programs and building their
+//!    commands (on `process`).
+//! 4. `ports`: free ports on 127.0.0.1, and whether one listens.
+//! 5. `node`: one server's files, configuration, `pg_ctl`, kill, freeze
+//!    and thaw (on `binaries`, `ports`, `process`).
+//! 6. `wait`: the blocking pool, the poll interval, the default timeout.
+//! 7. `sql`: the kit's own SQL to a node: connecting, errors, readiness,
+//!    LSNs (on `node`, `wait`).
+//! 8. `workdir`: the temporary directory, its watchdog and the sweep of
+//!    leftovers (on `node`, `process`).
+//! 9. `cluster`: [`TestCluster`] and its drop, with `builder`,
+//!    `connections`, `replay` controls, `nodes` (lifecycle, freezing) and
+//!    `replica` inside (on everything above).
+//! 10. `faults`: drills built on the cluster's controls, with `failover`
+//!     inside (on `cluster`, `sql`, `node`, `wait`).
+//! 11. `pgbouncer`: [`PgBouncer`], with `builder`, `config`, `program` and
+//!     `runner` inside (on `workdir`, `process`, `ports`, `wait`; not on
+//!     the cluster).
+//! 12. `proxy`: [`TcpProxy`], with `shared` state and `session` loops
+//!     inside (on `error` only).
 //!
 //! # Example
 //!
@@ -50,6 +85,9 @@
 //! PostgreSQL 13 or newer server programs (tested with 15, 16, 17 and 18), found as
 //! described in [`PgBinaries::discover`]. On Debian or Ubuntu:
 //! `apt-get install postgresql`.
+//!
+//! [`PgBouncer`] needs the `pgbouncer` program (`apt-get install pgbouncer`,
+//! or `bash .ci/ensure-pgbouncer` in this repository); nothing else does.
 //!
 //! `initdb` and `postgres` refuse to run as root. When the tests run as root
 //! (containers, CI), the kit runs every server program as the `postgres` OS
@@ -98,12 +136,17 @@ mod cluster;
 mod error;
 mod faults;
 mod node;
+mod pgbouncer;
+mod ports;
 mod process;
 mod proxy;
+mod sql;
+mod wait;
 mod workdir;
 
 pub use binaries::PgBinaries;
 pub use cluster::{ClusterBuilder, ReplicaInfo, ReplicaState, TestCluster};
 pub use error::KitError;
 pub use faults::Failover;
+pub use pgbouncer::{PgBouncer, PgBouncerBuilder, PoolMode};
 pub use proxy::TcpProxy;

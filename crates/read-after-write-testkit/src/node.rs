@@ -5,16 +5,16 @@
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::ConnectOptions;
 
+use crate::ports::{self, free_port};
 use crate::process::{self, RunAs};
 use crate::{KitError, PgBinaries};
 
@@ -66,14 +66,7 @@ pub(crate) struct Env {
 impl Env {
     /// Creates a directory (mode 0700 or 0755) owned by the server user.
     pub(crate) fn create_dir(&self, path: &Path, mode: u32) -> Result<(), KitError> {
-        fs::DirBuilder::new()
-            .mode(mode)
-            .create(path)
-            .map_err(|e| KitError::io(format!("creating {}", path.display()), e))?;
-        // The umask may have cleared bits we need.
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(|e| KitError::io(format!("setting the mode of {}", path.display()), e))?;
-        self.run_as.chown(path)
+        self.run_as.create_dir(path, mode)
     }
 
     fn timeout_secs(&self) -> String {
@@ -138,8 +131,9 @@ impl Node {
         &self,
         env: &Env,
         settings: &[(String, String)],
+        hba_lines: &[String],
     ) -> Result<(), KitError> {
-        let mut cmd = env.run_as.command(&env.bins.program("initdb"), &self.dir);
+        let mut cmd = env.bins.command(&env.run_as, "initdb", &self.dir);
         cmd.arg("-D")
             .arg(&self.data)
             .args(["--auth=trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
@@ -160,10 +154,14 @@ impl Node {
         append(&self.data.join("postgresql.conf"), &conf)?;
 
         let hba_path = self.data.join("pg_hba.conf");
-        let hba = read(&hba_path)?;
+        let mut hba = read(&hba_path)?;
         if !allows_local_replication(&hba) {
-            append(&hba_path, "host replication all 127.0.0.1/32 trust\n")?;
+            hba.push_str("host replication all 127.0.0.1/32 trust\n");
         }
+        // Written in place: initdb made the file with the server user's
+        // owner and mode.
+        fs::write(&hba_path, with_extra_hba_lines(&hba, hba_lines))
+            .map_err(|e| KitError::io(format!("writing {}", hba_path.display()), e))?;
         self.write_node_settings(env, &[("port", self.port.to_string())])
     }
 
@@ -241,7 +239,7 @@ impl Node {
         loop {
             self.remove_stale_pid_file();
             let log_len = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
-            let mut cmd = env.run_as.command(&env.bins.program("pg_ctl"), &self.dir);
+            let mut cmd = env.bins.command(&env.run_as, "pg_ctl", &self.dir);
             cmd.args(["start", "-w", "-t", &env.timeout_secs(), "-D"])
                 .arg(&self.data)
                 .arg("-l")
@@ -267,7 +265,7 @@ impl Node {
 
     /// `pg_ctl stop -m <mode>`, waiting until the server is down.
     pub(crate) fn stop(&self, env: &Env, mode: &str) -> Result<(), KitError> {
-        let mut cmd = env.run_as.command(&env.bins.program("pg_ctl"), &self.dir);
+        let mut cmd = env.bins.command(&env.run_as, "pg_ctl", &self.dir);
         cmd.args(["stop", "-w", "-t", &env.timeout_secs(), "-m", mode, "-D"])
             .arg(&self.data);
         process::run(cmd, Some(&self.log)).map(drop)
@@ -286,7 +284,7 @@ impl Node {
             process::sigkill(child)?;
         }
         let deadline = Instant::now() + env.timeout;
-        while pids.iter().any(|&p| !process::process_is_gone(p)) || self.accepts_tcp() {
+        while pids.iter().any(|&p| !process::process_is_gone(p)) || ports::accepts_tcp(self.port) {
             if Instant::now() > deadline {
                 return Err(KitError::NotReady {
                     node: self.name.clone(),
@@ -300,10 +298,74 @@ impl Node {
         Ok(())
     }
 
-    /// Whether something accepts TCP connections on the node's port.
-    fn accepts_tcp(&self) -> bool {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    /// Freezes the server: `SIGSTOP` to the postmaster (so it forks nothing
+    /// new), then to each child, until every one of them is stopped.
+    /// `start_hint` names the method that starts the node, for when it is
+    /// not running.
+    pub(crate) fn freeze(
+        &self,
+        timeout: Duration,
+        start_hint: &'static str,
+    ) -> Result<(), KitError> {
+        let Some(postmaster) =
+            process::postmaster_pid(&self.data).filter(|&pid| !process::process_is_gone(pid))
+        else {
+            return Err(KitError::NodeStopped {
+                node: self.name.clone(),
+                hint: start_hint,
+            });
+        };
+        process::signal(postmaster, Signal::SIGSTOP)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut pids = process::children_of(postmaster);
+            pids.push(postmaster);
+            // A zombie is a child that exited; the frozen postmaster cannot
+            // reap it, and it has nothing left to do.
+            let running: Vec<i32> = pids
+                .into_iter()
+                .filter(|&pid| !matches!(process::process_state(pid), None | Some('T' | 'Z' | 'X')))
+                .collect();
+            if running.is_empty() {
+                tracing::debug!(node = %self.name, postmaster, "frozen");
+                return Ok(());
+            }
+            for &pid in &running {
+                process::signal(pid, Signal::SIGSTOP)?;
+            }
+            if Instant::now() > deadline {
+                return Err(KitError::NotReady {
+                    node: self.name.clone(),
+                    timeout,
+                    last_error: format!("processes {running:?} did not stop after SIGSTOP"),
+                    log_tail: self.log_tail(),
+                });
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Thaws the server after [`freeze`](Self::freeze): `SIGCONT` to every
+    /// child of the postmaster, then to the postmaster. Does nothing if it
+    /// is not running.
+    pub(crate) fn thaw(&self) -> Result<(), KitError> {
+        let Some(postmaster) = process::postmaster_pid(&self.data) else {
+            return Ok(());
+        };
+        if process::process_is_gone(postmaster) {
+            return Ok(());
+        }
+        for child in process::children_of(postmaster) {
+            process::signal(child, Signal::SIGCONT)?;
+        }
+        process::signal(postmaster, Signal::SIGCONT)
+    }
+
+    /// Whether the postmaster is stopped (`SIGSTOP`): the node was frozen
+    /// and not thawed.
+    pub(crate) fn is_frozen(&self) -> bool {
+        process::postmaster_pid(&self.data)
+            .is_some_and(|pid| process::process_state(pid) == Some('T'))
     }
 
     /// Removes `postmaster.pid` if the process it names is gone. Postgres
@@ -336,6 +398,34 @@ pub(crate) fn valid_setting_name(name: &str) -> bool {
 /// A duration in PostgreSQL's millisecond syntax (`"250ms"`).
 pub(crate) fn millis(d: Duration) -> String {
     format!("{}ms", d.as_millis())
+}
+
+/// Whether `line` is one `pg_hba.conf` line (no line break or other control
+/// character but tabs), so it cannot add lines of its own.
+pub(crate) fn valid_hba_line(line: &str) -> bool {
+    !line.trim().is_empty() && !line.chars().any(|c| c.is_control() && c != '\t')
+}
+
+/// `hba` (initdb's `pg_hba.conf`) with `extra` lines first, behind the
+/// kit's own lines that keep `postgres` over 127.0.0.1 passwordless, since
+/// the first matching line decides. Unchanged without extra lines.
+fn with_extra_hba_lines(hba: &str, extra: &[String]) -> String {
+    if extra.is_empty() {
+        return hba.to_owned();
+    }
+    let mut text = String::from(
+        "# read-after-write-testkit: the kit connects as postgres without a password\n\
+         host all postgres 127.0.0.1/32 trust\n\
+         host replication postgres 127.0.0.1/32 trust\n\
+         # ClusterBuilder::hba_line\n",
+    );
+    for line in extra {
+        text.push_str(line.trim());
+        text.push('\n');
+    }
+    text.push('\n');
+    text.push_str(hba);
+    text
 }
 
 fn allows_local_replication(hba: &str) -> bool {
@@ -404,31 +494,6 @@ fn append(path: &Path, text: &str) -> Result<(), KitError> {
         .map_err(|e| KitError::io(format!("appending to {}", path.display()), e))
 }
 
-/// Ports handed out by this process, so two nodes never get the same one.
-static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-
-/// A port on 127.0.0.1 that was free a moment ago: the kernel picks it for
-/// a listener on port 0, which is then closed. Someone may take it before
-/// the server binds it; [`Node::start`] retries with another port then.
-pub(crate) fn free_port() -> Result<u16, KitError> {
-    for _ in 0..100 {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .map_err(|e| KitError::io("binding a free port on 127.0.0.1", e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| KitError::io("reading a free port on 127.0.0.1", e))?
-            .port();
-        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
-        if handed_out.get_or_insert_with(HashSet::new).insert(port) {
-            return Ok(port);
-        }
-    }
-    Err(KitError::io(
-        "finding a free port on 127.0.0.1",
-        std::io::Error::from(std::io::ErrorKind::AddrInUse),
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,6 +522,35 @@ mod tests {
     }
 
     #[test]
+    fn extra_hba_lines_come_first_behind_the_kits_own() {
+        let initdb = "local all all trust\nhost all all 127.0.0.1/32 trust\n";
+        assert_eq!(with_extra_hba_lines(initdb, &[]), initdb);
+        let text = with_extra_hba_lines(
+            initdb,
+            &["host all app 127.0.0.1/32 scram-sha-256".to_owned()],
+        );
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "host all postgres 127.0.0.1/32 trust",
+                "host replication postgres 127.0.0.1/32 trust",
+                "host all app 127.0.0.1/32 scram-sha-256",
+                "local all all trust",
+                "host all all 127.0.0.1/32 trust",
+            ]
+        );
+        assert!(valid_hba_line("host\tall app 127.0.0.1/32 md5"));
+        assert!(!valid_hba_line(
+            "host all app 127.0.0.1/32 md5\nhost all all 0.0.0.0/0 trust"
+        ));
+        assert!(!valid_hba_line("  "));
+    }
+
+    #[test]
     fn hba_detection() {
         assert!(allows_local_replication(
             "host    replication     all             127.0.0.1/32            trust\n"
@@ -464,12 +558,5 @@ mod tests {
         assert!(!allows_local_replication(
             "# host replication all 127.0.0.1/32 trust\n"
         ));
-    }
-
-    #[test]
-    fn free_ports_are_distinct() {
-        let a = free_port().unwrap();
-        let b = free_port().unwrap();
-        assert_ne!(a, b);
     }
 }

@@ -2,7 +2,8 @@
 //! and signalling server processes.
 
 use std::ffi::OsStr;
-use std::os::unix::fs::chown;
+use std::fs;
+use std::os::unix::fs::{chown, DirBuilderExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -11,7 +12,6 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{geteuid, Pid, User};
 
-use crate::binaries;
 use crate::KitError;
 
 /// The OS user the servers run as when the test process is root.
@@ -57,15 +57,28 @@ impl RunAs {
         }
     }
 
-    /// A command for a server program, run as the server user, in `cwd`
-    /// (which must be accessible to that user), with no stdin, without
-    /// `PG*` environment variables that could redirect it, and with
-    /// `LD_LIBRARY_PATH` leading to the installation's own libraries if it
-    /// ships them (see [`binaries::library_path`]).
+    /// Creates a directory with `mode` (0700, 0755) owned by the server
+    /// user.
+    pub(crate) fn create_dir(&self, path: &Path, mode: u32) -> Result<(), KitError> {
+        fs::DirBuilder::new()
+            .mode(mode)
+            .create(path)
+            .map_err(|e| KitError::io(format!("creating {}", path.display()), e))?;
+        // The umask may have cleared bits we need.
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|e| KitError::io(format!("setting the mode of {}", path.display()), e))?;
+        self.chown(path)
+    }
+
+    /// A command for a server program (or PgBouncer), run as the server
+    /// user, in `cwd` (which must be accessible to that user), with no
+    /// stdin and without `PG*` environment variables that could redirect
+    /// it.
     ///
     /// The user is switched by `setuid` in the child just before `exec`, so
     /// the environment set here reaches the program unchanged (the programs
-    /// are not set-uid, so the loader honours `LD_LIBRARY_PATH`).
+    /// are not set-uid, so the loader honours `LD_LIBRARY_PATH`, which
+    /// `PgBinaries::command` sets).
     pub(crate) fn command(&self, program: &Path, cwd: &Path) -> Command {
         let mut cmd = Command::new(program);
         cmd.current_dir(cwd).stdin(Stdio::null());
@@ -73,9 +86,6 @@ impl RunAs {
             if key.to_str().is_some_and(|k| k.starts_with("PG")) {
                 cmd.env_remove(key);
             }
-        }
-        if let Some(path) = binaries::library_path(program) {
-            cmd.env("LD_LIBRARY_PATH", path);
         }
         if let Self::User { uid, gid } = self {
             cmd.uid(*uid).gid(*gid).env("HOME", cwd);
@@ -158,14 +168,17 @@ pub(crate) fn process_is_gone(pid: i32) -> bool {
 
 fn is_zombie(pid: i32) -> bool {
     // Linux only; elsewhere zombies are reaped by init promptly enough.
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
+    matches!(process_state(pid), Some('Z' | 'X'))
+}
+
+/// A process's state letter (`R`, `S`, `D`, `T` for stopped, `Z`...), from
+/// `/proc/<pid>/stat`; `None` if it is gone (or not on Linux).
+pub(crate) fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The state follows the parenthesised command name, which may itself
     // contain spaces and parentheses.
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next())
-        .is_some_and(|state| state == 'Z' || state == 'X')
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
 }
 
 /// The pids of the direct children of `parent` (Linux only; empty elsewhere).
@@ -188,15 +201,20 @@ pub(crate) fn children_of(parent: i32) -> Vec<i32> {
         .collect()
 }
 
-/// Sends SIGKILL to `pid`, ignoring a process that is already gone.
-pub(crate) fn sigkill(pid: i32) -> Result<(), KitError> {
-    match kill(Pid::from_raw(pid), Signal::SIGKILL) {
+/// Sends `signal` to `pid`, ignoring a process that is already gone.
+pub(crate) fn signal(pid: i32, signal: Signal) -> Result<(), KitError> {
+    match kill(Pid::from_raw(pid), signal) {
         Ok(()) | Err(Errno::ESRCH) => Ok(()),
         Err(e) => Err(KitError::io(
-            format!("sending SIGKILL to process {pid}"),
+            format!("sending {signal} to process {pid}"),
             e.into(),
         )),
     }
+}
+
+/// Sends SIGKILL to `pid`, ignoring a process that is already gone.
+pub(crate) fn sigkill(pid: i32) -> Result<(), KitError> {
+    signal(pid, Signal::SIGKILL)
 }
 
 /// The postmaster pid recorded in a data directory, if the server is (or
@@ -215,6 +233,13 @@ mod tests {
         assert!(!process_is_gone(std::process::id() as i32));
         assert!(process_is_gone(i32::MAX));
         assert!(process_is_gone(0));
+    }
+
+    #[test]
+    fn own_process_is_running_not_stopped() {
+        let state = process_state(std::process::id() as i32);
+        assert!(matches!(state, Some('R' | 'S')), "{state:?}");
+        assert_eq!(process_state(i32::MAX), None);
     }
 
     #[test]

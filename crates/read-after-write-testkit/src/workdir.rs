@@ -23,7 +23,7 @@ use crate::KitError;
 const ROOT_NAME: &str = "read-after-write-testkit";
 
 /// A file marking a cluster directory that `KEEP_TEST_CLUSTER` kept.
-const KEEP_MARKER: &str = "KEPT";
+pub(crate) const KEEP_MARKER: &str = "KEPT";
 
 /// The environment variable that keeps cluster directories for debugging.
 pub(crate) const KEEP_VAR: &str = "KEEP_TEST_CLUSTER";
@@ -47,15 +47,23 @@ pub(crate) fn temp_root() -> Result<PathBuf, KitError> {
     Ok(root)
 }
 
-/// A fresh, unique cluster directory `<root>/<pid>-<counter>-<random>`,
-/// owned by the server user. The pid lets [`sweep`] find directories of
-/// processes that died without cleaning up.
-pub(crate) fn create_cluster_dir(env: &Env, root: &Path) -> Result<PathBuf, KitError> {
+/// A fresh, unique directory `<root>/<pid>-<counter>-<random><suffix>`
+/// (a cluster's, or a PgBouncer's with suffix `-pgbouncer`), owned by the
+/// server user. The pid lets [`sweep`] find directories of processes that
+/// died without cleaning up.
+pub(crate) fn create_unique_dir(
+    run_as: &RunAs,
+    root: &Path,
+    suffix: &str,
+) -> Result<PathBuf, KitError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let counter = COUNTER.fetch_add(1, Ordering::Relaxed);
     let random = RandomState::new().build_hasher().finish() as u32;
-    let dir = root.join(format!("{}-{counter}-{random:08x}", std::process::id()));
-    env.create_dir(&dir, 0o755)?;
+    let dir = root.join(format!(
+        "{}-{counter}-{random:08x}{suffix}",
+        std::process::id()
+    ));
+    run_as.create_dir(&dir, 0o755)?;
     Ok(dir)
 }
 
@@ -102,7 +110,7 @@ fn stop_all_servers(env: &Env, cluster_dir: &Path) {
         if process::process_is_gone(pid) {
             continue;
         }
-        let mut cmd = env.run_as.command(&env.bins.program("pg_ctl"), cluster_dir);
+        let mut cmd = env.bins.command(&env.run_as, "pg_ctl", cluster_dir);
         cmd.args(["stop", "-w", "-t", "10", "-m", "immediate", "-D"])
             .arg(&data)
             .stdout(Stdio::null())
@@ -201,7 +209,7 @@ impl ClusterDir {
     pub(crate) fn create(env: &Env) -> Result<Self, KitError> {
         let root = temp_root()?;
         sweep(env, &root);
-        let path = create_cluster_dir(env, &root)?;
+        let path = create_unique_dir(&env.run_as, &root, "")?;
         let keep = keep_requested();
         let mut dir = Self {
             env: env.clone(),

@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use read_after_write_testkit::{KitError, ReplicaState, TestCluster};
-use sqlx::PgConnection;
+use sqlx::{ConnectOptions, PgConnection};
 
 const CATCH_UP: Duration = Duration::from_secs(10);
 
@@ -325,4 +325,62 @@ async fn errors_sweep_and_drop_cleanup() {
         assert!(!dir.exists(), "{} was not removed", dir.display());
     }
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hba_lines_ask_chosen_roles_for_a_password_on_every_node() {
+    let cluster = TestCluster::builder()
+        .replica(Duration::ZERO)
+        .hba_line("host all app 127.0.0.1/32 scram-sha-256")
+        .start()
+        .await
+        .unwrap();
+    // PostgreSQL 13 stores md5 by default, which scram-sha-256 refuses.
+    cluster
+        .execute_on_primary(
+            "set password_encryption = 'scram-sha-256'; \
+             create role app login password 'first secret'",
+        )
+        .await
+        .unwrap();
+    cluster.wait_for_replicas_caught_up(CATCH_UP).await.unwrap();
+
+    let ports = [cluster.primary_port(), cluster.replica(0).port()];
+    assert_eq!(cluster.replica_ports(), ports[1..]);
+    for port in ports {
+        let options = sqlx::postgres::PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(port)
+            .username("app")
+            .database("postgres");
+        let mut conn = options
+            .clone()
+            .password("first secret")
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("app with its password on port {port}: {e}"));
+        assert_eq!(count(&mut conn, "select 1::bigint").await, 1);
+        for refused in [options.clone(), options.clone().password("wrong")] {
+            let err = refused
+                .connect()
+                .await
+                .expect_err("app got in without its password");
+            let code = err
+                .as_database_error()
+                .and_then(|e| e.code())
+                .map(|c| c.into_owned());
+            // invalid_password
+            assert_eq!(code.as_deref(), Some("28P01"), "port {port}: {err}");
+        }
+    }
+    // The kit's own connections need no password.
+    cluster.execute_on_replica(0, "select 1").await.unwrap();
+    cluster.wait_for_replicas_caught_up(CATCH_UP).await.unwrap();
+
+    let err = TestCluster::builder()
+        .hba_line("host all app 127.0.0.1/32 md5\nhost all all 0.0.0.0/0 trust")
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KitError::InvalidArgument { .. }), "{err}");
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use read_after_write_testkit::{ReplicaState, TcpProxy, TestCluster};
+use read_after_write_testkit::{KitError, ReplicaState, TcpProxy, TestCluster};
 use sqlx::{Connection, PgConnection};
 use tokio::time::timeout;
 
@@ -352,4 +352,161 @@ async fn unplanned_failover_leaves_an_orphan_with_writes_the_new_primary_lacks()
         "the orphan's log does not say why it cannot follow"
     );
     eprintln!("unplanned failover test took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balanced_proxy_spreads_new_connections_and_a_session_keeps_its_server() {
+    let started = Instant::now();
+    let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO])
+        .await
+        .unwrap();
+    let replicas = cluster.replica_ports();
+    assert_eq!(replicas.len(), 2);
+    let reader = TcpProxy::start_balanced(&replicas).await.unwrap();
+    assert_eq!(reader.targets(), replicas);
+
+    // Fresh connections land on both replicas, in turn.
+    let mut sessions = Vec::new();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let mut conn = connect(reader.port()).await;
+        seen.push(server_port(&mut conn).await);
+        assert!(in_recovery(&mut conn).await);
+        sessions.push(conn);
+    }
+    assert_eq!(
+        seen,
+        [replicas[0], replicas[1], replicas[0], replicas[1]],
+        "new connections did not take turns"
+    );
+
+    // Each session stays on its server, however many connections come and go.
+    for _ in 0..3 {
+        drop(connect(reader.port()).await);
+        for (conn, &expected) in sessions.iter_mut().zip(&seen) {
+            assert_eq!(server_port(conn).await, expected);
+        }
+    }
+
+    // Taking a replica out (a health check) sends new connections elsewhere
+    // only; open sessions on it stay.
+    reader.set_targets(&replicas[1..]);
+    for _ in 0..2 {
+        let mut conn = connect(reader.port()).await;
+        assert_eq!(server_port(&mut conn).await, replicas[1]);
+    }
+    assert_eq!(server_port(&mut sessions[0]).await, replicas[0]);
+    eprintln!("balanced proxy test took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_replica_answers_nothing_until_thawed_and_drop_still_cleans_up() {
+    let started = Instant::now();
+    let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO])
+        .await
+        .unwrap();
+    cluster
+        .execute_on_primary("create table frozen_probe (id int)")
+        .await
+        .unwrap();
+    cluster
+        .wait_for_replicas_caught_up(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut conn = cluster.connect_replica(0).await.unwrap();
+
+    cluster.freeze_replica(0).await.unwrap();
+    assert_eq!(cluster.replica(0).state(), ReplicaState::Frozen);
+    assert_eq!(cluster.replica(1).state(), ReplicaState::Replaying);
+    // The kit's own controls refuse instead of hanging...
+    assert!(matches!(
+        cluster.connect_replica(0).await,
+        Err(KitError::Frozen { .. })
+    ));
+    assert!(matches!(
+        cluster.pause_replay(0).await,
+        Err(KitError::Frozen { .. })
+    ));
+    assert!(matches!(
+        cluster.stop_replica(0).await,
+        Err(KitError::Frozen { .. })
+    ));
+    // ...and catching up leaves the frozen replica out.
+    cluster
+        .execute_on_primary("insert into frozen_probe values (1)")
+        .await
+        .unwrap();
+    cluster
+        .wait_for_replicas_caught_up(Duration::from_secs(10))
+        .await
+        .unwrap();
+    {
+        // An open session hangs, and so does a new one: no reset.
+        let query =
+            sqlx::query_scalar::<_, i64>("select count(*) from frozen_probe").fetch_one(&mut conn);
+        tokio::pin!(query);
+        assert!(
+            timeout(Duration::from_secs(1), &mut query).await.is_err(),
+            "a frozen replica answered"
+        );
+        assert!(
+            timeout(Duration::from_secs(1), async {
+                PgConnection::connect(cluster.replica(0).url()).await
+            })
+            .await
+            .is_err(),
+            "a frozen replica accepted a session"
+        );
+        cluster.thaw_replica(0).await.unwrap();
+        assert_eq!(cluster.replica(0).state(), ReplicaState::Replaying);
+        // The query that waited finishes, and the replica catches up.
+        timeout(Duration::from_secs(5), query)
+            .await
+            .expect("the query did not finish after the thaw")
+            .unwrap();
+    }
+    eventually(
+        &mut conn,
+        "select count(*) from frozen_probe",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    cluster
+        .execute_on_replica(0, "checkpoint; select 1")
+        .await
+        .unwrap();
+    assert!(matches!(
+        cluster
+            .execute_on_replica(0, "insert into frozen_probe values (2)")
+            .await,
+        Err(KitError::Sql { .. })
+    ));
+
+    // Dropped while frozen: the servers still go, and so do the files.
+    cluster.freeze_replica(1).await.unwrap();
+    let pid_file =
+        std::fs::read_to_string(cluster.replica(1).data_dir().join("postmaster.pid")).unwrap();
+    let postmaster: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    let dir = cluster.dir().to_owned();
+    drop(conn);
+    let dropping = Instant::now();
+    drop(cluster);
+    let dropped_in = dropping.elapsed();
+    let state = std::fs::read_to_string(format!("/proc/{postmaster}/stat")).ok();
+    assert!(
+        state.is_none_or(|stat| stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, s)| s.starts_with('Z'))),
+        "the frozen replica's postmaster survived the drop"
+    );
+    assert!(!dir.exists(), "the cluster's files survived the drop");
+    assert!(
+        dropped_in < Duration::from_secs(5),
+        "drop took {dropped_in:?}"
+    );
+    eprintln!(
+        "frozen replica test took {:?} (drop of a frozen replica: {dropped_in:?})",
+        started.elapsed()
+    );
 }

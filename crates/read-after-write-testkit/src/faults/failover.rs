@@ -1,39 +1,14 @@
-//! Fault drills on a [`TestCluster`]: a frozen primary, broken connections,
-//! replicas detached from or re-pointed at another server, and failovers,
-//! planned or losing WAL, described by a [`Failover`].
-//!
-//! Split brain needs nothing from here: [`TestCluster::promote_replica`]
-//! while the primary runs.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use read_after_write_testkit::TestCluster;
-//!
-//! # async fn example() -> Result<(), read_after_write_testkit::KitError> {
-//! let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO]).await?;
-//! cluster.execute_on_primary("create table t (id int); insert into t values (1)").await?;
-//! let failover = cluster.planned_failover(0).await?;
-//! // replica-1 is the primary now, on timeline 2, and replica-2 follows it.
-//! assert_eq!(failover.timeline, 2);
-//! let url = format!("postgres://postgres@127.0.0.1:{}/postgres", failover.port);
-//! # Ok(())
-//! # }
-//! ```
+//! Failovers: planned (a switchover that loses nothing) and unplanned
+//! (losing WAL and leaving an orphan replica), and the [`Failover`] they
+//! report.
 
-use std::path::Path;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use sqlx::Connection;
 
-use crate::cluster::{blocking, connect, format_lsn, sql_error, POLL_INTERVAL};
 use crate::node::{Env, Node};
-use crate::process;
+use crate::sql::{connect, format_lsn, parse_lsn, sql_error};
+use crate::wait::{blocking, POLL_INTERVAL};
 use crate::{KitError, ReplicaState, TestCluster};
 
 /// The table [`TestCluster::unplanned_failover_with_orphan`] writes on the
@@ -78,243 +53,6 @@ pub struct Failover {
 }
 
 impl TestCluster {
-    /// Freezes the primary: `SIGSTOP` to its postmaster and every child,
-    /// waiting until all of them are stopped. It keeps its sockets and
-    /// accepts TCP connections (the kernel does that), but answers nothing:
-    /// open connections hang, new ones hang in the startup handshake, and
-    /// replicas receive no WAL. What a client sees of a stalled machine or a
-    /// partition that drops packets.
-    ///
-    /// [`thaw_primary`](Self::thaw_primary) resumes it. Dropping the
-    /// cluster thaws it too, but a frozen primary in a cluster that is never
-    /// dropped (a `static`) ignores the watchdog's shutdown: thaw it before
-    /// the test ends. Do not stop it while frozen (`pg_ctl stop` would wait
-    /// in vain); [`kill_primary`](Self::kill_primary) works.
-    ///
-    /// # Errors
-    ///
-    /// [`KitError::NodeStopped`] if the primary is not running, or
-    /// [`KitError::NotReady`] if its processes do not all stop in time.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # use std::time::Duration;
-    /// # use read_after_write_testkit::TestCluster;
-    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
-    /// # let cluster = TestCluster::start_with_delays(&[]).await?;
-    /// let mut conn = cluster.connect_primary().await?;
-    /// cluster.freeze_primary().await?;
-    /// let query = sqlx::query("select 1").execute(&mut conn);
-    /// assert!(tokio::time::timeout(Duration::from_secs(1), query).await.is_err());
-    /// cluster.thaw_primary().await?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub async fn freeze_primary(&self) -> Result<(), KitError> {
-        let node = self.running_primary()?.clone();
-        let timeout = self.env().timeout;
-        blocking(move || freeze(&node, timeout)).await
-    }
-
-    /// Resumes a primary frozen by [`freeze_primary`](Self::freeze_primary):
-    /// `SIGCONT` to its postmaster and every child. Queries that waited go
-    /// on. Does nothing if the primary is not running or not frozen.
-    ///
-    /// # Errors
-    ///
-    /// [`KitError::Io`] if a process cannot be signalled.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # use read_after_write_testkit::TestCluster;
-    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
-    /// # let cluster = TestCluster::start_with_delays(&[]).await?;
-    /// cluster.freeze_primary().await?;
-    /// cluster.thaw_primary().await?;
-    /// cluster.execute_on_primary("select 1").await?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub async fn thaw_primary(&self) -> Result<(), KitError> {
-        let data = self.primary_node().data.clone();
-        blocking(move || thaw(&data)).await
-    }
-
-    /// Terminates every client session of the primary
-    /// (`pg_terminate_backend()` on each `client backend` but the kit's own;
-    /// WAL senders and background processes stay), and waits until they are
-    /// gone. Their clients see `FATAL: terminating connection due to
-    /// administrator command` or a closed connection on their next query.
-    /// Returns how many sessions were terminated.
-    ///
-    /// # Errors
-    ///
-    /// [`KitError::NodeStopped`], [`KitError::Sql`], or
-    /// [`KitError::NotReady`] if a terminated session does not go away.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # use read_after_write_testkit::TestCluster;
-    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
-    /// # let cluster = TestCluster::start_with_delays(&[]).await?;
-    /// let mut conn = cluster.connect_primary().await?;
-    /// assert_eq!(cluster.terminate_primary_connections().await?, 1);
-    /// assert!(sqlx::query("select 1").execute(&mut conn).await.is_err());
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub async fn terminate_primary_connections(&self) -> Result<u64, KitError> {
-        let node = self.running_primary()?;
-        let mut conn = connect(node, true).await?;
-        let pids: Vec<i32> = sqlx::query_scalar(
-            "select pid from pg_stat_activity \
-             where backend_type = 'client backend' and pid <> pg_backend_pid()",
-        )
-        .fetch_all(&mut conn)
-        .await
-        .map_err(|e| sql_error(node, "listing client sessions", e))?;
-        let mut terminated = Vec::with_capacity(pids.len());
-        for pid in pids {
-            // False (with a warning) for a session that ended meanwhile.
-            let signalled: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
-                .bind(pid)
-                .fetch_one(&mut conn)
-                .await
-                .map_err(|e| sql_error(node, "terminating a client session", e))?;
-            if signalled {
-                terminated.push(pid);
-            }
-        }
-        let deadline = Instant::now() + self.env().timeout;
-        loop {
-            let left: Vec<i32> =
-                sqlx::query_scalar("select pid from pg_stat_activity where pid = any($1)")
-                    .bind(&terminated)
-                    .fetch_all(&mut conn)
-                    .await
-                    .map_err(|e| sql_error(node, "waiting for sessions to end", e))?;
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(KitError::NotReady {
-                    node: node.name.clone(),
-                    timeout: self.env().timeout,
-                    last_error: format!("terminated sessions {left:?} are still there"),
-                    log_tail: node.log_tail(),
-                });
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-        let _ = conn.close().await;
-        Ok(terminated.len() as u64)
-    }
-
-    /// Detaches replica `index` from its upstream: empties its
-    /// `primary_conninfo` (`ALTER SYSTEM` and a reload) and waits until its
-    /// WAL receiver has stopped. It stays in recovery and serves reads, but
-    /// falls behind: it still replays the WAL it had received, and nothing
-    /// more. [`follow`](Self::follow) attaches it again.
-    ///
-    /// A replica holding back received WAL (an apply delay) stops its WAL
-    /// receiver only once it has replayed it, so this can take up to its
-    /// apply delay while the primary is busy.
-    ///
-    /// # Errors
-    ///
-    /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`],
-    /// [`KitError::Promoted`], [`KitError::Sql`], or [`KitError::NotReady`]
-    /// if the WAL receiver does not stop in time.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # use std::time::Duration;
-    /// # use read_after_write_testkit::TestCluster;
-    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
-    /// # let cluster = TestCluster::start_with_delays(&[Duration::ZERO]).await?;
-    /// cluster.detach_replica(0).await?;
-    /// cluster.execute_on_primary("create table t (id int)").await?;
-    /// // ... replica 0 never gets `t` ...
-    /// cluster.follow(0, cluster.primary_port()).await?;
-    /// cluster.wait_for_replicas_caught_up(Duration::from_secs(5)).await?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub async fn detach_replica(&self, index: usize) -> Result<(), KitError> {
-        let node = self.standby(index)?;
-        set_primary_conninfo(node, "", self.env().timeout).await?;
-        let timeout = self.env().timeout + self.replica(index).apply_delay();
-        let deadline = Instant::now() + timeout;
-        let mut conn = connect(node, true).await?;
-        loop {
-            let receivers: i64 = sqlx::query_scalar("select count(*) from pg_stat_wal_receiver")
-                .fetch_one(&mut conn)
-                .await
-                .map_err(|e| sql_error(node, "reading pg_stat_wal_receiver", e))?;
-            if receivers == 0 {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(KitError::NotReady {
-                    node: node.name.clone(),
-                    timeout,
-                    last_error: "the WAL receiver is still running with an empty primary_conninfo"
-                        .into(),
-                    log_tail: node.log_tail(),
-                });
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-        let _ = conn.close().await;
-        Ok(())
-    }
-
-    /// Points replica `index`'s WAL receiver at the server on
-    /// 127.0.0.1:`upstream_port` (`primary_conninfo` by `ALTER SYSTEM` and a
-    /// reload), e.g. to follow a promoted replica, or to re-attach a
-    /// replica after [`detach_replica`](Self::detach_replica). Its
-    /// `recovery_target_timeline` stays `latest`, so it moves to the
-    /// upstream's timeline if it can.
-    ///
-    /// Returns once the replica has the new setting; its WAL receiver
-    /// reconnects the next time it needs WAL (at once if it is waiting for
-    /// some). Whether it then streams is up to the servers: a replica that
-    /// replayed past the point where the upstream's timeline forked off its
-    /// own stays behind (see
-    /// [`unplanned_failover_with_orphan`](Self::unplanned_failover_with_orphan)).
-    ///
-    /// # Errors
-    ///
-    /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`],
-    /// [`KitError::Promoted`], [`KitError::Sql`], or [`KitError::NotReady`]
-    /// if the setting does not show up.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # use std::time::Duration;
-    /// # use read_after_write_testkit::TestCluster;
-    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
-    /// # let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO]).await?;
-    /// cluster.promote_replica(0).await?;
-    /// // Cascade: replica 1 now follows replica 0 (on its new timeline).
-    /// cluster.follow(1, cluster.replica(0).port()).await?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub async fn follow(&self, index: usize, upstream_port: u16) -> Result<(), KitError> {
-        let node = self.standby(index)?;
-        let conninfo = format!(
-            "host=127.0.0.1 port={upstream_port} user=postgres application_name={}",
-            node.name
-        );
-        set_primary_conninfo(node, &conninfo, self.env().timeout).await
-    }
-
     /// A planned failover (a switchover) to replica `new_primary`, losing
     /// nothing:
     ///
@@ -330,16 +68,17 @@ impl TestCluster {
     ///    [`follow`](Self::follow), and waits until the replaying ones
     ///    stream its new timeline.
     ///
-    /// Stopped replicas keep pointing at the old primary: after
-    /// [`start_replica`](Self::start_replica), call
-    /// [`follow`](Self::follow). The old primary stays stopped;
+    /// Stopped and frozen replicas keep pointing at the old primary: after
+    /// [`start_replica`](Self::start_replica) or
+    /// [`thaw_replica`](Self::thaw_replica), call [`follow`](Self::follow). The old primary stays stopped;
     /// [`primary_url`](Self::primary_url) still names it, and
     /// [`Failover::port`] is where writes go now.
     ///
     /// # Errors
     ///
     /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`] (the primary
-    /// or `new_primary` is not running), [`KitError::Promoted`],
+    /// or `new_primary` is not running), [`KitError::Frozen`] (`new_primary`
+    /// is), [`KitError::Promoted`],
     /// [`KitError::CatchUpTimeout`] if a replica did not get all the WAL
     /// (it was disconnected when the primary stopped), or
     /// [`KitError::NotReady`] if a replica does not follow in time.
@@ -422,9 +161,9 @@ impl TestCluster {
     /// # Errors
     ///
     /// [`KitError::Io`] if `new_primary == orphan`;
-    /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`] or
-    /// [`KitError::Promoted`] if either replica (or the primary) is not
-    /// usable; [`KitError::NotReady`] if a step does not happen in time or
+    /// [`KitError::NoSuchReplica`], [`KitError::NodeStopped`],
+    /// [`KitError::Frozen`] or [`KitError::Promoted`] if either replica (or
+    /// the primary) is not usable; [`KitError::NotReady`] if a step does not happen in time or
     /// the orphan did not end up orphaned.
     ///
     /// # Examples
@@ -582,33 +321,6 @@ impl TestCluster {
         })
     }
 
-    /// The primary, or [`KitError::NodeStopped`].
-    fn running_primary(&self) -> Result<&Node, KitError> {
-        let node = self.primary_node();
-        if !self.primary_is_running() {
-            return Err(KitError::NodeStopped {
-                node: node.name.clone(),
-                hint: "TestCluster::start_primary",
-            });
-        }
-        Ok(node)
-    }
-
-    /// Replica `index` if it runs as a standby.
-    fn standby(&self, index: usize) -> Result<&Node, KitError> {
-        let node = self.replica_node(index)?;
-        match self.replica(index).state() {
-            ReplicaState::Stopped => Err(KitError::NodeStopped {
-                node: node.name.clone(),
-                hint: "TestCluster::start_replica",
-            }),
-            ReplicaState::Promoted => Err(KitError::Promoted {
-                node: node.name.clone(),
-            }),
-            _ => Ok(node),
-        }
-    }
-
     /// The location of the stopped primary's last checkpoint, from
     /// After a clean shutdown, the shutdown checkpoint: the last WAL record
     /// the primary wrote.
@@ -714,145 +426,6 @@ impl TestCluster {
     }
 }
 
-/// Thaws a primary left frozen, so that the cluster directory's teardown
-/// (`pg_ctl stop -m immediate`, which a stopped process would not answer)
-/// can stop it.
-impl Drop for TestCluster {
-    fn drop(&mut self) {
-        if let Some(pid) = process::postmaster_pid(&self.primary_node().data) {
-            if process_state(pid) == Some('T') {
-                tracing::debug!(pid, "thawing the frozen primary before stopping it");
-                let _ = thaw(&self.primary_node().data);
-            }
-        }
-    }
-}
-
-/// Sets `primary_conninfo` on a running standby and waits until a new
-/// session sees it (the startup process, woken by the same reload, then has
-/// it too).
-async fn set_primary_conninfo(
-    node: &Node,
-    conninfo: &str,
-    timeout: Duration,
-) -> Result<(), KitError> {
-    let mut conn = connect(node, true).await?;
-    // ALTER SYSTEM takes no bind parameters; quote the literal.
-    // Quoted: single quotes doubled.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "alter system set primary_conninfo = '{}'",
-        conninfo.replace('\'', "''")
-    )))
-    .execute(&mut conn)
-    .await
-    .map_err(|e| sql_error(node, "changing primary_conninfo", e))?;
-    sqlx::query("select pg_reload_conf()")
-        .execute(&mut conn)
-        .await
-        .map_err(|e| sql_error(node, "reloading the configuration", e))?;
-    let _ = conn.close().await;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut conn = connect(node, true).await?;
-        let current: String = sqlx::query_scalar("select current_setting('primary_conninfo')")
-            .fetch_one(&mut conn)
-            .await
-            .map_err(|e| sql_error(node, "reading primary_conninfo", e))?;
-        let _ = conn.close().await;
-        if current == conninfo {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(KitError::NotReady {
-                node: node.name.clone(),
-                timeout,
-                last_error: format!(
-                    "primary_conninfo is still {current:?}, not {conninfo:?}, after a reload"
-                ),
-                log_tail: node.log_tail(),
-            });
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
-/// `SIGSTOP` to the postmaster (so it forks nothing new), then to each
-/// child, until every one of them is stopped.
-fn freeze(node: &Node, timeout: Duration) -> Result<(), KitError> {
-    let Some(postmaster) =
-        process::postmaster_pid(&node.data).filter(|&pid| !process::process_is_gone(pid))
-    else {
-        return Err(KitError::NodeStopped {
-            node: node.name.clone(),
-            hint: "TestCluster::start_primary",
-        });
-    };
-    signal(postmaster, Signal::SIGSTOP)?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut pids = process::children_of(postmaster);
-        pids.push(postmaster);
-        // A zombie is a child that exited; the frozen postmaster cannot
-        // reap it, and it has nothing left to do.
-        let running: Vec<i32> = pids
-            .into_iter()
-            .filter(|&pid| !matches!(process_state(pid), None | Some('T' | 'Z' | 'X')))
-            .collect();
-        if running.is_empty() {
-            tracing::debug!(node = %node.name, postmaster, "frozen");
-            return Ok(());
-        }
-        for &pid in &running {
-            signal(pid, Signal::SIGSTOP)?;
-        }
-        if Instant::now() > deadline {
-            return Err(KitError::NotReady {
-                node: node.name.clone(),
-                timeout,
-                last_error: format!("processes {running:?} did not stop after SIGSTOP"),
-                log_tail: node.log_tail(),
-            });
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// `SIGCONT` to every child of the postmaster recorded in `data`, then to
-/// the postmaster.
-fn thaw(data: &Path) -> Result<(), KitError> {
-    let Some(postmaster) = process::postmaster_pid(data) else {
-        return Ok(());
-    };
-    if process::process_is_gone(postmaster) {
-        return Ok(());
-    }
-    for child in process::children_of(postmaster) {
-        signal(child, Signal::SIGCONT)?;
-    }
-    signal(postmaster, Signal::SIGCONT)
-}
-
-/// Sends `signal` to `pid`, ignoring a process that is already gone.
-fn signal(pid: i32, signal: Signal) -> Result<(), KitError> {
-    match kill(Pid::from_raw(pid), signal) {
-        Ok(()) | Err(Errno::ESRCH) => Ok(()),
-        Err(e) => Err(KitError::io(
-            format!("sending {signal} to process {pid}"),
-            e.into(),
-        )),
-    }
-}
-
-/// A process's state letter (`R`, `S`, `D`, `T` for stopped, `Z`...), from
-/// `/proc/<pid>/stat`; `None` if it is gone (or not on Linux).
-fn process_state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The state follows the parenthesised command name, which may itself
-    // contain spaces and parentheses.
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.trim_start().chars().next()
-}
-
 /// The latest checkpoint location of a stopped node, read from
 /// `global/pg_control` itself: relocatable builds (the npm packages the kit
 /// uses for PostgreSQL 16 to 18) ship no `pg_controldata`.
@@ -890,17 +463,6 @@ fn fork_point(history: &str) -> Option<i64> {
         .and_then(parse_lsn)
 }
 
-/// Parses an LSN as PostgreSQL prints it (`16/B374D848`).
-fn parse_lsn(text: &str) -> Option<i64> {
-    let (high, low) = text.split_once('/')?;
-    let high = u64::from_str_radix(high, 16).ok()?;
-    let low = u64::from_str_radix(low, 16).ok()?;
-    if high > u64::from(u32::MAX) || low > u64::from(u32::MAX) {
-        return None;
-    }
-    i64::try_from(high << 32 | low).ok()
-}
-
 fn not_ready(node: &Node, last_error: String, cluster: &TestCluster) -> KitError {
     KitError::NotReady {
         node: node.name.clone(),
@@ -913,15 +475,6 @@ fn not_ready(node: &Node, last_error: String, cluster: &TestCluster) -> KitError
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lsns_parse_like_postgres_prints_them() {
-        assert_eq!(parse_lsn("0/3000028"), Some(0x3000028));
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(format_lsn(parse_lsn("16/B374D848").unwrap()), "16/B374D848");
-        assert_eq!(parse_lsn("3000028"), None);
-        assert_eq!(parse_lsn("1/100000000"), None);
-    }
 
     #[test]
     fn fork_point_is_the_last_switch() {
@@ -937,12 +490,5 @@ mod tests {
             Some(0x5000060)
         );
         assert_eq!(fork_point(""), None);
-    }
-
-    #[test]
-    fn own_process_is_running_not_stopped() {
-        let state = process_state(std::process::id() as i32);
-        assert!(matches!(state, Some('R' | 'S')), "{state:?}");
-        assert_eq!(process_state(i32::MAX), None);
     }
 }

@@ -1,6 +1,7 @@
 //! [`TcpProxy`]: a TCP forwarder on 127.0.0.1 that fault drills repoint,
 //! freeze and cut, standing in for a load balancer or virtual IP in front of
-//! the primary.
+//! the primary, or, balancing new connections over several servers, for a
+//! reader endpoint in front of replicas.
 //!
 //! # Example
 //!
@@ -22,34 +23,52 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! A reader endpoint (Aurora's `cluster-ro`, a Cloud SQL read pool, HAProxy
+//! or DNS round robin) over two replicas:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use read_after_write_testkit::{TcpProxy, TestCluster};
+//!
+//! # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+//! let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::from_secs(1)]).await?;
+//! let reader = TcpProxy::start_balanced(&cluster.replica_ports()).await?;
+//! // Each new connection lands on the next replica; a connection stays on its own.
+//! let url = format!("postgres://postgres@127.0.0.1:{}/postgres", reader.port());
+//! # Ok(())
+//! # }
+//! ```
 
-use std::collections::HashMap;
 use std::fmt;
-use std::io;
-use std::net::{Ipv4Addr, Shutdown};
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 
 use crate::KitError;
 
-/// The size of each direction's copy buffer: a session holds two, whatever
-/// the traffic.
-const BUFFER_SIZE: usize = 16 * 1024;
+mod session;
+mod shared;
 
-/// How long the listener rests after a failed `accept` (out of file
-/// descriptors, say) before trying again, so that it does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+use session::accept_loop;
+use shared::{Shared, Targets};
 
 /// A TCP proxy on 127.0.0.1 that forwards every connection to a target port,
 /// and that a test can repoint, freeze and cut: the faults a client sees
 /// when the primary behind a load balancer or virtual IP fails over, hangs
 /// or is partitioned away.
+///
+/// With several targets ([`start_balanced`](Self::start_balanced),
+/// [`set_targets`](Self::set_targets)) it hands each new connection to the
+/// next target in turn, round robin, and a connection stays on the server
+/// it reached first: a reader endpoint such as Aurora's `cluster-ro`, a
+/// Cloud SQL or AlloyDB read pool, HAProxy or DNS round robin. It checks no
+/// health: a connection handed to a target that is down is closed at once,
+/// as with DNS round robin; take such a target out with
+/// [`set_targets`](Self::set_targets).
 ///
 /// It runs on its own thread with its own tokio runtime, so it keeps working
 /// after the runtime that called [`start`](Self::start) ends (a proxy shared
@@ -82,105 +101,6 @@ pub struct TcpProxy {
     thread: Option<JoinHandle<()>>,
 }
 
-/// What the proxy's handle and its thread share.
-struct Shared {
-    /// Where the next session connects.
-    target_port: AtomicU16,
-    /// `true` while frozen. Sessions look at it before every read and every
-    /// write, and stop waiting on a read or write when it turns `true`.
-    frozen: watch::Sender<bool>,
-    sessions: Mutex<Sessions>,
-}
-
-#[derive(Default)]
-struct Sessions {
-    next_id: u64,
-    /// Duplicates (`dup(2)`) of each open session's sockets, so that
-    /// [`TcpProxy::cut_all`] can shut them down at once from any thread. A
-    /// duplicate keeps its socket alive, so a shutdown never hits a reused
-    /// descriptor; a session leaves this map (and its sockets are shut down)
-    /// when it ends.
-    open: HashMap<u64, SessionSockets>,
-}
-
-struct SessionSockets {
-    client: std::net::TcpStream,
-    /// `None` until the session has connected to its target.
-    upstream: Option<std::net::TcpStream>,
-}
-
-impl SessionSockets {
-    /// Sends FIN both ways and wakes the session's task, whose reads then
-    /// end; `shutdown` acts on the socket, so the task's own descriptors see
-    /// it too.
-    fn shut_down(&self) {
-        let _ = self.client.shutdown(Shutdown::Both);
-        if let Some(upstream) = &self.upstream {
-            let _ = upstream.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-impl Shared {
-    fn sessions(&self) -> MutexGuard<'_, Sessions> {
-        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Registers a new session; `None` if its socket cannot be duplicated.
-    fn register(&self, client: TcpStream) -> Option<(u64, TcpStream)> {
-        let (client, copy) = duplicate(client)
-            .map_err(|e| tracing::debug!(error = %e, "proxy: dropping a client connection"))
-            .ok()?;
-        let mut sessions = self.sessions();
-        let id = sessions.next_id;
-        sessions.next_id += 1;
-        sessions.open.insert(
-            id,
-            SessionSockets {
-                client: copy,
-                upstream: None,
-            },
-        );
-        Some((id, client))
-    }
-
-    /// Records the session's upstream socket; `None` if the session was cut
-    /// meanwhile (or the socket cannot be duplicated).
-    fn attach_upstream(&self, id: u64, upstream: TcpStream) -> Option<TcpStream> {
-        let (upstream, copy) = duplicate(upstream)
-            .map_err(|e| tracing::debug!(error = %e, "proxy: dropping an upstream connection"))
-            .ok()?;
-        self.sessions().open.get_mut(&id)?.upstream = Some(copy);
-        Some(upstream)
-    }
-
-    /// Shuts down and forgets every open session; returns how many.
-    fn cut_all(&self) -> usize {
-        let cut: Vec<SessionSockets> = self.sessions().open.drain().map(|(_, s)| s).collect();
-        for session in &cut {
-            session.shut_down();
-        }
-        cut.len()
-    }
-}
-
-/// Removes a session from [`Sessions::open`] and shuts its sockets down when
-/// the session's task ends, however it ends (including when the proxy's
-/// runtime drops the task).
-struct Registration {
-    id: u64,
-    shared: Arc<Shared>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let removed = self.shared.sessions().open.remove(&self.id);
-        if let Some(session) = removed {
-            session.shut_down();
-        }
-    }
-}
-
 impl TcpProxy {
     /// Listens on 127.0.0.1 on a free port and forwards every connection to
     /// 127.0.0.1:`target_port`.
@@ -202,6 +122,42 @@ impl TcpProxy {
     /// # }
     /// ```
     pub async fn start(target_port: u16) -> Result<TcpProxy, KitError> {
+        Self::start_balanced(&[target_port]).await
+    }
+
+    /// Listens on 127.0.0.1 on a free port and hands each new connection to
+    /// the next of `target_ports` (on 127.0.0.1) in turn, starting with the
+    /// first: a reader endpoint over several replicas. A connection stays
+    /// on the server it was handed to. With one port this is
+    /// [`start`](Self::start); with none, every connection is closed at
+    /// once until [`set_targets`](Self::set_targets) gives it some.
+    ///
+    /// # Errors
+    ///
+    /// [`KitError::Io`] if no port can be bound or the proxy thread cannot
+    /// start.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use read_after_write_testkit::{TcpProxy, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO]).await?;
+    /// let reader = TcpProxy::start_balanced(&cluster.replica_ports()).await?;
+    /// let url = format!("postgres://postgres@127.0.0.1:{}/postgres", reader.port());
+    /// for expected in [cluster.replica(0).port(), cluster.replica(1).port()] {
+    ///     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    ///     let port: i32 = sqlx::query_scalar("select inet_server_port()")
+    ///         .fetch_one(&mut conn)
+    ///         .await
+    ///         .unwrap();
+    ///     assert_eq!(port, i32::from(expected));
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn start_balanced(target_ports: &[u16]) -> Result<TcpProxy, KitError> {
         let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .map_err(|e| KitError::io("binding a port on 127.0.0.1 for the TCP proxy", e))?;
         let port = listener
@@ -221,11 +177,7 @@ impl TcpProxy {
             TcpListener::from_std(listener)
                 .map_err(|e| KitError::io("registering the TCP proxy's listener", e))?
         };
-        let shared = Arc::new(Shared {
-            target_port: AtomicU16::new(target_port),
-            frozen: watch::Sender::new(false),
-            sessions: Mutex::new(Sessions::default()),
-        });
+        let shared = Arc::new(Shared::new(target_ports));
         let (shutdown, stop) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(format!("tcp-proxy-{port}"))
@@ -244,7 +196,7 @@ impl TcpProxy {
                 }
             })
             .map_err(|e| KitError::io("starting the TCP proxy's thread", e))?;
-        tracing::debug!(port, target_port, "TCP proxy started");
+        tracing::debug!(port, ?target_ports, "TCP proxy started");
         Ok(TcpProxy {
             port,
             shared,
@@ -269,7 +221,10 @@ impl TcpProxy {
         self.port
     }
 
-    /// Where new sessions connect now.
+    /// Where new sessions connect now: the first of
+    /// [`targets`](Self::targets), which is the only one after
+    /// [`start`](Self::start) or [`repoint`](Self::repoint); 0 when the
+    /// proxy has no target.
     ///
     /// # Examples
     ///
@@ -283,11 +238,53 @@ impl TcpProxy {
     /// # }
     /// ```
     pub fn target_port(&self) -> u16 {
-        self.shared.target_port.load(Ordering::SeqCst)
+        self.shared.targets().ports.first().copied().unwrap_or(0)
     }
 
-    /// Sends new connections to 127.0.0.1:`target_port`. Open sessions keep
-    /// their upstream (what HAProxy does by default); end them with
+    /// The ports new connections are handed to, in turn.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use read_after_write_testkit::TcpProxy;
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// let proxy = TcpProxy::start_balanced(&[5433, 5434]).await?;
+    /// assert_eq!(proxy.targets(), [5433, 5434]);
+    /// proxy.repoint(5432);
+    /// assert_eq!(proxy.targets(), [5432]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn targets(&self) -> Vec<u16> {
+        self.shared.targets().ports.clone()
+    }
+
+    /// Hands new connections to `target_ports` in turn from now on,
+    /// starting with the first (an empty list closes each new connection at
+    /// once: a load balancer with no server behind it). Open sessions keep
+    /// their upstream; end them with [`cut_all`](Self::cut_all).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use read_after_write_testkit::{TcpProxy, TestCluster};
+    /// # async fn example() -> Result<(), read_after_write_testkit::KitError> {
+    /// # let cluster = TestCluster::start_with_delays(&[Duration::ZERO, Duration::ZERO]).await?;
+    /// let reader = TcpProxy::start_balanced(&cluster.replica_ports()).await?;
+    /// cluster.freeze_replica(1).await?;
+    /// // The endpoint's health check takes the frozen replica out.
+    /// reader.set_targets(&[cluster.replica(0).port()]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn set_targets(&self, target_ports: &[u16]) {
+        *self.shared.targets() = Targets::new(target_ports);
+    }
+
+    /// Sends new connections to 127.0.0.1:`target_port`, and to it alone
+    /// (`set_targets(&[target_port])`). Open sessions keep their upstream
+    /// (what HAProxy does by default); end them with
     /// [`cut_all`](Self::cut_all).
     ///
     /// # Examples
@@ -303,7 +300,7 @@ impl TcpProxy {
     /// # }
     /// ```
     pub fn repoint(&self, target_port: u16) {
-        self.shared.target_port.store(target_port, Ordering::SeqCst);
+        self.set_targets(&[target_port]);
     }
 
     /// Stops moving bytes, in both directions, on every open session and on
@@ -404,7 +401,7 @@ impl fmt::Debug for TcpProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TcpProxy")
             .field("port", &self.port)
-            .field("target_port", &self.target_port())
+            .field("targets", &self.targets())
             .field("frozen", &*self.shared.frozen.borrow())
             .field("open_sessions", &self.open_sessions())
             .finish()
@@ -425,127 +422,15 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    loop {
-        match listener.accept().await {
-            Ok((client, _)) => {
-                tokio::spawn(session(client, Arc::clone(&shared)));
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "TCP proxy: accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    }
-}
-
-/// One client connection: waits until thawed, connects to the target of
-/// that moment, then copies both ways until either side ends or the session
-/// is cut.
-async fn session(client: TcpStream, shared: Arc<Shared>) {
-    let Some((id, mut client)) = shared.register(client) else {
-        return;
-    };
-    let _registration = Registration {
-        id,
-        shared: Arc::clone(&shared),
-    };
-    let mut frozen = shared.frozen.subscribe();
-    if until_thawed(&mut frozen).await.is_err() {
-        return;
-    }
-    let target_port = shared.target_port.load(Ordering::SeqCst);
-    let upstream = match TcpStream::connect((Ipv4Addr::LOCALHOST, target_port)).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            tracing::debug!(target_port, error = %e, "TCP proxy: cannot reach the target");
-            return;
-        }
-    };
-    let Some(mut upstream) = shared.attach_upstream(id, upstream) else {
-        return;
-    };
-    // PostgreSQL's messages are small; do not let Nagle delay them.
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
-    let mut frozen_down = shared.frozen.subscribe();
-    tokio::select! {
-        _ = pump(&mut client_read, &mut upstream_write, &mut frozen) => {}
-        _ = pump(&mut upstream_read, &mut client_write, &mut frozen_down) => {}
-    }
-}
-
-/// Copies `from` to `to` through one fixed buffer until `from` ends or
-/// either fails, holding still whenever the proxy is frozen.
-async fn pump<R, W>(from: &mut R, to: &mut W, frozen: &mut watch::Receiver<bool>) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buffer = vec![0_u8; BUFFER_SIZE];
-    loop {
-        until_thawed(frozen).await?;
-        // Both `read` and `write` on a TCP stream are cancel-safe: when the
-        // freeze wins the race, no byte was moved.
-        let read = tokio::select! {
-            biased;
-            frozen_now = until_frozen(frozen) => {
-                frozen_now?;
-                continue;
-            }
-            read = from.read(&mut buffer) => read?,
-        };
-        if read == 0 {
-            return Ok(());
-        }
-        let mut written = 0;
-        while written < read {
-            until_thawed(frozen).await?;
-            tokio::select! {
-                biased;
-                frozen_now = until_frozen(frozen) => frozen_now?,
-                n = to.write(&buffer[written..read]) => match n? {
-                    0 => return Err(io::ErrorKind::WriteZero.into()),
-                    n => written += n,
-                },
-            }
-        }
-    }
-}
-
-/// Returns once the proxy is not frozen (at once if it is not).
-async fn until_thawed(frozen: &mut watch::Receiver<bool>) -> io::Result<()> {
-    frozen
-        .wait_for(|frozen| !*frozen)
-        .await
-        .map(drop)
-        .map_err(|_| io::ErrorKind::BrokenPipe.into())
-}
-
-/// Returns once the proxy is frozen (at once if it is).
-async fn until_frozen(frozen: &mut watch::Receiver<bool>) -> io::Result<()> {
-    frozen
-        .wait_for(|frozen| *frozen)
-        .await
-        .map(drop)
-        .map_err(|_| io::ErrorKind::BrokenPipe.into())
-}
-
-/// The stream back, plus a blocking duplicate of its socket for
-/// [`SessionSockets`].
-fn duplicate(stream: TcpStream) -> io::Result<(TcpStream, std::net::TcpStream)> {
-    let stream = stream.into_std()?;
-    let copy = stream.try_clone()?;
-    Ok((TcpStream::from_std(stream)?, copy))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use std::io;
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     /// An echo server on 127.0.0.1; returns its port.
     async fn echo_server() -> u16 {
@@ -612,6 +497,72 @@ mod tests {
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest))
             .await
             .expect("a cut session ends at once");
+        assert!(rest.is_empty());
+    }
+
+    /// A server on 127.0.0.1 that greets each connection with its own port
+    /// and then echoes; returns that port.
+    async fn greeting_server() -> u16 {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    stream.write_all(&port.to_be_bytes()).await.unwrap();
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        port
+    }
+
+    /// Connects through the proxy; returns the stream and the port of the
+    /// server it reached.
+    async fn reach(proxy: &TcpProxy) -> (TcpStream, u16) {
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy.port()))
+            .await
+            .unwrap();
+        let mut greeting = [0; 2];
+        stream.read_exact(&mut greeting).await.unwrap();
+        (stream, u16::from_be_bytes(greeting))
+    }
+
+    #[tokio::test]
+    async fn balanced_proxy_hands_new_connections_round_robin() {
+        let (a, b) = (greeting_server().await, greeting_server().await);
+        let proxy = TcpProxy::start_balanced(&[a, b]).await.unwrap();
+        assert_eq!(proxy.targets(), [a, b]);
+        assert_eq!(proxy.target_port(), a);
+        let mut reached = Vec::new();
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            let (stream, port) = reach(&proxy).await;
+            reached.push(port);
+            streams.push(stream);
+        }
+        assert_eq!(reached, [a, b, a, b]);
+        // A session stays where it landed.
+        assert_eq!(
+            round_trip(&mut streams[1], b"again").await.unwrap(),
+            b"again"
+        );
+
+        proxy.repoint(b);
+        assert_eq!(proxy.targets(), [b]);
+        assert_eq!(reach(&proxy).await.1, b);
+        assert_eq!(reach(&proxy).await.1, b);
+
+        proxy.set_targets(&[]);
+        assert_eq!(proxy.target_port(), 0);
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy.port()))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest))
+            .await
+            .expect("a connection without a target is closed at once")
+            .unwrap();
         assert!(rest.is_empty());
     }
 
