@@ -126,14 +126,17 @@ pub const DEFAULT_TOKEN_HEADER: &str = "x-primary-affinity";
 /// Name of the optional debug response header.
 pub const DEBUG_HEADER: &str = "x-read-after-write";
 
-/// The most token MACs one request can cost.
+/// The most token MACs one request can cost, whatever it carries and
+/// whatever the key list.
 ///
-/// Only candidates that pass every cheap check and name the requester count
-/// (see the [module docs](self#hostile-requests)). A legitimate request
-/// carries a handful: a host-only cookie, domain cookies for a parent
-/// domain or two, one per `Path`, and the header. 16 leaves room for all of
-/// them while capping the work at about 4 µs (16 × ~240 ns per MAC), less
-/// than parsing the headers.
+/// Every MAC computed counts: a token's key id is one byte, so when several
+/// keys of the [`KeySet`] share an id a token is tried under each of them,
+/// a MAC apiece. Only candidates that pass every cheap check and name the
+/// requester get that far (see the [module docs](self#hostile-requests)). A
+/// legitimate request carries a handful: a host-only cookie, domain cookies
+/// for a parent domain or two, one per `Path`, and the header. 16 leaves
+/// room for all of them while capping the work at about 4 µs (16 × ~240 ns
+/// per MAC), less than parsing the headers.
 ///
 /// Residual risk: whoever can set cookies for this site (a sibling
 /// subdomain, for a cookie without the `__Host-` prefix) can plant well
@@ -406,3 +409,5 @@ impl<B> fmt::Debug for Shared<B> {
 pub(crate) mod tests;
 #[cfg(test)]
 mod tests_sessions;
+#[cfg(test)]
+mod tests_unread;

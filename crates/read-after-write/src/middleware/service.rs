@@ -9,7 +9,7 @@ use super::{transport, ResponseFuture, Shared, MAX_MACS_PER_REQUEST};
 use crate::backend::Backend;
 use crate::bookmark::Bookmarks;
 use crate::handle::{ClusterState, Db, RequestState, Required, TokenOutcome};
-use crate::token::{TokenBuffer, TokenError, UnverifiedToken, UserId};
+use crate::token::{Checked, MacBudget, TokenBuffer, TokenError, UnverifiedToken, UserId};
 
 /// Middleware that gives each request a [`Db`] handle bound to the
 /// requester's last write, and issues a token when the request writes.
@@ -180,7 +180,7 @@ fn read_token<B: Backend>(
     let mut expires_at = 0;
     let mut first_failure = None;
     let mut now = None;
-    let mut macs = 0;
+    let mut budget = MacBudget::new(MAX_MACS_PER_REQUEST);
     // Candidates left unchecked that might have promised more, or more
     // clusters than a token covers: then nothing proves what the user wrote
     // last, and only the primary is safe.
@@ -192,13 +192,17 @@ fn read_token<B: Backend>(
         shared.token_header.as_ref(),
         |text| {
             let now = *now.get_or_insert_with(|| shared.clock.now_unix());
-            let candidate = match UnverifiedToken::parse(text, &shared.keys, now, &mut buffer) {
+            let candidate = match UnverifiedToken::parse(text, now, &mut buffer) {
                 Ok(candidate) => candidate,
                 Err(reason) => {
                     first_failure.get_or_insert(TokenOutcome::Rejected(reason));
                     return false;
                 }
             };
+            if !shared.keys.knows(candidate.key_id()) {
+                first_failure.get_or_insert(TokenOutcome::Rejected(TokenError::UnknownKey));
+                return false;
+            }
             // Bound to its user before the MAC: a token that could not be
             // used even if authentic is not worth one. Such a token may be
             // forged; it is counted by what it claims.
@@ -215,25 +219,25 @@ fn read_token<B: Backend>(
             if valid && !candidate.adds_to(&carried) {
                 return false;
             }
-            if macs == MAX_MACS_PER_REQUEST {
-                metrics::counter!("read_after_write_token_mac_budget_exhausted_total").increment(1);
-                tracing::debug!(
-                    budget = MAX_MACS_PER_REQUEST,
-                    "affinity token MAC budget spent; session reads go to the primary"
-                );
-                unchecked = true;
-                return true;
-            }
-            macs += 1;
-            match candidate.authenticate(&shared.cookie_name, &shared.keys) {
-                Ok(token) => {
+            match candidate.authenticate(&shared.cookie_name, &shared.keys, &mut budget) {
+                Checked::Authentic(token) => {
                     valid = true;
                     expires_at = expires_at.max(token.expires_at());
                     // Several valid tokens of one user: every promise holds.
                     unchecked |= !carried.merge(token.bookmarks());
                 }
-                Err(reason) => {
-                    first_failure.get_or_insert(TokenOutcome::Rejected(reason));
+                Checked::Forged => {
+                    first_failure.get_or_insert(TokenOutcome::Rejected(TokenError::BadSignature));
+                }
+                Checked::Unchecked => {
+                    metrics::counter!("read_after_write_token_mac_budget_exhausted_total")
+                        .increment(1);
+                    tracing::debug!(
+                        budget = MAX_MACS_PER_REQUEST,
+                        "affinity token MAC budget spent; session reads go to the primary"
+                    );
+                    unchecked = true;
+                    return true;
                 }
             }
             false

@@ -21,13 +21,13 @@ use crate::handle::{Db, TokenOutcome};
 use crate::position::{Lsn, WritePosition};
 use crate::token::{AffinityToken, SigningKey, TokenError};
 
-const SYSTEM: u64 = 0x5EED;
+pub(super) const SYSTEM: u64 = 0x5EED;
 const NOW: u64 = 1_800_000_000;
 
 #[derive(Default)]
 pub(crate) struct FakeBackend {
     replica_replayed: AtomicU64,
-    primary_at: AtomicU64,
+    pub(super) primary_at: AtomicU64,
     capture_fails: AtomicBool,
     captures: AtomicUsize,
     primary: &'static str,

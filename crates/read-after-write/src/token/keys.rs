@@ -423,11 +423,18 @@ impl KeySet {
     }
 
     /// Every key whose id is `id`, current first. Ids are one byte, so two
-    /// keys may share one; verification then tries each.
+    /// keys may share one; verification then tries each, and each try is a
+    /// MAC that counts against a request's budget.
     pub(crate) fn with_id(&self, id: u8) -> impl Iterator<Item = &SigningKey> {
         std::iter::once(&self.current)
             .chain(self.previous.iter())
             .filter(move |key| key.id() == id)
+    }
+
+    /// Whether some key of the set has the id `id`: a token under any other
+    /// id was signed with a key this set does not hold.
+    pub(crate) fn knows(&self, id: u8) -> bool {
+        self.with_id(id).next().is_some()
     }
 }
 

@@ -1,0 +1,219 @@
+//! Layer tests of tokens the layer cannot read (signed with a key id this
+//! instance does not know, or left unchecked when the MAC budget ran out)
+//! and of what the token a response issues keeps of them, over the
+//! in-test backends of the other layer tests (HTTP mechanics only).
+
+#![allow(dead_code, unused_imports)] // helpers of the tests that follow in this file
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use http::header::{COOKIE, SET_COOKIE};
+use http::{Request, Response};
+use tower::{service_fn, Layer, ServiceExt};
+
+use super::tests::FakeBackend;
+use super::tests_sessions::Tagged;
+use super::*;
+use crate::backend::{Backend, RouteReason};
+use crate::bookmark::{Bookmark, Bookmarks};
+use crate::clock::ManualClock;
+use crate::handle::{Db, TokenOutcome};
+use crate::position::{Lsn, WritePosition};
+use crate::token::{AffinityToken, SigningKey, TokenError};
+
+const NOW: u64 = 1_800_000_000;
+const USER: u64 = 3;
+/// Another service's cluster, which no layer here serves.
+const ELSEWHERE: u64 = 99;
+
+fn key(byte: u8) -> SigningKey {
+    SigningKey::from_bytes(&[byte; 32]).unwrap()
+}
+
+/// The keys of the layers under test.
+fn old_keys() -> KeySet {
+    KeySet::new(key(3))
+}
+
+/// Keys an instance that rolled out a rotation signs with.
+fn new_keys() -> KeySet {
+    KeySet::new(key(4)).with_previous(key(3))
+}
+
+fn identify(parts: &http::request::Parts) -> Option<UserId> {
+    let id = parts
+        .headers
+        .get("x-user-id")?
+        .to_str()
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    Some(UserId::from(id))
+}
+
+fn at(lsn: u64, system: u64) -> Bookmark {
+    Bookmark::new(WritePosition::new(Lsn::new(lsn), 1, system))
+}
+
+/// A token of `USER` carrying `bookmarks`, signed with `keys`.
+fn token(bookmarks: &[Bookmark], keys: &KeySet) -> String {
+    let mut set = Bookmarks::new();
+    for bookmark in bookmarks {
+        set.set(*bookmark);
+    }
+    AffinityToken::with_bookmarks(UserId::from(USER), set, NOW + 30)
+        .unwrap()
+        .sign(DEFAULT_COOKIE_NAME, keys)
+}
+
+/// `token` with its first bookmark's LSN changed: well formed, naming the
+/// same user with the same key id and expiry, failing only its MAC. What
+/// anyone who saw one of the victim's tokens can plant.
+fn forged(token: &str, n: u64) -> String {
+    let mut raw = URL_SAFE_NO_PAD.decode(token).unwrap();
+    assert_eq!(raw[0], 2, "a version 2 token");
+    let lsn = 3 + usize::from(raw[2]) + 8 + 1 + 12;
+    raw[lsn..lsn + 8].copy_from_slice(&(0xFFFF_0000 + n).to_be_bytes());
+    URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// `count` forgeries of `real`, then `real`, as one `Cookie` header: a
+/// longer `Path` puts planted cookies first.
+fn planted_before(real: &str, count: u64) -> String {
+    let mut pairs: Vec<String> = (0..count)
+        .map(|n| format!("{DEFAULT_COOKIE_NAME}={}", forged(real, n)))
+        .collect();
+    pairs.push(format!("{DEFAULT_COOKIE_NAME}={real}"));
+    pairs.join("; ")
+}
+
+/// What a request saw and was given.
+#[derive(Debug)]
+struct Answer {
+    /// The reason of each access, in the path's order.
+    reasons: Vec<RouteReason>,
+    outcome: TokenOutcome,
+    /// The token the response issued, as text.
+    issued: Option<String>,
+}
+
+/// A handler for paths like `/read`, `/write`, `/orders/write/read`: each
+/// segment one access, in order, `orders` switching to that cluster.
+async fn handler<B: Backend>(req: Request<()>) -> Result<Response<()>, Infallible> {
+    let db = req.extensions().get::<Db<B>>().unwrap().clone();
+    let mut target = db.clone();
+    let mut reasons = Vec::new();
+    for step in req.uri().path().split('/').filter(|s| !s.is_empty()) {
+        match step {
+            "orders" => target = db.cluster("orders").unwrap(),
+            "read" => {
+                let _ = target.read().await;
+            }
+            "write" => {
+                let _ = target.write();
+            }
+            other => panic!("unknown step {other}"),
+        }
+        if step != "orders" {
+            reasons.push(db.last_route().unwrap().reason);
+        }
+    }
+    let mut response = Response::new(());
+    response
+        .extensions_mut()
+        .insert((reasons, db.token_outcome()));
+    Ok(response)
+}
+
+async fn send<B: Backend>(layer: &ReadAfterWriteLayer<B>, path: &str, cookie: &str) -> Answer {
+    let service = layer.layer(service_fn(handler::<B>));
+    let mut request = Request::get(path).header("x-user-id", USER.to_string());
+    if !cookie.is_empty() {
+        request = request.header(COOKIE, cookie);
+    }
+    let response = service.oneshot(request.body(()).unwrap()).await.unwrap();
+    let issued = response.headers().get_all(SET_COOKIE).iter().find_map(|v| {
+        v.to_str()
+            .ok()?
+            .split(';')
+            .next()?
+            .strip_prefix("primary_affinity=")
+            .map(str::to_owned)
+    });
+    let (reasons, outcome) = response
+        .extensions()
+        .get::<(Vec<RouteReason>, TokenOutcome)>()
+        .cloned()
+        .unwrap();
+    Answer {
+        reasons,
+        outcome,
+        issued,
+    }
+}
+
+fn decode(text: &str, keys: &KeySet) -> AffinityToken {
+    AffinityToken::verify(text, DEFAULT_COOKIE_NAME, keys, NOW).unwrap()
+}
+
+/// A layer over cluster 7 (`default`) and cluster 8 (`orders`).
+fn two_clusters(keys: KeySet) -> ReadAfterWriteLayer<Tagged> {
+    ReadAfterWriteLayer::new(Tagged::new(7), keys)
+        .cluster("orders", Tagged::new(8))
+        .unwrap()
+        .identity(identify)
+        .clock(ManualClock::new(NOW))
+}
+
+fn one_cluster(keys: KeySet) -> ReadAfterWriteLayer<Tagged> {
+    ReadAfterWriteLayer::new(Tagged::new(7), keys)
+        .identity(identify)
+        .clock(ManualClock::new(NOW))
+}
+
+/// `count` keys whose one-byte ids are all the same: ids are one byte, so
+/// a long enough key list has such keys, and a token's MAC is then tried
+/// under each of them.
+fn keys_sharing_an_id(count: usize) -> Vec<SigningKey> {
+    let mut by_id: Vec<Vec<SigningKey>> = vec![Vec::new(); 256];
+    for n in 0u16.. {
+        let mut bytes = [0x5A; 32];
+        bytes[..2].copy_from_slice(&n.to_be_bytes());
+        let key = SigningKey::from_bytes(&bytes).unwrap();
+        let same = &mut by_id[usize::from(key.id())];
+        same.push(key);
+        if same.len() == count {
+            return same.clone();
+        }
+    }
+    unreachable!("65,536 keys give some id {count} times")
+}
+
+#[tokio::test]
+async fn the_mac_budget_counts_every_key_tried() {
+    // (f) Four keys share one id; the user's token is signed with the last.
+    let shared = keys_sharing_an_id(4);
+    let keys = shared[1..]
+        .iter()
+        .fold(KeySet::new(shared[0].clone()), |set, key| {
+            set.with_previous(key.clone())
+        });
+    let layer = one_cluster(keys.clone());
+    let real = token(&[at(0x500, 7)], &KeySet::new(shared[3].clone()));
+    // Three forgeries cost three MACs each... under four keys, four: 12,
+    // and the real token its four: 16, the budget.
+    let read = send(&layer, "/read", &planted_before(&real, 3)).await;
+    assert_eq!(read.outcome, TokenOutcome::Valid);
+    assert_eq!(read.reasons, [RouteReason::CaughtUp]);
+    // A fourth forgery spends the budget before the real token.
+    let read = send(&layer, "/read", &planted_before(&real, 4)).await;
+    assert_eq!(
+        read.outcome,
+        TokenOutcome::Rejected(TokenError::BadSignature)
+    );
+    assert_eq!(read.reasons, [RouteReason::PositionUnknown]);
+}
