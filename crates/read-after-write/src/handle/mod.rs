@@ -1,8 +1,8 @@
 //! The per-request database handle the layer puts into request extensions.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use smallvec::SmallVec;
@@ -12,158 +12,12 @@ use crate::bookmark::{Bookmark, Bookmarks};
 use crate::middleware::{Mode, Shared};
 use crate::position::WritePosition;
 use crate::requirement::Requirement;
-use crate::token::{TokenError, UserId};
+use crate::token::UserId;
 
-/// What the request's token said, after every check.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum TokenOutcome {
-    /// The request carried no token.
-    Absent,
-    /// A token verified and belongs to the requester.
-    Valid,
-    /// A token was refused; it is treated as absent.
-    Rejected(TokenError),
-    /// A token verified but belongs to another user; treated as absent.
-    OtherUser,
-    /// A token came with a request that has no identity while anonymous
-    /// tokens are not allowed; treated as absent.
-    NoIdentity,
-}
+mod state;
 
-impl TokenOutcome {
-    /// The `outcome` label on `read_after_write_tokens_total`.
-    ///
-    /// ```
-    /// use read_after_write::{TokenError, TokenOutcome};
-    ///
-    /// assert_eq!(TokenOutcome::Rejected(TokenError::Expired).as_str(), "expired");
-    /// assert_eq!(TokenOutcome::OtherUser.as_str(), "other_user");
-    /// ```
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenOutcome::Absent => "absent",
-            TokenOutcome::Valid => "valid",
-            TokenOutcome::Rejected(reason) => reason.as_str(),
-            TokenOutcome::OtherUser => "other_user",
-            TokenOutcome::NoIdentity => "no_identity",
-        }
-    }
-}
-
-/// What a verified token asks of this request's session reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Required {
-    /// No valid token: session reads are eventual.
-    Nothing,
-    /// Read from a node that has replayed the bookmark's position (or,
-    /// with monotonic reads, stay on its replica).
-    Position(Bookmark),
-    /// Read from the primary: in time-window mode the user wrote recently;
-    /// in position mode the token pins the user to the primary because the
-    /// position of their last write is unknown (its capture failed).
-    Primary,
-}
-
-/// Per-request state shared by the handle's clones and the response future.
-pub(crate) struct RequestState {
-    pub(crate) user: Option<UserId>,
-    pub(crate) token: TokenOutcome,
-    /// Every bookmark the request's valid tokens carried, merged: this
-    /// layer's clusters' and other services' clusters', passed on unchanged
-    /// in the tokens this request issues.
-    pub(crate) carried: Bookmarks,
-    /// When the carried token expires, Unix seconds (0: none).
-    pub(crate) carried_expiry: u64,
-    /// One per cluster of the layer, in the layer's order.
-    pub(crate) clusters: SmallVec<[ClusterState; 1]>,
-    /// The last routing decision, for [`Db::last_route`] and the debug
-    /// header. Written on every routed access, so it holds no `String`: the
-    /// node's name is copied into an inline buffer (no allocation for names
-    /// up to [`INLINE_NODE_NAME`] bytes).
-    pub(crate) last_route: Mutex<Option<LastRoute>>,
-}
-
-/// What one request did with one cluster.
-pub(crate) struct ClusterState {
-    /// What the token asks of this cluster's session reads.
-    pub(crate) required: Required,
-    /// Set by [`Db::write`]; read once the handler has returned. Relaxed is
-    /// enough: the handler's future completes before the response future
-    /// reads it, on the same task.
-    wrote: AtomicBool,
-    /// Monotonic reads: a read of this request went to the primary, so the
-    /// session may have seen its latest state; later reads of the request
-    /// go there too, and the response captures the primary's position.
-    read_primary: AtomicBool,
-    /// Monotonic reads: the bookmark this request's reads earned (the
-    /// replica they read); later reads of the request stay there.
-    pub(crate) earned: Mutex<Option<Bookmark>>,
-}
-
-impl ClusterState {
-    pub(crate) fn new(required: Required, wrote: bool) -> Self {
-        ClusterState {
-            required,
-            wrote: AtomicBool::new(wrote),
-            read_primary: AtomicBool::new(false),
-            earned: Mutex::new(None),
-        }
-    }
-
-    pub(crate) fn wrote(&self) -> bool {
-        self.wrote.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn read_primary(&self) -> bool {
-        self.read_primary.load(Ordering::Relaxed)
-    }
-
-    /// The bookmark session reads route by now: what this request earned,
-    /// else what the token carried.
-    pub(crate) fn bookmark(&self) -> Option<Bookmark> {
-        let earned = *self.earned.lock().unwrap_or_else(PoisonError::into_inner);
-        earned.or(match self.required {
-            Required::Position(bookmark) => Some(bookmark),
-            Required::Nothing | Required::Primary => None,
-        })
-    }
-
-    pub(crate) fn earned(&self) -> Option<Bookmark> {
-        *self.earned.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Node names up to this many bytes are kept without allocating.
-const INLINE_NODE_NAME: usize = 32;
-
-/// A routing decision as [`RequestState`] keeps it.
-pub(crate) struct LastRoute {
-    target: Target,
-    reason: RouteReason,
-    /// The node's name, UTF-8 copied from a `&str`.
-    node: SmallVec<[u8; INLINE_NODE_NAME]>,
-}
-
-impl LastRoute {
-    /// The node's name. Always the `&str` it was copied from; the fallback
-    /// is never taken.
-    pub(crate) fn node(&self) -> &str {
-        std::str::from_utf8(&self.node).unwrap_or("?")
-    }
-
-    pub(crate) fn reason(&self) -> RouteReason {
-        self.reason
-    }
-
-    fn route(&self) -> Route {
-        Route {
-            node: self.node().to_owned(),
-            target: self.target,
-            reason: self.reason,
-        }
-    }
-}
+pub use self::state::TokenOutcome;
+pub(crate) use self::state::{ClusterState, LastRoute, RequestState, Required};
 
 /// Where a request's database access went: its node, the kind of node, and
 /// why. Returned by [`Db::last_route`].
@@ -200,30 +54,6 @@ impl fmt::Display for Route {
             "node={}; target={}; reason={}",
             self.node, self.target, self.reason
         )
-    }
-}
-
-impl RequestState {
-    pub(crate) fn new(
-        user: Option<UserId>,
-        token: TokenOutcome,
-        carried: Bookmarks,
-        carried_expiry: u64,
-        clusters: SmallVec<[ClusterState; 1]>,
-    ) -> Self {
-        RequestState {
-            user,
-            token,
-            carried,
-            carried_expiry,
-            clusters,
-            last_route: Mutex::new(None),
-        }
-    }
-
-    /// Whether the request wrote to any cluster.
-    pub(crate) fn wrote(&self) -> bool {
-        self.clusters.iter().any(ClusterState::wrote)
     }
 }
 
