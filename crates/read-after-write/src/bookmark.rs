@@ -164,6 +164,13 @@ impl Bookmark {
         Bookmark::new(WritePosition::new(Lsn::ZERO, 0, system_id))
     }
 
+    /// Whether this is the all-zero position's bookmark, which pins every
+    /// cluster: version 1's pin, or a time-window token (see
+    /// [`WritePosition::pins_primary`]).
+    pub(crate) fn pins_every_cluster(&self) -> bool {
+        self.position == WritePosition::default()
+    }
+
     /// The same position, read on `replica`.
     pub fn on_replica(self, replica: ReplicaTag) -> Self {
         Bookmark {

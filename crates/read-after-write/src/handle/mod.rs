@@ -17,7 +17,7 @@ use crate::token::UserId;
 mod state;
 
 pub use self::state::TokenOutcome;
-pub(crate) use self::state::{ClusterState, LastRoute, RequestState, Required};
+pub(crate) use self::state::{ClusterState, LastRoute, RequestState, Required, Unread};
 
 /// Where a request's database access went: its node, the kind of node, and
 /// why. Returned by [`Db::last_route`].
@@ -193,19 +193,10 @@ impl<B: Backend> Db<B> {
                     routed
                 }
                 Required::Position(bookmark) => backend.session(bookmark.position, max_wait).await,
-                Required::Primary => self.pinned(),
+                Required::Primary(reason) => Routed::primary(backend.primary(), reason),
             }
         };
         self.record(routed)
-    }
-
-    /// The primary, for a token that pins it.
-    fn pinned(&self) -> Routed<'_, B::Pool> {
-        let reason = match self.shared.mode {
-            Mode::TimeWindow(_) => RouteReason::TimeWindow,
-            Mode::Position => RouteReason::PositionUnknown,
-        };
-        Routed::primary(self.target().primary(), reason)
     }
 
     /// A read with monotonic reads on: never an older state than the
@@ -218,8 +209,8 @@ impl<B: Backend> Db<B> {
             Routed::primary(backend.primary(), RouteReason::WroteThisRequest)
         } else if own.read_primary() {
             Routed::primary(backend.primary(), RouteReason::ReadPrimaryThisRequest)
-        } else if own.required == Required::Primary {
-            self.pinned()
+        } else if let Required::Primary(reason) = own.required {
+            Routed::primary(backend.primary(), reason)
         } else {
             let routed = backend.monotonic(own.bookmark(), max_wait).await;
             if routed.target == Target::Replica && own.bookmark().is_none() && max_wait.is_some() {
@@ -396,7 +387,7 @@ impl<B: Backend> Db<B> {
         let carried = match own.required {
             Required::Nothing => Requirement::Nothing,
             Required::Position(bookmark) => Requirement::Position(bookmark.position),
-            Required::Primary => Requirement::Primary,
+            Required::Primary(_) => Requirement::Primary,
         };
         if !own.wrote() {
             return carried;
@@ -414,7 +405,7 @@ impl<B: Backend> Db<B> {
     pub fn required_position(&self) -> Option<WritePosition> {
         match self.own().required {
             Required::Position(bookmark) => Some(bookmark.position),
-            Required::Nothing | Required::Primary => None,
+            Required::Nothing | Required::Primary(_) => None,
         }
     }
 

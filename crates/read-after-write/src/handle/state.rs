@@ -20,7 +20,12 @@ pub enum TokenOutcome {
     Absent,
     /// A token verified and belongs to the requester.
     Valid,
-    /// A token was refused; it is treated as absent.
+    /// A token was refused; it is treated as absent, but for one signed
+    /// with a key id this instance does not know
+    /// ([`TokenError::UnknownKey`]) that names the requester and has not
+    /// expired: it may promise a write, so the clusters it names are read
+    /// from the primary (see the
+    /// [middleware docs](crate::middleware#tokens-the-layer-cannot-read)).
     Rejected(TokenError),
     /// A token verified but belongs to another user; treated as absent.
     OtherUser,
@@ -57,10 +62,86 @@ pub(crate) enum Required {
     /// Read from a node that has replayed the bookmark's position (or,
     /// with monotonic reads, stay on its replica).
     Position(Bookmark),
-    /// Read from the primary: in time-window mode the user wrote recently;
-    /// in position mode the token pins the user to the primary because the
-    /// position of their last write is unknown (its capture failed).
-    Primary,
+    /// Read from the primary, counted under the reason: in time-window
+    /// mode the user wrote recently; in position mode the token pins the
+    /// user to the primary because the position of their last write is
+    /// unknown (its capture failed), or a token the layer could not read
+    /// may promise a write (see [`Unread`]).
+    Primary(RouteReason),
+}
+
+/// Bookmarks claimed by tokens the layer could not read, merged per
+/// cluster. Attacker controlled: they only ever send reads to the primary
+/// and add pins to issued tokens, never let a read go to a replica.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Claims {
+    bookmarks: Bookmarks,
+    /// Some claim found no room beside the others (more clusters than a
+    /// token covers): which clusters it named is lost, so every cluster
+    /// counts as named.
+    overflow: bool,
+}
+
+impl Claims {
+    /// Adds what one token claims.
+    pub(crate) fn add(&mut self, claimed: &Bookmarks) {
+        self.overflow |= !self.bookmarks.merge(claimed);
+    }
+
+    /// Drops the claims that `carried` covers: a verified token promising
+    /// at least as much makes them moot, genuine or not.
+    fn forget_covered(&mut self, carried: &Bookmarks) {
+        self.bookmarks
+            .retain(|claim| !carried.covers(&Bookmarks::one(*claim)));
+    }
+
+    /// Whether a claim names the cluster `id` (`None`: a cluster that cannot
+    /// name itself, which any claim may be about).
+    fn names(&self, id: Option<u64>) -> bool {
+        let bookmarks = self.bookmarks.as_slice();
+        self.overflow
+            || bookmarks.iter().any(Bookmark::pins_every_cluster)
+            || match id {
+                Some(id) => self.bookmarks.get(id).is_some(),
+                None => !bookmarks.is_empty(),
+            }
+    }
+}
+
+/// What the request's tokens claimed that the layer could not read:
+/// candidates that name the requester and have not expired but were signed
+/// with a key id this instance does not know, or were left unchecked when
+/// the MAC budget ran out (and verified bookmarks that found no room beside
+/// the others). Not the same as no token: if genuine, each may promise a
+/// write. The clusters they name are read from the primary, and pinned in
+/// the token the response issues unless the request captured them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Unread {
+    /// Claims of tokens under a key id this instance does not know (a key
+    /// rotation rolling out).
+    pub(crate) unknown_key: Claims,
+    /// Claims of tokens the MAC budget left unchecked.
+    pub(crate) unchecked: Claims,
+}
+
+impl Unread {
+    /// Drops what the valid tokens, merged into `carried`, already promise.
+    pub(crate) fn forget_covered(&mut self, carried: &Bookmarks) {
+        self.unknown_key.forget_covered(carried);
+        self.unchecked.forget_covered(carried);
+    }
+
+    /// Why session reads of the cluster `id` must go to the primary, if an
+    /// unread token names it.
+    pub(crate) fn pins(&self, id: Option<u64>) -> Option<RouteReason> {
+        if self.unknown_key.names(id) {
+            Some(RouteReason::UnknownKey)
+        } else if self.unchecked.names(id) {
+            Some(RouteReason::PositionUnknown)
+        } else {
+            None
+        }
+    }
 }
 
 /// Per-request state shared by the handle's clones and the response future.
@@ -71,6 +152,8 @@ pub(crate) struct RequestState {
     /// layer's clusters' and other services' clusters', passed on unchanged
     /// in the tokens this request issues.
     pub(crate) carried: Bookmarks,
+    /// What tokens the layer could not read claimed, beyond `carried`.
+    pub(crate) unread: Unread,
     /// When the carried token expires, Unix seconds (0: none).
     pub(crate) carried_expiry: u64,
     /// One per cluster of the layer, in the layer's order.
@@ -123,7 +206,7 @@ impl ClusterState {
         let earned = *self.earned.lock().unwrap_or_else(PoisonError::into_inner);
         earned.or(match self.required {
             Required::Position(bookmark) => Some(bookmark),
-            Required::Nothing | Required::Primary => None,
+            Required::Nothing | Required::Primary(_) => None,
         })
     }
 
@@ -168,6 +251,7 @@ impl RequestState {
         user: Option<UserId>,
         token: TokenOutcome,
         carried: Bookmarks,
+        unread: Unread,
         carried_expiry: u64,
         clusters: SmallVec<[ClusterState; 1]>,
     ) -> Self {
@@ -175,6 +259,7 @@ impl RequestState {
             user,
             token,
             carried,
+            unread,
             carried_expiry,
             clusters,
             last_route: Mutex::new(None),

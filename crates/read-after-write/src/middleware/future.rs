@@ -226,7 +226,7 @@ pub(crate) fn next_bookmarks<B>(
                 let position = match own.required {
                     Required::Position(_) if written.pins_primary() => written,
                     Required::Position(carried) => carried.position.max(written),
-                    Required::Nothing | Required::Primary => written,
+                    Required::Nothing | Required::Primary(_) => written,
                 };
                 // A write is not a read: the session still saw no more than
                 // its replica holds, so it may stay there. A read of the

@@ -18,13 +18,40 @@
 //! A request may carry any number of `Cookie` and token headers. Every
 //! candidate is parsed (one pass over the header bytes, no allocation), but
 //! only a candidate that passes every check needing no key (length,
-//! base64url, layout, version, known key id, unexpired, and naming the
-//! requester) and that would promise more than the best token found so far
-//! costs an HMAC, and at most [`MAX_MACS_PER_REQUEST`] of those are spent.
-//! Junk, expired tokens, other users' tokens and duplicates of the winner
-//! are free, so they cannot hide a valid token. Of several valid tokens, the
-//! one that [promises the most](crate::AffinityToken::promises_more_than)
-//! decides.
+//! base64url, layout, version, unexpired, a known key id, and naming the
+//! requester) and that would add to what the valid tokens found so far
+//! promise costs an HMAC: one per key with its key id, at most
+//! [`MAX_MACS_PER_REQUEST`] for the whole request. Junk, expired tokens,
+//! other users' tokens and duplicates of a valid token are free, so they
+//! cannot hide a valid token. Several valid tokens are merged: every
+//! promise holds, cluster by cluster.
+//!
+//! Well-formed forgeries that name the requester do cost MACs, so enough of
+//! them, planted ahead of the real token, leave it unchecked. It is then a
+//! token the layer cannot read, never an absent one (below): the clusters
+//! it names are read from the primary, never stale. The residual risks are
+//! on [`MAX_MACS_PER_REQUEST`].
+//!
+//! # Tokens the layer cannot read
+//!
+//! A candidate that names the requester and has not expired, but that the
+//! layer cannot verify, may be genuine and promise a write:
+//!
+//! - one signed with a key id this instance does not know, as when a key
+//!   rotation rolls out instance by instance (see [`KeySet`] for the order
+//!   that avoids it); it costs no MAC and counts as `unknown_key` in
+//!   `read_after_write_tokens_total`;
+//! - one the MAC budget left unchecked;
+//! - a valid token whose clusters found no room beside the other valid
+//!   tokens' (more than [`MAX_CLUSTERS`](crate::bookmark::MAX_CLUSTERS)).
+//!
+//! None is treated as absent. Unless the request's valid tokens already
+//! promise as much, every cluster such a token names (each one the layer
+//! serves, for a backend that reports no cluster id) is read from the
+//! primary: `reason="unknown_key"` for an unknown key, `position_unknown`
+//! otherwise. A cluster it does not name reads as it would without it. An
+//! expired one is absent like any expired token: the TTL bounds every
+//! promise.
 //!
 //! # Monotonic reads
 //!

@@ -175,6 +175,64 @@ fn one_cluster(keys: KeySet) -> ReadAfterWriteLayer<Tagged> {
         .clock(ManualClock::new(NOW))
 }
 
+#[tokio::test]
+async fn a_token_under_an_unknown_key_is_read_from_the_primary_not_eventually() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    // This instance still runs the old key; the user's token comes from
+    // one that rolled out the new key first.
+    let layer = two_clusters(old_keys());
+    let signed =
+        |bookmarks: &[Bookmark]| format!("primary_affinity={}", token(bookmarks, &new_keys()));
+    let macs = crate::token::macs_computed();
+    let read = send(&layer, "/read/orders/read", &signed(&[at(0x500, 7)])).await;
+    // Cluster 7's reads go to the primary; cluster 8, which the token does
+    // not name, reads as it would without it.
+    assert_eq!(
+        read.reasons,
+        [RouteReason::UnknownKey, RouteReason::NoToken]
+    );
+    assert_eq!(read.outcome, TokenOutcome::Rejected(TokenError::UnknownKey));
+    assert_eq!(crate::token::macs_computed(), macs, "no MAC spent");
+    // Beside a valid token promising as much, it changes nothing...
+    let valid = token(&[at(0x500, 7)], &old_keys());
+    let both = format!("{}; primary_affinity={valid}", signed(&[at(0x400, 7)]));
+    let read = send(&layer, "/read", &both).await;
+    assert_eq!(
+        (read.outcome, &read.reasons[..]),
+        (TokenOutcome::Valid, &[RouteReason::CaughtUp][..])
+    );
+    // ...and promising more, it sends the reads to the primary.
+    let both = format!("{}; primary_affinity={valid}", signed(&[at(0x600, 7)]));
+    let read = send(&layer, "/read", &both).await;
+    assert_eq!(
+        (read.outcome, &read.reasons[..]),
+        (TokenOutcome::Valid, &[RouteReason::UnknownKey][..])
+    );
+
+    // Expired, it is absent like any expired token: the TTL bounds every
+    // promise.
+    let late = one_cluster(old_keys()).clock(ManualClock::new(NOW + 30));
+    let read = send(&late, "/read", &signed(&[at(0x500, 7)])).await;
+    assert_eq!(read.reasons, [RouteReason::NoToken]);
+    assert_eq!(read.outcome, TokenOutcome::Rejected(TokenError::Expired));
+    // Another user's is absent too, and counted by its key.
+    let other = AffinityToken::new(UserId::from(USER + 1), at(0x500, 7).position, NOW + 30)
+        .sign(DEFAULT_COOKIE_NAME, &new_keys());
+    let read = send(&layer, "/read", &format!("primary_affinity={other}")).await;
+    assert_eq!(read.reasons, [RouteReason::NoToken]);
+    assert_eq!(read.outcome, TokenOutcome::Rejected(TokenError::UnknownKey));
+
+    let counts = super::tests::token_counts(&snapshotter);
+    assert!(
+        counts
+            .iter()
+            .any(|(outcome, n)| outcome == "unknown_key" && *n == 2),
+        "{counts:?}"
+    );
+}
+
 /// `count` keys whose one-byte ids are all the same: ids are one byte, so
 /// a long enough key list has such keys, and a token's MAC is then tried
 /// under each of them.

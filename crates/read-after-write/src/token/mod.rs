@@ -710,7 +710,7 @@ impl<'a> UnverifiedToken<'a> {
                 return Checked::Unchecked;
             }
             #[cfg(test)]
-            tests::count_mac();
+            MACS.with(|macs| macs.set(macs.get() + 1));
             let mut mac = key.mac();
             mac.update(name.as_bytes());
             mac.update(&[0]);
@@ -729,6 +729,18 @@ impl<'a> UnverifiedToken<'a> {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// MACs computed on this thread, for tests of the budget.
+    static MACS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// MACs computed on this thread so far (tests only).
+#[cfg(test)]
+pub(crate) fn macs_computed() -> usize {
+    MACS.with(std::cell::Cell::get)
+}
+
 /// Copies a slice whose length the caller has already checked.
 fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
     let mut out = [0u8; N];
@@ -743,20 +755,6 @@ mod tests {
 
     const NAME: &str = "primary_affinity";
     const NOW: u64 = 1_700_000_000;
-
-    thread_local! {
-        /// MACs computed on this thread, for tests of the budget.
-        static MACS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-    }
-
-    pub(crate) fn count_mac() {
-        MACS.with(|macs| macs.set(macs.get() + 1));
-    }
-
-    /// MACs computed on this thread so far.
-    pub(crate) fn macs_computed() -> usize {
-        MACS.with(std::cell::Cell::get)
-    }
 
     fn keys(byte: u8) -> KeySet {
         KeySet::new(SigningKey::from_bytes(&[byte; 32]).unwrap())
