@@ -95,6 +95,16 @@ impl Claims {
             .retain(|claim| !carried.covers(&Bookmarks::one(*claim)));
     }
 
+    /// Every cluster a claim names by its system identifier (not the
+    /// all-zero claim, which names them all).
+    fn clusters(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bookmarks
+            .as_slice()
+            .iter()
+            .filter(|claim| !claim.pins_every_cluster())
+            .map(Bookmark::system_id)
+    }
+
     /// Whether a claim names the cluster `id` (`None`: a cluster that cannot
     /// name itself, which any claim may be about).
     fn names(&self, id: Option<u64>) -> bool {
@@ -129,6 +139,29 @@ impl Unread {
     pub(crate) fn forget_covered(&mut self, carried: &Bookmarks) {
         self.unknown_key.forget_covered(carried);
         self.unchecked.forget_covered(carried);
+    }
+
+    /// Every cluster an unread token names by its system identifier.
+    pub(crate) fn clusters(&self) -> impl Iterator<Item = u64> + '_ {
+        self.unknown_key.clusters().chain(self.unchecked.clusters())
+    }
+
+    /// Whether an unread token claims the all-zero position, which pins
+    /// every cluster.
+    pub(crate) fn claims_every_cluster(&self) -> bool {
+        [&self.unknown_key, &self.unchecked].iter().any(|claims| {
+            claims
+                .bookmarks
+                .as_slice()
+                .iter()
+                .any(Bookmark::pins_every_cluster)
+        })
+    }
+
+    /// Whether some unread token's clusters found no room: which clusters
+    /// they were is lost.
+    pub(crate) fn overflowed(&self) -> bool {
+        self.unknown_key.overflow || self.unchecked.overflow
     }
 
     /// Why session reads of the cluster `id` must go to the primary, if an

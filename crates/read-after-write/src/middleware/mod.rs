@@ -53,6 +53,25 @@
 //! expired one is absent like any expired token: the TTL bounds every
 //! promise.
 //!
+//! # What an issued token keeps
+//!
+//! The token a response issues never promises less than the request's
+//! tokens did, whether the layer could read them or not:
+//!
+//! - the valid tokens' bookmarks travel on, each cluster's moved on by
+//!   what this request captured (its writes, or with monotonic reads its
+//!   replica); a capture covers every commit before it in its cluster, so
+//!   it also replaces a bookmark pinned to the primary;
+//! - each cluster a token the layer could not read names gets a bookmark
+//!   [pinned to the primary](crate::Bookmark::pinned), unless this request
+//!   captured that cluster;
+//! - when those pins do not all fit in
+//!   [`MAX_CLUSTERS`](crate::bookmark::MAX_CLUSTERS) beside the other
+//!   bookmarks, the token carries the all-zero position instead, which
+//!   pins every cluster (with other services' bookmarks beside it, where
+//!   they fit). A pin never pushes out a verified bookmark; this layer's
+//!   own bookmarks do push out other services' when there is no room.
+//!
 //! # Monotonic reads
 //!
 //! With [`ReadAfterWriteLayer::monotonic_reads`] on, a session (a user, or an
@@ -168,17 +187,28 @@ pub const DEBUG_HEADER: &str = "x-read-after-write";
 /// Residual risk: whoever can set cookies for this site (a sibling
 /// subdomain, for a cookie without the `__Host-` prefix) can plant well
 /// formed tokens naming a victim's user id (ids are often guessable) with a
-/// known key id (visible in any token) and a far expiry. They never verify,
-/// but 16 of them sent ahead of the real cookie (a longer `Path` is sent
-/// first) use up the budget before the real token is checked. Nothing then
-/// proves what the victim wrote last, so their session reads go to the
-/// primary (unknown means unsafe): a cost on the primary for as long as the
-/// planted cookies live, counted by
-/// `read_after_write_token_mac_budget_exhausted_total`, never a stale read
-/// or a forged one. To shut this out, name the
-/// cookie with the `__Host-` prefix (`__Host-primary_affinity`, with
-/// `Secure`, `Path=/` and no `Domain`, which the layer's defaults give),
-/// which no other subdomain can set.
+/// far expiry, and:
+///
+/// - with a known key id (visible in any token), 16 of them sent ahead of
+///   the real cookie (a longer `Path` is sent first) use up the budget
+///   before the real token is checked;
+/// - with a key id the layer does not know, one of them looks like a token
+///   from an instance that rotated keys first.
+///
+/// Neither verifies, and neither hides what the real token promised: the
+/// clusters an unread token names are read from the primary (unknown means
+/// unsafe) and pinned in the tokens the victim's responses issue (see
+/// [what an issued token keeps](self#what-an-issued-token-keeps)). Planted
+/// tokens naming more clusters than a token holds make those tokens pin
+/// every cluster, so all the victim's session reads go to the primary until
+/// a write of theirs captures a position. The cost is primary reads for as
+/// long as the planted cookies live, counted by
+/// `read_after_write_token_mac_budget_exhausted_total` and
+/// `read_after_write_tokens_total{outcome="unknown_key"}`, never a stale
+/// read or a forged one. To shut all of this out, name the cookie with the
+/// `__Host-` prefix (`__Host-primary_affinity`, with `Secure`, `Path=/` and
+/// no `Domain`, which the layer's defaults give), which no other subdomain
+/// can set.
 pub const MAX_MACS_PER_REQUEST: usize = 16;
 
 /// The longest token lifetime and cookie `Max-Age` honoured: 400 days, the

@@ -3,11 +3,7 @@
 //! and of what the token a response issues keeps of them, over the
 //! in-test backends of the other layer tests (HTTP mechanics only).
 
-#![allow(dead_code, unused_imports)] // helpers of the tests that follow in this file
-
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -15,7 +11,6 @@ use http::header::{COOKIE, SET_COOKIE};
 use http::{Request, Response};
 use tower::{service_fn, Layer, ServiceExt};
 
-use super::tests::FakeBackend;
 use super::tests_sessions::Tagged;
 use super::*;
 use crate::backend::{Backend, RouteReason};
@@ -173,6 +168,119 @@ fn one_cluster(keys: KeySet) -> ReadAfterWriteLayer<Tagged> {
     ReadAfterWriteLayer::new(Tagged::new(7), keys)
         .identity(identify)
         .clock(ManualClock::new(NOW))
+}
+
+#[tokio::test]
+async fn a_token_the_budget_left_unchecked_is_pinned_for_each_cluster_it_names() {
+    // (a) The real token promises clusters 7 and 8; sixteen forgeries ahead
+    // of it spend the MAC budget, so it is never checked.
+    let layer = two_clusters(old_keys());
+    let real = token(&[at(0x500, 7), at(0x600, 8)], &old_keys());
+    let cookie = planted_before(&real, MAX_MACS_PER_REQUEST as u64);
+    // Reads of either cluster cannot be proven safe: the primary.
+    let read = send(&layer, "/read/orders/read", &cookie).await;
+    assert_eq!(
+        read.reasons,
+        [RouteReason::PositionUnknown, RouteReason::PositionUnknown]
+    );
+    assert_eq!(read.issued, None, "nothing written, nothing issued");
+    // A write to 7: captured; 8, which the request could not read, is
+    // pinned instead of dropped.
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmark(7),
+        Some(&Bookmark::new(Tagged::new(7).at(0x1000)))
+    );
+    assert_eq!(issued.bookmark(8), Some(&Bookmark::pinned(8)));
+    assert_eq!(issued.bookmarks().len(), 2);
+}
+
+#[tokio::test]
+async fn another_services_bookmark_in_an_unchecked_token_is_pinned_not_dropped() {
+    // (b) One cluster; the real token also carries another service's
+    // bookmark, which a verified token would have passed on.
+    let layer = one_cluster(old_keys());
+    let real = token(&[at(0x500, 7), at(0x900, ELSEWHERE)], &old_keys());
+    let cookie = planted_before(&real, MAX_MACS_PER_REQUEST as u64);
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmark(7),
+        Some(&Bookmark::new(Tagged::new(7).at(0x1000)))
+    );
+    assert_eq!(
+        issued.bookmark(ELSEWHERE),
+        Some(&Bookmark::pinned(ELSEWHERE))
+    );
+    // Without the forgeries the same token is verified and passed on.
+    let wrote = send(&layer, "/write", &format!("primary_affinity={real}")).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(issued.bookmark(ELSEWHERE), Some(&at(0x900, ELSEWHERE)));
+}
+
+#[tokio::test]
+async fn an_unknown_key_sends_reads_to_the_primary_and_a_write_pins_what_it_named() {
+    // (c) No attacker: a rotation is rolling out, and this instance does
+    // not know the key that signed the user's token yet.
+    let layer = one_cluster(old_keys());
+    let real = token(&[at(0x500, 7), at(0x900, ELSEWHERE)], &new_keys());
+    let cookie = format!("primary_affinity={real}");
+    let read = send(&layer, "/read", &cookie).await;
+    assert_eq!(read.reasons[0].as_str(), "unknown_key");
+    assert_eq!(read.outcome, TokenOutcome::Rejected(TokenError::UnknownKey));
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmark(7),
+        Some(&Bookmark::new(Tagged::new(7).at(0x1000)))
+    );
+    assert_eq!(
+        issued.bookmark(ELSEWHERE),
+        Some(&Bookmark::pinned(ELSEWHERE))
+    );
+    // The instance that knows the new key reads it as it always did.
+    let read = send(&one_cluster(new_keys()), "/read", &cookie).await;
+    assert_eq!(read.reasons, [RouteReason::CaughtUp]);
+    assert_eq!(read.outcome, TokenOutcome::Valid);
+}
+
+#[tokio::test]
+async fn pins_that_do_not_fit_give_the_every_cluster_marker_beside_other_services() {
+    // A valid token of clusters 7, 8 and another service's, and one under
+    // an unknown key naming two more clusters: five do not fit in a token.
+    let layer = two_clusters(old_keys());
+    let valid = token(
+        &[at(0x500, 7), at(0x600, 8), at(0x900, ELSEWHERE)],
+        &old_keys(),
+    );
+    let unknown = token(&[at(0x1, 100), at(0x1, 101)], &new_keys());
+    let cookie = format!("primary_affinity={unknown}; primary_affinity={valid}");
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmarks().as_slice(),
+        [
+            Bookmark::new(WritePosition::default()),
+            at(0x900, ELSEWHERE)
+        ]
+    );
+    // Every cluster's reads of the user go to the primary.
+    let read = send(
+        &layer,
+        "/read/orders/read",
+        &format!("primary_affinity={}", wrote_text(&issued)),
+    )
+    .await;
+    assert_eq!(
+        read.reasons,
+        [RouteReason::PositionUnknown, RouteReason::PositionUnknown]
+    );
+}
+
+/// `token` signed again with the layer's keys.
+fn wrote_text(token: &AffinityToken) -> String {
+    token.sign(DEFAULT_COOKIE_NAME, &old_keys())
 }
 
 #[tokio::test]
