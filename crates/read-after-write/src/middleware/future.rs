@@ -283,10 +283,6 @@ pub(crate) fn next_bookmarks<B>(
             None => None,
         };
         match (next, cluster.id) {
-            (Some(next), None) => {
-                bookmarks = Bookmarks::new();
-                own.set(next);
-            }
             (Some(next), _) => {
                 own.set(next);
             }

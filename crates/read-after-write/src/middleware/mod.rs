@@ -62,6 +62,12 @@
 //!   what this request captured (its writes, or with monotonic reads its
 //!   replica); a capture covers every commit before it in its cluster, so
 //!   it also replaces a bookmark pinned to the primary;
+//! - a backend that reports no [cluster id](crate::Backend::cluster_id)
+//!   gets its bookmark under the system identifier its capture reports,
+//!   beside other services' bookmarks (it cannot tell which of several is
+//!   its own, so it reads such a user's session data from the primary:
+//!   backends whose users also carry other services' bookmarks should
+//!   report their cluster id);
 //! - each cluster a token the layer could not read names gets a bookmark
 //!   [pinned to the primary](crate::Bookmark::pinned), unless this request
 //!   captured that cluster;

@@ -4,6 +4,7 @@
 //! in-test backends of the other layer tests (HTTP mechanics only).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -11,6 +12,7 @@ use http::header::{COOKIE, SET_COOKIE};
 use http::{Request, Response};
 use tower::{service_fn, Layer, ServiceExt};
 
+use super::tests::FakeBackend;
 use super::tests_sessions::Tagged;
 use super::*;
 use crate::backend::{Backend, RouteReason};
@@ -243,6 +245,29 @@ async fn an_unknown_key_sends_reads_to_the_primary_and_a_write_pins_what_it_name
     let read = send(&one_cluster(new_keys()), "/read", &cookie).await;
     assert_eq!(read.reasons, [RouteReason::CaughtUp]);
     assert_eq!(read.outcome, TokenOutcome::Valid);
+}
+
+#[tokio::test]
+async fn a_backend_without_a_cluster_id_keeps_other_services_bookmarks_on_a_write() {
+    // (d) FakeBackend reports no cluster id; its captures name SYSTEM.
+    let backend = FakeBackend::new();
+    backend
+        .primary_at
+        .store(0x4000, std::sync::atomic::Ordering::SeqCst);
+    let layer = ReadAfterWriteLayer::from_arc(Arc::clone(&backend), old_keys())
+        .identity(identify)
+        .clock(ManualClock::new(NOW));
+    let real = token(
+        &[at(0x100, super::tests::SYSTEM), at(0x900, ELSEWHERE)],
+        &old_keys(),
+    );
+    let wrote = send(&layer, "/write", &format!("primary_affinity={real}")).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmark(super::tests::SYSTEM),
+        Some(&at(0x4000, super::tests::SYSTEM))
+    );
+    assert_eq!(issued.bookmark(ELSEWHERE), Some(&at(0x900, ELSEWHERE)));
 }
 
 #[tokio::test]
