@@ -244,7 +244,10 @@ pub(crate) fn next_bookmarks<B>(
         .iter()
         .any(Bookmark::pins_every_cluster);
     let marker = carried_marker || unread.claims_every_cluster();
-    let replace_marker = marker && any_covered && false;
+    // Carried on by every later write, the marker would keep the user's
+    // reads on the primary for good. The capture covers the clusters it
+    // captured; the layer's others are pinned below.
+    let replace_marker = marker && any_covered;
     if replace_marker {
         bookmarks.retain(|b| !b.pins_every_cluster());
     }

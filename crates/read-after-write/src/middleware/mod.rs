@@ -71,6 +71,14 @@
 //! - each cluster a token the layer could not read names gets a bookmark
 //!   [pinned to the primary](crate::Bookmark::pinned), unless this request
 //!   captured that cluster;
+//! - the all-zero position, which pins every cluster (a version 1 pin, a
+//!   time-window instance sharing the keys, or the fallback below), stays
+//!   until the user writes again: that write's capture covers it, so the
+//!   clusters captured get their position and the layer's others a pin,
+//!   instead of the marker keeping every read on the primary for good.
+//!   What it stood for in other services' clusters is not written down
+//!   anywhere, so it ends there (a residual risk: their bookmarks, where
+//!   they fitted beside the marker, travel on);
 //! - when those pins do not all fit in
 //!   [`MAX_CLUSTERS`](crate::bookmark::MAX_CLUSTERS) beside the other
 //!   bookmarks, the token carries the all-zero position instead, which

@@ -271,6 +271,36 @@ async fn a_backend_without_a_cluster_id_keeps_other_services_bookmarks_on_a_writ
 }
 
 #[tokio::test]
+async fn a_write_replaces_the_pin_every_cluster_marker() {
+    // (e) The all-zero position pins every cluster (a version 1 pin, or a
+    // time-window instance sharing the keys). A write captures every
+    // commit before it, that token's included: the marker goes.
+    let marker = token(&[Bookmark::new(WritePosition::default())], &old_keys());
+    let cookie = format!("primary_affinity={marker}");
+    let layer = one_cluster(old_keys());
+    let read = send(&layer, "/read", &cookie).await;
+    assert_eq!(read.reasons, [RouteReason::PositionUnknown]);
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = wrote.issued.unwrap();
+    assert_eq!(
+        decode(&issued, &old_keys()).bookmarks(),
+        &Bookmarks::one(Bookmark::new(Tagged::new(7).at(0x1000)))
+    );
+    let read = send(&layer, "/read", &format!("primary_affinity={issued}")).await;
+    assert_eq!(read.reasons, [RouteReason::CaughtUp]);
+    // Over two clusters, the one not written stays pinned.
+    let layer = two_clusters(old_keys());
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmark(7),
+        Some(&Bookmark::new(Tagged::new(7).at(0x1000)))
+    );
+    assert_eq!(issued.bookmark(8), Some(&Bookmark::pinned(8)));
+    assert_eq!(issued.bookmark(0), None);
+}
+
+#[tokio::test]
 async fn pins_that_do_not_fit_give_the_every_cluster_marker_beside_other_services() {
     // A valid token of clusters 7, 8 and another service's, and one under
     // an unknown key naming two more clusters: five do not fit in a token.
@@ -300,6 +330,23 @@ async fn pins_that_do_not_fit_give_the_every_cluster_marker_beside_other_service
     assert_eq!(
         read.reasons,
         [RouteReason::PositionUnknown, RouteReason::PositionUnknown]
+    );
+    // The user's next write replaces the marker; the other service's
+    // bookmark outlives it.
+    let again = send(
+        &layer,
+        "/orders/write",
+        &format!("primary_affinity={}", wrote_text(&issued)),
+    )
+    .await;
+    let again = decode(&again.issued.unwrap(), &old_keys());
+    assert_eq!(
+        again.bookmarks().as_slice(),
+        [
+            at(0x900, ELSEWHERE),
+            Bookmark::new(Tagged::new(8).at(0x1000)),
+            Bookmark::pinned(7)
+        ]
     );
 }
 
