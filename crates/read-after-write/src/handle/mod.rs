@@ -335,10 +335,10 @@ impl<B: Backend> Db<B> {
     /// # }
     /// ```
     pub async fn forward_header(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
-        let user = self.state.user.clone()?;
+        let user = self.state.user()?;
         let bookmarks = match self.shared.mode {
-            Mode::TimeWindow(_) if self.state.wrote() || !self.state.carried.is_empty() => {
-                Bookmarks::one(Bookmark::new(WritePosition::default()))
+            Mode::TimeWindow(_) if self.time_window_pins() => {
+                Bookmarks::one(Bookmark::EVERY_CLUSTER)
             }
             Mode::TimeWindow(_) => return None,
             Mode::Position => {
@@ -385,6 +385,9 @@ impl<B: Backend> Db<B> {
     pub async fn requirement(&self) -> Requirement {
         let own = self.own();
         let carried = match own.required {
+            // Another user's promises, when the handler bound the request
+            // to a new named user: not this user's to keep.
+            _ if !self.state.inherits() => Requirement::Nothing,
             Required::Nothing => Requirement::Nothing,
             Required::Position(bookmark) => Requirement::Position(bookmark.position),
             Required::Primary(_) => Requirement::Primary,
@@ -414,14 +417,79 @@ impl<B: Backend> Db<B> {
         self.state.token
     }
 
-    /// The requester's identity as the layer's identity function saw it.
-    pub fn user(&self) -> Option<&UserId> {
-        self.state.user.as_ref()
+    /// Whom this request's tokens are for: the user the handler bound it
+    /// to with [`bind_user`](Self::bind_user) (the last binding of any
+    /// clone wins), else the requester's identity as the layer's identity
+    /// function saw it (the anonymous id where anonymous tokens are
+    /// allowed). `None`: no one, so no token is issued.
+    ///
+    /// ```
+    /// use read_after_write::{Backend, Db};
+    ///
+    /// fn audit<B: Backend>(db: &Db<B>) {
+    ///     if let Some(user) = db.user() {
+    ///         tracing::info!(?user, "acting for");
+    ///     }
+    /// }
+    /// ```
+    pub fn user(&self) -> Option<UserId> {
+        self.state.user()
+    }
+
+    /// Binds this request to `user`, for a handler that establishes who
+    /// the requester is: sign-up, login, switching accounts.
+    ///
+    /// The layer's identity function runs before the handler, so a handler
+    /// that creates a user or signs one in writes while the request is
+    /// anonymous (or someone else's). Without a binding the response's
+    /// token is not that user's (or there is none), and their next page may
+    /// read a replica that lacks the row just written. Once bound, the
+    /// response's token is for `user` and covers every write of the
+    /// request, before or after the binding, as do
+    /// [`forward_header`](Self::forward_header) and
+    /// [`requirement`](Self::requirement).
+    ///
+    /// What the request's tokens promised goes with the binding when the
+    /// request was anonymous (or had no identity): the same browser, and
+    /// promises only grow, so such a request issues a token for `user` even
+    /// if it did not write. When it was another named user's, their
+    /// promises stay theirs and are dropped. Reads later in the same request
+    /// still route by the tokens it carried.
+    ///
+    /// Every clone of the handle shares the binding; the last call wins.
+    /// Binding the anonymous (empty) id binds the anonymous user where
+    /// anonymous tokens are allowed, and no one otherwise (no token is
+    /// issued).
+    ///
+    /// ```no_run
+    /// use read_after_write::pg::PgDb;
+    /// use read_after_write::UserId;
+    ///
+    /// /// `POST /signup`: the request has no identity yet.
+    /// async fn sign_up(db: PgDb, name: String) -> Result<i64, sqlx::Error> {
+    ///     let (id,): (i64,) = sqlx::query_as("insert into users (name) values ($1) returning id")
+    ///         .bind(&name)
+    ///         .fetch_one(db.write())
+    ///         .await?;
+    ///     // The response's token is this new user's: their profile page,
+    ///     // read with db.read(), finds the row.
+    ///     db.bind_user(UserId::from(id));
+    ///     Ok(id) // and set the session cookie your authentication reads
+    /// }
+    /// ```
+    pub fn bind_user(&self, user: UserId) {
+        self.state.bind(self.shared.admit(Some(user)));
     }
 
     /// The backend, for what the handle does not cover.
     pub fn backend(&self) -> &B {
         self.target()
+    }
+
+    /// In time-window mode, whether a token for this request's user pins
+    /// the primary: they wrote now, or carried a token they may keep.
+    fn time_window_pins(&self) -> bool {
+        self.state.wrote() || (self.state.inherits() && !self.state.carried.is_empty())
     }
 
     /// Like [`forward_header`](Self::forward_header), without waiting: for
@@ -440,10 +508,10 @@ impl<B: Backend> Db<B> {
     /// # }
     /// ```
     pub fn forward_header_now(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
-        let user = self.state.user.clone()?;
+        let user = self.state.user()?;
         let bookmarks = match self.shared.mode {
-            Mode::TimeWindow(_) if self.state.wrote() || !self.state.carried.is_empty() => {
-                Bookmarks::one(Bookmark::new(WritePosition::default()))
+            Mode::TimeWindow(_) if self.time_window_pins() => {
+                Bookmarks::one(Bookmark::EVERY_CLUSTER)
             }
             Mode::TimeWindow(_) => return None,
             Mode::Position => {
@@ -551,7 +619,7 @@ impl<B: Backend> fmt::Debug for Db<B> {
             .field("cluster", &self.cluster_name())
             .field("required", &self.own().required)
             .field("token", &self.state.token)
-            .field("user", &self.state.user)
+            .field("user", &self.state.user())
             .field("wrote", &self.own().wrote())
             .field(
                 "time_window",

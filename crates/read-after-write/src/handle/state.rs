@@ -179,7 +179,15 @@ impl Unread {
 
 /// Per-request state shared by the handle's clones and the response future.
 pub(crate) struct RequestState {
-    pub(crate) user: Option<UserId>,
+    /// Who the identity function found before the handler ran (the
+    /// anonymous id where anonymous tokens are allowed); `None`: no one.
+    identified: Option<UserId>,
+    /// Set by [`Db::bind_user`](crate::Db::bind_user): `Some(user)` once the
+    /// handler bound the request, where `user` is `None` for a binding to
+    /// no one. A mutex, not a `OnceLock`, because a later binding replaces
+    /// an earlier one; inline, so a request that never binds allocates
+    /// nothing for it, and uncontended.
+    bound: Mutex<Option<Option<UserId>>>,
     pub(crate) token: TokenOutcome,
     /// Every bookmark the request's valid tokens carried, merged: this
     /// layer's clusters' and other services' clusters', passed on unchanged
@@ -289,7 +297,8 @@ impl RequestState {
         clusters: SmallVec<[ClusterState; 1]>,
     ) -> Self {
         RequestState {
-            user,
+            identified: user,
+            bound: Mutex::new(None),
             token,
             carried,
             unread,
@@ -302,5 +311,41 @@ impl RequestState {
     /// Whether the request wrote to any cluster.
     pub(crate) fn wrote(&self) -> bool {
         self.clusters.iter().any(ClusterState::wrote)
+    }
+
+    /// Whom the request's tokens are for: the user the handler bound it to
+    /// (the last binding wins), else the identified one.
+    pub(crate) fn user(&self) -> Option<UserId> {
+        match &*self.bound.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(bound) => bound.clone(),
+            None => self.identified.clone(),
+        }
+    }
+
+    /// Binds the request to `user` (`None`: to no one).
+    pub(crate) fn bind(&self, user: Option<UserId>) {
+        *self.bound.lock().unwrap_or_else(PoisonError::into_inner) = Some(user);
+    }
+
+    /// Whether the bound user takes over what the request's tokens carried
+    /// and claimed: unbound, or bound from an anonymous (or no) identity to
+    /// anyone (same browser, and promises only grow), or to the identified
+    /// user again. A named user's promises never pass to another user.
+    pub(crate) fn inherits(&self) -> bool {
+        let bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
+        match (&*bound, &self.identified) {
+            (None, _) | (Some(_), None) => true,
+            (Some(_), Some(identified)) if identified.is_anonymous() => true,
+            (Some(bound), Some(identified)) => bound.as_ref() == Some(identified),
+        }
+    }
+
+    /// Whether the handler bound the request to someone other than the
+    /// identified user, so the response's token is for a new user.
+    pub(crate) fn rebound(&self) -> bool {
+        let bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
+        bound
+            .as_ref()
+            .is_some_and(|bound| *bound != self.identified)
     }
 }

@@ -12,7 +12,7 @@ use super::{transport, Mode, Shared};
 use crate::backend::Backend;
 use crate::bookmark::{Bookmark, Bookmarks};
 use crate::forward::{self, TokenSource};
-use crate::handle::RequestState;
+use crate::handle::{RequestState, Unread};
 use crate::position::WritePosition;
 use crate::token::{AffinityToken, UserId};
 
@@ -124,23 +124,31 @@ fn start_capture<B: Backend, ResBody>(
     if wrote {
         metrics::counter!("read_after_write_writes_total").increment(1);
     }
-    if state.user.is_none() {
+    // Whom the token is for, now that the handler has run: it may have
+    // bound the request to a user it signed up or signed in.
+    if state.user().is_none() {
         if wrote {
             warn_wrote_without_identity(shared);
         }
         return None;
     }
+    // A request bound to a new user that carries promises over to them
+    // issues a token even without a write: the old one in the browser is
+    // not that user's.
+    let rebound = state.rebound();
     if let Mode::TimeWindow(_) = shared.mode {
-        if wrote {
-            let pinned = Bookmarks::one(Bookmark::new(WritePosition::default()));
+        if wrote || (rebound && state.inherits() && !state.carried.is_empty()) {
+            let pinned = Bookmarks::one(Bookmark::EVERY_CLUSTER);
             issue_token(shared, state, response, pinned);
         }
         return None;
     }
     if !needs_capture(shared, state) {
-        if shared.monotonic {
+        if shared.monotonic || rebound {
             let bookmarks = next_bookmarks(shared, state, &Captured::new());
-            if bookmarks != state.carried || refresh_due(shared, state) {
+            let monotonic_due =
+                shared.monotonic && (bookmarks != state.carried || refresh_due(shared, state));
+            if rebound || monotonic_due {
                 issue_token(shared, state, response, bookmarks);
             }
         }
@@ -227,8 +235,14 @@ pub(crate) fn next_bookmarks<B>(
     state: &RequestState,
     captured: &[Option<WritePosition>],
 ) -> Bookmarks {
-    let mut bookmarks = state.carried.clone();
-    let unread = &state.unread;
+    // What the request's tokens carried and claimed, unless the handler
+    // bound the request to another named user: theirs are not this user's.
+    let (no_carried, no_unread) = (Bookmarks::new(), Unread::default());
+    let (carried, unread) = match state.inherits() {
+        true => (&state.carried, &state.unread),
+        false => (&no_carried, &no_unread),
+    };
+    let mut bookmarks = carried.clone();
     // A capture after the request covers every commit before it in its
     // cluster, whatever a token promised there: the unknown write behind a
     // pin or the marker included. A failed capture (a pin) covers nothing.
@@ -304,7 +318,7 @@ pub(crate) fn next_bookmarks<B>(
     }
     fits = fits && place(shared, &mut bookmarks, &own, &pins);
     if !fits {
-        return every_cluster(shared, &state.carried);
+        return every_cluster(shared, carried);
     }
     bookmarks
 }
@@ -377,7 +391,8 @@ fn warn_wrote_without_identity<B>(shared: &Shared<B>) {
             "the identity function returned None for a request that wrote, so it got no affinity \
              token and its user may not see the write on the next page; is the authentication layer \
              inside ReadAfterWriteLayer? It must be outside (added after it, with Router::layer) so \
-             it runs first. (Logged at most once a minute; every such write is counted in \
+             it runs first. A handler that signs the user up or in binds the request to them \
+             with Db::bind_user. (Logged at most once a minute; every such write is counted in \
              read_after_write_writes_without_identity_total)"
         );
     } else {
@@ -400,7 +415,7 @@ fn issue_token<B: Backend, ResBody>(
     response: &mut Response<ResBody>,
     bookmarks: Bookmarks,
 ) {
-    let Some(user) = state.user.clone() else {
+    let Some(user) = state.user() else {
         return;
     };
     let Some(token) = mint_token(shared, user, bookmarks) else {

@@ -420,12 +420,16 @@ impl<B> Shared<B> {
     /// found no one: that request is anonymous, and gets the anonymous id
     /// only when anonymous tokens are allowed.
     pub(crate) fn identify(&self, parts: &http::request::Parts) -> Option<UserId> {
-        let found = self
-            .identity
-            .as_ref()
-            .and_then(|identify| identify(parts))
-            .filter(|user| !user.is_anonymous());
+        self.admit(self.identity.as_ref().and_then(|identify| identify(parts)))
+    }
+
+    /// `user` as a request's identity: the empty (anonymous) id, like no id,
+    /// is the anonymous id where anonymous tokens are allowed and no one
+    /// otherwise. Shared by the identity function and
+    /// [`Db::bind_user`](crate::Db::bind_user).
+    pub(crate) fn admit(&self, user: Option<UserId>) -> Option<UserId> {
         let anonymous_ok = self.allow_anonymous.unwrap_or(self.identity.is_none());
+        let found = user.filter(|user| !user.is_anonymous());
         found.or_else(|| anonymous_ok.then(UserId::anonymous))
     }
 }
@@ -478,6 +482,8 @@ impl<B> fmt::Debug for Shared<B> {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tests_identity;
 #[cfg(test)]
 mod tests_sessions;
 #[cfg(test)]
