@@ -109,9 +109,6 @@ where
     }
 }
 
-/// Decides what a finished handler's response needs. Returns the capture of
-/// the write position when the request wrote in position mode; issues the
-/// token at once in time-window mode.
 /// Decides what the response carries once the handler has returned: starts
 /// the capture of the primary's position where the request wrote (or, with
 /// monotonic reads, read the primary), or issues what needs no capture.

@@ -6,12 +6,15 @@
 //!    header) or from the token header;
 //! 2. verifies it and checks that it belongs to the requester; a token that
 //!    fails any check is treated as absent and counted by reason, never
-//!    turned into an error response;
+//!    turned into an error response, except one that may be genuine but
+//!    cannot be read ([below](#tokens-the-layer-cannot-read));
 //! 3. inserts a [`Db`](crate::Db) handle into the request extensions;
 //! 4. after the handler returns, if the request wrote, asks the backend for
 //!    the write position and appends a `Set-Cookie` (and sets the token
-//!    header) for a token at the larger of the old and new positions. This
-//!    happens for error responses too: a commit may have happened.
+//!    header) for a token at the larger of the old and new positions, for
+//!    the requester or the user the handler bound the request to
+//!    ([`Db::bind_user`](crate::Db::bind_user)). This happens for error
+//!    responses too: a commit may have happened.
 //!
 //! # Hostile requests
 //!
@@ -85,6 +88,11 @@
 //!   pins every cluster (with other services' bookmarks beside it, where
 //!   they fit). A pin never pushes out a verified bookmark; this layer's
 //!   own bookmarks do push out other services' when there is no room.
+//!
+//! A request the handler bound to another named user
+//! ([`Db::bind_user`](crate::Db::bind_user)) issues that user's token from
+//! this request's captures alone: the old user's promises are not theirs.
+//! Bound from an anonymous session, everything above carries over.
 //!
 //! # Monotonic reads
 //!
