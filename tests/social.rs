@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use read_after_write::pg::PgReplicaSet;
 use read_after_write::{KeySet, SigningKey};
-use read_after_write_lab::social::{self, AppConfig, Created, Post};
+use read_after_write_lab::social::{self, AppConfig, Created, Dashboard, LoggedIn, Post};
 use read_after_write_testkit::TestCluster;
 use reqwest::header::COOKIE;
 use tokio::sync::OnceCell;
@@ -204,6 +204,104 @@ async fn a_profile_edit_is_seen_at_once() {
             .unwrap();
         assert_eq!(profile["name"], name);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_up_and_a_login_are_seen_on_the_next_page() {
+    let cluster = cluster().await;
+    let base = format!("http://{}", serve(cluster, keys(1)).await);
+    const ROUNDS: i64 = 15;
+    let (mut missed, mut naive_missed) = (0, 0);
+    for i in 0..ROUNDS {
+        // A new visitor signs up: no identity until the handler creates it.
+        let visitor = browser();
+        let response = visitor
+            .post(format!("{base}/api/signup"))
+            .json(&serde_json::json!({ "name": format!("Grace {i}") }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        assert!(
+            response.headers().get("x-primary-affinity").is_some(),
+            "the sign-up's response carries the new user's token"
+        );
+        let id = response.json::<Created>().await.unwrap().id;
+        // The naive control: the same profile read without the token.
+        let naive = reqwest::Client::new()
+            .get(format!("{base}/api/profile/{id}"))
+            .header("x-user-id", id)
+            .send()
+            .await
+            .unwrap();
+        naive_missed += i64::from(naive.status() == 404);
+        // The new user's profile page, with the cookies the sign-up set.
+        let response = visitor
+            .get(format!("{base}/api/profile/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            route(&response).ends_with("token=valid"),
+            "{}",
+            route(&response)
+        );
+        if response.status() == 200 {
+            let profile: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(profile["name"], format!("Grace {i}"));
+        } else {
+            missed += 1;
+        }
+    }
+    eprintln!("{ROUNDS} sign-ups: {missed} profiles missing, {naive_missed} without the token");
+    assert_eq!(missed, 0);
+    assert!(
+        naive_missed > 0,
+        "the profile was never missing without the token: the lag is not real"
+    );
+
+    let (mut missed, mut naive_missed) = (0, 0);
+    for i in 0..ROUNDS {
+        let user = 9_000 + i;
+        let visitor = browser();
+        let response = visitor
+            .post(format!("{base}/api/login"))
+            .json(&serde_json::json!({ "user_id": user }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let login = response.json::<LoggedIn>().await.unwrap().login_id;
+        let last_login = |dashboard: Dashboard| dashboard.last_login.map(|l| l.id);
+        let naive: Dashboard = reqwest::Client::new()
+            .get(format!("{base}/api/dashboard"))
+            .header("x-user-id", user)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        naive_missed += i64::from(last_login(naive) != Some(login));
+        let dashboard: Dashboard = visitor
+            .get(format!("{base}/api/dashboard"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(dashboard.user_id, user);
+        missed += i64::from(last_login(dashboard) != Some(login));
+    }
+    eprintln!(
+        "{ROUNDS} logins: {missed} dashboards without them, {naive_missed} without the token"
+    );
+    assert_eq!(missed, 0);
+    assert!(
+        naive_missed > 0,
+        "the login was never missing without the token: the lag is not real"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,12 @@
 //! Identity is demo-only: the `x-user-id: <integer>` header, or for the HTML
 //! page a `demo_user` cookie set by its login form. A real app puts its
 //! authenticated user into the request extensions instead.
+//!
+//! Sign-up (`POST /api/signup`) and login (`POST /api/login`) establish the
+//! identity inside the handler, after the layer has asked who the requester
+//! is: they write (the new account, the login row) and call
+//! [`Db::bind_user`], so the response's token is the new user's and the next
+//! page (`GET /api/profile/{id}`, `GET /api/dashboard`) sees those rows.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -180,6 +186,9 @@ where
         .route("/api/feed", get(feed::<B>))
         .route("/api/profile", put(put_profile::<B>))
         .route("/api/profile/{user_id}", get(get_profile::<B>))
+        .route("/api/signup", post(sign_up::<B>))
+        .route("/api/login", post(log_in::<B>))
+        .route("/api/dashboard", get(dashboard::<B>))
         .route_layer(layer)
         // Operations endpoints and the login form do not touch the database
         // through the layer.
@@ -310,10 +319,10 @@ pub struct NewPost {
     pub content: String,
 }
 
-/// The answer to `POST /api/posts`.
+/// The answer to `POST /api/posts` and `POST /api/signup`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Created {
-    /// The new post's id.
+    /// The new post's (or account's) id.
     pub id: i64,
 }
 
@@ -338,6 +347,47 @@ pub struct ProfileUpdate {
     pub bio: String,
 }
 
+/// The body of `POST /api/signup`.
+#[derive(Debug, Deserialize)]
+pub struct SignUp {
+    /// Display name.
+    pub name: String,
+}
+
+/// The body of `POST /api/login`.
+#[derive(Debug, Deserialize)]
+pub struct Login {
+    /// Who signs in (demo-only: no password).
+    pub user_id: i64,
+}
+
+/// The answer to `POST /api/login`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoggedIn {
+    /// The login row's id.
+    pub login_id: i64,
+}
+
+/// One login, as the dashboard shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, sqlx::FromRow)]
+pub struct LoginRecord {
+    /// The login row's id.
+    pub id: i64,
+    /// When, RFC 3339 in UTC.
+    pub at: String,
+}
+
+/// The answer to `GET /api/dashboard`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Dashboard {
+    /// Whose dashboard.
+    pub user_id: i64,
+    /// Their latest login, if they ever logged in.
+    pub last_login: Option<LoginRecord>,
+    /// How many posts they have.
+    pub posts: i64,
+}
+
 /// `select <the post's columns>` followed by the rest of the statement, as
 /// one `&'static str`: sqlx 0.9 takes only static SQL (or SQL explicitly
 /// asserted safe), so the column list is spliced in at compile time.
@@ -349,6 +399,14 @@ macro_rules! select_posts {
             $rest
         )
     };
+}
+
+fn validate_name(name: &str) -> Result<&str, AppError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(AppError::Invalid("name must be 1 to 100 characters"));
+    }
+    Ok(name)
 }
 
 fn validate(content: &str) -> Result<&str, AppError> {
@@ -513,10 +571,7 @@ async fn put_profile<B: Backend<Pool = PgPool>>(
     DemoUser(user): DemoUser,
     Json(update): Json<ProfileUpdate>,
 ) -> Result<Json<Profile>, AppError> {
-    let name = update.name.trim();
-    if name.is_empty() || name.chars().count() > 100 {
-        return Err(AppError::Invalid("name must be 1 to 100 characters"));
-    }
+    let name = validate_name(&update.name)?;
     if update.bio.chars().count() > MAX_POST_CHARS {
         return Err(AppError::Invalid("bio is longer than 2000 characters"));
     }
@@ -555,6 +610,94 @@ async fn get_profile<B: Backend<Pool = PgPool>>(
         // A 404 read a node too, so it carries the counter as well.
         None => with_readings(AppError::NotFound, readings),
     })
+}
+
+/// `POST /api/signup {"name"}`: creates an account and its profile and
+/// signs the new user in; 201 with their id, and the `demo_user` cookie.
+///
+/// The request has no identity yet (the layer's identity function found no
+/// one), so [`Db::bind_user`] makes the response's token the new user's:
+/// their profile page, a session read, finds the rows written here instead
+/// of asking a replica that may not have them.
+async fn sign_up<B: Backend<Pool = PgPool>>(
+    db: Db<B>,
+    Json(body): Json<SignUp>,
+) -> Result<Response, AppError> {
+    let name = validate_name(&body.name)?;
+    let mut tx = db.write().begin().await?;
+    let (id,): (i64,) = sqlx::query_as("insert into accounts (name) values ($1) returning id")
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query("insert into profiles (user_id, name) values ($1, $2)")
+        .bind(id)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    db.bind_user(UserId::from(id));
+    Ok(signed_in((StatusCode::CREATED, Json(Created { id })), id))
+}
+
+/// `POST /api/login {"user_id"}`: signs the user in and records the login;
+/// 200 with the login row's id, and the `demo_user` cookie.
+///
+/// Whoever the request was before (anonymous, or another account), it is
+/// `user_id`'s from here: [`Db::bind_user`] gives the response that user's
+/// token, covering the login row, so their dashboard shows this login.
+async fn log_in<B: Backend<Pool = PgPool>>(
+    db: Db<B>,
+    Json(body): Json<Login>,
+) -> Result<Response, AppError> {
+    // A real app checks the password here; then it knows who this is.
+    db.bind_user(UserId::from(body.user_id));
+    let (login_id,): (i64,) =
+        sqlx::query_as("insert into logins (user_id) values ($1) returning id")
+            .bind(body.user_id)
+            .fetch_one(db.write())
+            .await?;
+    Ok(signed_in(Json(LoggedIn { login_id }), body.user_id))
+}
+
+/// `GET /api/dashboard`: the user's latest login and how many posts they
+/// have. Session-consistent, so right after a login it shows that login.
+async fn dashboard<B: Backend<Pool = PgPool>>(
+    State(state): State<AppState>,
+    db: Db<B>,
+    DemoUser(user): DemoUser,
+) -> Result<Response, AppError> {
+    let (pool, wasted_wait) = session_read(&db, state.lab).await;
+    let last_login: Option<LoginRecord> = sqlx::query_as(
+        "select id, to_char(at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') as at \
+         from logins where user_id = $1 order by id desc limit 1",
+    )
+    .bind(user)
+    .fetch_optional(pool)
+    .await?;
+    let (posts,): (i64,) = sqlx::query_as("select count(*) from posts where user_id = $1")
+        .bind(user)
+        .fetch_one(pool)
+        .await?;
+    let readings = LabReadings {
+        counter: lab_counter(pool, state.lab.counter).await?,
+        wasted_wait,
+    };
+    let dashboard = Dashboard {
+        user_id: user,
+        last_login,
+        posts,
+    };
+    Ok(with_readings(Json(dashboard), readings))
+}
+
+/// `response` with the `demo_user` cookie for `user`: the demo identity
+/// the next requests carry.
+fn signed_in(response: impl IntoResponse, user: i64) -> Response {
+    let mut response = response.into_response();
+    if let Ok(value) = format!("{USER_COOKIE}={user}; Path=/; SameSite=Lax; HttpOnly").parse() {
+        response.headers_mut().append(SET_COOKIE, value);
+    }
+    response
 }
 
 /// `GET /healthz`: 200 with each replica's state once the pools are up.
@@ -605,18 +748,10 @@ async fn create_post_form<B: Backend<Pool = PgPool>>(
     Ok(see_other("/"))
 }
 
-/// `POST /login`: sets the demo identity cookie.
+/// `POST /login`: sets the demo identity cookie. It writes nothing, so
+/// unlike `POST /api/login` it needs no token.
 async fn login_form(Form(form): Form<LoginForm>) -> Response {
-    let mut response = see_other("/");
-    if let Ok(value) = format!(
-        "{USER_COOKIE}={}; Path=/; SameSite=Lax; HttpOnly",
-        form.user_id
-    )
-    .parse()
-    {
-        response.headers_mut().append(SET_COOKIE, value);
-    }
-    response
+    signed_in(see_other("/"), form.user_id)
 }
 
 /// `GET /`: the post form and the user's own posts (a session read).

@@ -21,7 +21,9 @@
 //! | `RUST_LOG` | log filter, default `info` |
 //!
 //! Identity is demo-only: send `x-user-id: <integer>`, or sign in on the
-//! HTML page at `/`, which sets a `demo_user` cookie.
+//! HTML page at `/`, which sets a `demo_user` cookie. `POST /api/signup`
+//! and `POST /api/login` establish it in the handler and bind the request
+//! to it (`Db::bind_user`), so the next page sees what they wrote.
 
 mod app;
 #[path = "../support.rs"]
@@ -92,6 +94,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("  curl -si -c jar -b jar -H 'x-user-id: 1' -H 'content-type: application/json' -d '{{\"content\":\"hello\"}}' http://{address}/api/posts");
     println!("  curl -s  -c jar -b jar -H 'x-user-id: 1' http://{address}/api/posts");
+    println!("  curl -si -c jar -b jar -H 'content-type: application/json' -d '{{\"name\":\"Ada\"}}' http://{address}/api/signup");
+    println!("  curl -s  -c jar -b jar http://{address}/api/dashboard");
     println!("  curl -s  http://{address}/metrics | grep read_after_write_reads_total");
 
     axum::serve(listener, router)

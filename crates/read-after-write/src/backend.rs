@@ -502,6 +502,11 @@ pub enum RouteReason {
     /// Eventual read; every healthy replica lagged more than the staleness
     /// bound, so the primary served it.
     TooStale,
+    /// Session read with a token signed under a key id this instance does
+    /// not know (a key rotation rolled out to some instances only): it may
+    /// promise a write, so the primary, never an eventual read. See
+    /// [`KeySet`](crate::KeySet) for rotating keys without it.
+    UnknownKey,
 }
 
 impl RouteReason {
@@ -532,6 +537,7 @@ impl RouteReason {
             RouteReason::ReadPrimaryThisRequest => "read_primary_this_request",
             RouteReason::PredictedLate => "predicted_late",
             RouteReason::TooStale => "too_stale",
+            RouteReason::UnknownKey => "unknown_key",
         }
     }
 }

@@ -64,8 +64,12 @@ use smallvec::SmallVec;
 use crate::position::{Lsn, WritePosition};
 
 /// The most clusters one token covers. A layer over more clusters is
-/// refused at configuration; bookmarks of other services' clusters beyond
-/// this are dropped from the tokens a layer issues.
+/// refused at configuration. Where the tokens a layer issues have no room
+/// for all their bookmarks, the layer's own come first and other services'
+/// verified bookmarks beyond this are dropped; bookmarks pinned for tokens
+/// the layer could not read are never dropped: the token then pins every
+/// cluster instead (see
+/// [what an issued token keeps](crate::middleware#what-an-issued-token-keeps)).
 ///
 /// It bounds the token: with a 255-byte user id and four clusters the cookie
 /// value is at most [`MAX_ENCODED_LEN`](crate::token::MAX_ENCODED_LEN)
@@ -162,6 +166,16 @@ impl Bookmark {
     /// ```
     pub const fn pinned(system_id: u64) -> Self {
         Bookmark::new(WritePosition::new(Lsn::ZERO, 0, system_id))
+    }
+
+    /// The all-zero position's bookmark, which pins every cluster: version
+    /// 1's pin, a time-window token, or a token that could not name every
+    /// cluster it must pin (see [`WritePosition::pins_primary`]).
+    pub(crate) const EVERY_CLUSTER: Bookmark = Bookmark::pinned(0);
+
+    /// Whether this is [`EVERY_CLUSTER`](Self::EVERY_CLUSTER).
+    pub(crate) fn pins_every_cluster(&self) -> bool {
+        self.position == WritePosition::default()
     }
 
     /// The same position, read on `replica`.

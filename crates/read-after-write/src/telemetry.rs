@@ -19,7 +19,7 @@ static METADATA: Metadata<'static> =
 const TARGETS: [Target; 2] = [Target::Primary, Target::Replica];
 
 /// Every reason, in declaration order, so `reason as usize` indexes it.
-const REASONS: [RouteReason; 20] = [
+const REASONS: [RouteReason; 21] = [
     RouteReason::NoToken,
     RouteReason::CaughtUp,
     RouteReason::CaughtUpAfterWait,
@@ -40,6 +40,7 @@ const REASONS: [RouteReason; 20] = [
     RouteReason::ReadPrimaryThisRequest,
     RouteReason::PredictedLate,
     RouteReason::TooStale,
+    RouteReason::UnknownKey,
 ];
 
 const TOKEN_ERRORS: [TokenError; 6] = [

@@ -29,8 +29,8 @@ use http::{HeaderValue, Method, Request, Response};
 use read_after_write::middleware::{DEFAULT_COOKIE_NAME, DEFAULT_TOKEN_HEADER};
 use read_after_write::token::MAX_ENCODED_LEN;
 use read_after_write::{
-    AffinityToken, Backend, Db, KeySet, Lsn, ManualClock, ReadAfterWriteLayer, RouteReason, Routed,
-    SigningKey, TokenError, TokenOutcome, UserId, WritePosition,
+    AffinityToken, Backend, Bookmarks, Db, KeySet, Lsn, ManualClock, ReadAfterWriteLayer,
+    RouteReason, Routed, SigningKey, TokenError, TokenOutcome, UserId, WritePosition,
 };
 use tower::{service_fn, Layer, Service, ServiceExt};
 
@@ -474,12 +474,20 @@ enum Piece {
     Forged(String),
     /// Cheap junk: never costs a MAC.
     Junk(String),
+    /// The requester's token under a key id the layer does not know (as
+    /// during a rolling key rotation): costs no MAC, but is not absent.
+    /// Unless the valid tokens promise as much, the clusters it names are
+    /// read from the primary.
+    Unreadable(AffinityToken, String),
 }
 
 impl Piece {
     fn text(&self) -> &str {
         match self {
-            Piece::Valid(_, text) | Piece::Forged(text) | Piece::Junk(text) => text,
+            Piece::Valid(_, text)
+            | Piece::Forged(text)
+            | Piece::Junk(text)
+            | Piece::Unreadable(_, text) => text,
         }
     }
 }
@@ -521,10 +529,11 @@ fn junk_piece(rng: &mut Rng, user: u64, keys: &KeySet) -> Piece {
             .sign(NAME, keys),
         ),
         // The requester's token under an unknown key or another name.
-        6 => Piece::Junk(
-            AffinityToken::new(UserId::from(user), random_position(rng), NOW + 60)
-                .sign(NAME, &self::keys(2)),
-        ),
+        6 => {
+            let token = AffinityToken::new(UserId::from(user), random_position(rng), NOW + 60);
+            let text = token.sign(NAME, &self::keys(2));
+            Piece::Unreadable(token, text)
+        }
         7 => Piece::Forged(
             AffinityToken::new(UserId::from(user), random_position(rng), NOW + 60)
                 .sign("session", keys),
@@ -793,9 +802,26 @@ fn hostile_request(rng: &mut Rng, pools: &Pools) -> Case {
             .iter()
             .any(|b| a.position().cmp_promise(&b.position()).is_none())
     });
+    // Tokens under an unknown key that promise something the valid ones do
+    // not: the backend names no cluster, so any claim may be its own, and
+    // its session reads go to the primary.
+    let mut carried = Bookmarks::new();
+    for token in &valid {
+        carried.merge(token.bookmarks());
+    }
+    let mut claimed = Bookmarks::new();
+    for piece in headers.iter().chain(&cookies) {
+        if let Piece::Unreadable(token, _) = piece {
+            claimed.merge(token.bookmarks());
+        }
+    }
+    let unread = claimed
+        .as_slice()
+        .iter()
+        .any(|claim| !carried.covers(&Bookmarks::one(*claim)));
     let expect = match (identity, best(valid.iter().copied())) {
         (Some(_), Some(token)) => {
-            let pinned = token.position().pins_primary() || clusters_differ;
+            let pinned = token.position().pins_primary() || clusters_differ || unread;
             (
                 Some(TokenOutcome::Valid),
                 (!pinned).then_some(token.position()),
@@ -806,6 +832,11 @@ fn hostile_request(rng: &mut Rng, pools: &Pools) -> Case {
                 },
             )
         }
+        (Some(_), None) if unread => (
+            Some(TokenOutcome::Rejected(TokenError::UnknownKey)),
+            None,
+            "primary-pool",
+        ),
         (None, _) | (Some(_), None) => (None, None, "replica-pool"),
     };
     Case {

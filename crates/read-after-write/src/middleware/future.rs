@@ -12,7 +12,7 @@ use super::{transport, Mode, Shared};
 use crate::backend::Backend;
 use crate::bookmark::{Bookmark, Bookmarks};
 use crate::forward::{self, TokenSource};
-use crate::handle::{RequestState, Required};
+use crate::handle::{RequestState, Unread};
 use crate::position::WritePosition;
 use crate::token::{AffinityToken, UserId};
 
@@ -109,9 +109,6 @@ where
     }
 }
 
-/// Decides what a finished handler's response needs. Returns the capture of
-/// the write position when the request wrote in position mode; issues the
-/// token at once in time-window mode.
 /// Decides what the response carries once the handler has returned: starts
 /// the capture of the primary's position where the request wrote (or, with
 /// monotonic reads, read the primary), or issues what needs no capture.
@@ -124,23 +121,31 @@ fn start_capture<B: Backend, ResBody>(
     if wrote {
         metrics::counter!("read_after_write_writes_total").increment(1);
     }
-    if state.user.is_none() {
+    // Whom the token is for, now that the handler has run: it may have
+    // bound the request to a user it signed up or signed in.
+    if state.user().is_none() {
         if wrote {
             warn_wrote_without_identity(shared);
         }
         return None;
     }
+    // A request bound to a new user that carries promises over to them
+    // issues a token even without a write: the old one in the browser is
+    // not that user's.
+    let rebound = state.rebound();
     if let Mode::TimeWindow(_) = shared.mode {
-        if wrote {
-            let pinned = Bookmarks::one(Bookmark::new(WritePosition::default()));
+        if wrote || (rebound && state.inherits() && !state.carried.is_empty()) {
+            let pinned = Bookmarks::one(Bookmark::EVERY_CLUSTER);
             issue_token(shared, state, response, pinned);
         }
         return None;
     }
     if !needs_capture(shared, state) {
-        if shared.monotonic {
+        if shared.monotonic || rebound {
             let bookmarks = next_bookmarks(shared, state, &Captured::new());
-            if bookmarks != state.carried || refresh_due(shared, state) {
+            let monotonic_due =
+                shared.monotonic && (bookmarks != state.carried || refresh_due(shared, state));
+            if rebound || monotonic_due {
                 issue_token(shared, state, response, bookmarks);
             }
         }
@@ -210,56 +215,166 @@ pub(crate) async fn capture_position<B: Backend>(backend: &B, id: Option<u64>) -
     }
 }
 
-/// The bookmarks a token issued now carries: what the request's tokens
-/// carried, with each cluster's bookmark moved on by the positions
-/// captured for it, or, with monotonic reads, by the replica its reads
-/// used.
+/// The bookmarks a token issued now carries. Never less than the request's
+/// tokens promised, read or not (see the
+/// [middleware docs](super#what-an-issued-token-keeps)):
+///
+/// - what the valid tokens carried, each cluster's bookmark moved on by
+///   the position captured for it, or, with monotonic reads, by the replica
+///   its reads used;
+/// - a pin for each cluster that a token the request could not read names
+///   and the request did not capture;
+/// - the all-zero marker, which pins every cluster, kept until a capture
+///   replaces it (with a pin for each of the layer's clusters not captured),
+///   and issued whenever the pins do not all fit.
 pub(crate) fn next_bookmarks<B>(
     shared: &Shared<B>,
     state: &RequestState,
     captured: &[Option<WritePosition>],
 ) -> Bookmarks {
-    let mut bookmarks = state.carried.clone();
-    for (index, (cluster, own)) in shared.clusters.iter().zip(&state.clusters).enumerate() {
+    // What the request's tokens carried and claimed, unless the handler
+    // bound the request to another named user: theirs are not this user's.
+    let (no_carried, no_unread) = (Bookmarks::new(), Unread::default());
+    let (carried, unread) = match state.inherits() {
+        true => (&state.carried, &state.unread),
+        false => (&no_carried, &no_unread),
+    };
+    let mut bookmarks = carried.clone();
+    // A capture after the request covers every commit before it in its
+    // cluster, whatever a token promised there: the unknown write behind a
+    // pin or the marker included. A failed capture (a pin) covers nothing.
+    let covered = |id: u64| {
+        captured
+            .iter()
+            .flatten()
+            .any(|at| !at.pins_primary() && at.system_id == id)
+    };
+    let any_covered = captured.iter().flatten().any(|at| !at.pins_primary());
+    let carried_marker = bookmarks
+        .as_slice()
+        .iter()
+        .any(Bookmark::pins_every_cluster);
+    let marker = carried_marker || unread.claims_every_cluster();
+    // Carried on by every later write, the marker would keep the user's
+    // reads on the primary for good. The capture covers the clusters it
+    // captured; the layer's others are pinned below.
+    let replace_marker = marker && any_covered;
+    if replace_marker {
+        bookmarks.retain(|b| !b.pins_every_cluster());
+    }
+    let mut own = Bookmarks::new();
+    let mut pins = Bookmarks::new();
+    for (index, (cluster, state)) in shared.clusters.iter().zip(&state.clusters).enumerate() {
         let next = match captured.get(index).copied().flatten() {
             Some(written) => {
-                let position = match own.required {
-                    Required::Position(_) if written.pins_primary() => written,
-                    Required::Position(carried) => carried.position.max(written),
-                    Required::Nothing | Required::Primary => written,
+                // Keyed by the position's own cluster, so a backend that
+                // cannot name its cluster leaves other services' bookmarks
+                // alone. Never lower than what was carried for it, unless
+                // the capture replaces an unknown position.
+                let carried = bookmarks.get(written.system_id).map(|b| b.position);
+                let position = match carried {
+                    Some(carried) if !written.pins_primary() && !carried.pins_primary() => {
+                        carried.max(written)
+                    }
+                    _ => written,
                 };
                 // A write is not a read: the session still saw no more than
                 // its replica holds, so it may stay there. A read of the
                 // primary is bounded only by the capture.
-                let replica = own.bookmark().and_then(|b| b.replica);
+                let replica = state.bookmark().and_then(|b| b.replica);
                 Some(match replica {
                     Some(tag)
-                        if shared.monotonic && !own.read_primary() && !position.pins_primary() =>
+                        if shared.monotonic
+                            && !state.read_primary()
+                            && !position.pins_primary() =>
                     {
                         Bookmark::new(position).on_replica(tag)
                     }
                     _ => Bookmark::new(position),
                 })
             }
-            None if shared.monotonic => own.earned(),
+            None if shared.monotonic => state.earned(),
             None => None,
         };
-        let Some(next) = next else { continue };
-        if cluster.id.is_none() {
-            // A backend that cannot name its cluster has one: its bookmark
-            // replaces whatever the token carried (the current primary's
-            // position wins, as `WritePosition::max` rules).
-            bookmarks = Bookmarks::one(next);
-            continue;
-        }
-        if !bookmarks.set(next) {
-            // Full of other services' clusters: this layer's own comes first.
-            let ours = |id: u64| shared.clusters.iter().any(|c| c.id == Some(id));
-            bookmarks.retain(|b| ours(b.system_id()));
-            bookmarks.set(next);
+        match (next, cluster.id) {
+            (Some(next), _) => {
+                own.set(next);
+            }
+            (None, Some(id)) if replace_marker && !covered(id) => {
+                pins.set(Bookmark::pinned(id));
+            }
+            (None, _) => {}
         }
     }
+    let mut fits = !unread.overflowed();
+    for id in unread.clusters().filter(|id| !covered(*id)) {
+        fits &= pins.set(Bookmark::pinned(id));
+    }
+    if marker && !replace_marker && !carried_marker {
+        fits &= pins.set(Bookmark::EVERY_CLUSTER);
+    }
+    fits = fits && place(shared, &mut bookmarks, &own, &pins);
+    if !fits {
+        return every_cluster(shared, carried);
+    }
     bookmarks
+}
+
+/// The token for pins that found no room: which clusters they name cannot
+/// be written down, so the all-zero marker pins every cluster until the
+/// user's next write replaces it. Other services' bookmarks stay beside it
+/// where they fit, so that they outlive that replacement; this layer's own
+/// clusters need none (that write captures or pins each of them).
+fn every_cluster<B>(shared: &Shared<B>, carried: &Bookmarks) -> Bookmarks {
+    let mut marked = Bookmarks::one(Bookmark::EVERY_CLUSTER);
+    for bookmark in carried.as_slice() {
+        let id = bookmark.system_id();
+        if !shared.clusters.iter().any(|c| c.id == Some(id)) && !marked.set(*bookmark) {
+            break;
+        }
+    }
+    marked
+}
+
+/// Puts this request's own bookmarks, then its pins, into `bookmarks`, in
+/// place where a cluster is there already. Room for an own bookmark is made
+/// by dropping another service's (this layer's own come first, as
+/// [`MAX_CLUSTERS`](crate::bookmark::MAX_CLUSTERS) documents); a pin never
+/// pushes out a verified bookmark, since it may come from a planted token.
+/// Returns false when something did not fit.
+fn place<B>(
+    shared: &Shared<B>,
+    bookmarks: &mut Bookmarks,
+    own: &Bookmarks,
+    pins: &Bookmarks,
+) -> bool {
+    let needed = |id: u64| own.get(id).is_some() || pins.get(id).is_some();
+    let layers = |id: u64| shared.clusters.iter().any(|c| c.id == Some(id));
+    for next in own.as_slice() {
+        if bookmarks.set(*next) {
+            continue;
+        }
+        let Some(other) = bookmarks
+            .as_slice()
+            .iter()
+            .rev()
+            .map(Bookmark::system_id)
+            .find(|id| !needed(*id) && !layers(*id))
+        else {
+            return false;
+        };
+        bookmarks.retain(|b| b.system_id() != other);
+        bookmarks.set(*next);
+    }
+    for pin in pins.as_slice() {
+        let merged = bookmarks
+            .get(pin.system_id())
+            .map_or(*pin, |carried| carried.merge(pin));
+        if !bookmarks.set(merged) {
+            return false;
+        }
+    }
+    true
 }
 
 fn warn_wrote_without_identity<B>(shared: &Shared<B>) {
@@ -273,7 +388,8 @@ fn warn_wrote_without_identity<B>(shared: &Shared<B>) {
             "the identity function returned None for a request that wrote, so it got no affinity \
              token and its user may not see the write on the next page; is the authentication layer \
              inside ReadAfterWriteLayer? It must be outside (added after it, with Router::layer) so \
-             it runs first. (Logged at most once a minute; every such write is counted in \
+             it runs first. A handler that signs the user up or in binds the request to them \
+             with Db::bind_user. (Logged at most once a minute; every such write is counted in \
              read_after_write_writes_without_identity_total)"
         );
     } else {
@@ -296,7 +412,7 @@ fn issue_token<B: Backend, ResBody>(
     response: &mut Response<ResBody>,
     bookmarks: Bookmarks,
 ) {
-    let Some(user) = state.user.clone() else {
+    let Some(user) = state.user() else {
         return;
     };
     let Some(token) = mint_token(shared, user, bookmarks) else {

@@ -65,6 +65,11 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     /// A token whose user differs from the requester's is ignored. A request
     /// for which `identify` returns `None` gets no token and has its token
     /// ignored, unless [`allow_anonymous`](Self::allow_anonymous) is set.
+    ///
+    /// It runs before the handler. A handler that establishes the identity
+    /// itself (sign-up, login) binds the request to the new user with
+    /// [`Db::bind_user`](crate::Db::bind_user), so the response's token is
+    /// theirs.
     pub fn identity<F>(self, identify: F) -> Self
     where
         F: Fn(&http::request::Parts) -> Option<UserId> + Send + Sync + 'static,

@@ -6,25 +6,93 @@
 //!    header) or from the token header;
 //! 2. verifies it and checks that it belongs to the requester; a token that
 //!    fails any check is treated as absent and counted by reason, never
-//!    turned into an error response;
+//!    turned into an error response, except one that may be genuine but
+//!    cannot be read ([below](#tokens-the-layer-cannot-read));
 //! 3. inserts a [`Db`](crate::Db) handle into the request extensions;
 //! 4. after the handler returns, if the request wrote, asks the backend for
 //!    the write position and appends a `Set-Cookie` (and sets the token
-//!    header) for a token at the larger of the old and new positions. This
-//!    happens for error responses too: a commit may have happened.
+//!    header) for a token at the larger of the old and new positions, for
+//!    the requester or the user the handler bound the request to
+//!    ([`Db::bind_user`](crate::Db::bind_user)). This happens for error
+//!    responses too: a commit may have happened.
 //!
 //! # Hostile requests
 //!
 //! A request may carry any number of `Cookie` and token headers. Every
 //! candidate is parsed (one pass over the header bytes, no allocation), but
 //! only a candidate that passes every check needing no key (length,
-//! base64url, layout, version, known key id, unexpired, and naming the
-//! requester) and that would promise more than the best token found so far
-//! costs an HMAC, and at most [`MAX_MACS_PER_REQUEST`] of those are spent.
-//! Junk, expired tokens, other users' tokens and duplicates of the winner
-//! are free, so they cannot hide a valid token. Of several valid tokens, the
-//! one that [promises the most](crate::AffinityToken::promises_more_than)
-//! decides.
+//! base64url, layout, version, unexpired, a known key id, and naming the
+//! requester) and that would add to what the valid tokens found so far
+//! promise costs an HMAC: one per key with its key id, at most
+//! [`MAX_MACS_PER_REQUEST`] for the whole request. Junk, expired tokens,
+//! other users' tokens and duplicates of a valid token are free, so they
+//! cannot hide a valid token. Several valid tokens are merged: every
+//! promise holds, cluster by cluster.
+//!
+//! Well-formed forgeries that name the requester do cost MACs, so enough of
+//! them, planted ahead of the real token, leave it unchecked. It is then a
+//! token the layer cannot read, never an absent one (below): the clusters
+//! it names are read from the primary, never stale. The residual risks are
+//! on [`MAX_MACS_PER_REQUEST`].
+//!
+//! # Tokens the layer cannot read
+//!
+//! A candidate that names the requester and has not expired, but that the
+//! layer cannot verify, may be genuine and promise a write:
+//!
+//! - one signed with a key id this instance does not know, as when a key
+//!   rotation rolls out instance by instance (see [`KeySet`] for the order
+//!   that avoids it); it costs no MAC and counts as `unknown_key` in
+//!   `read_after_write_tokens_total`;
+//! - one the MAC budget left unchecked;
+//! - a valid token whose clusters found no room beside the other valid
+//!   tokens' (more than [`MAX_CLUSTERS`](crate::bookmark::MAX_CLUSTERS)).
+//!
+//! None is treated as absent. Unless the request's valid tokens already
+//! promise as much, every cluster such a token names (each one the layer
+//! serves, for a backend that reports no cluster id) is read from the
+//! primary: `reason="unknown_key"` for an unknown key, `position_unknown`
+//! otherwise. A cluster it does not name reads as it would without it. An
+//! expired one is absent like any expired token: the TTL bounds every
+//! promise.
+//!
+//! # What an issued token keeps
+//!
+//! The token a response issues never promises less than the request's
+//! tokens did, whether the layer could read them or not:
+//!
+//! - the valid tokens' bookmarks travel on, each cluster's moved on by
+//!   what this request captured (its writes, or with monotonic reads its
+//!   replica); a capture covers every commit before it in its cluster, so
+//!   it also replaces a bookmark pinned to the primary;
+//! - a backend that reports no [cluster id](crate::Backend::cluster_id)
+//!   gets its bookmark under the system identifier its capture reports,
+//!   beside other services' bookmarks (it cannot tell which of several is
+//!   its own, so it reads such a user's session data from the primary:
+//!   backends whose users also carry other services' bookmarks should
+//!   report their cluster id);
+//! - each cluster a token the layer could not read names gets a bookmark
+//!   [pinned to the primary](crate::Bookmark::pinned), unless this request
+//!   captured that cluster;
+//! - the all-zero position, which pins every cluster (a version 1 pin, a
+//!   time-window instance sharing the keys, or the fallback below), stays
+//!   until the user writes again: that write's capture covers it, so the
+//!   clusters captured get their position and the layer's others a pin,
+//!   instead of the marker keeping every read on the primary for good.
+//!   What it stood for in other services' clusters is not written down
+//!   anywhere, so it ends there (a residual risk: their bookmarks, where
+//!   they fitted beside the marker, travel on);
+//! - when those pins do not all fit in
+//!   [`MAX_CLUSTERS`](crate::bookmark::MAX_CLUSTERS) beside the other
+//!   bookmarks, the token carries the all-zero position instead, which
+//!   pins every cluster (with other services' bookmarks beside it, where
+//!   they fit). A pin never pushes out a verified bookmark; this layer's
+//!   own bookmarks do push out other services' when there is no room.
+//!
+//! A request the handler bound to another named user
+//! ([`Db::bind_user`](crate::Db::bind_user)) issues that user's token from
+//! this request's captures alone: the old user's promises are not theirs.
+//! Bound from an anonymous session, everything above carries over.
 //!
 //! # Monotonic reads
 //!
@@ -126,29 +194,43 @@ pub const DEFAULT_TOKEN_HEADER: &str = "x-primary-affinity";
 /// Name of the optional debug response header.
 pub const DEBUG_HEADER: &str = "x-read-after-write";
 
-/// The most token MACs one request can cost.
+/// The most token MACs one request can cost, whatever it carries and
+/// whatever the key list.
 ///
-/// Only candidates that pass every cheap check and name the requester count
-/// (see the [module docs](self#hostile-requests)). A legitimate request
-/// carries a handful: a host-only cookie, domain cookies for a parent
-/// domain or two, one per `Path`, and the header. 16 leaves room for all of
-/// them while capping the work at about 4 µs (16 × ~240 ns per MAC), less
-/// than parsing the headers.
+/// Every MAC computed counts: a token's key id is one byte, so when several
+/// keys of the [`KeySet`] share an id a token is tried under each of them,
+/// a MAC apiece. Only candidates that pass every cheap check and name the
+/// requester get that far (see the [module docs](self#hostile-requests)). A
+/// legitimate request carries a handful: a host-only cookie, domain cookies
+/// for a parent domain or two, one per `Path`, and the header. 16 leaves
+/// room for all of them while capping the work at about 4 µs (16 × ~240 ns
+/// per MAC), less than parsing the headers.
 ///
 /// Residual risk: whoever can set cookies for this site (a sibling
 /// subdomain, for a cookie without the `__Host-` prefix) can plant well
 /// formed tokens naming a victim's user id (ids are often guessable) with a
-/// known key id (visible in any token) and a far expiry. They never verify,
-/// but 16 of them sent ahead of the real cookie (a longer `Path` is sent
-/// first) use up the budget before the real token is checked. Nothing then
-/// proves what the victim wrote last, so their session reads go to the
-/// primary (unknown means unsafe): a cost on the primary for as long as the
-/// planted cookies live, counted by
-/// `read_after_write_token_mac_budget_exhausted_total`, never a stale read
-/// or a forged one. To shut this out, name the
-/// cookie with the `__Host-` prefix (`__Host-primary_affinity`, with
-/// `Secure`, `Path=/` and no `Domain`, which the layer's defaults give),
-/// which no other subdomain can set.
+/// far expiry, and:
+///
+/// - with a known key id (visible in any token), 16 of them sent ahead of
+///   the real cookie (a longer `Path` is sent first) use up the budget
+///   before the real token is checked;
+/// - with a key id the layer does not know, one of them looks like a token
+///   from an instance that rotated keys first.
+///
+/// Neither verifies, and neither hides what the real token promised: the
+/// clusters an unread token names are read from the primary (unknown means
+/// unsafe) and pinned in the tokens the victim's responses issue (see
+/// [what an issued token keeps](self#what-an-issued-token-keeps)). Planted
+/// tokens naming more clusters than a token holds make those tokens pin
+/// every cluster, so all the victim's session reads go to the primary until
+/// a write of theirs captures a position. The cost is primary reads for as
+/// long as the planted cookies live, counted by
+/// `read_after_write_token_mac_budget_exhausted_total` and
+/// `read_after_write_tokens_total{outcome="unknown_key"}`, never a stale
+/// read or a forged one. To shut all of this out, name the cookie with the
+/// `__Host-` prefix (`__Host-primary_affinity`, with `Secure`, `Path=/` and
+/// no `Domain`, which the layer's defaults give), which no other subdomain
+/// can set.
 pub const MAX_MACS_PER_REQUEST: usize = 16;
 
 /// The longest token lifetime and cookie `Max-Age` honoured: 400 days, the
@@ -346,12 +428,16 @@ impl<B> Shared<B> {
     /// found no one: that request is anonymous, and gets the anonymous id
     /// only when anonymous tokens are allowed.
     pub(crate) fn identify(&self, parts: &http::request::Parts) -> Option<UserId> {
-        let found = self
-            .identity
-            .as_ref()
-            .and_then(|identify| identify(parts))
-            .filter(|user| !user.is_anonymous());
+        self.admit(self.identity.as_ref().and_then(|identify| identify(parts)))
+    }
+
+    /// `user` as a request's identity: the empty (anonymous) id, like no id,
+    /// is the anonymous id where anonymous tokens are allowed and no one
+    /// otherwise. Shared by the identity function and
+    /// [`Db::bind_user`](crate::Db::bind_user).
+    pub(crate) fn admit(&self, user: Option<UserId>) -> Option<UserId> {
         let anonymous_ok = self.allow_anonymous.unwrap_or(self.identity.is_none());
+        let found = user.filter(|user| !user.is_anonymous());
         found.or_else(|| anonymous_ok.then(UserId::anonymous))
     }
 }
@@ -405,4 +491,8 @@ impl<B> fmt::Debug for Shared<B> {
 #[cfg(test)]
 pub(crate) mod tests;
 #[cfg(test)]
+mod tests_identity;
+#[cfg(test)]
 mod tests_sessions;
+#[cfg(test)]
+mod tests_unread;

@@ -7,9 +7,10 @@ use tower_service::Service;
 
 use super::{transport, ResponseFuture, Shared, MAX_MACS_PER_REQUEST};
 use crate::backend::Backend;
-use crate::bookmark::Bookmarks;
-use crate::handle::{ClusterState, Db, RequestState, Required, TokenOutcome};
-use crate::token::{TokenBuffer, TokenError, UnverifiedToken, UserId};
+use crate::backend::RouteReason;
+use crate::bookmark::{Bookmark, Bookmarks};
+use crate::handle::{ClusterState, Db, RequestState, Required, TokenOutcome, Unread};
+use crate::token::{Checked, MacBudget, TokenBuffer, TokenError, UnverifiedToken, UserId};
 
 /// Middleware that gives each request a [`Db`] handle bound to the
 /// requester's last write, and issues a token when the request writes.
@@ -95,6 +96,7 @@ where
             user,
             token,
             read.carried,
+            read.unread,
             read.expires_at,
             clusters,
         ));
@@ -108,44 +110,35 @@ where
     }
 }
 
-/// Finds, verifies and binds the request's token. Every failure is an
-/// outcome, never an error: a bad token is treated as absent.
-///
-/// Every candidate goes through the cheap checks; only one that names the
-/// requester and would beat the best token so far costs a MAC, at most
-/// [`MAX_MACS_PER_REQUEST`] of them. A browser can hold a stale host-only
-/// cookie beside a fresh domain cookie, or a client a stale header beside a
-/// fresh cookie: the valid token that promises the most decides.
 /// What a request's tokens said, all of them checked and merged.
 struct ReadTokens {
     outcome: TokenOutcome,
     /// Every valid token's bookmarks, merged cluster by cluster.
     carried: Bookmarks,
+    /// What the tokens the layer could not read claimed.
+    unread: Unread,
     /// The latest expiry among the valid tokens (0: none).
     expires_at: u64,
-    /// Nothing proves what the user wrote last: only the primary is safe.
-    unsafe_to_route: bool,
 }
 
 impl ReadTokens {
     /// What the tokens ask of the cluster `id`'s session reads.
     fn required<B>(&self, shared: &Shared<B>, id: Option<u64>) -> Required {
-        if self.unsafe_to_route {
-            return Required::Primary;
+        // A token the layer could not read may promise a write here:
+        // unknown means unsafe, so the primary, never an eventual read.
+        if let Some(reason) = self.unread.pins(id) {
+            return Required::Primary(reason);
         }
         let bookmarks = self.carried.as_slice();
         if bookmarks.is_empty() {
             return Required::Nothing;
         }
         if let super::Mode::TimeWindow(_) = shared.mode {
-            return Required::Primary;
+            return Required::Primary(RouteReason::TimeWindow);
         }
         // The all-zero position (a version 1 pin) pins every cluster.
-        if bookmarks
-            .iter()
-            .any(|b| b.position == crate::WritePosition::default())
-        {
-            return Required::Primary;
+        if bookmarks.iter().any(Bookmark::pins_every_cluster) {
+            return Required::Primary(RouteReason::PositionUnknown);
         }
         let bookmark = match id {
             Some(id) => match self.carried.get(id) {
@@ -159,32 +152,42 @@ impl ReadTokens {
             // A backend that cannot name its cluster has one; bookmarks of
             // several clusters leave which is its own to a guess: unknown
             // means unsafe.
-            None if bookmarks.len() > 1 => return Required::Primary,
+            None if bookmarks.len() > 1 => return Required::Primary(RouteReason::PositionUnknown),
             None => bookmarks[0],
         };
         if bookmark.position.pins_primary() {
-            Required::Primary
+            Required::Primary(RouteReason::PositionUnknown)
         } else {
             Required::Position(bookmark)
         }
     }
 }
 
+/// Finds, verifies and binds the request's tokens. Every failure is an
+/// outcome, never an error response.
+///
+/// Every candidate goes through the cheap checks. One that names the
+/// requester and would add to what the valid tokens so far promise costs
+/// MACs, at most [`MAX_MACS_PER_REQUEST`] for the whole request. A browser
+/// can hold a stale host-only cookie beside a fresh domain cookie, or a
+/// client a stale header beside a fresh cookie: the valid tokens are merged,
+/// every promise holds. A token that names the requester but cannot be read
+/// (its key id is unknown here, or the budget ran out before it) is not
+/// absent: what it claims goes into [`Unread`].
 fn read_token<B: Backend>(
     shared: &Shared<B>,
     headers: &http::HeaderMap,
     user: Option<&UserId>,
 ) -> ReadTokens {
     let mut carried = Bookmarks::new();
+    let mut unread = Unread::default();
     let mut valid = false;
+    let mut unknown_key = false;
+    let mut budget_spent = false;
     let mut expires_at = 0;
     let mut first_failure = None;
     let mut now = None;
-    let mut macs = 0;
-    // Candidates left unchecked that might have promised more, or more
-    // clusters than a token covers: then nothing proves what the user wrote
-    // last, and only the primary is safe.
-    let mut unchecked = false;
+    let mut budget = MacBudget::new(MAX_MACS_PER_REQUEST);
     let mut buffer = TokenBuffer::new();
     let found = transport::for_each_candidate(
         headers,
@@ -192,22 +195,34 @@ fn read_token<B: Backend>(
         shared.token_header.as_ref(),
         |text| {
             let now = *now.get_or_insert_with(|| shared.clock.now_unix());
-            let candidate = match UnverifiedToken::parse(text, &shared.keys, now, &mut buffer) {
+            // Expired tokens fail here, whichever key signed them: the TTL
+            // bounds every promise.
+            let candidate = match UnverifiedToken::parse(text, now, &mut buffer) {
                 Ok(candidate) => candidate,
                 Err(reason) => {
                     first_failure.get_or_insert(TokenOutcome::Rejected(reason));
                     return false;
                 }
             };
+            let known_key = shared.keys.knows(candidate.key_id());
             // Bound to its user before the MAC: a token that could not be
             // used even if authentic is not worth one. Such a token may be
             // forged; it is counted by what it claims.
-            let Some(user) = user else {
-                first_failure.get_or_insert(TokenOutcome::NoIdentity);
+            let names_requester = user.is_some_and(|user| candidate.user() == user.as_bytes());
+            if !names_requester {
+                first_failure.get_or_insert(match (known_key, user) {
+                    (false, _) => TokenOutcome::Rejected(TokenError::UnknownKey),
+                    (true, None) => TokenOutcome::NoIdentity,
+                    (true, Some(_)) => TokenOutcome::OtherUser,
+                });
                 return false;
-            };
-            if candidate.user() != user.as_bytes() {
-                first_failure.get_or_insert(TokenOutcome::OtherUser);
+            }
+            if !known_key {
+                // Signed with a key this instance does not have: during a
+                // rolling key rotation, another instance's genuine token. It
+                // may promise a write, so it is not absent; it costs no MAC.
+                unknown_key = true;
+                unread.unknown_key.add(&candidate.bookmarks());
                 return false;
             }
             // Not worth a MAC: it adds nothing to what valid tokens already
@@ -215,44 +230,57 @@ fn read_token<B: Backend>(
             if valid && !candidate.adds_to(&carried) {
                 return false;
             }
-            if macs == MAX_MACS_PER_REQUEST {
-                metrics::counter!("read_after_write_token_mac_budget_exhausted_total").increment(1);
-                tracing::debug!(
-                    budget = MAX_MACS_PER_REQUEST,
-                    "affinity token MAC budget spent; session reads go to the primary"
-                );
-                unchecked = true;
-                return true;
-            }
-            macs += 1;
-            match candidate.authenticate(&shared.cookie_name, &shared.keys) {
-                Ok(token) => {
+            match candidate.authenticate(&shared.cookie_name, &shared.keys, &mut budget) {
+                Checked::Authentic(token) => {
                     valid = true;
                     expires_at = expires_at.max(token.expires_at());
                     // Several valid tokens of one user: every promise holds.
-                    unchecked |= !carried.merge(token.bookmarks());
+                    // One that finds no room is kept as unread: read from
+                    // the primary, pinned in what the response issues.
+                    if !carried.merge(token.bookmarks()) {
+                        unread.unchecked.add(token.bookmarks());
+                    }
                 }
-                Err(reason) => {
-                    first_failure.get_or_insert(TokenOutcome::Rejected(reason));
+                Checked::Forged => {
+                    first_failure.get_or_insert(TokenOutcome::Rejected(TokenError::BadSignature));
+                }
+                Checked::Unchecked => {
+                    if !budget_spent {
+                        budget_spent = true;
+                        metrics::counter!("read_after_write_token_mac_budget_exhausted_total")
+                            .increment(1);
+                        tracing::debug!(
+                            budget = MAX_MACS_PER_REQUEST,
+                            "affinity token MAC budget spent; the clusters the tokens left \
+                             unchecked name are read from the primary"
+                        );
+                    }
+                    // Planted well-formed forgeries may sit in front of the
+                    // real token: what it claims is unknown, so unsafe. The
+                    // cost is primary reads, never a stale one.
+                    unread.unchecked.add(&candidate.bookmarks());
                 }
             }
+            // Every candidate is looked at: later ones cost no MAC once the
+            // budget is spent, and may name clusters to keep.
             false
         },
     );
+    unread.forget_covered(&carried);
     let outcome = if valid {
         TokenOutcome::Valid
-    } else if found || unchecked {
+    } else if unknown_key {
+        // The one refusal that decides where reads go.
+        TokenOutcome::Rejected(TokenError::UnknownKey)
+    } else if found {
         first_failure.unwrap_or(TokenOutcome::Rejected(TokenError::Malformed))
     } else {
         TokenOutcome::Absent
     };
-    // Planted well-formed forgeries may sit in front of the real token:
-    // unknown means unsafe. The cost is primary reads for this request,
-    // never a stale one.
     ReadTokens {
         outcome,
         carried,
+        unread,
         expires_at,
-        unsafe_to_route: unchecked,
     }
 }

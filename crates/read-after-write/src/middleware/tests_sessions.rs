@@ -22,7 +22,7 @@ use crate::token::{AffinityToken, SigningKey};
 const NOW: u64 = 1_800_000_000;
 
 /// One cluster with one replica, `replica-1`, that has everything.
-struct Tagged {
+pub(super) struct Tagged {
     id: u64,
     primary: &'static str,
     replica: &'static str,
@@ -30,7 +30,7 @@ struct Tagged {
 }
 
 impl Tagged {
-    fn new(id: u64) -> Self {
+    pub(super) fn new(id: u64) -> Self {
         Tagged {
             id,
             primary: "primary",
@@ -43,7 +43,7 @@ impl Tagged {
         ReplicaTag::of("replica-1", 1)
     }
 
-    fn at(&self, lsn: u64) -> WritePosition {
+    pub(super) fn at(&self, lsn: u64) -> WritePosition {
         WritePosition::new(Lsn::new(lsn), 1, self.id)
     }
 }

@@ -115,9 +115,9 @@ fn env_message(name: &str, list_index: Option<usize>, error: &KeyError) -> Strin
 ///
 /// Keys must be at least 32 bytes of real randomness. Every web instance that
 /// should honour another's tokens needs the same keys. A key's one-byte id is
-/// derived from the key itself, so rotating needs no bookkeeping: put the new
-/// key first and keep the old one as a previous key until the token TTL has
-/// passed.
+/// derived from the key itself, so rotating needs no bookkeeping beyond the
+/// order in which instances learn the new key: see
+/// [rotating keys across a rolling deploy](KeySet#rotating-keys-across-a-rolling-deploy).
 ///
 /// ```
 /// use read_after_write::SigningKey;
@@ -308,9 +308,33 @@ impl fmt::Debug for SigningKey {
 /// number of previous keys.
 ///
 /// Tokens are always signed with the current key; verification accepts every
-/// key in the set. To rotate, make the new key current and keep the old one as
-/// previous for at least one token TTL. A request that writes re-signs its
-/// token with the current key.
+/// key in the set. A request that writes re-signs its token with the current
+/// key. In a list (`AFFINITY_KEY=a,b` for
+/// [`from_env`](Self::from_env)), the first key is current and the rest are
+/// previous: accepted, never used to sign.
+///
+/// # Rotating keys across a rolling deploy
+///
+/// Instances pick up a new key list one by one, so for a while some run the
+/// old list and some the new one. An instance that meets a token signed with
+/// a key it does not have cannot check it; it sends that user's session
+/// reads of the clusters the token names to the primary
+/// (`reason="unknown_key"`), since the token may promise a write. Safe, but
+/// it costs the primary reads that a rotation in three phases never needs:
+///
+/// 1. Roll out `old,new`: `old` still signs, `new` is accepted only. Every
+///    instance, rolled out or not, signs with `old` and knows it.
+/// 2. Once every instance runs `old,new`, roll out `new,old`: `new` signs.
+///    Instances on either list know both keys.
+/// 3. Once every instance runs `new,old` and one token TTL has passed (no
+///    token signed with `old` is still valid), roll out `new`.
+///
+/// In this order no instance ever meets a key it does not know. A deploy
+/// that skips phase 1 (going straight to `new,old`) works too: until every
+/// instance has the new list, the instances that do not know `new` read the
+/// primary for users whose token it signed, instead of serving them stale
+/// reads. A key dropped before its tokens expire has the same effect for
+/// those tokens' remaining life.
 ///
 /// ```
 /// use read_after_write::{KeySet, SigningKey};
@@ -423,11 +447,18 @@ impl KeySet {
     }
 
     /// Every key whose id is `id`, current first. Ids are one byte, so two
-    /// keys may share one; verification then tries each.
+    /// keys may share one; verification then tries each, and each try is a
+    /// MAC that counts against a request's budget.
     pub(crate) fn with_id(&self, id: u8) -> impl Iterator<Item = &SigningKey> {
         std::iter::once(&self.current)
             .chain(self.previous.iter())
             .filter(move |key| key.id() == id)
+    }
+
+    /// Whether some key of the set has the id `id`: a token under any other
+    /// id was signed with a key this set does not hold.
+    pub(crate) fn knows(&self, id: u8) -> bool {
+        self.with_id(id).next().is_some()
     }
 }
 

@@ -29,12 +29,19 @@
 //! # Checks, cheapest first
 //!
 //! Verification is two steps. The first needs no key material and allocates
-//! nothing: length, base64url, layout, version, a key id the [`KeySet`]
-//! holds, and expiry (the layer adds: the user id is the requester's). Only a
-//! token that passes all of them costs an HMAC, the second step. The layer
-//! bounds that second step per request (see
+//! nothing: length, base64url, layout, version and expiry, then a key id the
+//! [`KeySet`] holds (the layer adds: the user id is the requester's). Only a
+//! token that passes all of them costs an HMAC, the second step: one per key
+//! with the token's one-byte id. The layer bounds that second step per
+//! request (see
 //! [`MAX_MACS_PER_REQUEST`](crate::middleware::MAX_MACS_PER_REQUEST)), so
 //! junk, however much of it, cannot use up the bound and hide a valid token.
+//!
+//! A token under a key id the set does not hold is refused here as
+//! [`TokenError::UnknownKey`], but the layer does not treat it as absent:
+//! during a rolling key rotation it may be another instance's genuine token
+//! promising a write (see [`KeySet`] for the procedure, and the
+//! [middleware docs](crate::middleware#tokens-the-layer-cannot-read)).
 //!
 //! # Several tokens
 //!
@@ -103,7 +110,10 @@ const MIN_RAW_LEN: usize = HEAD_LEN + V1_FIXED_LEN + TAG_LEN;
 /// is rejected as [`TokenError::TooLong`] before any decoding.
 pub const MAX_ENCODED_LEN: usize = (MAX_RAW_LEN * 4).div_ceil(3);
 
-/// Why a token was refused. Each is a reason to treat the token as absent.
+/// Why a token was refused. Each is a reason to treat the token as absent,
+/// but one: a token under a key id this instance does not know
+/// ([`UnknownKey`](Self::UnknownKey)) that names the requester and has not
+/// expired may promise a write, so the layer reads from the primary instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenError {
@@ -113,8 +123,14 @@ pub enum TokenError {
     /// The tag does not match: tampered with, or signed for another name.
     #[error("affinity token signature does not verify")]
     BadSignature,
-    /// No key in the key set has the token's key id.
-    #[error("affinity token was signed with a key this server does not have")]
+    /// No key in the key set has the token's key id: signed elsewhere, or
+    /// by an instance that has rolled out a key rotation this one has not.
+    /// Not absent to the layer when it names the requester and is unexpired
+    /// (see [`KeySet`] for rotating keys without meeting it).
+    #[error(
+        "affinity token was signed with a key this server does not have (a key rotation \
+         rolled out to some instances only?)"
+    )]
     UnknownKey,
     /// The token's expiry has passed.
     #[error("affinity token has expired")]
@@ -420,13 +436,15 @@ impl AffinityToken {
         URL_SAFE_NO_PAD.encode(&raw)
     }
 
-    /// Checks a token's length, encoding, layout, version, key id and expiry
-    /// against `now_unix`, then its tag (in constant time), in that order,
-    /// and decodes it. Reads versions 1 and 2.
+    /// Checks a token's length, encoding, layout, version, expiry against
+    /// `now_unix` and key id, then its tag (in constant time, under each key
+    /// with the token's id), in that order, and decodes it. Reads versions 1
+    /// and 2.
     ///
     /// Never panics, whatever `text` holds. A forged token that also fails
     /// an earlier check is refused for that earlier reason: only a token that
-    /// would otherwise be accepted costs an HMAC.
+    /// would otherwise be accepted costs an HMAC. An expired token is
+    /// [`Expired`](TokenError::Expired) whichever key signed it.
     ///
     /// ```
     /// use read_after_write::{AffinityToken, KeySet, SigningKey, TokenError};
@@ -443,7 +461,15 @@ impl AffinityToken {
         now_unix: u64,
     ) -> Result<Self, TokenError> {
         let mut buffer = TokenBuffer::new();
-        UnverifiedToken::parse(text, keys, now_unix, &mut buffer)?.authenticate(name, keys)
+        let token = UnverifiedToken::parse(text, now_unix, &mut buffer)?;
+        if !keys.knows(token.key_id()) {
+            return Err(TokenError::UnknownKey);
+        }
+        // One caller, one token: no budget but the key list's.
+        match token.authenticate(name, keys, &mut MacBudget::new(usize::MAX)) {
+            Checked::Authentic(token) => Ok(token),
+            Checked::Forged | Checked::Unchecked => Err(TokenError::BadSignature),
+        }
     }
 
     /// Whether this token promises more than `other`, so that of two valid
@@ -507,10 +533,47 @@ impl TokenBuffer {
     }
 }
 
-/// A token that passed every check needing no MAC: length, encoding,
-/// layout, version, a known key id and expiry. Its fields are attacker
-/// controlled until [`authenticate`](Self::authenticate) succeeds; use them
-/// only to decide whether the MAC is worth computing.
+/// How many more MACs a caller may compute: each key tried for a token is
+/// one, whatever the tokens and however many keys share an id.
+pub(crate) struct MacBudget {
+    left: usize,
+}
+
+impl MacBudget {
+    pub(crate) fn new(macs: usize) -> Self {
+        MacBudget { left: macs }
+    }
+
+    /// Takes one MAC from the budget; false, taking nothing, once it is
+    /// spent.
+    fn take(&mut self) -> bool {
+        let Some(left) = self.left.checked_sub(1) else {
+            return false;
+        };
+        self.left = left;
+        true
+    }
+}
+
+/// What [`UnverifiedToken::authenticate`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Checked {
+    /// The tag matched a key with the token's id.
+    Authentic(AffinityToken),
+    /// Every key with the token's id was tried; none matched.
+    Forged,
+    /// The budget ran out before every key with the token's id was tried:
+    /// the token may be genuine.
+    Unchecked,
+}
+
+/// A token that passed every check needing no key: length, encoding,
+/// layout, version and expiry. Whether its key id is known is the caller's
+/// to ask ([`key_id`](Self::key_id)), since a token under an unknown key is
+/// not the same as no token. Its fields are attacker controlled until
+/// [`authenticate`](Self::authenticate) succeeds; use them only to decide
+/// whether the MAC is worth computing, or what an unreadable token may
+/// promise.
 pub(crate) struct UnverifiedToken<'a> {
     /// The decoded bytes; [`parse`](Self::parse) checked their layout for
     /// the version in the first byte.
@@ -519,12 +582,11 @@ pub(crate) struct UnverifiedToken<'a> {
 
 impl<'a> UnverifiedToken<'a> {
     /// The cheap checks, in the order [`AffinityToken::verify`] documents,
-    /// decoding into `buffer`. Linear in `text.len()` (which is at most
-    /// [`MAX_ENCODED_LEN`] by the first check), allocation free, and never
-    /// panics.
+    /// up to the key id, decoding into `buffer`. Linear in `text.len()`
+    /// (which is at most [`MAX_ENCODED_LEN`] by the first check), allocation
+    /// free, and never panics.
     pub(crate) fn parse(
         text: &str,
-        keys: &KeySet,
         now_unix: u64,
         buffer: &'a mut TokenBuffer,
     ) -> Result<Self, TokenError> {
@@ -559,9 +621,6 @@ impl<'a> UnverifiedToken<'a> {
             return Err(TokenError::Malformed);
         }
         let token = UnverifiedToken { raw };
-        if keys.with_id(token.key_id()).next().is_none() {
-            return Err(TokenError::UnknownKey);
-        }
         if now_unix >= token.expires_at() {
             return Err(TokenError::Expired);
         }
@@ -572,7 +631,8 @@ impl<'a> UnverifiedToken<'a> {
         self.raw[0]
     }
 
-    fn key_id(&self) -> u8 {
+    /// The id of the key the token claims to be signed with.
+    pub(crate) fn key_id(&self) -> u8 {
         self.raw[1]
     }
 
@@ -634,31 +694,51 @@ impl<'a> UnverifiedToken<'a> {
     }
 
     /// Checks the tag (HMAC-SHA256 over `name ‖ 0x00 ‖ payload`, compared
-    /// in constant time) against every key with the token's id.
+    /// in constant time) against each key with the token's id, one MAC of
+    /// `budget` per key tried. Ids are one byte, so several keys may share
+    /// one: counting keys, not tokens, keeps the budget a bound on work
+    /// whatever the key list.
     pub(crate) fn authenticate(
         &self,
         name: &str,
         keys: &KeySet,
-    ) -> Result<AffinityToken, TokenError> {
+        budget: &mut MacBudget,
+    ) -> Checked {
         let (payload, tag) = self.raw.split_at(self.raw.len() - TAG_LEN);
-        let authentic = keys.with_id(self.key_id()).any(|key| {
+        for key in keys.with_id(self.key_id()) {
+            if !budget.take() {
+                return Checked::Unchecked;
+            }
+            #[cfg(test)]
+            MACS.with(|macs| macs.set(macs.get() + 1));
             let mut mac = key.mac();
             mac.update(name.as_bytes());
             mac.update(&[0]);
             mac.update(payload);
-            mac.verify_truncated_left(tag).is_ok()
-        });
-        if !authentic {
-            return Err(TokenError::BadSignature);
+            if mac.verify_truncated_left(tag).is_ok() {
+                return Checked::Authentic(AffinityToken {
+                    version: self.version(),
+                    key_id: self.key_id(),
+                    user: UserId(SmallVec::from_slice(self.user())),
+                    bookmarks: self.bookmarks(),
+                    expires_at: self.expires_at(),
+                });
+            }
         }
-        Ok(AffinityToken {
-            version: self.version(),
-            key_id: self.key_id(),
-            user: UserId(SmallVec::from_slice(self.user())),
-            bookmarks: self.bookmarks(),
-            expires_at: self.expires_at(),
-        })
+        Checked::Forged
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// MACs computed on this thread, for tests of the budget.
+    static MACS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// MACs computed on this thread so far (tests only).
+#[cfg(test)]
+pub(crate) fn macs_computed() -> usize {
+    MACS.with(std::cell::Cell::get)
 }
 
 /// Copies a slice whose length the caller has already checked.
@@ -930,32 +1010,85 @@ mod tests {
         let forged = URL_SAFE_NO_PAD.encode(&raw);
         // A bad tag passes every check that needs no MAC...
         let mut buffer = TokenBuffer::new();
-        let unverified = UnverifiedToken::parse(&forged, &keys, NOW, &mut buffer).unwrap();
+        let unverified = UnverifiedToken::parse(&forged, NOW, &mut buffer).unwrap();
         assert_eq!(unverified.user(), UserId::from(7u64).as_bytes());
         assert_eq!(unverified.bookmarks(), *sample(7).bookmarks());
         assert_eq!(unverified.expires_at(), NOW + 30);
+        assert_eq!(unverified.key_id(), keys.current().id());
+        let before = macs_computed();
         assert_eq!(
-            unverified.authenticate(NAME, &keys),
-            Err(TokenError::BadSignature)
+            unverified.authenticate(NAME, &keys, &mut MacBudget::new(1)),
+            Checked::Forged
         );
-        // ...and an expired forgery is refused as expired, before any MAC.
+        assert_eq!(macs_computed(), before + 1);
+        // ...and an expired forgery is refused as expired, before any MAC,
+        // whichever key it names.
         assert_eq!(
             AffinityToken::verify(&forged, NAME, &keys, NOW + 30),
             Err(TokenError::Expired)
         );
         assert_eq!(
-            UnverifiedToken::parse(&forged, &other, NOW, &mut TokenBuffer::new()).err(),
-            (other.current().id() != keys.current().id()).then_some(TokenError::UnknownKey)
+            AffinityToken::verify(&forged, NAME, &other, NOW + 30),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(macs_computed(), before + 1);
+        // The key id is the caller's to check: parsing does not need keys.
+        assert!(UnverifiedToken::parse(&forged, NOW, &mut TokenBuffer::new()).is_ok());
+        assert_eq!(
+            other.knows(keys.current().id()),
+            other.current().id() == keys.current().id()
         );
         let mut buffer = TokenBuffer::new();
-        let genuine = UnverifiedToken::parse(&text, &keys, NOW, &mut buffer).unwrap();
+        let genuine = UnverifiedToken::parse(&text, NOW, &mut buffer).unwrap();
         assert_eq!(
-            genuine.authenticate(NAME, &keys),
-            Ok(AffinityToken {
+            genuine.authenticate(NAME, &keys, &mut MacBudget::new(0)),
+            Checked::Unchecked,
+            "no budget, no MAC"
+        );
+        assert_eq!(macs_computed(), before + 1);
+        assert_eq!(
+            genuine.authenticate(NAME, &keys, &mut MacBudget::new(1)),
+            Checked::Authentic(AffinityToken {
                 key_id: keys.current().id(),
                 ..sample(7)
             })
         );
+    }
+
+    #[test]
+    fn every_key_sharing_the_id_costs_a_mac_of_the_budget() {
+        // Three keys with one id: ids are one byte, so some among a few
+        // hundred keys share one.
+        let mut by_id: Vec<Vec<SigningKey>> = vec![Vec::new(); 256];
+        let sharing = (0u16..)
+            .find_map(|n| {
+                let mut bytes = [0x5A; 32];
+                bytes[..2].copy_from_slice(&n.to_be_bytes());
+                let key = SigningKey::from_bytes(&bytes).unwrap();
+                let same = &mut by_id[usize::from(key.id())];
+                same.push(key);
+                (same.len() == 3).then(|| same.clone())
+            })
+            .unwrap();
+        // Signed with the last of the three.
+        let set = KeySet::new(sharing[0].clone())
+            .with_previous(sharing[1].clone())
+            .with_previous(sharing[2].clone());
+        let text = sample(7).sign(NAME, &KeySet::new(sharing[2].clone()));
+        let mut buffer = TokenBuffer::new();
+        let token = UnverifiedToken::parse(&text, NOW, &mut buffer).unwrap();
+        let mut budget = MacBudget::new(2);
+        assert_eq!(
+            token.authenticate(NAME, &set, &mut budget),
+            Checked::Unchecked
+        );
+        assert!(!budget.take(), "both MACs spent on the first two keys");
+        let mut budget = MacBudget::new(3);
+        assert!(matches!(
+            token.authenticate(NAME, &set, &mut budget),
+            Checked::Authentic(_)
+        ));
+        assert!(AffinityToken::verify(&text, NAME, &set, NOW).is_ok());
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The per-request database handle the layer puts into request extensions.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use smallvec::SmallVec;
@@ -12,158 +12,12 @@ use crate::bookmark::{Bookmark, Bookmarks};
 use crate::middleware::{Mode, Shared};
 use crate::position::WritePosition;
 use crate::requirement::Requirement;
-use crate::token::{TokenError, UserId};
+use crate::token::UserId;
 
-/// What the request's token said, after every check.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum TokenOutcome {
-    /// The request carried no token.
-    Absent,
-    /// A token verified and belongs to the requester.
-    Valid,
-    /// A token was refused; it is treated as absent.
-    Rejected(TokenError),
-    /// A token verified but belongs to another user; treated as absent.
-    OtherUser,
-    /// A token came with a request that has no identity while anonymous
-    /// tokens are not allowed; treated as absent.
-    NoIdentity,
-}
+mod state;
 
-impl TokenOutcome {
-    /// The `outcome` label on `read_after_write_tokens_total`.
-    ///
-    /// ```
-    /// use read_after_write::{TokenError, TokenOutcome};
-    ///
-    /// assert_eq!(TokenOutcome::Rejected(TokenError::Expired).as_str(), "expired");
-    /// assert_eq!(TokenOutcome::OtherUser.as_str(), "other_user");
-    /// ```
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TokenOutcome::Absent => "absent",
-            TokenOutcome::Valid => "valid",
-            TokenOutcome::Rejected(reason) => reason.as_str(),
-            TokenOutcome::OtherUser => "other_user",
-            TokenOutcome::NoIdentity => "no_identity",
-        }
-    }
-}
-
-/// What a verified token asks of this request's session reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Required {
-    /// No valid token: session reads are eventual.
-    Nothing,
-    /// Read from a node that has replayed the bookmark's position (or,
-    /// with monotonic reads, stay on its replica).
-    Position(Bookmark),
-    /// Read from the primary: in time-window mode the user wrote recently;
-    /// in position mode the token pins the user to the primary because the
-    /// position of their last write is unknown (its capture failed).
-    Primary,
-}
-
-/// Per-request state shared by the handle's clones and the response future.
-pub(crate) struct RequestState {
-    pub(crate) user: Option<UserId>,
-    pub(crate) token: TokenOutcome,
-    /// Every bookmark the request's valid tokens carried, merged: this
-    /// layer's clusters' and other services' clusters', passed on unchanged
-    /// in the tokens this request issues.
-    pub(crate) carried: Bookmarks,
-    /// When the carried token expires, Unix seconds (0: none).
-    pub(crate) carried_expiry: u64,
-    /// One per cluster of the layer, in the layer's order.
-    pub(crate) clusters: SmallVec<[ClusterState; 1]>,
-    /// The last routing decision, for [`Db::last_route`] and the debug
-    /// header. Written on every routed access, so it holds no `String`: the
-    /// node's name is copied into an inline buffer (no allocation for names
-    /// up to [`INLINE_NODE_NAME`] bytes).
-    pub(crate) last_route: Mutex<Option<LastRoute>>,
-}
-
-/// What one request did with one cluster.
-pub(crate) struct ClusterState {
-    /// What the token asks of this cluster's session reads.
-    pub(crate) required: Required,
-    /// Set by [`Db::write`]; read once the handler has returned. Relaxed is
-    /// enough: the handler's future completes before the response future
-    /// reads it, on the same task.
-    wrote: AtomicBool,
-    /// Monotonic reads: a read of this request went to the primary, so the
-    /// session may have seen its latest state; later reads of the request
-    /// go there too, and the response captures the primary's position.
-    read_primary: AtomicBool,
-    /// Monotonic reads: the bookmark this request's reads earned (the
-    /// replica they read); later reads of the request stay there.
-    pub(crate) earned: Mutex<Option<Bookmark>>,
-}
-
-impl ClusterState {
-    pub(crate) fn new(required: Required, wrote: bool) -> Self {
-        ClusterState {
-            required,
-            wrote: AtomicBool::new(wrote),
-            read_primary: AtomicBool::new(false),
-            earned: Mutex::new(None),
-        }
-    }
-
-    pub(crate) fn wrote(&self) -> bool {
-        self.wrote.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn read_primary(&self) -> bool {
-        self.read_primary.load(Ordering::Relaxed)
-    }
-
-    /// The bookmark session reads route by now: what this request earned,
-    /// else what the token carried.
-    pub(crate) fn bookmark(&self) -> Option<Bookmark> {
-        let earned = *self.earned.lock().unwrap_or_else(PoisonError::into_inner);
-        earned.or(match self.required {
-            Required::Position(bookmark) => Some(bookmark),
-            Required::Nothing | Required::Primary => None,
-        })
-    }
-
-    pub(crate) fn earned(&self) -> Option<Bookmark> {
-        *self.earned.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// Node names up to this many bytes are kept without allocating.
-const INLINE_NODE_NAME: usize = 32;
-
-/// A routing decision as [`RequestState`] keeps it.
-pub(crate) struct LastRoute {
-    target: Target,
-    reason: RouteReason,
-    /// The node's name, UTF-8 copied from a `&str`.
-    node: SmallVec<[u8; INLINE_NODE_NAME]>,
-}
-
-impl LastRoute {
-    /// The node's name. Always the `&str` it was copied from; the fallback
-    /// is never taken.
-    pub(crate) fn node(&self) -> &str {
-        std::str::from_utf8(&self.node).unwrap_or("?")
-    }
-
-    pub(crate) fn reason(&self) -> RouteReason {
-        self.reason
-    }
-
-    fn route(&self) -> Route {
-        Route {
-            node: self.node().to_owned(),
-            target: self.target,
-            reason: self.reason,
-        }
-    }
-}
+pub use self::state::TokenOutcome;
+pub(crate) use self::state::{ClusterState, LastRoute, RequestState, Required, Unread};
 
 /// Where a request's database access went: its node, the kind of node, and
 /// why. Returned by [`Db::last_route`].
@@ -200,30 +54,6 @@ impl fmt::Display for Route {
             "node={}; target={}; reason={}",
             self.node, self.target, self.reason
         )
-    }
-}
-
-impl RequestState {
-    pub(crate) fn new(
-        user: Option<UserId>,
-        token: TokenOutcome,
-        carried: Bookmarks,
-        carried_expiry: u64,
-        clusters: SmallVec<[ClusterState; 1]>,
-    ) -> Self {
-        RequestState {
-            user,
-            token,
-            carried,
-            carried_expiry,
-            clusters,
-            last_route: Mutex::new(None),
-        }
-    }
-
-    /// Whether the request wrote to any cluster.
-    pub(crate) fn wrote(&self) -> bool {
-        self.clusters.iter().any(ClusterState::wrote)
     }
 }
 
@@ -363,19 +193,10 @@ impl<B: Backend> Db<B> {
                     routed
                 }
                 Required::Position(bookmark) => backend.session(bookmark.position, max_wait).await,
-                Required::Primary => self.pinned(),
+                Required::Primary(reason) => Routed::primary(backend.primary(), reason),
             }
         };
         self.record(routed)
-    }
-
-    /// The primary, for a token that pins it.
-    fn pinned(&self) -> Routed<'_, B::Pool> {
-        let reason = match self.shared.mode {
-            Mode::TimeWindow(_) => RouteReason::TimeWindow,
-            Mode::Position => RouteReason::PositionUnknown,
-        };
-        Routed::primary(self.target().primary(), reason)
     }
 
     /// A read with monotonic reads on: never an older state than the
@@ -388,8 +209,8 @@ impl<B: Backend> Db<B> {
             Routed::primary(backend.primary(), RouteReason::WroteThisRequest)
         } else if own.read_primary() {
             Routed::primary(backend.primary(), RouteReason::ReadPrimaryThisRequest)
-        } else if own.required == Required::Primary {
-            self.pinned()
+        } else if let Required::Primary(reason) = own.required {
+            Routed::primary(backend.primary(), reason)
         } else {
             let routed = backend.monotonic(own.bookmark(), max_wait).await;
             if routed.target == Target::Replica && own.bookmark().is_none() && max_wait.is_some() {
@@ -514,10 +335,10 @@ impl<B: Backend> Db<B> {
     /// # }
     /// ```
     pub async fn forward_header(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
-        let user = self.state.user.clone()?;
+        let user = self.state.user()?;
         let bookmarks = match self.shared.mode {
-            Mode::TimeWindow(_) if self.state.wrote() || !self.state.carried.is_empty() => {
-                Bookmarks::one(Bookmark::new(WritePosition::default()))
+            Mode::TimeWindow(_) if self.time_window_pins() => {
+                Bookmarks::one(Bookmark::EVERY_CLUSTER)
             }
             Mode::TimeWindow(_) => return None,
             Mode::Position => {
@@ -564,9 +385,12 @@ impl<B: Backend> Db<B> {
     pub async fn requirement(&self) -> Requirement {
         let own = self.own();
         let carried = match own.required {
+            // Another user's promises, when the handler bound the request
+            // to a new named user: not this user's to keep.
+            _ if !self.state.inherits() => Requirement::Nothing,
             Required::Nothing => Requirement::Nothing,
             Required::Position(bookmark) => Requirement::Position(bookmark.position),
-            Required::Primary => Requirement::Primary,
+            Required::Primary(_) => Requirement::Primary,
         };
         if !own.wrote() {
             return carried;
@@ -584,7 +408,7 @@ impl<B: Backend> Db<B> {
     pub fn required_position(&self) -> Option<WritePosition> {
         match self.own().required {
             Required::Position(bookmark) => Some(bookmark.position),
-            Required::Nothing | Required::Primary => None,
+            Required::Nothing | Required::Primary(_) => None,
         }
     }
 
@@ -593,14 +417,79 @@ impl<B: Backend> Db<B> {
         self.state.token
     }
 
-    /// The requester's identity as the layer's identity function saw it.
-    pub fn user(&self) -> Option<&UserId> {
-        self.state.user.as_ref()
+    /// Whom this request's tokens are for: the user the handler bound it
+    /// to with [`bind_user`](Self::bind_user) (the last binding of any
+    /// clone wins), else the requester's identity as the layer's identity
+    /// function saw it (the anonymous id where anonymous tokens are
+    /// allowed). `None`: no one, so no token is issued.
+    ///
+    /// ```
+    /// use read_after_write::{Backend, Db};
+    ///
+    /// fn audit<B: Backend>(db: &Db<B>) {
+    ///     if let Some(user) = db.user() {
+    ///         tracing::info!(?user, "acting for");
+    ///     }
+    /// }
+    /// ```
+    pub fn user(&self) -> Option<UserId> {
+        self.state.user()
+    }
+
+    /// Binds this request to `user`, for a handler that establishes who
+    /// the requester is: sign-up, login, switching accounts.
+    ///
+    /// The layer's identity function runs before the handler, so a handler
+    /// that creates a user or signs one in writes while the request is
+    /// anonymous (or someone else's). Without a binding the response's
+    /// token is not that user's (or there is none), and their next page may
+    /// read a replica that lacks the row just written. Once bound, the
+    /// response's token is for `user` and covers every write of the
+    /// request, before or after the binding, as do
+    /// [`forward_header`](Self::forward_header) and
+    /// [`requirement`](Self::requirement).
+    ///
+    /// What the request's tokens promised goes with the binding when the
+    /// request was anonymous (or had no identity): the same browser, and
+    /// promises only grow, so such a request issues a token for `user` even
+    /// if it did not write. When it was another named user's, their
+    /// promises stay theirs and are dropped. Reads later in the same request
+    /// still route by the tokens it carried.
+    ///
+    /// Every clone of the handle shares the binding; the last call wins.
+    /// Binding the anonymous (empty) id binds the anonymous user where
+    /// anonymous tokens are allowed, and no one otherwise (no token is
+    /// issued).
+    ///
+    /// ```no_run
+    /// use read_after_write::pg::PgDb;
+    /// use read_after_write::UserId;
+    ///
+    /// /// `POST /signup`: the request has no identity yet.
+    /// async fn sign_up(db: PgDb, name: String) -> Result<i64, sqlx::Error> {
+    ///     let (id,): (i64,) = sqlx::query_as("insert into users (name) values ($1) returning id")
+    ///         .bind(&name)
+    ///         .fetch_one(db.write())
+    ///         .await?;
+    ///     // The response's token is this new user's: their profile page,
+    ///     // read with db.read(), finds the row.
+    ///     db.bind_user(UserId::from(id));
+    ///     Ok(id) // and set the session cookie your authentication reads
+    /// }
+    /// ```
+    pub fn bind_user(&self, user: UserId) {
+        self.state.bind(self.shared.admit(Some(user)));
     }
 
     /// The backend, for what the handle does not cover.
     pub fn backend(&self) -> &B {
         self.target()
+    }
+
+    /// In time-window mode, whether a token for this request's user pins
+    /// the primary: they wrote now, or carried a token they may keep.
+    fn time_window_pins(&self) -> bool {
+        self.state.wrote() || (self.state.inherits() && !self.state.carried.is_empty())
     }
 
     /// Like [`forward_header`](Self::forward_header), without waiting: for
@@ -619,10 +508,10 @@ impl<B: Backend> Db<B> {
     /// # }
     /// ```
     pub fn forward_header_now(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
-        let user = self.state.user.clone()?;
+        let user = self.state.user()?;
         let bookmarks = match self.shared.mode {
-            Mode::TimeWindow(_) if self.state.wrote() || !self.state.carried.is_empty() => {
-                Bookmarks::one(Bookmark::new(WritePosition::default()))
+            Mode::TimeWindow(_) if self.time_window_pins() => {
+                Bookmarks::one(Bookmark::EVERY_CLUSTER)
             }
             Mode::TimeWindow(_) => return None,
             Mode::Position => {
@@ -730,7 +619,7 @@ impl<B: Backend> fmt::Debug for Db<B> {
             .field("cluster", &self.cluster_name())
             .field("required", &self.own().required)
             .field("token", &self.state.token)
-            .field("user", &self.state.user)
+            .field("user", &self.state.user())
             .field("wrote", &self.own().wrote())
             .field(
                 "time_window",

@@ -1,0 +1,457 @@
+//! Layer tests of tokens the layer cannot read (signed with a key id this
+//! instance does not know, or left unchecked when the MAC budget ran out)
+//! and of what the token a response issues keeps of them, over the
+//! in-test backends of the other layer tests (HTTP mechanics only).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use http::header::{COOKIE, SET_COOKIE};
+use http::{Request, Response};
+use tower::{service_fn, Layer, ServiceExt};
+
+use super::tests::FakeBackend;
+use super::tests_sessions::Tagged;
+use super::*;
+use crate::backend::{Backend, RouteReason};
+use crate::bookmark::{Bookmark, Bookmarks};
+use crate::clock::ManualClock;
+use crate::handle::{Db, TokenOutcome};
+use crate::position::{Lsn, WritePosition};
+use crate::token::{AffinityToken, SigningKey, TokenError};
+
+const NOW: u64 = 1_800_000_000;
+const USER: u64 = 3;
+/// Another service's cluster, which no layer here serves.
+const ELSEWHERE: u64 = 99;
+
+fn key(byte: u8) -> SigningKey {
+    SigningKey::from_bytes(&[byte; 32]).unwrap()
+}
+
+/// The keys of the layers under test.
+fn old_keys() -> KeySet {
+    KeySet::new(key(3))
+}
+
+/// Keys an instance that rolled out a rotation signs with.
+fn new_keys() -> KeySet {
+    KeySet::new(key(4)).with_previous(key(3))
+}
+
+fn identify(parts: &http::request::Parts) -> Option<UserId> {
+    let id = parts
+        .headers
+        .get("x-user-id")?
+        .to_str()
+        .ok()?
+        .parse::<u64>()
+        .ok()?;
+    Some(UserId::from(id))
+}
+
+fn at(lsn: u64, system: u64) -> Bookmark {
+    Bookmark::new(WritePosition::new(Lsn::new(lsn), 1, system))
+}
+
+/// A token of `USER` carrying `bookmarks`, signed with `keys`.
+fn token(bookmarks: &[Bookmark], keys: &KeySet) -> String {
+    let mut set = Bookmarks::new();
+    for bookmark in bookmarks {
+        set.set(*bookmark);
+    }
+    AffinityToken::with_bookmarks(UserId::from(USER), set, NOW + 30)
+        .unwrap()
+        .sign(DEFAULT_COOKIE_NAME, keys)
+}
+
+/// `token` with its first bookmark's LSN changed: well formed, naming the
+/// same user with the same key id and expiry, failing only its MAC. What
+/// anyone who saw one of the victim's tokens can plant.
+fn forged(token: &str, n: u64) -> String {
+    let mut raw = URL_SAFE_NO_PAD.decode(token).unwrap();
+    assert_eq!(raw[0], 2, "a version 2 token");
+    let lsn = 3 + usize::from(raw[2]) + 8 + 1 + 12;
+    raw[lsn..lsn + 8].copy_from_slice(&(0xFFFF_0000 + n).to_be_bytes());
+    URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// `count` forgeries of `real`, then `real`, as one `Cookie` header: a
+/// longer `Path` puts planted cookies first.
+fn planted_before(real: &str, count: u64) -> String {
+    let mut pairs: Vec<String> = (0..count)
+        .map(|n| format!("{DEFAULT_COOKIE_NAME}={}", forged(real, n)))
+        .collect();
+    pairs.push(format!("{DEFAULT_COOKIE_NAME}={real}"));
+    pairs.join("; ")
+}
+
+/// What a request saw and was given.
+#[derive(Debug)]
+struct Answer {
+    /// The reason of each access, in the path's order.
+    reasons: Vec<RouteReason>,
+    outcome: TokenOutcome,
+    /// The token the response issued, as text.
+    issued: Option<String>,
+}
+
+/// A handler for paths like `/read`, `/write`, `/orders/write/read`: each
+/// segment one access, in order, `orders` switching to that cluster.
+async fn handler<B: Backend>(req: Request<()>) -> Result<Response<()>, Infallible> {
+    let db = req.extensions().get::<Db<B>>().unwrap().clone();
+    let mut target = db.clone();
+    let mut reasons = Vec::new();
+    for step in req.uri().path().split('/').filter(|s| !s.is_empty()) {
+        match step {
+            "orders" => target = db.cluster("orders").unwrap(),
+            "read" => {
+                let _ = target.read().await;
+            }
+            "write" => {
+                let _ = target.write();
+            }
+            other => panic!("unknown step {other}"),
+        }
+        if step != "orders" {
+            reasons.push(db.last_route().unwrap().reason);
+        }
+    }
+    let mut response = Response::new(());
+    response
+        .extensions_mut()
+        .insert((reasons, db.token_outcome()));
+    Ok(response)
+}
+
+async fn send<B: Backend>(layer: &ReadAfterWriteLayer<B>, path: &str, cookie: &str) -> Answer {
+    let service = layer.layer(service_fn(handler::<B>));
+    let mut request = Request::get(path).header("x-user-id", USER.to_string());
+    if !cookie.is_empty() {
+        request = request.header(COOKIE, cookie);
+    }
+    let response = service.oneshot(request.body(()).unwrap()).await.unwrap();
+    let issued = response.headers().get_all(SET_COOKIE).iter().find_map(|v| {
+        v.to_str()
+            .ok()?
+            .split(';')
+            .next()?
+            .strip_prefix("primary_affinity=")
+            .map(str::to_owned)
+    });
+    let (reasons, outcome) = response
+        .extensions()
+        .get::<(Vec<RouteReason>, TokenOutcome)>()
+        .cloned()
+        .unwrap();
+    Answer {
+        reasons,
+        outcome,
+        issued,
+    }
+}
+
+fn decode(text: &str, keys: &KeySet) -> AffinityToken {
+    AffinityToken::verify(text, DEFAULT_COOKIE_NAME, keys, NOW).unwrap()
+}
+
+/// A layer over cluster 7 (`default`) and cluster 8 (`orders`).
+fn two_clusters(keys: KeySet) -> ReadAfterWriteLayer<Tagged> {
+    ReadAfterWriteLayer::new(Tagged::new(7), keys)
+        .cluster("orders", Tagged::new(8))
+        .unwrap()
+        .identity(identify)
+        .clock(ManualClock::new(NOW))
+}
+
+fn one_cluster(keys: KeySet) -> ReadAfterWriteLayer<Tagged> {
+    ReadAfterWriteLayer::new(Tagged::new(7), keys)
+        .identity(identify)
+        .clock(ManualClock::new(NOW))
+}
+
+#[tokio::test]
+async fn a_token_the_budget_left_unchecked_is_pinned_for_each_cluster_it_names() {
+    // (a) The real token promises clusters 7 and 8; sixteen forgeries ahead
+    // of it spend the MAC budget, so it is never checked.
+    let layer = two_clusters(old_keys());
+    let real = token(&[at(0x500, 7), at(0x600, 8)], &old_keys());
+    let cookie = planted_before(&real, MAX_MACS_PER_REQUEST as u64);
+    // Reads of either cluster cannot be proven safe: the primary.
+    let read = send(&layer, "/read/orders/read", &cookie).await;
+    assert_eq!(
+        read.reasons,
+        [RouteReason::PositionUnknown, RouteReason::PositionUnknown]
+    );
+    assert_eq!(read.issued, None, "nothing written, nothing issued");
+    // A write to 7: captured; 8, which the request could not read, is
+    // pinned instead of dropped.
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmark(7),
+        Some(&Bookmark::new(Tagged::new(7).at(0x1000)))
+    );
+    assert_eq!(issued.bookmark(8), Some(&Bookmark::pinned(8)));
+    assert_eq!(issued.bookmarks().len(), 2);
+}
+
+#[tokio::test]
+async fn another_services_bookmark_in_an_unchecked_token_is_pinned_not_dropped() {
+    // (b) One cluster; the real token also carries another service's
+    // bookmark, which a verified token would have passed on.
+    let layer = one_cluster(old_keys());
+    let real = token(&[at(0x500, 7), at(0x900, ELSEWHERE)], &old_keys());
+    let cookie = planted_before(&real, MAX_MACS_PER_REQUEST as u64);
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmark(7),
+        Some(&Bookmark::new(Tagged::new(7).at(0x1000)))
+    );
+    assert_eq!(
+        issued.bookmark(ELSEWHERE),
+        Some(&Bookmark::pinned(ELSEWHERE))
+    );
+    // Without the forgeries the same token is verified and passed on.
+    let wrote = send(&layer, "/write", &format!("primary_affinity={real}")).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(issued.bookmark(ELSEWHERE), Some(&at(0x900, ELSEWHERE)));
+}
+
+#[tokio::test]
+async fn an_unknown_key_sends_reads_to_the_primary_and_a_write_pins_what_it_named() {
+    // (c) No attacker: a rotation is rolling out, and this instance does
+    // not know the key that signed the user's token yet.
+    let layer = one_cluster(old_keys());
+    let real = token(&[at(0x500, 7), at(0x900, ELSEWHERE)], &new_keys());
+    let cookie = format!("primary_affinity={real}");
+    let read = send(&layer, "/read", &cookie).await;
+    assert_eq!(read.reasons[0].as_str(), "unknown_key");
+    assert_eq!(read.outcome, TokenOutcome::Rejected(TokenError::UnknownKey));
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmark(7),
+        Some(&Bookmark::new(Tagged::new(7).at(0x1000)))
+    );
+    assert_eq!(
+        issued.bookmark(ELSEWHERE),
+        Some(&Bookmark::pinned(ELSEWHERE))
+    );
+    // The instance that knows the new key reads it as it always did.
+    let read = send(&one_cluster(new_keys()), "/read", &cookie).await;
+    assert_eq!(read.reasons, [RouteReason::CaughtUp]);
+    assert_eq!(read.outcome, TokenOutcome::Valid);
+}
+
+#[tokio::test]
+async fn a_backend_without_a_cluster_id_keeps_other_services_bookmarks_on_a_write() {
+    // (d) FakeBackend reports no cluster id; its captures name SYSTEM.
+    let backend = FakeBackend::new();
+    backend
+        .primary_at
+        .store(0x4000, std::sync::atomic::Ordering::SeqCst);
+    let layer = ReadAfterWriteLayer::from_arc(Arc::clone(&backend), old_keys())
+        .identity(identify)
+        .clock(ManualClock::new(NOW));
+    let real = token(
+        &[at(0x100, super::tests::SYSTEM), at(0x900, ELSEWHERE)],
+        &old_keys(),
+    );
+    let wrote = send(&layer, "/write", &format!("primary_affinity={real}")).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmark(super::tests::SYSTEM),
+        Some(&at(0x4000, super::tests::SYSTEM))
+    );
+    assert_eq!(issued.bookmark(ELSEWHERE), Some(&at(0x900, ELSEWHERE)));
+}
+
+#[tokio::test]
+async fn a_write_replaces_the_pin_every_cluster_marker() {
+    // (e) The all-zero position pins every cluster (a version 1 pin, or a
+    // time-window instance sharing the keys). A write captures every
+    // commit before it, that token's included: the marker goes.
+    let marker = token(&[Bookmark::new(WritePosition::default())], &old_keys());
+    let cookie = format!("primary_affinity={marker}");
+    let layer = one_cluster(old_keys());
+    let read = send(&layer, "/read", &cookie).await;
+    assert_eq!(read.reasons, [RouteReason::PositionUnknown]);
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = wrote.issued.unwrap();
+    assert_eq!(
+        decode(&issued, &old_keys()).bookmarks(),
+        &Bookmarks::one(Bookmark::new(Tagged::new(7).at(0x1000)))
+    );
+    let read = send(&layer, "/read", &format!("primary_affinity={issued}")).await;
+    assert_eq!(read.reasons, [RouteReason::CaughtUp]);
+    // Over two clusters, the one not written stays pinned.
+    let layer = two_clusters(old_keys());
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmark(7),
+        Some(&Bookmark::new(Tagged::new(7).at(0x1000)))
+    );
+    assert_eq!(issued.bookmark(8), Some(&Bookmark::pinned(8)));
+    assert_eq!(issued.bookmark(0), None);
+}
+
+#[tokio::test]
+async fn pins_that_do_not_fit_give_the_every_cluster_marker_beside_other_services() {
+    // A valid token of clusters 7, 8 and another service's, and one under
+    // an unknown key naming two more clusters: five do not fit in a token.
+    let layer = two_clusters(old_keys());
+    let valid = token(
+        &[at(0x500, 7), at(0x600, 8), at(0x900, ELSEWHERE)],
+        &old_keys(),
+    );
+    let unknown = token(&[at(0x1, 100), at(0x1, 101)], &new_keys());
+    let cookie = format!("primary_affinity={unknown}; primary_affinity={valid}");
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = decode(&wrote.issued.unwrap(), &old_keys());
+    assert_eq!(
+        issued.bookmarks().as_slice(),
+        [
+            Bookmark::new(WritePosition::default()),
+            at(0x900, ELSEWHERE)
+        ]
+    );
+    // Every cluster's reads of the user go to the primary.
+    let read = send(
+        &layer,
+        "/read/orders/read",
+        &format!("primary_affinity={}", wrote_text(&issued)),
+    )
+    .await;
+    assert_eq!(
+        read.reasons,
+        [RouteReason::PositionUnknown, RouteReason::PositionUnknown]
+    );
+    // The user's next write replaces the marker; the other service's
+    // bookmark outlives it.
+    let again = send(
+        &layer,
+        "/orders/write",
+        &format!("primary_affinity={}", wrote_text(&issued)),
+    )
+    .await;
+    let again = decode(&again.issued.unwrap(), &old_keys());
+    assert_eq!(
+        again.bookmarks().as_slice(),
+        [
+            at(0x900, ELSEWHERE),
+            Bookmark::new(Tagged::new(8).at(0x1000)),
+            Bookmark::pinned(7)
+        ]
+    );
+}
+
+/// `token` signed again with the layer's keys.
+fn wrote_text(token: &AffinityToken) -> String {
+    token.sign(DEFAULT_COOKIE_NAME, &old_keys())
+}
+
+#[tokio::test]
+async fn a_token_under_an_unknown_key_is_read_from_the_primary_not_eventually() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    // This instance still runs the old key; the user's token comes from
+    // one that rolled out the new key first.
+    let layer = two_clusters(old_keys());
+    let signed =
+        |bookmarks: &[Bookmark]| format!("primary_affinity={}", token(bookmarks, &new_keys()));
+    let macs = crate::token::macs_computed();
+    let read = send(&layer, "/read/orders/read", &signed(&[at(0x500, 7)])).await;
+    // Cluster 7's reads go to the primary; cluster 8, which the token does
+    // not name, reads as it would without it.
+    assert_eq!(
+        read.reasons,
+        [RouteReason::UnknownKey, RouteReason::NoToken]
+    );
+    assert_eq!(read.outcome, TokenOutcome::Rejected(TokenError::UnknownKey));
+    assert_eq!(crate::token::macs_computed(), macs, "no MAC spent");
+    // Beside a valid token promising as much, it changes nothing...
+    let valid = token(&[at(0x500, 7)], &old_keys());
+    let both = format!("{}; primary_affinity={valid}", signed(&[at(0x400, 7)]));
+    let read = send(&layer, "/read", &both).await;
+    assert_eq!(
+        (read.outcome, &read.reasons[..]),
+        (TokenOutcome::Valid, &[RouteReason::CaughtUp][..])
+    );
+    // ...and promising more, it sends the reads to the primary.
+    let both = format!("{}; primary_affinity={valid}", signed(&[at(0x600, 7)]));
+    let read = send(&layer, "/read", &both).await;
+    assert_eq!(
+        (read.outcome, &read.reasons[..]),
+        (TokenOutcome::Valid, &[RouteReason::UnknownKey][..])
+    );
+
+    // Expired, it is absent like any expired token: the TTL bounds every
+    // promise.
+    let late = one_cluster(old_keys()).clock(ManualClock::new(NOW + 30));
+    let read = send(&late, "/read", &signed(&[at(0x500, 7)])).await;
+    assert_eq!(read.reasons, [RouteReason::NoToken]);
+    assert_eq!(read.outcome, TokenOutcome::Rejected(TokenError::Expired));
+    // Another user's is absent too, and counted by its key.
+    let other = AffinityToken::new(UserId::from(USER + 1), at(0x500, 7).position, NOW + 30)
+        .sign(DEFAULT_COOKIE_NAME, &new_keys());
+    let read = send(&layer, "/read", &format!("primary_affinity={other}")).await;
+    assert_eq!(read.reasons, [RouteReason::NoToken]);
+    assert_eq!(read.outcome, TokenOutcome::Rejected(TokenError::UnknownKey));
+
+    let counts = super::tests::token_counts(&snapshotter);
+    assert!(
+        counts
+            .iter()
+            .any(|(outcome, n)| outcome == "unknown_key" && *n == 2),
+        "{counts:?}"
+    );
+}
+
+/// `count` keys whose one-byte ids are all the same: ids are one byte, so
+/// a long enough key list has such keys, and a token's MAC is then tried
+/// under each of them.
+fn keys_sharing_an_id(count: usize) -> Vec<SigningKey> {
+    let mut by_id: Vec<Vec<SigningKey>> = vec![Vec::new(); 256];
+    for n in 0u16.. {
+        let mut bytes = [0x5A; 32];
+        bytes[..2].copy_from_slice(&n.to_be_bytes());
+        let key = SigningKey::from_bytes(&bytes).unwrap();
+        let same = &mut by_id[usize::from(key.id())];
+        same.push(key);
+        if same.len() == count {
+            return same.clone();
+        }
+    }
+    unreachable!("65,536 keys give some id {count} times")
+}
+
+#[tokio::test]
+async fn the_mac_budget_counts_every_key_tried() {
+    // (f) Four keys share one id; the user's token is signed with the last.
+    let shared = keys_sharing_an_id(4);
+    let keys = shared[1..]
+        .iter()
+        .fold(KeySet::new(shared[0].clone()), |set, key| {
+            set.with_previous(key.clone())
+        });
+    let layer = one_cluster(keys.clone());
+    let real = token(&[at(0x500, 7)], &KeySet::new(shared[3].clone()));
+    // Three forgeries cost three MACs each... under four keys, four: 12,
+    // and the real token its four: 16, the budget.
+    let read = send(&layer, "/read", &planted_before(&real, 3)).await;
+    assert_eq!(read.outcome, TokenOutcome::Valid);
+    assert_eq!(read.reasons, [RouteReason::CaughtUp]);
+    // A fourth forgery spends the budget before the real token.
+    let read = send(&layer, "/read", &planted_before(&real, 4)).await;
+    assert_eq!(
+        read.outcome,
+        TokenOutcome::Rejected(TokenError::BadSignature)
+    );
+    assert_eq!(read.reasons, [RouteReason::PositionUnknown]);
+}
