@@ -196,15 +196,18 @@
 pub mod backend;
 pub mod bookmark;
 pub mod clock;
+mod config;
 #[cfg(feature = "axum")]
 pub mod extract;
 pub mod forward;
 pub mod guide;
 pub mod handle;
+mod issue;
 pub mod middleware;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod position;
+mod request;
 pub mod requirement;
 mod telemetry;
 pub mod token;

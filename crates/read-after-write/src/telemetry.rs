@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use metrics::{Key, Label, Level, Metadata};
 
 use crate::backend::{RouteReason, Target};
-use crate::handle::TokenOutcome;
+use crate::request::TokenOutcome;
 use crate::token::TokenError;
 
 static METADATA: Metadata<'static> =

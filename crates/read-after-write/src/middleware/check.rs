@@ -6,8 +6,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{transport, Mode, Shared};
 use crate::backend::{Backend, Finding, LayerSettings, Severity};
+use crate::config::{ttl_seconds, Mode, Shared};
 
 /// What the layer cannot know about how the app is served, for
 /// [`ReadAfterWriteLayer::check`](super::ReadAfterWriteLayer::check).
@@ -145,7 +145,7 @@ pub(crate) async fn run<B: Backend>(shared: &Shared<B>, context: CheckContext) -
     let mut findings = configuration(shared, context);
     let settings = LayerSettings {
         max_wait: shared.max_wait,
-        ttl: Duration::from_secs(transport::ttl_seconds(shared).unsigned_abs()),
+        ttl: Duration::from_secs(ttl_seconds(shared).unsigned_abs()),
         uses_positions: shared.mode == Mode::Position,
     };
     findings.extend(shared.backend.diagnose(&settings).await);

@@ -5,12 +5,12 @@ use std::time::Duration;
 use http::header::HeaderName;
 use tower_layer::Layer;
 
-use super::{
-    check, transport, CheckContext, ConfigError, IdentityFn, Mode, ReadAfterWrite, SelfCheck,
-    Shared, DEBUG_HEADER,
-};
+use super::{check, CheckContext, ReadAfterWrite, SelfCheck};
 use crate::backend::Backend;
 use crate::clock::Clock;
+use crate::config::{
+    check_cookie_name, check_domain, Cluster, ConfigError, IdentityFn, Mode, Shared, DEBUG_HEADER,
+};
 use crate::token::{KeySet, UserId};
 
 /// Layer that applies [`ReadAfterWrite`]: verifies affinity tokens, gives
@@ -120,7 +120,7 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     /// ```
     pub fn try_cookie_name(self, name: impl Into<String>) -> Result<Self, ConfigError> {
         let name = name.into();
-        transport::check_cookie_name(&name)?;
+        check_cookie_name(&name)?;
         Ok(self.edit(|s| s.cookie_name = name))
     }
 
@@ -182,7 +182,7 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     /// panicking when `domain` is not a host name.
     pub fn try_domain(self, domain: impl Into<String>) -> Result<Self, ConfigError> {
         let domain = domain.into();
-        transport::check_domain(&domain)?;
+        check_domain(&domain)?;
         Ok(self.edit(|s| s.domain = Some(domain)))
     }
 
@@ -283,7 +283,7 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
             ));
         }
         Ok(self.edit(|s| {
-            s.clusters.push(super::Cluster {
+            s.clusters.push(Cluster {
                 name,
                 backend,
                 id: Some(id),

@@ -5,10 +5,11 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::{transport, ResponseFuture, Shared, MAX_MACS_PER_REQUEST};
+use super::{transport, ResponseFuture};
 use crate::backend::Backend;
 use crate::backend::RouteReason;
 use crate::bookmark::{Bookmark, Bookmarks};
+use crate::config::{Mode, Shared, MAX_MACS_PER_REQUEST};
 use crate::handle::{ClusterState, Db, RequestState, Required, TokenOutcome, Unread};
 use crate::token::{Checked, MacBudget, TokenBuffer, TokenError, UnverifiedToken, UserId};
 
@@ -133,7 +134,7 @@ impl ReadTokens {
         if bookmarks.is_empty() {
             return Required::Nothing;
         }
-        if let super::Mode::TimeWindow(_) = shared.mode {
+        if let Mode::TimeWindow(_) = shared.mode {
             return Required::Primary(RouteReason::TimeWindow);
         }
         // The all-zero position (a version 1 pin) pins every cluster.

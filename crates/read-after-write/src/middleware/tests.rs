@@ -17,9 +17,11 @@ use tower::{service_fn, Layer, Service, ServiceExt};
 use super::*;
 use crate::backend::{Backend, Finding, LayerSettings, RouteReason, Routed, Severity};
 use crate::clock::ManualClock;
+use crate::config::Throttle;
 use crate::handle::{Db, TokenOutcome};
 use crate::position::{Lsn, WritePosition};
 use crate::token::{AffinityToken, SigningKey, TokenError};
+use crate::token::{KeySet, UserId};
 
 pub(super) const SYSTEM: u64 = 0x5EED;
 const NOW: u64 = 1_800_000_000;

@@ -18,6 +18,7 @@ use crate::handle::Db;
 use crate::position::{Lsn, WritePosition};
 use crate::requirement::Requirement;
 use crate::token::{AffinityToken, SigningKey};
+use crate::token::{KeySet, UserId};
 
 const NOW: u64 = 1_800_000_000;
 /// Another service's cluster.

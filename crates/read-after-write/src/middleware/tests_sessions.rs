@@ -14,10 +14,12 @@ use tower::{service_fn, Layer, ServiceExt};
 use super::*;
 use crate::backend::{Backend, RouteReason, Routed};
 use crate::bookmark::{Bookmark, ReplicaTag};
+use crate::clock::Clock;
 use crate::clock::ManualClock;
 use crate::handle::Db;
 use crate::position::{Lsn, WritePosition};
 use crate::token::{AffinityToken, SigningKey};
+use crate::token::{KeySet, UserId};
 
 const NOW: u64 = 1_800_000_000;
 

@@ -21,6 +21,7 @@ use crate::clock::ManualClock;
 use crate::handle::{Db, TokenOutcome};
 use crate::position::{Lsn, WritePosition};
 use crate::token::{AffinityToken, SigningKey, TokenError};
+use crate::token::{KeySet, UserId};
 
 const NOW: u64 = 1_800_000_000;
 const USER: u64 = 3;

@@ -1,17 +1,11 @@
 //! How tokens travel: read from `Cookie` headers or the token header, written
 //! as an appended `Set-Cookie` and the token header.
 
-use cookie::{Cookie, SameSite};
 use http::header::{COOKIE, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{ConfigError, Shared};
 use crate::backend::Backend;
-
-/// The longest token lifetime honoured: 400 days, the cap RFC 6265bis
-/// (§5.5) tells browsers to apply to `Max-Age` and `Expires`. Longer TTLs,
-/// `Duration::MAX` included, are clamped to it.
-pub(crate) const MAX_TTL_SECONDS: u64 = 400 * 24 * 60 * 60;
+use crate::config::Shared;
 
 /// Calls `each` with every token candidate, header first, then every cookie
 /// named `cookie_name` across all `Cookie` headers (HTTP/2 sends one header
@@ -95,93 +89,5 @@ pub(crate) fn attach_token<B: Backend>(headers: &mut HeaderMap, shared: &Shared<
             cookie = %shared.cookie_name,
             "affinity cookie is not a valid header value (check the cookie name and domain); not set"
         ),
-    }
-}
-
-/// The `Set-Cookie` text around the token, `("name=", "; HttpOnly; ...")`,
-/// rendered once per configuration by the `cookie` crate so the per-write
-/// path only concatenates.
-pub(crate) fn set_cookie_template<B>(shared: &Shared<B>) -> (String, String) {
-    const PLACEHOLDER: &str = "TOKEN";
-    let mut cookie = Cookie::build((shared.cookie_name.as_str(), PLACEHOLDER))
-        .http_only(true)
-        .secure(shared.secure)
-        .same_site(SameSite::Lax)
-        .path("/")
-        .max_age(cookie::time::Duration::seconds(ttl_seconds(shared)));
-    if let Some(domain) = &shared.domain {
-        cookie = cookie.domain(domain.as_str());
-    }
-    let rendered = cookie.build().to_string();
-    let prefix = format!("{}=", shared.cookie_name);
-    match rendered
-        .strip_prefix(&prefix)
-        .and_then(|rest| rest.strip_prefix(PLACEHOLDER))
-    {
-        Some(suffix) => (prefix, suffix.to_owned()),
-        // The cookie crate quoted or escaped the name: fall back to its
-        // rendering with the placeholder kept out of the value.
-        None => (
-            prefix,
-            rendered
-                .split_once(';')
-                .map_or(String::new(), |(_, rest)| format!(";{rest}")),
-        ),
-    }
-}
-
-/// The token lifetime in whole seconds, rounded up, as `Max-Age` uses it:
-/// at least 1, at most [`MAX_TTL_SECONDS`], whatever was configured.
-pub(crate) fn ttl_seconds<B>(shared: &Shared<B>) -> i64 {
-    let ttl = match shared.mode {
-        super::Mode::Position => shared.ttl,
-        super::Mode::TimeWindow(window) => window,
-    };
-    let seconds = ttl
-        .as_secs()
-        .saturating_add(u64::from(ttl.subsec_nanos() > 0))
-        .clamp(1, MAX_TTL_SECONDS);
-    // 400 days fits an i64 many times over; the fallback is never taken.
-    i64::try_from(seconds).unwrap_or(1)
-}
-
-/// Checks a configured cookie name: an RFC 6265 `token` (RFC 9110 §5.6.2),
-/// one or more visible ASCII characters other than the separators.
-pub(crate) fn check_cookie_name(name: &str) -> Result<(), ConfigError> {
-    const SEPARATORS: &[u8] = b"()<>@,;:\\\"/[]?={} \t";
-    let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !SEPARATORS.contains(&b));
-    if valid {
-        Ok(())
-    } else {
-        Err(ConfigError::InvalidCookieName {
-            name: name.to_owned(),
-        })
-    }
-}
-
-/// Checks a configured cookie domain: a host name of letters, digits, `-`
-/// and `.`, with an optional leading `.`, labels of 1 to 63 characters that
-/// neither start nor end with `-`, at most 253 characters in all.
-pub(crate) fn check_domain(domain: &str) -> Result<(), ConfigError> {
-    let host = domain.strip_prefix('.').unwrap_or(domain);
-    let valid = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            (1..=63).contains(&label.len())
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    if valid {
-        Ok(())
-    } else {
-        Err(ConfigError::InvalidDomain {
-            domain: domain.to_owned(),
-        })
     }
 }

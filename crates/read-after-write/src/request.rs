@@ -2,12 +2,12 @@
 //! handler did with each cluster. Shared by the handle's clones and the
 //! response future through one `Arc`.
 
+use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use smallvec::SmallVec;
 
-use super::Route;
 use crate::backend::{RouteReason, Target};
 use crate::bookmark::{Bookmark, Bookmarks};
 use crate::token::{TokenError, UserId};
@@ -51,6 +51,44 @@ impl TokenOutcome {
             TokenOutcome::OtherUser => "other_user",
             TokenOutcome::NoIdentity => "no_identity",
         }
+    }
+}
+
+/// Where a request's database access went: its node, the kind of node, and
+/// why. Returned by [`Db::last_route`](crate::Db::last_route).
+///
+/// ```
+/// use read_after_write::handle::Route;
+/// use read_after_write::{RouteReason, Target};
+///
+/// fn explain(route: &Route) -> String {
+///     match (route.target, route.reason) {
+///         (Target::Primary, RouteReason::WaitTimedOut) => {
+///             format!("no replica caught up in time; read {}", route.node)
+///         }
+///         _ => route.to_string(),
+///     }
+/// }
+/// # let _ = explain;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Route {
+    /// The node's name, as the backend calls it (`primary`, `replica-1`).
+    pub node: String,
+    /// Primary or replica.
+    pub target: Target,
+    /// Why it went there.
+    pub reason: RouteReason,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "node={}; target={}; reason={}",
+            self.node, self.target, self.reason
+        )
     }
 }
 

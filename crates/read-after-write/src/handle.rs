@@ -9,53 +9,13 @@ use smallvec::SmallVec;
 
 use crate::backend::{Backend, RouteReason, Routed, Target};
 use crate::bookmark::{Bookmark, Bookmarks};
-use crate::middleware::{Mode, Shared};
+use crate::config::{Mode, Shared, DEFAULT_TOKEN_HEADER};
 use crate::position::WritePosition;
 use crate::requirement::Requirement;
 use crate::token::UserId;
 
-mod state;
-
-pub use self::state::TokenOutcome;
-pub(crate) use self::state::{ClusterState, LastRoute, RequestState, Required, Unread};
-
-/// Where a request's database access went: its node, the kind of node, and
-/// why. Returned by [`Db::last_route`].
-///
-/// ```
-/// use read_after_write::handle::Route;
-/// use read_after_write::{RouteReason, Target};
-///
-/// fn explain(route: &Route) -> String {
-///     match (route.target, route.reason) {
-///         (Target::Primary, RouteReason::WaitTimedOut) => {
-///             format!("no replica caught up in time; read {}", route.node)
-///         }
-///         _ => route.to_string(),
-///     }
-/// }
-/// # let _ = explain;
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub struct Route {
-    /// The node's name, as the backend calls it (`primary`, `replica-1`).
-    pub node: String,
-    /// Primary or replica.
-    pub target: Target,
-    /// Why it went there.
-    pub reason: RouteReason,
-}
-
-impl fmt::Display for Route {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "node={}; target={}; reason={}",
-            self.node, self.target, self.reason
-        )
-    }
-}
+pub(crate) use crate::request::{ClusterState, LastRoute, RequestState, Required, Unread};
+pub use crate::request::{Route, TokenOutcome};
 
 /// The database handle for one request: pick the pool by the consistency the
 /// read needs.
@@ -342,14 +302,16 @@ impl<B: Backend> Db<B> {
             }
             Mode::TimeWindow(_) => return None,
             Mode::Position => {
-                let captured = crate::middleware::capture_all(&self.shared, &self.state).await;
-                crate::middleware::next_bookmarks(&self.shared, &self.state, &captured)
+                let captured = crate::issue::capture_all(&self.shared, &self.state).await;
+                crate::issue::next_bookmarks(&self.shared, &self.state, &captured)
             }
         };
-        let token = crate::middleware::mint_token(&self.shared, user, bookmarks)?;
-        let name = self.shared.token_header.clone().unwrap_or_else(|| {
-            http::HeaderName::from_static(crate::middleware::DEFAULT_TOKEN_HEADER)
-        });
+        let token = crate::issue::mint_token(&self.shared, user, bookmarks)?;
+        let name = self
+            .shared
+            .token_header
+            .clone()
+            .unwrap_or_else(|| http::HeaderName::from_static(DEFAULT_TOKEN_HEADER));
         let value = http::HeaderValue::from_str(&token).ok()?;
         Some((name, value))
     }
@@ -399,7 +361,7 @@ impl<B: Backend> Db<B> {
             return Requirement::Primary;
         }
         let cluster = &self.shared.clusters[self.cluster];
-        let written = crate::middleware::capture_position(&*cluster.backend, cluster.id).await;
+        let written = crate::issue::capture_position(&*cluster.backend, cluster.id).await;
         carried.after_write(written)
     }
 
@@ -526,13 +488,15 @@ impl<B: Backend> Db<B> {
                         uncaptured.then(|| Bookmark::pinned(cluster.id.unwrap_or(0)).position)
                     })
                     .collect();
-                crate::middleware::next_bookmarks(&self.shared, &self.state, &captured)
+                crate::issue::next_bookmarks(&self.shared, &self.state, &captured)
             }
         };
-        let token = crate::middleware::mint_token(&self.shared, user, bookmarks)?;
-        let name = self.shared.token_header.clone().unwrap_or_else(|| {
-            http::HeaderName::from_static(crate::middleware::DEFAULT_TOKEN_HEADER)
-        });
+        let token = crate::issue::mint_token(&self.shared, user, bookmarks)?;
+        let name = self
+            .shared
+            .token_header
+            .clone()
+            .unwrap_or_else(|| http::HeaderName::from_static(DEFAULT_TOKEN_HEADER));
         let value = http::HeaderValue::from_str(&token).ok()?;
         Some((name, value))
     }
