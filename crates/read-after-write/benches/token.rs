@@ -22,9 +22,13 @@ fn keys() -> KeySet {
     KeySet::new(SigningKey::from_bytes(&[7; 32]).expect("32-byte key"))
 }
 
+fn user() -> UserId {
+    UserId::from(42u64)
+}
+
 fn token() -> AffinityToken {
     let position = WritePosition::new(Lsn::new(0x16B_3748), 1, 7_301_234_567_890_123_456);
-    AffinityToken::new(UserId::from(42u64), position, NOW + 30)
+    AffinityToken::new(user(), position, NOW + 30)
 }
 
 fn cookie_key() -> Key {
@@ -61,7 +65,7 @@ fn sign(c: &mut Criterion) {
     let keys = keys();
     let token = token();
     let key = cookie_key();
-    assert_eq!(token.sign(NAME, &keys).len(), 86);
+    assert_eq!(token.sign(NAME, &keys).len(), 84);
 
     let mut group = group(c, "token/sign");
     group.bench_function("affinity_token_8b_user", |b| {
@@ -83,7 +87,7 @@ fn sign(c: &mut Criterion) {
 fn verify(c: &mut Criterion) {
     let keys = keys();
     let text = token().sign(NAME, &keys);
-    assert!(AffinityToken::verify(&text, NAME, &keys, NOW).is_ok());
+    assert!(AffinityToken::verify(&text, NAME, &keys, NOW, &user()).is_ok());
     let key = cookie_key();
     let jar = jar_with_signed(JAR_VALUE);
     assert_eq!(
@@ -91,6 +95,7 @@ fn verify(c: &mut Criterion) {
         Some(JAR_VALUE.to_owned())
     );
 
+    let user = user();
     let mut group = group(c, "token/verify");
     group.bench_function("affinity_token_8b_user", |b| {
         b.iter(|| {
@@ -99,6 +104,7 @@ fn verify(c: &mut Criterion) {
                 black_box(NAME),
                 black_box(&keys),
                 black_box(NOW),
+                black_box(&user),
             )
         })
     });
@@ -117,14 +123,14 @@ fn verify_rejected(c: &mut Criterion) {
     tampered[70] = if tampered[70] == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).expect("ascii");
     assert_eq!(
-        AffinityToken::verify(&tampered, NAME, &keys, NOW),
+        AffinityToken::verify(&tampered, NAME, &keys, NOW, &user()),
         Err(TokenError::BadSignature)
     );
     let too_long = "A".repeat(MAX_ENCODED_LEN + 1);
     let huge = "A".repeat(4096);
     for long in [&too_long, &huge] {
         assert_eq!(
-            AffinityToken::verify(long, NAME, &keys, NOW),
+            AffinityToken::verify(long, NAME, &keys, NOW, &user()),
             Err(TokenError::TooLong)
         );
     }
@@ -141,15 +147,16 @@ fn verify_rejected(c: &mut Criterion) {
     bad_jar.add_original(Cookie::new(NAME, String::from_utf8(signed).expect("ascii")));
     assert!(bad_jar.signed(&key).get(NAME).is_none());
 
+    let user = user();
     let mut group = group(c, "token/verify_rejected");
     group.bench_function("affinity_token_bad_signature", |b| {
-        b.iter(|| AffinityToken::verify(black_box(&tampered), NAME, &keys, NOW))
+        b.iter(|| AffinityToken::verify(black_box(&tampered), NAME, &keys, NOW, &user))
     });
     group.bench_function("affinity_token_too_long_max_plus_1", |b| {
-        b.iter(|| AffinityToken::verify(black_box(&too_long), NAME, &keys, NOW))
+        b.iter(|| AffinityToken::verify(black_box(&too_long), NAME, &keys, NOW, &user))
     });
     group.bench_function("affinity_token_too_long_4k", |b| {
-        b.iter(|| AffinityToken::verify(black_box(&huge), NAME, &keys, NOW))
+        b.iter(|| AffinityToken::verify(black_box(&huge), NAME, &keys, NOW, &user))
     });
     group.bench_function("cookie_signed_jar_bad_signature", |b| {
         b.iter(|| black_box(&bad_jar).signed(&key).get(black_box(NAME)))
