@@ -1,15 +1,16 @@
 //! Per-request overhead of `ReadAfterWriteLayer`, and what a user would
 //! otherwise assemble on axum.
 //!
-//! Every layer benchmark runs over [`ConstantPositionSource`], a backend that
-//! answers at once from constants: these numbers are the layer's own work
+//! Every layer benchmark runs over [`constant_position_source`], the crate's
+//! shared fake backend answering at once from constants: these numbers are the layer's own work
 //! (identity, cookie parsing, token verification, the `Db` handle, signing and
 //! `Set-Cookie`), not a database's.
 //!
 //! - Group `layer`: the layer over a bare `tower::service_fn`, polled with a
 //!   no-op waker (no runtime: nothing waits on I/O). Each scenario has its own
-//!   bare baseline fed the very same request, so
-//!   `layer/<scenario>` − `layer/bare_service_fn/<request>` is the overhead.
+//!   bare baseline fed the very same request and running the same identity
+//!   function, so `layer/<scenario>` − `layer/bare_service_fn/<request>` is
+//!   the overhead.
 //! - Group `alternatives`: axum `Router`s driven by `oneshot` on a
 //!   current-thread tokio runtime: no extractor, axum-extra's
 //!   `SignedCookieJar`, this layer, and tower-sessions with its memory store.
@@ -32,75 +33,36 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkGroup, Crit
 use http::header::{HeaderName, COOKIE, SET_COOKIE};
 use http::{Method, Request, Response};
 use read_after_write::{
-    AffinityToken, Backend, Bookmark, Bookmarks, Db, KeySet, Lsn, ReadAfterWriteLayer, ReplicaTag,
-    RouteReason, Routed, SigningKey, UserId, WritePosition,
+    AffinityToken, Bookmark, Bookmarks, Db, KeySet, Lsn, ReadAfterWriteLayer, ReplicaTag,
+    SigningKey, UserId, WritePosition,
 };
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_sessions::{MemoryStore, Session, SessionManagerLayer};
 
+#[path = "../src/testing/fake_backend.rs"]
+mod fake_backend;
+
+use fake_backend::FakeBackend;
+
+/// The one position every write reports.
+const POSITION: WritePosition = WritePosition::new(Lsn::new(0x16B_3748), 1, SYSTEM_ID);
+const SYSTEM_ID: u64 = 7_301_234_567_890_123_456;
+
 /// Constant position source: measures the layer's own work, not a database.
 ///
-/// Every read is routed to a replica that is already caught up and every
-/// write position is the same constant, returned without waiting. Lives only
-/// in this benchmark; it says nothing about PostgreSQL's cost.
-struct ConstantPositionSource {
-    primary: &'static str,
-    replica: &'static str,
-    position: WritePosition,
-}
-
-impl ConstantPositionSource {
-    fn new() -> Self {
-        ConstantPositionSource {
-            primary: "primary-pool",
-            replica: "replica-pool",
-            position: WritePosition::new(Lsn::new(0x16B_3748), 1, 7_301_234_567_890_123_456),
-        }
-    }
-}
-
-impl Backend for ConstantPositionSource {
-    type Pool = &'static str;
-    type Error = Infallible;
-
-    fn primary(&self) -> &&'static str {
-        &self.primary
-    }
-
-    fn eventual(&self) -> Routed<'_, &'static str> {
-        Routed::replica(&self.replica, "replica-1", RouteReason::Eventual)
-    }
-
-    async fn session(
-        &self,
-        _required: WritePosition,
-        _max_wait: Duration,
-    ) -> Routed<'_, &'static str> {
-        Routed::replica(&self.replica, "replica-1", RouteReason::CaughtUp)
-    }
-
-    async fn write_position(&self) -> Result<WritePosition, Infallible> {
-        Ok(self.position)
-    }
-
-    fn cluster_id(&self) -> Option<u64> {
-        Some(self.position.system_id)
-    }
-
-    /// Monotonic reads stay on `replica-1`: a bookmark tied to it comes
-    /// back unchanged; any other is moved there (and so re-issued).
-    async fn monotonic(
-        &self,
-        bookmark: Option<Bookmark>,
-        _max_wait: Option<Duration>,
-    ) -> Routed<'_, &'static str> {
-        let here = Bookmark::new(self.position).on_replica(replica_tag());
-        let reason = match bookmark {
-            Some(b) if b == here => RouteReason::Sticky,
-            _ => RouteReason::CaughtUp,
-        };
-        Routed::replica(&self.replica, "replica-1", reason).with_bookmark(here)
-    }
+/// The crate's shared test double (`src/testing/fake_backend.rs`), set up so
+/// that every read is routed to a replica that is already caught up and
+/// every write position is the same constant, returned without waiting. It
+/// says nothing about PostgreSQL's cost. Monotonic reads stay on
+/// `replica-1`: a bookmark tied to it comes back unchanged; any other is
+/// moved there (and so re-issued).
+fn constant_position_source() -> FakeBackend {
+    FakeBackend::new()
+        .cluster_id(SYSTEM_ID)
+        .primary_at(POSITION.lsn.as_u64())
+        .replica_caught_up()
+        .replica_tag(replica_tag())
+        .capture_at_once()
 }
 
 /// The tag of the bench's one replica.
@@ -137,9 +99,8 @@ fn user_from_header(parts: &http::request::Parts) -> Option<UserId> {
     Some(UserId::from(id))
 }
 
-fn rw_layer() -> ReadAfterWriteLayer<ConstantPositionSource> {
-    ReadAfterWriteLayer::new(ConstantPositionSource::new(), signing_keys())
-        .identity(user_from_header)
+fn rw_layer() -> ReadAfterWriteLayer<FakeBackend> {
+    ReadAfterWriteLayer::new(constant_position_source(), signing_keys()).identity(user_from_header)
 }
 
 /// A valid `primary_affinity` token for `USER`, good for an hour of
@@ -149,12 +110,8 @@ fn valid_token() -> String {
         .duration_since(UNIX_EPOCH)
         .expect("after 1970")
         .as_secs();
-    AffinityToken::new(
-        UserId::from(USER),
-        ConstantPositionSource::new().position,
-        now + 3600,
-    )
-    .sign("primary_affinity", &signing_keys())
+    AffinityToken::new(UserId::from(USER), POSITION, now + 3600)
+        .sign("primary_affinity", &signing_keys())
 }
 
 /// A valid token for `USER` tied to the bench's replica, as a monotonic
@@ -164,7 +121,7 @@ fn sticky_token() -> String {
         .duration_since(UNIX_EPOCH)
         .expect("after 1970")
         .as_secs();
-    let bookmark = Bookmark::new(ConstantPositionSource::new().position).on_replica(replica_tag());
+    let bookmark = Bookmark::new(POSITION).on_replica(replica_tag());
     AffinityToken::with_bookmarks(UserId::from(USER), Bookmarks::one(bookmark), now + 3600)
         .expect("one bookmark")
         .sign("primary_affinity", &signing_keys())
@@ -203,7 +160,7 @@ fn complete<F: Future>(future: F) -> F::Output {
 /// or without the layer. Without it there is no `Db`, and the lookup in
 /// empty extensions is all it does.
 async fn handler(req: Request<()>) -> Result<Response<()>, Infallible> {
-    if let Some(db) = req.extensions().get::<Db<ConstantPositionSource>>() {
+    if let Some(db) = req.extensions().get::<Db<FakeBackend>>() {
         if req.method() == Method::POST {
             black_box(db.write());
         } else {
@@ -233,12 +190,19 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
 
 fn layer(c: &mut Criterion) {
     eprintln!(
-        "layer benchmarks use ConstantPositionSource ({BACKEND_LABEL}): \
+        "layer benchmarks use the constant position source ({BACKEND_LABEL}): \
          they measure the layer's own work, not a database"
     );
     let token_cookie = format!("primary_affinity={}", valid_token());
 
-    let mut bare = service_fn(handler);
+    // The bare baseline runs the same identity function, as the
+    // authentication the layer relies on would: the layer's overhead is
+    // what it adds beyond that.
+    let mut bare = service_fn(|req: Request<()>| {
+        let (parts, body) = req.into_parts();
+        black_box(user_from_header(&parts));
+        handler(Request::from_parts(parts, body))
+    });
     let mut layered = rw_layer().layer(service_fn(handler));
 
     // What each scenario sends; the bare baseline gets the same requests.
@@ -291,7 +255,9 @@ fn layer(c: &mut Criterion) {
     // Monotonic reads: a read that keeps its bookmark issues nothing; one
     // that moves it (here: a token from a write, tied to no replica yet)
     // re-issues the token.
-    let mut monotonic = rw_layer().monotonic_reads(true).layer(service_fn(handler));
+    let mut monotonic = rw_layer()
+        .consistency(read_after_write::Consistency::Monotonic)
+        .layer(service_fn(handler));
     let sticky_cookie = format!("primary_affinity={}", sticky_token());
     let get_sticky = || request(Method::GET, "/", Some(&sticky_cookie), ());
     let response = send(&mut monotonic, get_sticky());
@@ -330,7 +296,7 @@ async fn signed_jar_handler(jar: SignedCookieJar) {
     black_box(jar.get(JAR_COOKIE));
 }
 
-async fn rw_handler(Extension(db): Extension<Db<ConstantPositionSource>>) {
+async fn rw_handler(Extension(db): Extension<Db<FakeBackend>>) {
     black_box(db.read().await);
 }
 

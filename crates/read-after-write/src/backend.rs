@@ -126,7 +126,9 @@ pub trait Backend: Send + Sync + 'static {
     /// (from [`Db::read`](crate::Db::read)), it must also include the
     /// bookmark's position, waiting at most `max_wait` for it. `max_wait`
     /// is `None` for [`Db::eventual`](crate::Db::eventual): then it must not
-    /// wait at all (its future must be ready when first polled).
+    /// wait at all (its future must be ready when first polled). With
+    /// `max_staleness`, a replica further behind than that is left (through
+    /// the primary).
     ///
     /// A replica route carries the bookmark the session continues with
     /// ([`Routed::bookmark`]); a route without one, the primary's included,
@@ -138,8 +140,9 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         bookmark: Option<Bookmark>,
         max_wait: Option<Duration>,
+        max_staleness: Option<Duration>,
     ) -> impl Future<Output = Routed<'_, Self::Pool>> + Send {
-        let _ = (bookmark, max_wait);
+        let _ = (bookmark, max_wait, max_staleness);
         std::future::ready(Routed::primary(self.primary(), RouteReason::LeftReplica))
     }
 
@@ -214,6 +217,10 @@ pub struct LayerSettings {
     /// a recent writer's session reads go to the primary and replica lag
     /// does not matter to them).
     pub uses_positions: bool,
+    /// The consistency the layer keeps.
+    pub consistency: crate::Consistency,
+    /// The staleness bound of eventual reads, if any.
+    pub max_staleness: Option<Duration>,
 }
 
 impl LayerSettings {
@@ -224,6 +231,8 @@ impl LayerSettings {
             max_wait,
             ttl,
             uses_positions: true,
+            consistency: crate::Consistency::ReadYourWrites,
+            max_staleness: None,
         }
     }
 }

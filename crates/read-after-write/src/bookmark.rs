@@ -73,7 +73,7 @@ use crate::position::{Lsn, WritePosition};
 ///
 /// It bounds the token: with a 255-byte user id and four clusters the cookie
 /// value is at most [`MAX_ENCODED_LEN`](crate::token::MAX_ENCODED_LEN)
-/// (528) characters.
+/// characters.
 pub const MAX_CLUSTERS: usize = 4;
 
 /// One replica incarnation: a replica's name and its server's start time,
@@ -323,6 +323,8 @@ impl Bookmarks {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn at(lsn: u64, timeline: u32, system: u64) -> Bookmark {
@@ -331,6 +333,124 @@ mod tests {
 
     fn tag(value: u64) -> ReplicaTag {
         ReplicaTag::new(value).unwrap()
+    }
+
+    /// A bookmark of cluster `system` from a small space (equal positions,
+    /// two replicas or none, pins), or now and then the all-zero one that
+    /// pins every cluster.
+    fn bookmark_of(system: u64) -> impl Strategy<Value = Bookmark> {
+        let position = prop_oneof![
+            1 => Just(WritePosition::default()),
+            1 => Just(Bookmark::pinned(system).position),
+            6 => (0u64..4, 1u32..3)
+                .prop_map(move |(lsn, timeline)| WritePosition::new(Lsn::new(lsn), timeline, system)),
+        ];
+        (position, 0u64..3).prop_map(|(position, replica)| Bookmark {
+            position,
+            replica: ReplicaTag::new(replica),
+        })
+    }
+
+    /// Bookmarks of clusters 1 to 6 (so a merge may not fit), at most one
+    /// per cluster as [`Bookmarks::set`] keeps them.
+    fn bookmarks() -> impl Strategy<Value = Bookmarks> {
+        proptest::collection::vec((1u64..7).prop_flat_map(bookmark_of), 0..5).prop_map(|all| {
+            let mut bookmarks = Bookmarks::new();
+            for bookmark in all {
+                bookmarks.set(bookmark);
+            }
+            bookmarks
+        })
+    }
+
+    fn at_least(ordering: Option<Ordering>) -> bool {
+        matches!(ordering, Some(Ordering::Greater | Ordering::Equal))
+    }
+
+    /// `merged` promises everything `input` did: at least as much, or it
+    /// pins the primary.
+    fn covers(merged: &Bookmark, input: &Bookmark) -> bool {
+        at_least(merged.cmp_promise(input)) || merged.position.pins_primary()
+    }
+
+    proptest! {
+        #[test]
+        fn merge_is_commutative_up_to_promise(a in bookmark_of(7), b in bookmark_of(7)) {
+            let (ab, ba) = (a.merge(&b), b.merge(&a));
+            prop_assert_eq!(ab.cmp_promise(&ba), Some(Ordering::Equal), "{:?} {:?}", ab, ba);
+        }
+
+        #[test]
+        fn merge_is_associative_up_to_promise(
+            a in bookmark_of(7),
+            b in bookmark_of(7),
+            c in bookmark_of(7),
+        ) {
+            let (left, right) = (a.merge(&b).merge(&c), a.merge(&b.merge(&c)));
+            prop_assert_eq!(left.cmp_promise(&right), Some(Ordering::Equal), "{:?} {:?}", left, right);
+        }
+
+        #[test]
+        fn merge_is_idempotent(a in bookmark_of(7)) {
+            prop_assert_eq!(a.merge(&a), a);
+        }
+
+        #[test]
+        fn merge_promises_at_least_each_input(a in bookmark_of(7), b in bookmark_of(7)) {
+            let merged = a.merge(&b);
+            prop_assert!(covers(&merged, &a), "{merged:?} drops {a:?}");
+            prop_assert!(covers(&merged, &b), "{merged:?} drops {b:?}");
+        }
+
+        #[test]
+        fn cmp_promise_is_antisymmetric(a in bookmark_of(7), b in bookmark_of(7)) {
+            prop_assert_eq!(a.cmp_promise(&b), b.cmp_promise(&a).map(Ordering::reverse));
+        }
+
+        #[test]
+        fn cmp_promise_is_transitive_where_defined(
+            a in bookmark_of(7),
+            b in bookmark_of(7),
+            c in bookmark_of(7),
+        ) {
+            if at_least(a.cmp_promise(&b)) && at_least(b.cmp_promise(&c)) {
+                prop_assert!(at_least(a.cmp_promise(&c)), "{a:?} >= {b:?} >= {c:?}");
+            }
+            if a.cmp_promise(&b) == Some(Ordering::Greater) && at_least(b.cmp_promise(&c)) {
+                prop_assert_eq!(a.cmp_promise(&c), Some(Ordering::Greater));
+            }
+        }
+
+        #[test]
+        fn bookmarks_merge_never_drops_a_cluster_that_fits(
+            mine in bookmarks(),
+            theirs in bookmarks(),
+        ) {
+            let mut merged = mine.clone();
+            let fits = merged.merge(&theirs);
+            let clusters: std::collections::BTreeSet<u64> = mine
+                .as_slice()
+                .iter()
+                .chain(theirs.as_slice())
+                .map(Bookmark::system_id)
+                .collect();
+            prop_assert_eq!(fits, clusters.len() <= MAX_CLUSTERS);
+            // What was there stays, promising at least what it did.
+            for before in mine.as_slice() {
+                let after = merged.get(before.system_id());
+                prop_assert!(after.is_some_and(|after| covers(after, before)), "{before:?} dropped");
+            }
+            // What comes in is kept while there is room, and then nothing
+            // else changes.
+            for incoming in theirs.as_slice() {
+                match merged.get(incoming.system_id()) {
+                    Some(after) => prop_assert!(covers(after, incoming), "{after:?} < {incoming:?}"),
+                    None => prop_assert!(!fits && merged.len() == MAX_CLUSTERS),
+                }
+            }
+            prop_assert!(merged.len() <= MAX_CLUSTERS);
+            prop_assert_eq!(merged.covers(&theirs), fits);
+        }
     }
 
     #[test]

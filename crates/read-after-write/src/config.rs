@@ -67,8 +67,7 @@ pub const MAX_MACS_PER_REQUEST: usize = 16;
 
 /// The longest token lifetime and cookie `Max-Age` honoured: 400 days, the
 /// cap RFC 6265bis tells browsers to apply. Longer settings of
-/// [`ttl`](crate::ReadAfterWriteLayer::ttl) and
-/// [`time_window`](crate::ReadAfterWriteLayer::time_window) are clamped to it.
+/// [`ttl`](crate::ReadAfterWriteLayer::ttl) are capped at it.
 pub const MAX_TTL: Duration = Duration::from_secs(MAX_TTL_SECONDS);
 
 /// A configuration value the layer refuses, so that a misconfiguration fails
@@ -113,14 +112,58 @@ pub enum ConfigError {
 
 pub(crate) type IdentityFn = Arc<dyn Fn(&http::request::Parts) -> Option<UserId> + Send + Sync>;
 
-/// How session reads are kept consistent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// Tokens carry the write position; reads go to a replica that has it.
-    Position,
-    /// Tokens carry only "wrote recently"; reads go to the primary for the
-    /// window.
-    TimeWindow(Duration),
+/// How long a token lives unless [`ttl`](crate::ReadAfterWriteLayer::ttl)
+/// says otherwise: 30 s. It bounds how long a user stays sticky, not how
+/// long reads go to the primary (routing is by position).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+/// The longest a session read waits for a replica unless
+/// [`max_wait`](crate::ReadAfterWriteLayer::max_wait) says otherwise: 50 ms.
+/// A bound, not a wait: with predicted routing (the default of
+/// [`PgReplicaSet`](crate::pg::PgReplicaSet)) it is spent only on reads a
+/// replica is expected to serve within it.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// Which consistency the layer keeps for a user's own reads; set with
+/// [`ReadAfterWriteLayer::consistency`](crate::ReadAfterWriteLayer::consistency).
+///
+/// ```
+/// use read_after_write::Consistency;
+///
+/// assert_eq!(Consistency::default(), Consistency::ReadYourWrites);
+/// assert_eq!(Consistency::Monotonic.as_str(), "monotonic");
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Consistency {
+    /// A user sees their own writes: tokens carry the position of the
+    /// user's last write, and session reads go to a replica that provably
+    /// replayed it (waiting at most `max_wait`), else the primary. The
+    /// default.
+    #[default]
+    ReadYourWrites,
+    /// Read-your-writes, and a session never sees the database go back in
+    /// time, across requests, tabs and web instances: tokens also name the
+    /// replica the session read, and it stays there (see
+    /// [monotonic reads](crate::middleware#monotonic-reads) for the rule and
+    /// its cost).
+    Monotonic,
+    /// For backends that cannot report write positions: for the token's
+    /// [`ttl`](crate::ReadAfterWriteLayer::ttl) after a write, the user's
+    /// session reads go to the primary. No position is captured; it costs
+    /// far more primary reads than the other two.
+    TimeWindow,
+}
+
+impl Consistency {
+    /// `read_your_writes`, `monotonic` or `time_window`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::ReadYourWrites => "read_your_writes",
+            Consistency::Monotonic => "monotonic",
+            Consistency::TimeWindow => "time_window",
+        }
+    }
 }
 
 /// Configuration shared by the layer, every service it builds and every
@@ -143,7 +186,7 @@ pub(crate) struct Shared<B> {
     pub(crate) domain: Option<String>,
     pub(crate) debug_header: Option<HeaderName>,
     pub(crate) writes_on_unsafe_methods: bool,
-    pub(crate) mode: Mode,
+    pub(crate) consistency: Consistency,
     /// `Set-Cookie` text before and after the token, derived from the fields
     /// above by [`Shared::refresh`].
     pub(crate) set_cookie: (String, String),
@@ -153,10 +196,8 @@ pub(crate) struct Shared<B> {
     /// Outgoing clients with [`ForwardTokenLayer`](crate::forward::ForwardTokenLayer)
     /// see the request being handled.
     pub(crate) forward_tokens: bool,
-    /// Monotonic reads: a session's reads never observe an older state than
-    /// its earlier reads did (see [`ReadAfterWriteLayer::monotonic_reads`]).
-    pub(crate) monotonic: bool,
-    /// The staleness bound of [`Db::eventual`](crate::Db::eventual), if any.
+    /// The staleness bound of [`Db::eventual`](crate::Db::eventual), if any,
+    /// with monotonic reads too.
     pub(crate) max_staleness: Option<Duration>,
 }
 
@@ -230,17 +271,16 @@ impl<B: crate::Backend> Shared<B> {
             allow_anonymous: None,
             cookie_name: DEFAULT_COOKIE_NAME.to_owned(),
             token_header: Some(HeaderName::from_static(DEFAULT_TOKEN_HEADER)),
-            ttl: Duration::from_secs(30),
-            max_wait: Duration::from_millis(50),
+            ttl: DEFAULT_TTL,
+            max_wait: DEFAULT_MAX_WAIT,
             secure: true,
             domain: None,
             debug_header: None,
             writes_on_unsafe_methods: false,
-            mode: Mode::Position,
+            consistency: Consistency::ReadYourWrites,
             set_cookie: (String::new(), String::new()),
             no_identity_warning: Throttle::default(),
             forward_tokens: false,
-            monotonic: false,
             max_staleness: None,
         };
         shared.refresh();
@@ -249,6 +289,18 @@ impl<B: crate::Backend> Shared<B> {
 }
 
 impl<B> Shared<B> {
+    /// With monotonic reads.
+    #[inline]
+    pub(crate) fn monotonic(&self) -> bool {
+        self.consistency == Consistency::Monotonic
+    }
+
+    /// In time-window mode: tokens carry no position.
+    #[inline]
+    pub(crate) fn time_window(&self) -> bool {
+        self.consistency == Consistency::TimeWindow
+    }
+
     /// Recomputes what is derived from the configuration.
     pub(crate) fn refresh(&mut self) {
         self.set_cookie = set_cookie_template(self);
@@ -291,11 +343,10 @@ impl<B> Clone for Shared<B> {
             domain: self.domain.clone(),
             debug_header: self.debug_header.clone(),
             writes_on_unsafe_methods: self.writes_on_unsafe_methods,
-            mode: self.mode,
+            consistency: self.consistency,
             set_cookie: self.set_cookie.clone(),
             no_identity_warning: Throttle::default(),
             forward_tokens: self.forward_tokens,
-            monotonic: self.monotonic,
             max_staleness: self.max_staleness,
         }
     }
@@ -315,7 +366,8 @@ impl<B> fmt::Debug for Shared<B> {
             .field("domain", &self.domain)
             .field("debug_header", &self.debug_header.is_some())
             .field("writes_on_unsafe_methods", &self.writes_on_unsafe_methods)
-            .field("mode", &self.mode)
+            .field("consistency", &self.consistency)
+            .field("max_staleness", &self.max_staleness)
             .finish_non_exhaustive()
     }
 }
@@ -355,10 +407,7 @@ pub(crate) fn set_cookie_template<B>(shared: &Shared<B>) -> (String, String) {
 /// The token lifetime in whole seconds, rounded up, as `Max-Age` uses it:
 /// at least 1, at most [`MAX_TTL_SECONDS`], whatever was configured.
 pub(crate) fn ttl_seconds<B>(shared: &Shared<B>) -> i64 {
-    let ttl = match shared.mode {
-        Mode::Position => shared.ttl,
-        Mode::TimeWindow(window) => window,
-    };
+    let ttl = shared.ttl;
     let seconds = ttl
         .as_secs()
         .saturating_add(u64::from(ttl.subsec_nanos() > 0))

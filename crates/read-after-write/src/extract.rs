@@ -121,7 +121,8 @@ mod tests {
     use http::Request;
     use tower::ServiceExt;
 
-    use crate::middleware::tests::{keys, FakeBackend};
+    use crate::middleware::tests::keys;
+    use crate::testing::FakeBackend;
     use crate::{Db, ReadAfterWriteLayer};
 
     async fn create(db: Db<FakeBackend>) -> &'static str {
@@ -130,10 +131,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_extractor_hands_out_the_layers_db() {
-        let backend = FakeBackend::new();
         let app = Router::new()
             .route("/posts", post(create))
-            .layer(ReadAfterWriteLayer::from_arc(backend, keys(1)));
+            .layer(ReadAfterWriteLayer::new(FakeBackend::new(), keys(1)));
         let response = app
             .oneshot(Request::post("/posts").body(Body::empty()).unwrap())
             .await

@@ -45,6 +45,10 @@
 //! # }
 //! ```
 
+// The interceptor exists only with the `tonic` feature; without it the
+// module docs still name it.
+#![cfg_attr(not(feature = "tonic"), allow(rustdoc::broken_intra_doc_links))]
+
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;

@@ -22,7 +22,7 @@ pub(crate) fn needs_capture<B>(shared: &Shared<B>, state: &RequestState) -> bool
     state
         .clusters
         .iter()
-        .any(|c| c.wrote() || (shared.monotonic && c.read_primary()))
+        .any(|c| c.wrote() || (shared.monotonic() && c.read_primary()))
 }
 
 /// With monotonic reads, a session that keeps reading keeps its bookmark
@@ -37,7 +37,7 @@ pub(crate) fn refresh_due<B>(shared: &Shared<B>, state: &RequestState) -> bool {
 pub(crate) async fn capture_all<B: Backend>(shared: &Shared<B>, state: &RequestState) -> Captured {
     let mut captured = Captured::new();
     for (cluster, own) in shared.clusters.iter().zip(&state.clusters) {
-        let capture = own.wrote() || (shared.monotonic && own.read_primary());
+        let capture = own.wrote() || (shared.monotonic() && own.read_primary());
         captured.push(if capture {
             Some(capture_position(&*cluster.backend, cluster.id).await)
         } else {
@@ -134,7 +134,7 @@ pub(crate) fn next_bookmarks<B>(
                 let replica = state.bookmark().and_then(|b| b.replica);
                 Some(match replica {
                     Some(tag)
-                        if shared.monotonic
+                        if shared.monotonic()
                             && !state.read_primary()
                             && !position.pins_primary() =>
                     {
@@ -143,7 +143,7 @@ pub(crate) fn next_bookmarks<B>(
                     _ => Bookmark::new(position),
                 })
             }
-            None if shared.monotonic => state.earned(),
+            None if shared.monotonic() => state.earned(),
             None => None,
         };
         match (next, cluster.id) {

@@ -5,11 +5,12 @@
 //! next page reads from an asynchronous replica 100 ms behind. After a request
 //! writes, [`ReadAfterWriteLayer`] sets a short-lived, signed
 //! `primary_affinity` cookie (and a header, for API and gRPC clients) holding
-//! the user id and the primary's WAL position. On the user's later requests
-//! the [`Db`] handle reads from a replica that has replayed that position,
-//! waits a bounded moment if none has, and only then falls back to the
-//! primary. Other users' reads stay eventual and cheap. Nothing is stored on
-//! the server: web instances share only the signing keys.
+//! the primary's WAL position and a keyed tag of the user (not the id itself). On the user's later requests
+//! the [`Db`] handle reads from a replica proven to have replayed that
+//! position, waits only while one is predicted to within a bound, and
+//! otherwise reads the primary ([how routing decides](guide::routing)).
+//! Other users' reads stay eventual and cheap. Nothing is stored on the
+//! server: web instances share only the signing keys.
 //!
 //! # Layout
 //!
@@ -34,8 +35,13 @@
 //!   `primary` and `write`.
 //! - `extract` (feature `axum`): the axum extractor for [`Db`], with the
 //!   notes on layer order.
-//! - [`guide`]: guide pages, such as [where each managed PostgreSQL
-//!   stands](guide::platforms).
+//! - [`guide`]: guide pages, each the one home of what it holds: the
+//!   [configuration reference](guide::configuration),
+//!   [how routing decides](guide::routing), the
+//!   [failure table](guide::failures), [operations](guide::operations)
+//!   (metrics, alerts, sizing, keys), [platforms](guide::platforms),
+//!   [testing your app](guide::testing) and the [evidence](guide::evidence)
+//!   (the lab, fault drills, benchmarks).
 //! - `pg` (feature `postgres`, on by default): [`PgReplicaSet`](pg::PgReplicaSet),
 //!   the sqlx backend for a primary and its streaming replicas, and the
 //!   [`ReplicaTracker`](pg::ReplicaTracker) that follows their replay positions.
@@ -121,7 +127,8 @@
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let replicas = PgReplicaSet::builder()
 //!         .primary_url(std::env::var("DATABASE_URL")?)
-//!         .replica_url("replica-1", std::env::var("REPLICA_URL")?)
+//!         // One URL per replica, or one reader endpoint over several.
+//!         .replica_urls(std::env::var("REPLICA_URLS")?.split(','))
 //!         .connect()
 //!         .await?;
 //!     // One or more base64 keys, comma-separated, newest first:
@@ -129,7 +136,7 @@
 //!     let keys = KeySet::from_env("AFFINITY_KEY")?;
 //!     let layer = ReadAfterWriteLayer::new(replicas, keys)
 //!         .identity(|parts| parts.extensions.get::<CurrentUser>().map(|user| UserId::from(user.id)))
-//!         .max_wait(Duration::from_millis(20)) // the default
+//!         .max_wait(Duration::from_millis(100)) // a bound; the default is DEFAULT_MAX_WAIT
 //!         // `Secure` by default; COOKIE_SECURE=false for plain-HTTP development.
 //!         .secure(std::env::var("COOKIE_SECURE").map_or(true, |value| value != "false"));
 //!
@@ -150,25 +157,29 @@
 //!
 //! What a newcomer needs to know:
 //!
-//! - **`max_wait` is 20 ms by default.** A read after a write waits up to
-//!   that long for a replica to catch up, then reads the primary. Set it a
-//!   little above your replicas' typical lag with
-//!   [`max_wait`](ReadAfterWriteLayer::max_wait); `0` never waits.
+//! - **`max_wait` bounds the wait** (default
+//!   [`DEFAULT_MAX_WAIT`](middleware::DEFAULT_MAX_WAIT)): a read after a
+//!   write waits for a replica only while one is predicted to replay the
+//!   write within it, else reads the primary at once. See
+//!   [how routing decides](guide::routing), sizing it in
+//!   [operations](guide::operations), and every other setting in the
+//!   [configuration reference](guide::configuration).
 //! - **The cookie is `Secure` by default**, so browsers keep and send it
 //!   only over HTTPS: over plain `http://` users silently get no
 //!   read-your-writes. For plain-HTTP development turn it off with
 //!   [`.secure(false)`](ReadAfterWriteLayer::secure); keep it on in
 //!   production.
-//! - **Grant `pg_monitor`** to the role the replica set connects as
-//!   (`GRANT pg_monitor TO app;`). PostgreSQL shows a replica's timeline only
-//!   to such roles; without it no replica can be proven to hold a write, so
-//!   every read after a write goes to the primary (safe, but it costs primary
-//!   capacity), and a warning says so once.
+//! - **Prove what replicas hold**: grant `pg_monitor` to the role the
+//!   tracker connects as, or (least privilege) create the heartbeat table
+//!   ([`pg::HEARTBEAT_DDL`]). With neither, every
+//!   read after a write goes to the primary (safe, costly), and
+//!   [`check`](ReadAfterWriteLayer::check) says so. Where each managed
+//!   PostgreSQL stands: [the platforms guide](guide::platforms).
 //! - **Bound your handlers with a request timeout** (e.g. tower-http's
 //!   `TimeoutLayer`, outside this layer). A frozen or partitioned primary
-//!   makes queries hang without an error; the timeout is what drops them,
-//!   and the replica set then frees their connections.
-//! - **Pick one user id type everywhere.** The token carries the id's bytes:
+//!   makes queries hang without an error; the timeout is what drops them.
+//!   What every other failure does: [the failure table](guide::failures).
+//! - **Pick one user id type everywhere.** The token is bound to the id's bytes:
 //!   `UserId::from(42i32)` and `UserId::from(42i64)` are different users
 //!   (see [`UserId`]).
 //!
@@ -178,13 +189,11 @@
 //!
 //! # Metrics
 //!
-//! Through the [metrics](https://docs.rs/metrics) facade: `read_after_write_reads_total{target,
-//! reason}`, `read_after_write_tokens_total{outcome}`,
-//! `read_after_write_tokens_issued_total`, `read_after_write_writes_total`,
-//! `read_after_write_writes_without_identity_total`,
-//! `read_after_write_token_mac_budget_exhausted_total` and
-//! `read_after_write_capture_failures_total`; backends add their own (the
-//! PostgreSQL backend's replica lag, health and divergence gauges).
+//! Through the [metrics](https://docs.rs/metrics) facade, from the layer
+//! (reads by target and reason, tokens by outcome, writes, captures) and
+//! the PostgreSQL backend (replica lag, health, divergence, the canary).
+//! Every metric, the alert rules and the dashboard that ship with the
+//! repository: [the operations guide](guide::operations).
 
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(rust_2018_idioms)]
@@ -210,15 +219,23 @@ pub mod position;
 mod request;
 pub mod requirement;
 mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod token;
+
+// The shared test double (`testing::FakeBackend`) is written against the
+// public API, as `read_after_write::…`, so the integration tests and benches
+// can include it by path: this name lets the unit tests compile it too.
+#[cfg(test)]
+extern crate self as read_after_write;
 
 pub use backend::{Backend, Finding, LayerSettings, RouteReason, Routed, Severity, Target};
 pub use bookmark::{Bookmark, Bookmarks, ReplicaTag};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use handle::{Db, Route, TokenOutcome};
 pub use middleware::{
-    CheckContext, ConfigError, ReadAfterWrite, ReadAfterWriteLayer, ResponseFuture, SelfCheck,
-    MAX_MACS_PER_REQUEST, MAX_TTL,
+    CheckContext, ConfigError, Consistency, ReadAfterWrite, ReadAfterWriteLayer, ResponseFuture,
+    SelfCheck, MAX_MACS_PER_REQUEST, MAX_TTL,
 };
 pub use position::{Lsn, ParseLsnError, WalGeometry, WritePosition};
 pub use requirement::{ParseRequirementError, Requirement};

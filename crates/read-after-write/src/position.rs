@@ -275,7 +275,62 @@ impl WritePosition {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// Positions from a small space, so that equal LSNs, timelines and
+    /// clusters, pins and the all-zero position come up often.
+    fn position() -> impl Strategy<Value = WritePosition> {
+        let lsn = prop_oneof![0u64..4, Just(u64::MAX), any::<u64>()];
+        prop_oneof![
+            1 => Just(WritePosition::default()),
+            1 => (0u64..3).prop_map(|system| WritePosition::new(Lsn::ZERO, 0, system)),
+            8 => (lsn, 0u32..3, 0u64..3)
+                .prop_map(|(lsn, timeline, system)| WritePosition::new(Lsn::new(lsn), timeline, system)),
+        ]
+    }
+
+    fn at_least(ordering: Option<Ordering>) -> bool {
+        matches!(ordering, Some(Ordering::Greater | Ordering::Equal))
+    }
+
+    proptest! {
+        #[test]
+        fn cmp_promise_is_antisymmetric(a in position(), b in position()) {
+            prop_assert_eq!(a.cmp_promise(&b), b.cmp_promise(&a).map(Ordering::reverse));
+            // Equal promises are equal positions: nothing else ties.
+            prop_assert_eq!(a.cmp_promise(&b) == Some(Ordering::Equal), a == b);
+        }
+
+        #[test]
+        fn cmp_promise_is_transitive_where_defined(
+            a in position(),
+            b in position(),
+            c in position(),
+        ) {
+            if at_least(a.cmp_promise(&b)) && at_least(b.cmp_promise(&c)) {
+                prop_assert!(at_least(a.cmp_promise(&c)), "{a:?} >= {b:?} >= {c:?}");
+            }
+            if a.cmp_promise(&b) == Some(Ordering::Greater) && at_least(b.cmp_promise(&c)) {
+                prop_assert_eq!(a.cmp_promise(&c), Some(Ordering::Greater));
+            }
+        }
+
+        #[test]
+        fn max_never_promises_less_than_either_argument(old in position(), newer in position()) {
+            let max = old.max(newer);
+            prop_assert!(max == old || max == newer);
+            // The reported position always counts...
+            prop_assert!(at_least(max.cmp_promise(&newer)), "{max:?} < {newer:?}");
+            // ...and, in the same history, so does the carried one; across
+            // clusters the current primary's report wins.
+            if old.cmp_promise(&newer).is_some() {
+                prop_assert!(at_least(max.cmp_promise(&old)), "{max:?} < {old:?}");
+                prop_assert_eq!(max, newer.max(old));
+            }
+        }
+    }
 
     #[test]
     fn parses_and_prints_postgres_form() {

@@ -226,6 +226,9 @@ pub(crate) struct RequestState {
     /// an earlier one; inline, so a request that never binds allocates
     /// nothing for it, and uncontended.
     bound: Mutex<Option<Option<UserId>>>,
+    /// Whether `bound` was ever set: a request that never binds (nearly
+    /// all) answers who its user is without taking the lock.
+    was_bound: AtomicBool,
     pub(crate) token: TokenOutcome,
     /// Every bookmark the request's valid tokens carried, merged: this
     /// layer's clusters' and other services' clusters', passed on unchanged
@@ -237,7 +240,7 @@ pub(crate) struct RequestState {
     pub(crate) carried_expiry: u64,
     /// One per cluster of the layer, in the layer's order.
     pub(crate) clusters: SmallVec<[ClusterState; 1]>,
-    /// The last routing decision, for [`Db::last_route`] and the debug
+    /// The last routing decision, for [`Db::last_route`](crate::Db::last_route) and the debug
     /// header. Written on every routed access, so it holds no `String`: the
     /// node's name is copied into an inline buffer (no allocation for names
     /// up to [`INLINE_NODE_NAME`] bytes).
@@ -248,7 +251,7 @@ pub(crate) struct RequestState {
 pub(crate) struct ClusterState {
     /// What the token asks of this cluster's session reads.
     pub(crate) required: Required,
-    /// Set by [`Db::write`]; read once the handler has returned. Relaxed is
+    /// Set by [`Db::write`](crate::Db::write); read once the handler has returned. Relaxed is
     /// enough: the handler's future completes before the response future
     /// reads it, on the same task.
     pub(super) wrote: AtomicBool,
@@ -337,6 +340,7 @@ impl RequestState {
         RequestState {
             identified: user,
             bound: Mutex::new(None),
+            was_bound: AtomicBool::new(false),
             token,
             carried,
             unread,
@@ -354,15 +358,31 @@ impl RequestState {
     /// Whom the request's tokens are for: the user the handler bound it to
     /// (the last binding wins), else the identified one.
     pub(crate) fn user(&self) -> Option<UserId> {
+        if !self.was_bound.load(Ordering::Acquire) {
+            return self.identified.clone();
+        }
         match &*self.bound.lock().unwrap_or_else(PoisonError::into_inner) {
             Some(bound) => bound.clone(),
             None => self.identified.clone(),
         }
     }
 
+    /// Whether the request's tokens are for someone: [`user`](Self::user)
+    /// is `Some`, without copying the id.
+    pub(crate) fn has_user(&self) -> bool {
+        if !self.was_bound.load(Ordering::Acquire) {
+            return self.identified.is_some();
+        }
+        match &*self.bound.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(bound) => bound.is_some(),
+            None => self.identified.is_some(),
+        }
+    }
+
     /// Binds the request to `user` (`None`: to no one).
     pub(crate) fn bind(&self, user: Option<UserId>) {
         *self.bound.lock().unwrap_or_else(PoisonError::into_inner) = Some(user);
+        self.was_bound.store(true, Ordering::Release);
     }
 
     /// Whether the bound user takes over what the request's tokens carried
@@ -370,6 +390,9 @@ impl RequestState {
     /// anyone (same browser, and promises only grow), or to the identified
     /// user again. A named user's promises never pass to another user.
     pub(crate) fn inherits(&self) -> bool {
+        if !self.was_bound.load(Ordering::Acquire) {
+            return true;
+        }
         let bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
         match (&*bound, &self.identified) {
             (None, _) | (Some(_), None) => true,
@@ -381,6 +404,9 @@ impl RequestState {
     /// Whether the handler bound the request to someone other than the
     /// identified user, so the response's token is for a new user.
     pub(crate) fn rebound(&self) -> bool {
+        if !self.was_bound.load(Ordering::Acquire) {
+            return false;
+        }
         let bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
         bound
             .as_ref()

@@ -7,7 +7,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::backend::{Backend, Finding, LayerSettings, Severity};
-use crate::config::{ttl_seconds, Mode, Shared};
+use crate::config::{ttl_seconds, Shared};
 
 /// What the layer cannot know about how the app is served, for
 /// [`ReadAfterWriteLayer::check`](super::ReadAfterWriteLayer::check).
@@ -143,13 +143,36 @@ impl<'a> IntoIterator for &'a SelfCheck {
 /// The layer's findings, then the backend's.
 pub(crate) async fn run<B: Backend>(shared: &Shared<B>, context: CheckContext) -> SelfCheck {
     let mut findings = configuration(shared, context);
-    let settings = LayerSettings {
-        max_wait: shared.max_wait,
-        ttl: Duration::from_secs(ttl_seconds(shared).unsigned_abs()),
-        uses_positions: shared.mode == Mode::Position,
-    };
-    findings.extend(shared.backend.diagnose(&settings).await);
+    let settings = settings(shared);
+    // Every cluster's backend, each finding naming its cluster when there
+    // are several.
+    let several = shared.clusters.len() > 1;
+    for cluster in &shared.clusters {
+        for finding in cluster.backend.diagnose(&settings).await {
+            findings.push(if several {
+                Finding::new(
+                    finding.severity(),
+                    finding.code(),
+                    format!("cluster {}: {}", cluster.name, finding.message()),
+                )
+            } else {
+                finding
+            });
+        }
+    }
     SelfCheck::from(findings)
+}
+
+/// The layer's settings as backends weigh their state against them.
+pub(crate) fn settings<B>(shared: &Shared<B>) -> LayerSettings {
+    let mut settings = LayerSettings::new(
+        shared.max_wait,
+        Duration::from_secs(ttl_seconds(shared).unsigned_abs()),
+    );
+    settings.uses_positions = !shared.time_window();
+    settings.consistency = shared.consistency;
+    settings.max_staleness = shared.max_staleness;
+    settings
 }
 
 /// What the configuration alone shows.
@@ -225,21 +248,33 @@ fn configuration<B>(shared: &Shared<B>, context: CheckContext) -> Vec<Finding> {
              routing; turn it off in production",
         ));
     }
-    match shared.mode {
-        Mode::TimeWindow(window) => findings.push(Finding::info(
+    if shared.time_window() {
+        findings.push(Finding::info(
             "time_window_mode",
             format!(
-                "time-window mode: each user's session reads go to the primary for {window:?} \
-                 after their write, whatever the replicas have replayed; position mode (the \
-                 default) sends far fewer reads to the primary"
+                "time-window mode: each user's session reads go to the primary for the token's \
+                 ttl ({:?}) after their write, whatever the replicas have replayed; \
+                 read-your-writes (the default) sends far fewer reads to the primary",
+                shared.ttl
             ),
-        )),
-        Mode::Position if shared.max_wait.is_zero() => findings.push(Finding::info(
+        ));
+    } else if shared.max_wait.is_zero() {
+        findings.push(Finding::info(
             "no_wait",
             "max_wait is zero: a session read whose replicas have not caught up goes to the \
              primary at once; a few milliseconds of wait usually keep it on a replica",
-        )),
-        Mode::Position => {}
+        ));
+    }
+    if shared.ttl > crate::config::MAX_TTL {
+        findings.push(Finding::info(
+            "ttl_capped",
+            format!(
+                "ttl {:?} is longer than browsers keep a cookie; tokens and cookies live {:?} \
+                 (MAX_TTL)",
+                shared.ttl,
+                crate::config::MAX_TTL
+            ),
+        ));
     }
     findings
 }

@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use super::transport;
 use crate::backend::Backend;
 use crate::bookmark::{Bookmark, Bookmarks};
-use crate::config::{Mode, Shared};
+use crate::config::Shared;
 use crate::forward::{self, TokenSource};
 use crate::issue::{capture_all, mint_token, needs_capture, next_bookmarks, refresh_due, Captured};
 use crate::request::RequestState;
@@ -121,7 +121,7 @@ fn start_capture<B: Backend, ResBody>(
     }
     // Whom the token is for, now that the handler has run: it may have
     // bound the request to a user it signed up or signed in.
-    if state.user().is_none() {
+    if !state.has_user() {
         if wrote {
             warn_wrote_without_identity(shared);
         }
@@ -131,7 +131,7 @@ fn start_capture<B: Backend, ResBody>(
     // issues a token even without a write: the old one in the browser is
     // not that user's.
     let rebound = state.rebound();
-    if let Mode::TimeWindow(_) = shared.mode {
+    if shared.time_window() {
         if wrote || (rebound && state.inherits() && !state.carried.is_empty()) {
             let pinned = Bookmarks::one(Bookmark::EVERY_CLUSTER);
             issue_token(shared, state, response, pinned);
@@ -139,10 +139,10 @@ fn start_capture<B: Backend, ResBody>(
         return None;
     }
     if !needs_capture(shared, state) {
-        if shared.monotonic || rebound {
+        if shared.monotonic() || rebound {
             let bookmarks = next_bookmarks(shared, state, &Captured::new());
             let monotonic_due =
-                shared.monotonic && (bookmarks != state.carried || refresh_due(shared, state));
+                shared.monotonic() && (bookmarks != state.carried || refresh_due(shared, state));
             if rebound || monotonic_due {
                 issue_token(shared, state, response, bookmarks);
             }
@@ -190,10 +190,9 @@ fn warn_wrote_without_identity<B>(shared: &Shared<B>) {
     }
 }
 
-/// Signs a token for max(carried, written) and attaches it. A `written`
-/// that [pins the primary](WritePosition::pins_primary) means "position
-/// unknown": the token then pins the user to the primary, whatever the
-/// carried token promised.
+/// Signs a token carrying `bookmarks` (as [`next_bookmarks`] worked them
+/// out, or a pin) for the request's user and attaches it as a cookie and
+/// the token header. Nothing without a user or a bookmark to carry.
 fn issue_token<B: Backend, ResBody>(
     shared: &Shared<B>,
     state: &RequestState,
@@ -211,6 +210,8 @@ fn issue_token<B: Backend, ResBody>(
     tracing::debug!("affinity token issued");
 }
 
+/// Sets the debug header, when it is on: where the request's last read
+/// went, why, and what became of its token.
 fn finish<B: Backend, ResBody>(
     shared: &Shared<B>,
     state: &RequestState,

@@ -1,3 +1,7 @@
+//! [`ReadAfterWriteLayer`]: the policy settings (one setter each, and
+//! [`settings`](ReadAfterWriteLayer::settings) to read them back), the
+//! clusters it serves, and the startup self-check.
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,10 +10,11 @@ use http::header::HeaderName;
 use tower_layer::Layer;
 
 use super::{check, CheckContext, ReadAfterWrite, SelfCheck};
-use crate::backend::Backend;
+use crate::backend::{Backend, LayerSettings};
 use crate::clock::Clock;
 use crate::config::{
-    check_cookie_name, check_domain, Cluster, ConfigError, IdentityFn, Mode, Shared, DEBUG_HEADER,
+    check_cookie_name, check_domain, Cluster, ConfigError, Consistency, IdentityFn, Shared,
+    DEBUG_HEADER,
 };
 use crate::token::{KeySet, UserId};
 
@@ -26,9 +31,15 @@ pub struct ReadAfterWriteLayer<B: Backend> {
 impl<B: Backend> ReadAfterWriteLayer<B> {
     /// A layer over `backend`, signing and verifying with `keys`.
     ///
-    /// Defaults: cookie `primary_affinity` and header `x-primary-affinity`,
-    /// TTL 30 s, `max_wait` 50 ms, cookie `Secure`, tokens bound to no user
-    /// until [`identity`](Self::identity) is set.
+    /// Defaults: read-your-writes, the cookie
+    /// [`DEFAULT_COOKIE_NAME`](crate::middleware::DEFAULT_COOKIE_NAME) and
+    /// the header [`DEFAULT_TOKEN_HEADER`](crate::middleware::DEFAULT_TOKEN_HEADER),
+    /// `ttl` [`DEFAULT_TTL`](crate::middleware::DEFAULT_TTL), `max_wait`
+    /// [`DEFAULT_MAX_WAIT`](crate::middleware::DEFAULT_MAX_WAIT), cookie
+    /// `Secure`, tokens bound to no user until [`identity`](Self::identity)
+    /// is set.
+    /// Every setting, its home and its default: the
+    /// [configuration reference](crate::guide::configuration).
     pub fn new(backend: B, keys: impl Into<KeySet>) -> Self {
         Self::from_arc(Arc::new(backend), keys)
     }
@@ -85,40 +96,33 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
         self.edit(|s| s.allow_anonymous = Some(allow))
     }
 
-    /// The cookie's name, also mixed into every token's MAC.
+    /// The cookie's name, also mixed into every token's MAC (default
+    /// [`DEFAULT_COOKIE_NAME`](crate::middleware::DEFAULT_COOKIE_NAME)).
     ///
     /// Consider the `__Host-` prefix (`__Host-primary_affinity`): browsers
     /// then refuse the cookie from any other subdomain, which closes the
     /// cookie-planting risk described under
-    /// [`MAX_MACS_PER_REQUEST`](super::MAX_MACS_PER_REQUEST). It needs the
-    /// default `Secure` and no [`domain`](Self::domain).
+    /// [`MAX_MACS_PER_REQUEST`](crate::middleware::MAX_MACS_PER_REQUEST). It
+    /// needs the default `Secure` and no [`domain`](Self::domain).
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `name` is not an RFC 6265 token (empty, or holding a space, a
-    /// control character, non-ASCII or one of `()<>@,;:\"/[]?={}`), with the
-    /// [`ConfigError`] message: a misconfiguration fails at startup. Use
-    /// [`try_cookie_name`](Self::try_cookie_name) to handle it instead.
-    pub fn cookie_name(self, name: impl Into<String>) -> Self {
-        self.try_cookie_name(name)
-            .unwrap_or_else(|error| panic!("{error}"))
-    }
-
-    /// Like [`cookie_name`](Self::cookie_name), returning the error instead
-    /// of panicking when `name` is not an RFC 6265 token.
+    /// [`ConfigError::InvalidCookieName`] when `name` is not an RFC 6265
+    /// token (empty, or holding a space, a control character, non-ASCII or
+    /// one of `()<>@,;:\"/[]?={}`): such a name would smuggle attributes
+    /// into the `Set-Cookie` header.
     ///
     /// ```
     /// use read_after_write::middleware::ConfigError;
     /// use read_after_write::{Backend, ReadAfterWriteLayer};
     ///
     /// fn configure<B: Backend>(layer: ReadAfterWriteLayer<B>) -> Result<ReadAfterWriteLayer<B>, ConfigError> {
-    ///     // Both would smuggle attributes into the `Set-Cookie` header.
-    ///     assert!(layer.clone().try_cookie_name("a=b; Domain=evil.example").is_err());
-    ///     assert!(layer.clone().try_domain("example.com; SameSite=None").is_err());
-    ///     layer.try_cookie_name("__Host-affinity")?.try_domain("app.example.com")
+    ///     assert!(layer.clone().cookie_name("a=b; Domain=evil.example").is_err());
+    ///     assert!(layer.clone().domain("example.com; SameSite=None").is_err());
+    ///     layer.cookie_name("__Host-affinity")?.domain("app.example.com")
     /// }
     /// ```
-    pub fn try_cookie_name(self, name: impl Into<String>) -> Result<Self, ConfigError> {
+    pub fn cookie_name(self, name: impl Into<String>) -> Result<Self, ConfigError> {
         let name = name.into();
         check_cookie_name(&name)?;
         Ok(self.edit(|s| s.cookie_name = name))
@@ -135,25 +139,36 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
         self.edit(|s| s.token_header = None)
     }
 
-    /// How long a token stays valid, and the cookie's `Max-Age`.
+    /// How long a token stays valid, and the cookie's `Max-Age` (default
+    /// [`DEFAULT_TTL`](crate::middleware::DEFAULT_TTL)).
     ///
     /// This bounds how long a user stays sticky, not how long reads go to
     /// the primary: routing is by position, so a replica that has caught up
     /// serves the user straight away. Make it longer than the worst replica
-    /// lag you want to cover. Values beyond [`MAX_TTL`](super::MAX_TTL)
-    /// (400 days, what browsers allow a cookie) are clamped to it.
+    /// lag you want to cover. With [`Consistency::TimeWindow`] it is the
+    /// window: how long after a write the user's reads go to the primary.
+    /// At most [`MAX_TTL`](crate::middleware::MAX_TTL) (400 days, what
+    /// browsers allow a cookie): a longer one lives that long, and
+    /// [`check`](Self::check) says so.
     pub fn ttl(self, ttl: Duration) -> Self {
         self.edit(|s| s.ttl = ttl)
     }
 
-    /// The longest a session read waits for a replica to catch up before it
-    /// goes to the primary (default 50 ms). Zero means never wait.
+    /// The longest any session read waits for a replica to catch up before
+    /// it goes to the primary (default
+    /// [`DEFAULT_MAX_WAIT`](crate::middleware::DEFAULT_MAX_WAIT)). Zero
+    /// means never wait. [`Db::read_within`](crate::Db::read_within) sets it
+    /// per read.
     ///
-    /// It is a bound, not a wait: a backend that predicts catch-up (the
-    /// default of [`PgReplicaSet`](crate::pg::PgReplicaSet)) waits only when a
-    /// replica is predicted to replay the write within it, and otherwise
-    /// reads from the primary at once, so a generous bound costs latency
-    /// only on reads a replica then serves.
+    /// It is a bound, not a wait, and nothing waits longer (the one
+    /// exception: a [`PrimaryBudget`](crate::pg::PrimaryBudget) over its cap
+    /// lets reads wait up to its `hard_max_wait`). A backend that predicts
+    /// catch-up (the default of
+    /// [`PgReplicaSet`](crate::pg::PgReplicaSet)) waits only when a replica
+    /// is predicted to replay the write within it, and otherwise reads from
+    /// the primary at once, so a generous bound costs latency only on reads
+    /// a replica then serves. See [how routing decides](crate::guide::routing)
+    /// and, for choosing it, [operations](crate::guide::operations).
     pub fn max_wait(self, max_wait: Duration) -> Self {
         self.edit(|s| s.max_wait = max_wait)
     }
@@ -164,23 +179,17 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
         self.edit(|s| s.secure = secure)
     }
 
-    /// Sets the cookie's `Domain`, to share it across subdomains.
+    /// Sets the cookie's `Domain`, to share it across subdomains (default:
+    /// none, the host only).
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `domain` is not a host name (letters, digits, `-` and `.`, an
-    /// optional leading `.`, labels of 1 to 63 characters, at most 253 in
-    /// all), with the [`ConfigError`] message: a value such as
+    /// [`ConfigError::InvalidDomain`] when `domain` is not a host name
+    /// (letters, digits, `-` and `.`, an optional leading `.`, labels of 1 to
+    /// 63 characters, at most 253 in all): a value such as
     /// `"example.com; SameSite=None"` would otherwise add attributes to the
-    /// cookie. Use [`try_domain`](Self::try_domain) to handle it instead.
-    pub fn domain(self, domain: impl Into<String>) -> Self {
-        self.try_domain(domain)
-            .unwrap_or_else(|error| panic!("{error}"))
-    }
-
-    /// Like [`domain`](Self::domain), returning the error instead of
-    /// panicking when `domain` is not a host name.
-    pub fn try_domain(self, domain: impl Into<String>) -> Result<Self, ConfigError> {
+    /// cookie.
+    pub fn domain(self, domain: impl Into<String>) -> Result<Self, ConfigError> {
         let domain = domain.into();
         check_domain(&domain)?;
         Ok(self.edit(|s| s.domain = Some(domain)))
@@ -200,13 +209,20 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
         self.edit(|s| s.writes_on_unsafe_methods = enabled)
     }
 
-    /// Time-window mode, for backends that cannot report write positions:
-    /// for `window` after a write, the user's session reads go to the
-    /// primary. No position is captured. Costs far more primary reads than
-    /// position mode; see the README's results. A window beyond
-    /// [`MAX_TTL`](super::MAX_TTL) is clamped to it.
-    pub fn time_window(self, window: Duration) -> Self {
-        self.edit(|s| s.mode = Mode::TimeWindow(window))
+    /// Which consistency the layer keeps for a user's own reads (default
+    /// [`Consistency::ReadYourWrites`]); see [`Consistency`] for each.
+    ///
+    /// ```
+    /// # use read_after_write::{Backend, Consistency, KeySet, ReadAfterWriteLayer, SigningKey};
+    /// # fn build<B: Backend>(backend: B) -> Result<(), read_after_write::KeyError> {
+    /// let layer = ReadAfterWriteLayer::new(backend, KeySet::new(SigningKey::generate()?))
+    ///     .consistency(Consistency::Monotonic);
+    /// assert_eq!(layer.settings().consistency, Consistency::Monotonic);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn consistency(self, consistency: Consistency) -> Self {
+        self.edit(|s| s.consistency = consistency)
     }
 
     /// The clock token expiry is checked against (default: the system clock).
@@ -294,9 +310,16 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     /// The most a replica may lag for [`Db::eventual`](crate::Db::eventual)
     /// reads (none by default): beyond it a replica leaves eventual reads,
     /// and when every replica is beyond it the primary serves them
-    /// (`reason="too_stale"`). Passed to
-    /// [`Backend::eventual_within`]; [`Db::eventual_within`](crate::Db::eventual_within)
-    /// sets it per call.
+    /// (`reason="too_stale"`). It holds with monotonic reads too (a session
+    /// leaves a replica that fell further behind, through the primary).
+    /// Passed to [`Backend::eventual_within`] and [`Backend::monotonic`];
+    /// [`Db::eventual_within`](crate::Db::eventual_within) sets it per call.
+    ///
+    /// There is no default bound because it moves every eventual read to
+    /// the primary exactly when replicas fall behind, which is often when the
+    /// primary is busiest: choose it knowing the primary can take that load.
+    /// A bound at or below the token's `ttl` keeps a user whose token has
+    /// expired from reading a replica that lacks their write.
     ///
     /// ```
     /// # use read_after_write::{Backend, KeySet, ReadAfterWriteLayer, SigningKey};
@@ -312,29 +335,26 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
         self.edit(|s| s.max_staleness = Some(max_staleness))
     }
 
-    /// Monotonic reads (off by default): a session never observes an older
-    /// database state than it observed before, across requests, tabs and
-    /// web instances, for [`Db::read`](crate::Db::read) and
-    /// [`Db::eventual`](crate::Db::eventual). See the
-    /// [module docs](crate::middleware#monotonic-reads) for the rule and
-    /// its cost.
-    ///
-    /// ```
-    /// # use read_after_write::{Backend, KeySet, ReadAfterWriteLayer, SigningKey};
-    /// # fn build<B: Backend>(backend: B) -> Result<(), read_after_write::KeyError> {
-    /// let layer = ReadAfterWriteLayer::new(backend, KeySet::new(SigningKey::generate()?))
-    ///     .monotonic_reads(true);
-    /// # let _ = layer;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn monotonic_reads(self, enabled: bool) -> Self {
-        self.edit(|s| s.monotonic = enabled)
-    }
-
     /// The backend this layer routes over.
     pub fn backend(&self) -> &Arc<B> {
         &self.shared.backend
+    }
+
+    /// The settings in effect: `max_wait`, `ttl` (as tokens get it),
+    /// `consistency` and `max_staleness`.
+    ///
+    /// ```
+    /// # use read_after_write::{Backend, KeySet, ReadAfterWriteLayer, SigningKey};
+    /// use read_after_write::middleware::{DEFAULT_MAX_WAIT, DEFAULT_TTL};
+    /// # fn build<B: Backend>(backend: B) -> Result<(), read_after_write::KeyError> {
+    /// let layer = ReadAfterWriteLayer::new(backend, KeySet::new(SigningKey::generate()?));
+    /// assert_eq!(layer.settings().max_wait, DEFAULT_MAX_WAIT);
+    /// assert_eq!(layer.settings().ttl, DEFAULT_TTL);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn settings(&self) -> LayerSettings {
+        check::settings(&self.shared)
     }
 
     /// A startup self-check: what in this configuration, and in the

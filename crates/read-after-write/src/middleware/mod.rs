@@ -54,7 +54,8 @@
 //! primary: `reason="unknown_key"` for an unknown key, `position_unknown`
 //! otherwise. A cluster it does not name reads as it would without it. An
 //! expired one is absent like any expired token: the TTL bounds every
-//! promise.
+//! promise. These are rows of [the failure table](crate::guide::failures#tokens),
+//! with the tests that prove them.
 //!
 //! # What an issued token keeps
 //!
@@ -96,7 +97,7 @@
 //!
 //! # Monotonic reads
 //!
-//! With [`ReadAfterWriteLayer::monotonic_reads`] on, a session (a user, or an
+//! With [`crate::Consistency::Monotonic`], a session (a user, or an
 //! anonymous browser when anonymous tokens are allowed) never sees the
 //! database go back in time, across requests, tabs and web instances: its
 //! token carries a [bookmark](crate::bookmark) naming the replica it read,
@@ -147,8 +148,7 @@
 //!     .identity(|parts| {
 //!         let id = parts.headers.get("x-user-id")?.to_str().ok()?.parse::<u64>().ok()?;
 //!         Some(UserId::from(id))
-//!     })
-//!     .max_wait(Duration::from_millis(20));
+//!     });
 //!
 //! let service = ServiceBuilder::new().layer(layer).service_fn(|req: Request<()>| async move {
 //!     let db = req.extensions().get::<Db<MyBackend>>().expect("layer installed");
@@ -176,15 +176,30 @@ pub use self::future::ResponseFuture;
 pub use self::layer::ReadAfterWriteLayer;
 pub use self::service::ReadAfterWrite;
 pub use crate::config::{
-    ConfigError, DEBUG_HEADER, DEFAULT_CLUSTER, DEFAULT_COOKIE_NAME, DEFAULT_TOKEN_HEADER,
-    MAX_MACS_PER_REQUEST, MAX_TTL,
+    ConfigError, Consistency, DEBUG_HEADER, DEFAULT_CLUSTER, DEFAULT_COOKIE_NAME, DEFAULT_MAX_WAIT,
+    DEFAULT_TOKEN_HEADER, DEFAULT_TTL, MAX_MACS_PER_REQUEST, MAX_TTL,
 };
 
+// The layer's tests, by topic, over the harness in `tests.rs`.
 #[cfg(test)]
 pub(crate) mod tests;
 #[cfg(test)]
+mod tests_config;
+#[cfg(test)]
+mod tests_forwarding;
+#[cfg(test)]
+mod tests_hostile;
+#[cfg(test)]
 mod tests_identity;
 #[cfg(test)]
+mod tests_issuance;
+#[cfg(test)]
+mod tests_reading;
+#[cfg(test)]
+mod tests_routes;
+#[cfg(test)]
 mod tests_sessions;
+#[cfg(test)]
+mod tests_telemetry;
 #[cfg(test)]
 mod tests_unread;

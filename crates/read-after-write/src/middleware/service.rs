@@ -1,3 +1,7 @@
+//! [`ReadAfterWrite`], the service: per request, reads and verifies every
+//! token candidate, works out what each cluster's session reads require,
+//! and hands the handler a [`Db`] before calling it.
+
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -9,7 +13,7 @@ use super::{transport, ResponseFuture};
 use crate::backend::Backend;
 use crate::backend::RouteReason;
 use crate::bookmark::{Bookmark, Bookmarks};
-use crate::config::{Mode, Shared, MAX_MACS_PER_REQUEST};
+use crate::config::{Shared, MAX_MACS_PER_REQUEST};
 use crate::handle::{ClusterState, Db, RequestState, Required, TokenOutcome, Unread};
 use crate::token::{Checked, MacBudget, TokenBuffer, TokenError, UnverifiedToken, UserId};
 
@@ -88,11 +92,14 @@ where
             }
         }
         let writes_by_method = shared.writes_on_unsafe_methods && !parts.method.is_safe();
-        let clusters = shared
-            .clusters
-            .iter()
-            .map(|cluster| ClusterState::new(read.required(shared, cluster.id), writes_by_method))
-            .collect();
+        let cluster_state = |cluster: &crate::config::Cluster<B>| {
+            ClusterState::new(read.required(shared, cluster.id), writes_by_method)
+        };
+        let clusters = match shared.clusters.as_slice() {
+            // The common case, without the iterator's size bookkeeping.
+            [one] => smallvec::smallvec![cluster_state(one)],
+            many => many.iter().map(cluster_state).collect(),
+        };
         let state = Arc::new(RequestState::new(
             user,
             token,
@@ -134,7 +141,7 @@ impl ReadTokens {
         if bookmarks.is_empty() {
             return Required::Nothing;
         }
-        if let Mode::TimeWindow(_) = shared.mode {
+        if shared.time_window() {
             return Required::Primary(RouteReason::TimeWindow);
         }
         // The all-zero position (a version 1 pin) pins every cluster.
@@ -206,18 +213,20 @@ fn read_token<B: Backend>(
                 }
             };
             let known_key = shared.keys.knows(candidate.key_id());
-            // Bound to its user before the MAC: a token that could not be
-            // used even if authentic is not worth one. Such a token may be
-            // forged; it is counted by what it claims.
-            let names_requester = user.is_some_and(|user| candidate.user() == user.as_bytes());
-            if !names_requester {
+            // Bound to its user before the MAC (by the user id of versions 1
+            // and 2, by the keyed tag of version 3): a token that could not
+            // be used even if authentic is not worth one. Such a token may
+            // be forged; it is counted by what it claims. A version 3 token
+            // under an unknown key may be anyone's: it counts as the
+            // requester's.
+            let Some(user) = user.filter(|user| candidate.may_name(user, &shared.keys)) else {
                 first_failure.get_or_insert(match (known_key, user) {
                     (false, _) => TokenOutcome::Rejected(TokenError::UnknownKey),
                     (true, None) => TokenOutcome::NoIdentity,
                     (true, Some(_)) => TokenOutcome::OtherUser,
                 });
                 return false;
-            }
+            };
             if !known_key {
                 // Signed with a key this instance does not have: during a
                 // rolling key rotation, another instance's genuine token. It
@@ -231,7 +240,7 @@ fn read_token<B: Backend>(
             if valid && !candidate.adds_to(&carried) {
                 return false;
             }
-            match candidate.authenticate(&shared.cookie_name, &shared.keys, &mut budget) {
+            match candidate.authenticate(&shared.cookie_name, &shared.keys, user, &mut budget) {
                 Checked::Authentic(token) => {
                     valid = true;
                     expires_at = expires_at.max(token.expires_at());

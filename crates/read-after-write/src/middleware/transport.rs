@@ -66,16 +66,6 @@ pub(crate) fn for_each_candidate(
 /// Appends the `Set-Cookie` for `token` (keeping every other cookie the
 /// handler set) and sets the token header.
 pub(crate) fn attach_token<B: Backend>(headers: &mut HeaderMap, shared: &Shared<B>, token: String) {
-    if let Some(name) = &shared.token_header {
-        match HeaderValue::from_str(&token) {
-            Ok(value) => {
-                headers.insert(name.clone(), value);
-            }
-            Err(_) => {
-                tracing::warn!("affinity token is not a valid header value; not sent as a header")
-            }
-        }
-    }
     let (prefix, suffix) = &shared.set_cookie;
     let mut text = String::with_capacity(prefix.len() + token.len() + suffix.len());
     text.push_str(prefix);
@@ -89,5 +79,16 @@ pub(crate) fn attach_token<B: Backend>(headers: &mut HeaderMap, shared: &Shared<
             cookie = %shared.cookie_name,
             "affinity cookie is not a valid header value (check the cookie name and domain); not set"
         ),
+    }
+    if let Some(name) = &shared.token_header {
+        // The token itself becomes the header's bytes: no copy.
+        match HeaderValue::try_from(token) {
+            Ok(value) => {
+                headers.insert(name.clone(), value);
+            }
+            Err(_) => {
+                tracing::warn!("affinity token is not a valid header value; not sent as a header")
+            }
+        }
     }
 }

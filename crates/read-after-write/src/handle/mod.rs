@@ -8,11 +8,10 @@ use std::time::Duration;
 use smallvec::SmallVec;
 
 use crate::backend::{Backend, RouteReason, Routed, Target};
-use crate::bookmark::{Bookmark, Bookmarks};
-use crate::config::{Mode, Shared, DEFAULT_TOKEN_HEADER};
-use crate::position::WritePosition;
-use crate::requirement::Requirement;
+use crate::config::Shared;
 use crate::token::UserId;
+
+mod carry;
 
 pub(crate) use crate::request::{ClusterState, LastRoute, RequestState, Required, Unread};
 pub use crate::request::{Route, TokenOutcome};
@@ -27,7 +26,7 @@ pub use crate::request::{Route, TokenOutcome};
 ///
 /// | method | goes to | use it for |
 /// |---|---|---|
-/// | [`read`](Self::read) | a replica that has replayed the user's last write; else waits up to `max_wait`; else the primary | the user's own data |
+/// | [`read`](Self::read) | a replica proven to hold the user's last write, else the primary, waiting at most `max_wait` ([how routing decides](crate::guide::routing)) | the user's own data |
 /// | [`eventual`](Self::eventual) | any healthy replica | other users' data, feeds |
 /// | [`primary`](Self::primary) | the primary | critical reads (balances, uniqueness checks) |
 /// | [`write`](Self::write) | the primary, and marks the request as writing | `INSERT`, `UPDATE`, `DELETE` |
@@ -104,10 +103,11 @@ impl<B: Backend> Db<B> {
 
     /// A session-consistent read: a node that has everything this user wrote.
     ///
-    /// With a valid token, a replica that has replayed the token's position;
-    /// if none has, waits up to the layer's `max_wait` for one, then the
-    /// primary. Without a token, any healthy replica. After this request has
-    /// itself written, the primary.
+    /// With a valid token, a replica proven to hold the token's write, else
+    /// the primary, waiting at most the layer's `max_wait` for one (the
+    /// rule: [how routing decides](crate::guide::routing)). Without a token,
+    /// any healthy replica. After this request has itself written, the
+    /// primary.
     ///
     /// # `read()` is async: `.await` it
     ///
@@ -137,8 +137,10 @@ impl<B: Backend> Db<B> {
     /// layer's `max_wait`. Async like `read`: `.await` it.
     #[must_use = "`read_within()` returns (a future of) the pool to query: `.fetch_one(db.read_within(wait).await)`"]
     pub async fn read_within(&self, max_wait: Duration) -> &B::Pool {
-        if self.shared.monotonic {
-            return self.monotonic(Some(max_wait)).await;
+        if self.shared.monotonic() {
+            return self
+                .monotonic(Some(max_wait), self.shared.max_staleness)
+                .await;
         }
         let backend = self.target();
         let routed = if self.own().wrote() {
@@ -161,8 +163,13 @@ impl<B: Backend> Db<B> {
 
     /// A read with monotonic reads on: never an older state than the
     /// session saw before (see [`bookmark`](crate::bookmark)). `max_wait`
-    /// is `None` for [`eventual`](Self::eventual), which never waits.
-    async fn monotonic(&self, max_wait: Option<Duration>) -> &B::Pool {
+    /// is `None` for [`eventual`](Self::eventual), which never waits;
+    /// `max_staleness` bounds how far behind the session's replica may be.
+    async fn monotonic(
+        &self,
+        max_wait: Option<Duration>,
+        max_staleness: Option<Duration>,
+    ) -> &B::Pool {
         let own = self.own();
         let backend = self.target();
         let routed = if own.wrote() {
@@ -172,7 +179,9 @@ impl<B: Backend> Db<B> {
         } else if let Required::Primary(reason) = own.required {
             Routed::primary(backend.primary(), reason)
         } else {
-            let routed = backend.monotonic(own.bookmark(), max_wait).await;
+            let routed = backend
+                .monotonic(own.bookmark(), max_wait, max_staleness)
+                .await;
             if routed.target == Target::Replica && own.bookmark().is_none() && max_wait.is_some() {
                 Routed {
                     reason: RouteReason::NoToken,
@@ -202,17 +211,22 @@ impl<B: Backend> Db<B> {
     }
 
     /// An eventually consistent read from any healthy replica (the primary
-    /// if none is healthy), whatever the token says.
+    /// if none is healthy), whatever the token says, within the layer's
+    /// [`max_staleness`](crate::ReadAfterWriteLayer::max_staleness) if set.
     ///
-    /// With [monotonic reads](crate::ReadAfterWriteLayer::monotonic_reads)
-    /// on, it still never shows the session an older state than it saw:
-    /// the replica the session read last, or one that has replayed what
-    /// its token requires, else the primary. It never waits.
+    /// With [`Consistency::Monotonic`](crate::Consistency::Monotonic) it
+    /// still never shows the session an older state than it saw: the
+    /// replica the session read last, or one that has replayed what its
+    /// token requires, else the primary. It never waits.
     pub fn eventual(&self) -> &B::Pool {
-        if self.shared.monotonic {
+        self.eventual_bounded(self.shared.max_staleness)
+    }
+
+    fn eventual_bounded(&self, max_staleness: Option<Duration>) -> &B::Pool {
+        if self.shared.monotonic() {
             // Never waits, so the future is ready at its first poll. A
             // backend that breaks that rule gets the primary, never a panic.
-            if let Some(pool) = poll_once(self.monotonic(None)) {
+            if let Some(pool) = poll_once(self.monotonic(None, max_staleness)) {
                 return pool;
             }
             self.own().read_primary.store(true, Ordering::Relaxed);
@@ -222,7 +236,7 @@ impl<B: Backend> Db<B> {
             ));
         }
         let backend = self.target();
-        self.record(match self.shared.max_staleness {
+        self.record(match max_staleness {
             Some(bound) => backend.eventual_within(bound),
             None => backend.eventual(),
         })
@@ -230,11 +244,9 @@ impl<B: Backend> Db<B> {
 
     /// Like [`eventual`](Self::eventual), from a replica at most
     /// `max_staleness` behind (the primary when none is), whatever the
-    /// layer's [default](crate::ReadAfterWriteLayer::max_staleness).
-    ///
-    /// With monotonic reads on, this is [`eventual`](Self::eventual): the
-    /// session stays on its replica, and the replica set's own bound
-    /// (`PgReplicaSetBuilder::max_staleness`) decides when it must leave.
+    /// layer's [default](crate::ReadAfterWriteLayer::max_staleness); with
+    /// monotonic reads, the session leaves a replica further behind,
+    /// through the primary.
     ///
     /// ```
     /// use read_after_write::{Backend, Db};
@@ -246,16 +258,13 @@ impl<B: Backend> Db<B> {
     /// }
     /// ```
     pub fn eventual_within(&self, max_staleness: Duration) -> &B::Pool {
-        if self.shared.monotonic {
-            return self.eventual();
-        }
-        self.record(self.target().eventual_within(max_staleness))
+        self.eventual_bounded(Some(max_staleness))
     }
 
     /// A critical read from the primary. Does not mark the request as
     /// writing.
     pub fn primary(&self) -> &B::Pool {
-        if self.shared.monotonic {
+        if self.shared.monotonic() {
             self.own().read_primary.store(true, Ordering::Relaxed);
         }
         self.record(Routed::primary(
@@ -276,102 +285,6 @@ impl<B: Backend> Db<B> {
     /// called elsewhere).
     pub fn mark_written(&self) {
         self.own().wrote.store(true, Ordering::Relaxed);
-    }
-
-    /// The token header to send to a downstream service that reads this
-    /// user's data: a token for this request's user covering everything the
-    /// request wrote so far (see [`requirement`](Self::requirement)), or
-    /// `None` when there is nothing to require or no identity.
-    /// [`ForwardTokenLayer`](crate::forward::ForwardTokenLayer) calls this
-    /// for you; use it directly where that layer cannot see the request (a
-    /// spawned task).
-    ///
-    /// ```no_run
-    /// # async fn handler(db: read_after_write::pg::PgDb) {
-    /// let mut call = http::Request::get("http://feed-service/feed").body(()).unwrap();
-    /// if let Some((name, value)) = db.forward_header().await {
-    ///     call.headers_mut().insert(name, value);
-    /// }
-    /// # }
-    /// ```
-    pub async fn forward_header(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
-        let user = self.state.user()?;
-        let bookmarks = match self.shared.mode {
-            Mode::TimeWindow(_) if self.time_window_pins() => {
-                Bookmarks::one(Bookmark::EVERY_CLUSTER)
-            }
-            Mode::TimeWindow(_) => return None,
-            Mode::Position => {
-                let captured = crate::issue::capture_all(&self.shared, &self.state).await;
-                crate::issue::next_bookmarks(&self.shared, &self.state, &captured)
-            }
-        };
-        let token = crate::issue::mint_token(&self.shared, user, bookmarks)?;
-        let name = self
-            .shared
-            .token_header
-            .clone()
-            .unwrap_or_else(|| http::HeaderName::from_static(DEFAULT_TOKEN_HEADER));
-        let value = http::HeaderValue::from_str(&token).ok()?;
-        Some((name, value))
-    }
-
-    /// What reads acting for this request's user must see, to hand to work
-    /// done elsewhere: a background job's payload, a queue message. Use it
-    /// after the request's writes, with [`Requirement::route`] on the other
-    /// side.
-    ///
-    /// When the request wrote, this captures the primary's position now
-    /// (one query, shared with concurrent writers), so it covers the writes
-    /// committed before the call; the response captures again for its own
-    /// token (a capture cannot tell whether a write handed out before it
-    /// committed before it, so none is reused). Otherwise it is what the
-    /// request's token required. A lost capture gives
-    /// [`Requirement::Primary`], as it pins the user's own token.
-    ///
-    /// ```no_run
-    /// # async fn handler(db: read_after_write::pg::PgDb) -> Result<(), sqlx::Error> {
-    /// let (post_id,): (i64,) =
-    ///     sqlx::query_as("insert into posts (user_id, content) values (1, 'hi') returning id")
-    ///         .fetch_one(db.write())
-    ///         .await?;
-    /// let requirement = db.requirement().await;
-    /// sqlx::query("insert into jobs (post_id, requirement) values ($1, $2)")
-    ///     .bind(post_id)
-    ///     .bind(requirement.to_string())
-    ///     .execute(db.write())
-    ///     .await?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub async fn requirement(&self) -> Requirement {
-        let own = self.own();
-        let carried = match own.required {
-            // Another user's promises, when the handler bound the request
-            // to a new named user: not this user's to keep.
-            _ if !self.state.inherits() => Requirement::Nothing,
-            Required::Nothing => Requirement::Nothing,
-            Required::Position(bookmark) => Requirement::Position(bookmark.position),
-            Required::Primary(_) => Requirement::Primary,
-        };
-        if !own.wrote() {
-            return carried;
-        }
-        if let Mode::TimeWindow(_) = self.shared.mode {
-            return Requirement::Primary;
-        }
-        let cluster = &self.shared.clusters[self.cluster];
-        let written = crate::issue::capture_position(&*cluster.backend, cluster.id).await;
-        carried.after_write(written)
-    }
-
-    /// The position this request's session reads must see, if its token
-    /// verified.
-    pub fn required_position(&self) -> Option<WritePosition> {
-        match self.own().required {
-            Required::Position(bookmark) => Some(bookmark.position),
-            Required::Nothing | Required::Primary(_) => None,
-        }
     }
 
     /// What became of the request's token.
@@ -446,59 +359,6 @@ impl<B: Backend> Db<B> {
     /// The backend, for what the handle does not cover.
     pub fn backend(&self) -> &B {
         self.target()
-    }
-
-    /// In time-window mode, whether a token for this request's user pins
-    /// the primary: they wrote now, or carried a token they may keep.
-    fn time_window_pins(&self) -> bool {
-        self.state.wrote() || (self.state.inherits() && !self.state.carried.is_empty())
-    }
-
-    /// Like [`forward_header`](Self::forward_header), without waiting: for
-    /// synchronous callers such as a tonic interceptor. A cluster this
-    /// request wrote to (or, with monotonic reads, read the primary of)
-    /// since its last capture gets a bookmark that pins its session reads
-    /// to the primary downstream, since its exact position is not known
-    /// without asking the primary.
-    ///
-    /// ```no_run
-    /// # fn handler(db: read_after_write::pg::PgDb) {
-    /// if let Some((name, value)) = db.forward_header_now() {
-    ///     // metadata.insert(name.as_str(), value.to_str()?.parse()?) ...
-    ///     # let _ = (name, value);
-    /// }
-    /// # }
-    /// ```
-    pub fn forward_header_now(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
-        let user = self.state.user()?;
-        let bookmarks = match self.shared.mode {
-            Mode::TimeWindow(_) if self.time_window_pins() => {
-                Bookmarks::one(Bookmark::EVERY_CLUSTER)
-            }
-            Mode::TimeWindow(_) => return None,
-            Mode::Position => {
-                let captured: SmallVec<[Option<WritePosition>; 1]> = self
-                    .shared
-                    .clusters
-                    .iter()
-                    .zip(&self.state.clusters)
-                    .map(|(cluster, own)| {
-                        let uncaptured =
-                            own.wrote() || (self.shared.monotonic && own.read_primary());
-                        uncaptured.then(|| Bookmark::pinned(cluster.id.unwrap_or(0)).position)
-                    })
-                    .collect();
-                crate::issue::next_bookmarks(&self.shared, &self.state, &captured)
-            }
-        };
-        let token = crate::issue::mint_token(&self.shared, user, bookmarks)?;
-        let name = self
-            .shared
-            .token_header
-            .clone()
-            .unwrap_or_else(|| http::HeaderName::from_static(DEFAULT_TOKEN_HEADER));
-        let value = http::HeaderValue::from_str(&token).ok()?;
-        Some((name, value))
     }
 
     /// Where this request's last routed database access went (through any
@@ -585,10 +445,7 @@ impl<B: Backend> fmt::Debug for Db<B> {
             .field("token", &self.state.token)
             .field("user", &self.state.user())
             .field("wrote", &self.own().wrote())
-            .field(
-                "time_window",
-                &matches!(self.shared.mode, Mode::TimeWindow(_)),
-            )
+            .field("time_window", &self.shared.consistency)
             .finish_non_exhaustive()
     }
 }
