@@ -9,7 +9,6 @@
 //! server whose state lost its connection gets this one. Rounds are
 //! bounded in connections, and every connection in time.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,7 +62,7 @@ impl ReplicaTracker {
             // state, or an indistinct endpoint).
             match self.server_arc_of(index, &found).cloned() {
                 Some(state) if state.admission.admits(&found) => {
-                    let lost = !state.healthy.load(Ordering::Relaxed);
+                    let lost = !state.is_healthy();
                     let spare = if lost {
                         state.hand_over(conn, found).err().map(|(conn, _)| conn)
                     } else {

@@ -60,7 +60,7 @@ pub(crate) const EPOCH_EXPRESSION: &str = "(((('x' || lpad(substr(pg_walfile_nam
 pub(crate) const SLOTS: u8 = 16;
 
 /// The default heartbeat table name, in the role's `search_path`.
-pub(crate) const DEFAULT_TABLE: &str = "read_after_write_heartbeat";
+pub(crate) const DEFAULT_TABLE: &str = super::defaults::HEARTBEAT_TABLE;
 
 /// The heartbeat this replica set writes.
 #[derive(Debug)]

@@ -7,54 +7,28 @@
 //! - **Replica positions.** A [`ReplicaTracker`] task per replica server
 //!   polls `pg_last_wal_replay_lsn()` every `poll_interval` on its own
 //!   connection and keeps it in an atomic. A session read that finds no
-//!   replica caught up asks for an immediate poll and sleeps on a
-//!   notification, up to `max_wait`.
+//!   replica caught up waits on the tracker's notifications, never a sleep
+//!   loop, only as the routing rule allows.
 //! - **Servers, not URLs.** A replica URL may reach several servers (a
 //!   reader endpoint); each is followed, pooled and routed to on its own
 //!   (see [reader endpoints](#reader-endpoints)).
-//! - **Routing** ([`route`](self#routing-within-a-latency-budget)). A
-//!   session read goes to a replica that has replayed the token's position
-//!   (round-robin or least-lag among them). When none has, it waits only if
-//!   a replica is predicted to get there within the latency budget, else
-//!   reads from the primary at once. Eventual reads go to any healthy
-//!   replica (within `max_staleness`, if set), the primary when none is.
-//!   Routing a read that finds a replica ready is a few atomic loads: no
-//!   database round trip is added to a read.
-//! - **Health.** A replica that errors or times out is excluded and re-probed
-//!   with exponential backoff; it is readmitted once it answers in recovery
-//!   with a replay position. A node that answers `NULL` (promoted, or not a
-//!   standby) is excluded and logged. The primary is never excluded.
+//! - **Routing** ([how routing decides](crate::guide::routing)). Routing a
+//!   read that finds a replica ready is a few atomic loads: no database
+//!   round trip is added to a read.
+//! - **Health.** A replica that errors, times out or is no standby is
+//!   excluded, re-probed with backoff, and readmitted once it answers in
+//!   recovery; the primary is never excluded. What reads and writes do in
+//!   each failure: [the failure table](crate::guide::failures).
 //!
-//! # Tokens from another timeline or cluster
+//! # Routing
 //!
-//! LSNs keep rising across a promotion, so comparing a token's LSN with a
-//! replica on another timeline proves nothing. The rule:
-//! - **Another cluster** (the token's system identifier is not this
-//!   primary's, e.g. the database was rebuilt, or two environments share
-//!   keys): the token is ignored and the read is eventual
-//!   (`reason="foreign_cluster"`).
-//! - **Another timeline** of this cluster (a failover happened between the
-//!   write and the read, or this instance has not seen it yet): the read goes
-//!   to the primary (`reason="timeline_changed"`), the only node sure to hold
-//!   whatever of the write survived. This lasts at most one token TTL, and
-//!   the user's next write replaces the token with one on the new timeline.
-//! - **Same timeline**: a replica qualifies only if this process has seen
-//!   its WAL receiver on that timeline and its replay position is at or past
-//!   the token's. An unknown timeline never qualifies: after a failover an
-//!   orphaned replica (still in recovery on the abandoned timeline, with WAL
-//!   the new primary never had) can sit past a new-timeline position without
-//!   holding the write, and after an app restart it shows no WAL receiver at
-//!   all. When no healthy replica has been seen on the token's timeline, the
-//!   read goes to the primary at once (`reason="no_replica_on_timeline"`)
-//!   instead of waiting for a replica that cannot qualify.
-//! - **Proof of history.** A replica qualifies only if something proves its
-//!   WAL is the current primary's: its WAL receiver seen on the token's
-//!   timeline (PostgreSQL shows it only to superusers and members of
-//!   `pg_read_all_stats`, e.g. via `pg_monitor`), or, for any role, a
-//!   [heartbeat] of the current primary at or past the token's
-//!   position visible on the replica. With neither (no privilege and no
-//!   heartbeat table) every read with a token goes to the primary (safe, but
-//!   costly), and a warning says so.
+//! A session read goes to a replica server proven to hold the user's write
+//! (its WAL receiver seen on the token's timeline, or a heartbeat of the
+//! current primary at or past the token's position), else, by the
+//! [`WaitPolicy`], waits for one predicted to within `max_wait`, else reads
+//! from the primary. Eventual reads go to any healthy replica following the
+//! primary, within a staleness bound if one is set. The whole rule, once:
+//! [how routing decides](crate::guide::routing).
 //!
 //! # Least privilege
 //!
@@ -97,61 +71,12 @@
 //!
 //! # The canary
 //!
-//! One in a hundred session reads routed to a replica (see
-//! [`canary_rate`](PgReplicaSetBuilder::canary_rate)) is confirmed
+//! A share of the session reads routed to a replica
+//! ([`canary_rate`](PgReplicaSetBuilder::canary_rate), default
+//! [`CANARY_RATE`](defaults::CANARY_RATE)) is confirmed
 //! afterwards on the server that served it: `read_after_write_canary_violations_total`
 //! counts reads that went to a server lacking their user's write, which no
 //! correct configuration produces. See [`canary`](self#the-canary) for how.
-//!
-//! # Replicas that left the primary's history
-//!
-//! A replica seen on a timeline other than the primary's, or whose replay
-//! has not moved for `stall_timeout` (5 s by default) while the primary
-//! wrote, serves no reads at all, eventual ones included: an orphan never
-//! converges, so sending feeds there is not eventual consistency. It is
-//! flagged by `read_after_write_replica_diverged{replica} = 1` and readmitted
-//! once it follows the primary again. The stall rule is what catches an
-//! orphan whose timeline cannot be seen (no privilege, or no WAL receiver
-//! since this process started).
-//!
-//! # Routing within a latency budget
-//!
-//! A fixed wait is either too short (post-write reads go to the primary
-//! whenever lag exceeds it) or too long (a read waits in full, then goes to
-//! the primary anyway). From the positions it polls the tracker learns each
-//! replica's replay delay (how long after the primary wrote WAL the replica
-//! replays it) and replay rate, and so predicts when a replica will hold a
-//! position; the rule and why it is robust are in `predict.rs`'s docs, in
-//! short: when the primary first had the position, plus the replica's
-//! delay, pushed later when the replica is running behind its own schedule,
-//! never while its replay is paused.
-//!
-//! With the default [`WaitPolicy::Predicted`] a session read that finds no
-//! replica caught up:
-//! - waits only if some replica is predicted to replay the position within
-//!   the budget: the read's `max_wait` (the layer's, or `read_within`'s),
-//!   capped by [`latency_budget`](PgReplicaSetBuilder::latency_budget) if
-//!   set; else it reads from the primary at once,
-//!   `reason="predicted_late"`, with no time wasted waiting;
-//! - re-checks on every change the tracker sees, and stops waiting the
-//!   moment the prediction slips past the budget (the replica paused, or
-//!   fell behind);
-//! - asks for fast polls (every `wait_poll_interval`) only of the replicas
-//!   predicted within the budget, and only from shortly before their
-//!   predicted time, so the wait ends within about one fast poll of the
-//!   replay.
-//!
-//! [`WaitPolicy::Fixed`] ([`fixed_wait`](PgReplicaSetBuilder::fixed_wait))
-//! keeps the behaviour before predictions: wait up to `max_wait`, then the
-//! primary. A [`PrimaryBudget`] caps the primary's share of session reads:
-//! over the cap, reads wait up to its `hard_max_wait` for a replica. A read
-//! never goes to a replica that lacks its write, whatever the policy.
-//!
-//! Eventual reads skip replicas more than
-//! [`max_staleness`](PgReplicaSetBuilder::max_staleness) behind (the time
-//! since the primary first had WAL the replica lacks, to within a poll) and
-//! go to the primary when every healthy replica is that far behind,
-//! `reason="too_stale"`.
 //!
 //! # Time bounds
 //!
@@ -161,20 +86,15 @@
 //! (own connections, never the application's pools) by `probe_timeout`, the
 //! write-position capture by `capture_timeout`, setup by `acquire_timeout`
 //! plus `probe_timeout`, checkouts from pools built from URLs by
-//! `acquire_timeout`. When a node stops answering (frozen or partitioned: no
-//! RST), the tracker notices within `probe_timeout`, drops its own
-//! connection (so a repointed address is picked up), and the node's pool
-//! discards connections opened before the outage on checkout and on
-//! release. A primary pool built from a URL is also replaced by a fresh one
-//! when the primary goes silent: sqlx pings connections it takes back
-//! without a bound, so every connection in flight at the freeze would
-//! otherwise hold its slot until the old server dies, and writes would keep
-//! failing after the address is repointed. Queries your handlers run are
-//! yours to bound: a query sent to a frozen server never returns on its own
-//! (sqlx has no client-side query timeout), so put a request timeout around
-//! handlers (e.g. tower's `TimeoutLayer`). A frozen *replica* is left by new
-//! reads within `probe_timeout` (half a second by default); reads already
-//! running on it end with the request timeout.
+//! `acquire_timeout`. A primary pool built from a URL is replaced by a
+//! fresh one when the primary goes silent: sqlx pings connections it takes
+//! back without a bound, so every connection in flight at a freeze would
+//! otherwise hold its slot until the old server dies. Queries your handlers
+//! run are yours to bound: a query sent to a frozen server never returns on
+//! its own (sqlx has no client-side query timeout), so put a request
+//! timeout around handlers (e.g. tower-http's `TimeoutLayer`). What a
+//! frozen, partitioned or dead node means for reads and writes:
+//! [the failure table](crate::guide::failures).
 //!
 //! # Rotating credentials
 //!
@@ -189,14 +109,12 @@
 //! ```no_run
 //! use read_after_write::pg::PgReplicaSet;
 //! use read_after_write::{KeySet, ReadAfterWriteLayer};
-//! use std::time::Duration;
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let replicas = PgReplicaSet::builder()
 //!     .primary_url("postgres://app@db-primary/app")
 //!     .replica_url("replica-1", "postgres://app@db-replica-1/app")
 //!     .replica_url("replica-2", "postgres://app@db-replica-2/app")
-//!     .poll_interval(Duration::from_millis(20))
 //!     .connect()
 //!     .await?;
 //! let layer = ReadAfterWriteLayer::new(replicas, KeySet::from_env("AFFINITY_KEY")?);
@@ -205,9 +123,12 @@
 //! # }
 //! ```
 
+mod budget;
 mod builder;
 mod canary;
 mod capture;
+mod connect;
+pub mod defaults;
 mod discovery;
 mod endpoint;
 mod error;
@@ -226,8 +147,11 @@ mod route;
 mod server;
 mod status;
 #[cfg(test)]
+mod tests_route;
+#[cfg(test)]
 mod tests_tracker;
 mod tracker;
+mod wait;
 
 /// The sqlx this backend is built on (0.9): use it, or depend on the same
 /// major yourself, so your queries and the pools handed out here share one
@@ -249,15 +173,16 @@ use std::time::Duration;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
+pub use self::budget::PrimaryBudget;
+use self::budget::PrimaryShare;
 pub use self::builder::PgReplicaSetBuilder;
 use self::canary::Canary;
 use self::capture::Capture;
 pub use self::capture::CaptureError;
 pub use self::error::PgSetupError;
 use self::probe::ProbeKind;
-use self::route::PrimaryShare;
-pub use self::route::{PrimaryBudget, WaitPolicy};
-use self::server::{ReplicaState, SEES_TIMELINES_NO, SEES_TIMELINES_YES};
+pub use self::route::WaitPolicy;
+use self::server::ReplicaState;
 pub use self::status::ReplicaStatus;
 use self::status::SetFacts;
 pub use self::tracker::{ReplicaTracker, TRACKER_APPLICATION_NAME};
@@ -320,8 +245,6 @@ struct Inner {
     wait_policy: WaitPolicy,
     /// The primary's share of session reads, when capped.
     primary_share: Option<PrimaryShare>,
-    /// Eventual reads skip replicas further behind.
-    max_staleness: Option<Duration>,
     canary: Canary,
 }
 
@@ -342,13 +265,12 @@ fn env_var(name: &'static str) -> Result<Option<String>, PgSetupError> {
 }
 
 impl PgReplicaSet {
-    /// Starts a builder with the defaults: poll every 20 ms, probe timeout
-    /// 500 ms, backoff up to 2 s, capture timeout 1 s, stall timeout 5 s,
-    /// round-robin, 10 connections per server, checkout timeout 1 s, session
-    /// reads routed by prediction within their `max_wait`, no primary budget,
-    /// no staleness bound on eventual reads, the heartbeat table used when it
-    /// exists and the role cannot see timelines, a canary on one session read
-    /// in a hundred.
+    /// Starts a builder with the defaults: the constants in [`defaults`],
+    /// round-robin selection, session reads routed by prediction
+    /// ([`WaitPolicy::Predicted`]), no primary budget, and the heartbeat
+    /// table used when it exists and the role cannot see timelines. Every
+    /// setting with its default: the
+    /// [configuration reference](crate::guide::configuration).
     pub fn builder() -> PgReplicaSetBuilder {
         PgReplicaSetBuilder::new()
     }
@@ -389,33 +311,26 @@ impl PgReplicaSet {
     /// then any more found later).
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
         let tracker = &self.inner.tracker;
+        let primary = &tracker.primary;
         self.replica_states()
             .map(|r| {
-                let replayed = r.replayed.load(Ordering::Acquire);
-                let primary = &tracker.primary;
+                let replayed = r.replayed();
                 let endpoint = &tracker.endpoints[r.endpoint];
                 ReplicaStatus {
                     name: r.name.clone(),
-                    healthy: r.healthy.load(Ordering::Acquire),
+                    healthy: r.is_healthy(),
                     replayed: Lsn::new(replayed),
-                    timeline: r.timeline.load(Ordering::Relaxed),
-                    diverged: r.diverged.load(Ordering::Relaxed),
-                    lag_bytes: primary
-                        .inserted
-                        .load(Ordering::Relaxed)
-                        .saturating_sub(replayed),
+                    timeline: r.receiver_timeline(),
+                    diverged: r.is_diverged(),
+                    lag_bytes: primary.inserted().saturating_sub(replayed),
                     lag: primary.time_behind(replayed),
-                    sees_timelines: match r.sees_timelines.load(Ordering::Relaxed) {
-                        SEES_TIMELINES_YES => Some(true),
-                        SEES_TIMELINES_NO => Some(false),
-                        _ => None,
-                    },
-                    paused: r.paused.load(Ordering::Relaxed),
+                    sees_timelines: r.sees_timelines(),
+                    paused: r.is_paused(),
                     replay_delay: r.delay(),
                     replay_rate: r.rate() as u64,
                     url: endpoint.name.clone(),
                     server: r.identity().map(|f| f.address()),
-                    heartbeat_proven: r.proven_timeline.load(Ordering::Relaxed) != 0,
+                    heartbeat_proven: r.heartbeat_proven(),
                     indistinct: endpoint.is_indistinct(),
                 }
             })
@@ -430,12 +345,12 @@ impl PgReplicaSet {
     /// Whether the tracker's last probe of the primary answered within
     /// `probe_timeout`: false while it is down, frozen or partitioned.
     pub fn primary_healthy(&self) -> bool {
-        self.inner.tracker.primary.healthy.load(Ordering::Relaxed)
+        self.inner.tracker.primary.is_healthy()
     }
 
     /// The primary's timeline as last seen by a capture or a poll.
     pub fn timeline(&self) -> u32 {
-        self.inner.tracker.primary.timeline.load(Ordering::Relaxed)
+        self.inner.tracker.primary.timeline()
     }
 
     /// The heartbeat table replicas are proven by, if one is in use (see
@@ -552,26 +467,27 @@ impl Backend for PgReplicaSet {
         &self,
         bookmark: Option<Bookmark>,
         max_wait: Option<Duration>,
+        max_staleness: Option<Duration>,
     ) -> Routed<'_, PgPool> {
-        self.route_monotonic(bookmark, max_wait).await
+        self.route_monotonic(bookmark, max_wait, max_staleness)
+            .await
     }
 
-    /// Any healthy replica following the primary, within `max_staleness`
-    /// if one was set; else the primary.
+    /// Any healthy replica following the primary; else the primary.
     fn eventual(&self) -> Routed<'_, PgPool> {
-        self.route_eventual(self.inner.max_staleness)
+        self.route_eventual(None)
     }
 
-    /// Like [`eventual`](Backend::eventual), with `max_staleness` for this
-    /// read in place of the configured bound.
+    /// Like [`eventual`](Backend::eventual), from a replica at most
+    /// `max_staleness` behind; the primary when none is
+    /// (`reason="too_stale"`).
     fn eventual_within(&self, max_staleness: Duration) -> Routed<'_, PgPool> {
         self.route_eventual(Some(max_staleness))
     }
 
-    /// A replica that has replayed `required`; else, by the
-    /// [`WaitPolicy`], a wait for one predicted within the budget (or up to
-    /// `max_wait`); else the primary. See the
-    /// [module docs](self#routing-within-a-latency-budget).
+    /// A replica proven to hold `required`; else, by the [`WaitPolicy`], a
+    /// wait for one within `max_wait`; else the primary. See
+    /// [how routing decides](crate::guide::routing).
     async fn session(&self, required: WritePosition, max_wait: Duration) -> Routed<'_, PgPool> {
         self.route_session(required, max_wait).await
     }

@@ -13,31 +13,27 @@
 //! to no replica is honoured by any replica that has replayed its
 //! position; the read then ties the session to that replica.
 
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use sqlx::PgPool;
 
 use super::server::ReplicaState;
+use super::wait::Step;
 use super::PgReplicaSet;
-use crate::backend::Backend;
 use crate::backend::{RouteReason, Routed};
 use crate::bookmark::{Bookmark, ReplicaTag};
 use crate::position::{Lsn, WritePosition};
 
 impl ReplicaState {
-    /// This replica's tag, if its incarnation is known.
-    pub(crate) fn replica_tag(&self) -> Option<ReplicaTag> {
-        ReplicaTag::new(self.tag.load(Ordering::Relaxed))
-    }
-
     /// Whether a session that read this replica as `tag` may read it again:
     /// the same incarnation, healthy, not diverged, on `timeline`.
     fn still_is(&self, tag: ReplicaTag, timeline: u32) -> bool {
-        self.healthy.load(Ordering::Acquire)
+        self.is_healthy()
             && self.tied()
             && self.replica_tag() == Some(tag)
-            && !self.diverged.load(Ordering::Relaxed)
+            && !self.is_diverged()
             && timeline != 0
             && self.known_timeline() == timeline
     }
@@ -62,7 +58,7 @@ pub(crate) fn bookmarked<'a>(
 /// all a position may promise), on that replica.
 pub(crate) fn eventual_bookmark(replica: &ReplicaState, system_id: u64) -> Bookmark {
     Bookmark::new(WritePosition::new(
-        Lsn::new(replica.replayed.load(Ordering::Acquire)),
+        Lsn::new(replica.replayed()),
         replica.known_timeline(),
         system_id,
     ))
@@ -75,15 +71,16 @@ impl PgReplicaSet {
         &self,
         bookmark: Option<Bookmark>,
         max_wait: Option<Duration>,
+        max_staleness: Option<Duration>,
     ) -> Routed<'_, PgPool> {
         // Nothing read here yet: any replica, and the session stays there.
         let Some(bookmark) = bookmark else {
-            return self.eventual();
+            return self.route_eventual(max_staleness);
         };
         let position = bookmark.position;
         if position.system_id != self.system_id() {
             // Another cluster's bookmark says nothing about this one.
-            let mut routed = self.eventual();
+            let mut routed = self.route_eventual(max_staleness);
             routed.reason = RouteReason::ForeignCluster;
             return routed;
         }
@@ -103,7 +100,7 @@ impl PgReplicaSet {
                     self.inner.canary.sample(replica, position.lsn);
                     bookmarked(replica, RouteReason::CaughtUp, bookmark)
                 }
-                (None, Some(max_wait)) => self.session(position, max_wait).await,
+                (None, Some(max_wait)) => self.route_session(position, max_wait).await,
                 (None, None) => Routed::primary(self.primary_pool(), RouteReason::Lagging),
             };
         };
@@ -116,7 +113,7 @@ impl PgReplicaSet {
         };
         // A bound on staleness holds for the session's replica too: one that
         // fell too far behind is left, through the primary.
-        if let Some(bound) = self.inner.max_staleness {
+        if let Some(bound) = max_staleness {
             if replica.staleness(self.inner.tracker.nanos()) > bound {
                 return Routed::primary(self.primary_pool(), RouteReason::TooStale);
             }
@@ -145,18 +142,27 @@ impl PgReplicaSet {
             return Routed::primary(self.primary_pool(), RouteReason::PredictedLate);
         }
         let bound = budget.unwrap_or(max_wait);
+        let target = position.lsn.as_u64();
         let mut slipped = false;
         let reached = self
-            .wait_until(bound, || {
+            .wait_loop(started + bound, |left| {
                 if replica.has_replayed(position.lsn, position.timeline)
                     || !replica.still_is(tag, position.timeline)
                 {
-                    return true;
+                    return Step::Done(());
                 }
-                slipped = !in_time(bound.saturating_sub(started.elapsed()));
-                slipped
+                if !in_time(left) {
+                    slipped = true;
+                    return Step::Done(());
+                }
+                let eta = self
+                    .predict_one(replica, position)
+                    .map(|eta| self.wait_ends(eta));
+                replica.await_position(target, self.wait_ends(left), eta);
+                Step::Wait(left)
             })
-            .await;
+            .await
+            .is_some();
         metrics::histogram!("read_after_write_read_wait_seconds")
             .record(started.elapsed().as_secs_f64());
         if reached && replica.has_replayed(position.lsn, position.timeline) {
@@ -167,26 +173,6 @@ impl PgReplicaSet {
             Routed::primary(self.primary_pool(), RouteReason::PredictedLate)
         } else {
             Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut)
-        }
-    }
-
-    /// Waits until `done` holds, re-checking on every tracker change and
-    /// asking for polls meanwhile, for at most `max_wait`. Returns whether
-    /// `done` held in time.
-    async fn wait_until(&self, max_wait: Duration, mut done: impl FnMut() -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + max_wait;
-        let mut changed = self.inner.tracker.changed.subscribe();
-        loop {
-            changed.borrow_and_update();
-            self.inner.tracker.request_refresh();
-            if done() {
-                return true;
-            }
-            let next = tokio::time::timeout(self.inner.wait_poll_interval, changed.changed());
-            match tokio::time::timeout_at(deadline, next).await {
-                Ok(Ok(Ok(()))) | Ok(Err(_)) => continue,
-                Ok(Ok(Err(_))) | Err(_) => return done(),
-            }
         }
     }
 }

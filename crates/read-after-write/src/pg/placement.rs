@@ -100,8 +100,7 @@ impl ReplicaTracker {
                 if !endpoint.builds_pools() {
                     endpoint.mark_indistinct(found, &known);
                 }
-                let down_long =
-                    !server.healthy.load(Ordering::Relaxed) && self.down_for(server) >= REKEY_AFTER;
+                let down_long = !server.is_healthy() && self.down_for(server) >= REKEY_AFTER;
                 if down_long && self.server_of(index, found).is_none() {
                     // The URL now leads elsewhere: follow the new server
                     // under the same name.
@@ -120,7 +119,7 @@ impl ReplicaTracker {
     pub(crate) fn give_away(&self, index: usize, conn: PgConnection, found: &Fingerprint) {
         let endpoint = &self.endpoints[index];
         if let Some(other) = self.server_arc_of(index, found) {
-            if !other.healthy.load(Ordering::Relaxed) {
+            if !other.is_healthy() {
                 // A full inbox already holds a way back to it.
                 let _ = other.hand_over(conn, found.clone());
             }

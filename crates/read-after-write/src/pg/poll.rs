@@ -4,7 +4,9 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
@@ -12,6 +14,31 @@ use sqlx::Connection;
 use super::probe::{self, ProbeKind, ReplicaProbe};
 use super::server::{ReplicaState, STALE_FOREVER, UNKNOWN};
 use super::tracker::{describe, ReplicaTracker};
+use crate::position::Lsn;
+
+/// A wait to do on a server before a poll.
+struct WaitPlan<'a> {
+    /// The position.
+    lsn: u64,
+    /// How long it may take.
+    slice: Duration,
+    /// When to start checking without sleeping: shortly before the
+    /// predicted replay.
+    spin_after: Option<Duration>,
+    /// The heartbeat table and epoch that prove it; none: the replay
+    /// position does.
+    heartbeat: Option<(&'a str, u64)>,
+}
+
+/// How long before the predicted replay a wait stops sleeping between
+/// checks and checks back to back, for a few milliseconds: a sleep on the
+/// server lasts at least a millisecond, too coarse to resume within one.
+const SPIN_LEAD: Duration = Duration::from_millis(2);
+
+/// The longest one wait on a server lasts before the poll returns: a read
+/// that waits longer gets another. Short enough that a server freezing
+/// mid-wait is noticed within about a probe timeout.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
 
 impl ReplicaTracker {
     pub(crate) async fn run_server(
@@ -24,18 +51,23 @@ impl ReplicaTracker {
         let mut backoff = config.poll_interval;
         let mut last_poll = Instant::now();
         while !*shutdown.borrow() {
-            let healthy = server.healthy.load(Ordering::Relaxed);
+            let healthy = server.is_healthy();
             let pause = if healthy { self.interval() } else { backoff };
+            // A wait still pending (its slice ended first) goes on at once.
+            let waiting = healthy && self.pending_wait(&server).is_some();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(pause), if !waiting => {}
+                _ = std::future::ready(()), if waiting => {}
                 // A down replica is re-probed on its backoff only (unless a
                 // connection to it was handed over): reads waiting for a
                 // position must not hammer a dead node.
                 _ = server.refresh.notified(), if healthy || server.has_handed_over() => {
+                    // A wait for a position starts at once (it is one query,
+                    // however long); plain refreshes keep a minimum gap.
                     let since = last_poll.elapsed();
-                    if since < config.min_refresh_gap {
+                    if since < config.min_refresh_gap && self.pending_wait(&server).is_none() {
                         tokio::time::sleep(config.min_refresh_gap - since).await;
                     }
                 }
@@ -72,17 +104,36 @@ impl ReplicaTracker {
             }
         }
         let config = self.config;
-        let result = tokio::time::timeout(config.probe_timeout, async {
+        // A read waits for a position here: wait for it on the server, in
+        // the poll itself, for at most a slice of the read's time (so that a
+        // server that froze meanwhile is noticed within about a probe
+        // timeout, and a later, higher wait is taken up soon).
+        let wait = self.wait_plan(server);
+        let (sql, waited) = match &wait {
+            Some(plan) => (
+                probe::wait_then_probe_sql(
+                    &self.probe_sql,
+                    Lsn::new(plan.lsn),
+                    plan.slice,
+                    plan.spin_after,
+                    plan.heartbeat,
+                ),
+                plan.slice,
+            ),
+            None => (self.probe_sql.clone(), Duration::ZERO),
+        };
+        let wait = wait.map(|plan| plan.lsn);
+        let result = tokio::time::timeout(config.probe_timeout + waited, async {
             if conn.is_none() {
                 *conn = Some(self.connect_to(server).await?);
             }
             match conn.as_mut() {
-                Some(connection) => probe::replica(connection, &self.probe_sql).await,
+                Some(connection) => probe::replica(connection, &sql).await,
                 None => Err(sqlx::Error::PoolClosed),
             }
         })
         .await;
-        let was_healthy = server.healthy.load(Ordering::Relaxed);
+        let was_healthy = server.is_healthy();
         let name = server.name.as_str();
         let endpoint = &self.endpoints[server.endpoint];
         let up = match result {
@@ -101,6 +152,9 @@ impl ReplicaTracker {
             }
             Ok(Ok(probe)) if probe.in_recovery && probe.replayed.is_some() => {
                 self.record_probe(server, &probe, was_healthy);
+                if let Some(lsn) = wait {
+                    server.end_wait(lsn, self.nanos());
+                }
                 return true;
             }
             Ok(Ok(probe)) => {
@@ -142,7 +196,7 @@ impl ReplicaTracker {
                 false
             }
         };
-        if up && self.probe_kind == ProbeKind::Aurora && server.healthy.load(Ordering::Relaxed) {
+        if up && self.probe_kind == ProbeKind::Aurora && server.is_healthy() {
             return true;
         }
         server.tag.store(0, Ordering::Relaxed);
@@ -174,6 +228,30 @@ impl ReplicaTracker {
         up
     }
 
+    /// The wait a poll of `server` should do first, if a read asked for one
+    /// that the server could prove: the position, the slice of time (at
+    /// most [`WAIT_SLICE`]), and the heartbeat table and epoch when the
+    /// proof is a heartbeat (the server's WAL receiver unseen).
+    fn wait_plan(&self, server: &ReplicaState) -> Option<WaitPlan<'_>> {
+        if !server.is_healthy() || self.probe_kind == ProbeKind::Aurora {
+            return None;
+        }
+        let (lsn, left, eta) = self.pending_wait(server)?;
+        let mut plan = WaitPlan {
+            lsn,
+            slice: left.min(WAIT_SLICE),
+            spin_after: eta.map(|eta| eta.saturating_sub(SPIN_LEAD)),
+            heartbeat: None,
+        };
+        if server.receiver_timeline() != 0 {
+            return Some(plan);
+        }
+        let heartbeat = self.heartbeat.as_deref()?;
+        let epoch = self.primary.epoch();
+        plan.heartbeat = Some((heartbeat.table.as_str(), epoch));
+        (epoch != 0).then_some(plan)
+    }
+
     /// Takes in what a poll of a streaming replica in recovery found.
     pub(crate) fn record_probe(
         &self,
@@ -196,7 +274,7 @@ impl ReplicaTracker {
         if let Some(timeline) = probe.timeline {
             server.timeline.store(timeline, Ordering::Relaxed);
         }
-        self.record_heartbeats(server, &probe.heartbeats);
+        let proof_moved = self.record_heartbeats(server, &probe.heartbeats);
         self.learn(server, previous, replayed, was_healthy, now);
         let pause_changed = server.paused.swap(probe.paused, Ordering::Relaxed) != probe.paused;
         if previous != replayed {
@@ -210,29 +288,35 @@ impl ReplicaTracker {
             metrics::gauge!("read_after_write_replica_up", "replica" => server.name.clone())
                 .set(1.0);
             self.bump();
-        } else if previous != replayed || diverged || pause_changed {
+        } else if previous != replayed || diverged || pause_changed || proof_moved {
             self.bump();
         }
         self.report_lag(server, replayed);
     }
 
     /// The heartbeat proof from the rows a poll saw: the highest position of
-    /// the current primary's epoch.
-    pub(crate) fn record_heartbeats(&self, server: &ReplicaState, heartbeats: &[(u64, u64)]) {
+    /// the current primary's epoch. Returns whether it moved.
+    pub(crate) fn record_heartbeats(
+        &self,
+        server: &ReplicaState,
+        heartbeats: &[(u64, u64)],
+    ) -> bool {
         if self.heartbeat.is_none() {
-            return;
+            return false;
         }
-        let epoch = self.primary.epoch.load(Ordering::Acquire);
+        let epoch = self.primary.epoch();
         let proven = probe::proven_position(heartbeats, epoch);
+        let before = server.proven.load(Ordering::Acquire);
         if proven == 0 {
             server.forget_heartbeat();
-            return;
+            return before != 0;
         }
         server.proven_timeline.store(0, Ordering::Relaxed);
         server.proven.store(proven, Ordering::Release);
         server
             .proven_timeline
             .store((epoch >> 32) as u32, Ordering::Relaxed);
+        before != proven
     }
 
     /// A replica whose positions cannot be known (Aurora): admitted for
@@ -274,8 +358,7 @@ impl ReplicaTracker {
     ) {
         let at = Instant::now();
         let timeline = replica.known_timeline();
-        let same_timeline =
-            timeline == 0 || timeline == self.primary.timeline.load(Ordering::Relaxed);
+        let same_timeline = timeline == 0 || timeline == self.primary.timeline();
         let learned = self.primary.with_history(|history| {
             let sample = super::predict::delay_sample(history, previous, replayed, at);
             (sample, super::predict::first_missing(history, replayed))
@@ -309,17 +392,17 @@ impl ReplicaTracker {
     /// without showing one (it follows another primary). Updates the flag
     /// and its gauge; returns whether it changed.
     pub(crate) fn judge_divergence(&self, replica: &ReplicaState, now: u64) -> bool {
-        let timeline = replica.timeline.load(Ordering::Relaxed);
-        let primary_timeline = self.primary.timeline.load(Ordering::Relaxed);
+        let timeline = replica.receiver_timeline();
+        let primary_timeline = self.primary.timeline();
         let other_timeline = timeline != 0 && timeline != primary_timeline;
         let advanced_at = replica.advanced_at.load(Ordering::Relaxed);
         let primary_moved_since = self.primary.changed_at.load(Ordering::Relaxed) > advanced_at;
-        let replayed = replica.replayed.load(Ordering::Acquire);
+        let replayed = replica.replayed();
         // A replica at exactly the primary's position is caught up, however
         // long ago it got there (it may have seen the WAL before the
         // primary's poll did). Behind, or past it (an orphan's position on
         // a history the primary left), and standing still: stalled.
-        let elsewhere = replayed != self.primary.inserted.load(Ordering::Relaxed);
+        let elsewhere = replayed != self.primary.inserted();
         let stalled = primary_moved_since
             && elsewhere
             && now.saturating_sub(advanced_at)
@@ -358,10 +441,9 @@ impl ReplicaTracker {
     /// another timeline than the primary's reports NaN (unknown).
     pub(crate) fn report_lag(&self, replica: &ReplicaState, replayed: u64) {
         let timeline = replica.known_timeline();
-        let same_timeline =
-            timeline == 0 || timeline == self.primary.timeline.load(Ordering::Relaxed);
+        let same_timeline = timeline == 0 || timeline == self.primary.timeline();
         let (bytes, seconds) = if same_timeline {
-            let inserted = self.primary.inserted.load(Ordering::Relaxed);
+            let inserted = self.primary.inserted();
             (
                 inserted.saturating_sub(replayed) as f64,
                 self.primary.time_behind(replayed).as_secs_f64(),

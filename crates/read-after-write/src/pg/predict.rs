@@ -36,7 +36,9 @@
 //! sooner (evidence that it is replaying), never later.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// How much a longer delay sample moves the estimate: half the way up.
 const RISE: f64 = 0.5;

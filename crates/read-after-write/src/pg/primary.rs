@@ -3,7 +3,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use sqlx::postgres::PgConnectOptions;
 
@@ -81,6 +83,27 @@ impl PrimaryState {
             changed_at: 0.into(),
             pool_replaced: false.into(),
         }
+    }
+
+    /// The primary's timeline as last seen by a capture or a poll.
+    #[inline]
+    pub(crate) fn timeline(&self) -> u32 {
+        self.timeline.load(Ordering::Relaxed)
+    }
+
+    /// The latest insert position seen on the current timeline.
+    pub(crate) fn inserted(&self) -> u64 {
+        self.inserted.load(Ordering::Relaxed)
+    }
+
+    /// Whether the tracker's last probe of the primary answered in time.
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The current primary's epoch; 0 while unknown.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// How the tracker connects to the primary now: the current pool's

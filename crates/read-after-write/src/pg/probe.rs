@@ -120,6 +120,54 @@ pub(crate) fn replica_probe_sql(kind: &ProbeKind) -> String {
     }
 }
 
+/// The SQL of a poll that first waits on the server, for at most `wait`,
+/// until the replica proves `lsn`: its replay position reaches it (a role
+/// that sees its WAL receiver), or a heartbeat of `epoch` at or past it is
+/// visible (`heartbeat`, the table, for a role that does not). A DO block
+/// loops on the server and the poll's own statements follow in the same
+/// round trip, so the answer arrives as soon as the replay is seen. Between
+/// checks it sleeps a millisecond (the finest sleep PostgreSQL has), except
+/// from `spin_after` (shortly before the predicted replay) for at most
+/// [`SPIN_FOR`], when it checks back to back. Each check takes a fresh
+/// snapshot, so the loop holds back neither replay nor cleanup.
+pub(crate) fn wait_then_probe_sql(
+    probe: &str,
+    lsn: Lsn,
+    wait: std::time::Duration,
+    spin_after: Option<std::time::Duration>,
+    heartbeat: Option<(&str, u64)>,
+) -> String {
+    let not_yet = match heartbeat {
+        Some((table, epoch)) => format!(
+            "not exists (select 1 from {table} where epoch = {epoch} and position >= '{lsn}'::pg_lsn)",
+            epoch = epoch as i64,
+        ),
+        None => format!("coalesce(pg_last_wal_replay_lsn() < '{lsn}'::pg_lsn, false)"),
+    };
+    // Without a prediction, never spin: the spin window lies past the end.
+    let spin_from = spin_after.unwrap_or(wait).min(wait);
+    format!(
+        "do $wait$ declare \
+             started timestamptz := clock_timestamp(); \
+             stop_at timestamptz := started + interval '{wait} microseconds'; \
+             spin_from timestamptz := started + interval '{spin_from} microseconds'; \
+             spin_to timestamptz := spin_from + interval '{spin_for} microseconds'; \
+             checked_at timestamptz; \
+         begin loop \
+             exit when not ({not_yet}); \
+             checked_at := clock_timestamp(); \
+             exit when checked_at >= stop_at; \
+             if checked_at < spin_from or checked_at >= spin_to then perform pg_sleep(0.0005); end if; \
+         end loop; end $wait$; {probe}",
+        wait = wait.as_micros().max(1),
+        spin_from = spin_from.as_micros(),
+        spin_for = SPIN_FOR.as_micros(),
+    )
+}
+
+/// How long a wait checks back to back around the predicted replay.
+pub(crate) const SPIN_FOR: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Polls a replica on `conn`.
 pub(crate) async fn replica(
     conn: &mut PgConnection,
@@ -128,6 +176,7 @@ pub(crate) async fn replica(
     let rows = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
         .fetch_all(&mut *conn)
         .await?;
+    // A DO block before the poll returns no row: the poll's come after.
     let Some(first) = rows.first() else {
         return Err(sqlx::Error::RowNotFound);
     };

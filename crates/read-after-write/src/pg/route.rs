@@ -1,18 +1,9 @@
 //! Where a read goes: the routing policy of [`PgReplicaSet`], fed by the
-//! [`ReplicaTracker`](super::ReplicaTracker)'s atomics and the
-//! [predictions](super::predict) made from them.
-//!
-//! - **Session reads** go to a replica that has replayed the token's
-//!   position. When none has, [`WaitPolicy::Predicted`] (the default) waits
-//!   only if some replica is predicted to replay it within the latency
-//!   budget, and goes to the primary at once otherwise
-//!   (`reason="predicted_late"`); [`WaitPolicy::Fixed`] waits the full
-//!   `max_wait` whatever the replicas look like.
-//! - A [`PrimaryBudget`] caps the primary's share of session reads: while a
-//!   sliding window is over the cap, reads wait longer for a replica. Never
-//!   for a replica that lacks the write: waiting longer is all it does.
-//! - **Eventual reads** go to any healthy replica whose staleness is within
-//!   `max_staleness`, else the primary (`reason="too_stale"`).
+//! [`ReplicaTracker`](super::ReplicaTracker)'s atomics and the predictions
+//! made from them (`predict`). The rule this code keeps is written once, in
+//! [how routing decides](crate::guide::routing): session reads, the
+//! [`WaitPolicy`], the [`PrimaryBudget`] (the one wait beyond `max_wait`)
+//! and eventual reads within a staleness bound.
 //!
 //! # Example
 //!
@@ -24,8 +15,6 @@
 //! let replicas = PgReplicaSet::builder()
 //!     .primary_url("postgres://app@db-primary/app")
 //!     .replica_url("replica-1", "postgres://app@db-replica-1/app")
-//!     // Wait for a replica only if it is predicted within 30 ms.
-//!     .latency_budget(Duration::from_millis(30))
 //!     // At most 15 % of session reads on the primary over 10 s; to keep
 //!     // to it, reads may wait up to 200 ms for a replica.
 //!     .primary_budget(PrimaryBudget::new(
@@ -33,229 +22,53 @@
 //!         Duration::from_secs(10),
 //!         Duration::from_millis(200),
 //!     ))
-//!     // Eventual reads skip replicas more than 5 s behind.
-//!     .max_staleness(Duration::from_secs(5))
 //!     .connect()
 //!     .await?;
 //! # Ok(())
 //! # }
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use sqlx::PgPool;
 
 use super::predict;
 use super::server::ReplicaState;
+use super::wait::Step;
 use super::PgReplicaSet;
 use crate::backend::{RouteReason, Routed, Target};
 use crate::bookmark::Bookmark;
 use crate::position::WritePosition;
 
 /// How a session read that finds no replica caught up decides whether to
-/// wait; set with [`latency_budget`](super::PgReplicaSetBuilder::latency_budget),
-/// [`fixed_wait`](super::PgReplicaSetBuilder::fixed_wait) or
-/// [`wait_policy`](super::PgReplicaSetBuilder::wait_policy).
+/// wait; set with [`wait_policy`](super::PgReplicaSetBuilder::wait_policy).
+/// Either way it never waits longer than its `max_wait` (the layer's, or
+/// `Db::read_within`'s).
 ///
 /// ```
 /// use read_after_write::pg::WaitPolicy;
 ///
-/// // By default the budget is each read's own max_wait.
-/// assert_eq!(WaitPolicy::default(), WaitPolicy::Predicted { latency_budget: None });
+/// assert_eq!(WaitPolicy::default(), WaitPolicy::Predicted);
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WaitPolicy {
     /// Wait only while some replica is predicted to replay the position
-    /// within the budget of the read's start: the `max_wait` the read is
-    /// given, capped by `latency_budget` if set. Otherwise read from the
-    /// primary at once (`reason="predicted_late"`). The prediction is
-    /// re-checked on every tracker change: a replica that pauses or falls
-    /// behind mid-wait ends the wait at once.
-    Predicted {
-        /// A cap on what any read adds waiting for a replica, below the
-        /// `max_wait` it is given; `None` for no cap beyond `max_wait`.
-        latency_budget: Option<Duration>,
-    },
+    /// within the read's `max_wait`; otherwise read from the primary at once
+    /// (`reason="predicted_late"`). The prediction is re-checked on every
+    /// tracker change: a replica that pauses or falls behind mid-wait ends
+    /// the wait at once. The default: since a predicted wait is spent only
+    /// when a replica is expected to end it, a generous `max_wait` costs
+    /// little.
+    #[default]
+    Predicted,
     /// Wait up to the full `max_wait` for any replica, then read from the
-    /// primary (`reason="wait_timed_out"`): the behaviour before predictions.
+    /// primary (`reason="wait_timed_out"`): the behaviour before
+    /// predictions.
     Fixed,
-}
-
-impl Default for WaitPolicy {
-    /// [`Predicted`](Self::Predicted) with no cap of its own: each read's
-    /// budget is the `max_wait` it is given (the layer's, or
-    /// `Db::read_within`'s), the bound its caller already chose. A second
-    /// default cap would silently cut an explicit `read_within(200 ms)`
-    /// short; and since a predicted wait is only spent when a replica is
-    /// expected to end it, a generous `max_wait` costs little.
-    fn default() -> Self {
-        WaitPolicy::Predicted {
-            latency_budget: None,
-        }
-    }
-}
-
-/// A cap on the primary's share of session reads; see
-/// [`primary_budget`](super::PgReplicaSetBuilder::primary_budget).
-///
-/// While more than `share` of the session reads in the last `window` went to
-/// the primary, a read that finds no replica caught up waits up to
-/// `hard_max_wait` (instead of the latency budget or `max_wait`) for a
-/// replica predicted to get there in that time. It still never reads from a
-/// replica that lacks the write. Reads with a `max_wait` of zero are not
-/// made to wait.
-///
-/// ```
-/// use read_after_write::pg::PrimaryBudget;
-/// use std::time::Duration;
-///
-/// let budget = PrimaryBudget::new(0.15, Duration::from_secs(10), Duration::from_millis(200))
-///     .min_reads(50);
-/// assert_eq!(budget.share(), 0.15);
-/// // Out-of-range shares are clamped, not a panic.
-/// assert_eq!(PrimaryBudget::new(7.0, Duration::from_secs(1), Duration::ZERO).share(), 1.0);
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PrimaryBudget {
-    share: f64,
-    window: Duration,
-    hard_max_wait: Duration,
-    min_reads: u64,
-}
-
-impl PrimaryBudget {
-    /// At most `share` (0 to 1) of session reads on the primary over a
-    /// sliding `window`; reads may wait up to `hard_max_wait` to keep to it.
-    /// The cap applies once the window holds 20 reads
-    /// ([`min_reads`](Self::min_reads)).
-    pub fn new(share: f64, window: Duration, hard_max_wait: Duration) -> Self {
-        let share = if share.is_nan() {
-            1.0
-        } else {
-            share.clamp(0.0, 1.0)
-        };
-        PrimaryBudget {
-            share,
-            window: window.max(Duration::from_millis(10)),
-            hard_max_wait,
-            min_reads: 20,
-        }
-    }
-
-    /// How many session reads the window must hold before the cap applies
-    /// (default 20), so that the first few reads after a quiet spell do not
-    /// count as a 100 % share.
-    pub fn min_reads(mut self, reads: u64) -> Self {
-        self.min_reads = reads.max(1);
-        self
-    }
-
-    /// The largest share of session reads the primary should serve.
-    pub fn share(&self) -> f64 {
-        self.share
-    }
-
-    /// The window the share is measured over.
-    pub fn window(&self) -> Duration {
-        self.window
-    }
-
-    /// The longest a read waits while the share is over the cap.
-    pub fn hard_max_wait(&self) -> Duration {
-        self.hard_max_wait
-    }
-}
-
-/// Buckets in the primary share's sliding window.
-const BUCKETS: usize = 10;
-
-/// One slice of the sliding window.
-#[derive(Default)]
-struct Bucket {
-    /// Which slice of time the counts are for (time / bucket length).
-    epoch: AtomicU64,
-    reads: AtomicU64,
-    primary: AtomicU64,
-}
-
-/// Session reads and primary reads over a sliding window, in buckets of
-/// atomics: recording is three atomic operations, reading the share thirty
-/// loads. A bucket reused for a new slice of time is reset by whichever
-/// read gets there first; a count racing with that reset may be lost,
-/// which a share does not notice.
-pub(crate) struct PrimaryShare {
-    budget: PrimaryBudget,
-    buckets: [Bucket; BUCKETS],
-    bucket_nanos: u64,
-    origin: Instant,
-}
-
-impl PrimaryShare {
-    pub(crate) fn new(budget: PrimaryBudget) -> Self {
-        let bucket_nanos = u64::try_from(budget.window.as_nanos() / BUCKETS as u128)
-            .unwrap_or(u64::MAX)
-            .max(1);
-        PrimaryShare {
-            budget,
-            buckets: Default::default(),
-            bucket_nanos,
-            origin: Instant::now(),
-        }
-    }
-
-    fn epoch(&self, now: Instant) -> u64 {
-        // Epoch 0 would match a fresh bucket: start at 1.
-        let nanos = u64::try_from(now.saturating_duration_since(self.origin).as_nanos())
-            .unwrap_or(u64::MAX);
-        nanos / self.bucket_nanos + 1
-    }
-
-    /// Counts one session read, and whether it went to the primary.
-    pub(crate) fn record(&self, to_primary: bool, now: Instant) {
-        let epoch = self.epoch(now);
-        let bucket = &self.buckets[(epoch % BUCKETS as u64) as usize];
-        let seen = bucket.epoch.load(Ordering::Acquire);
-        if seen < epoch
-            && bucket
-                .epoch
-                .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            bucket.reads.store(0, Ordering::Relaxed);
-            bucket.primary.store(0, Ordering::Relaxed);
-        }
-        bucket.reads.fetch_add(1, Ordering::Relaxed);
-        if to_primary {
-            bucket.primary.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Session reads and primary reads in the window ending `now`.
-    fn counts(&self, now: Instant) -> (u64, u64) {
-        let epoch = self.epoch(now);
-        let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
-        self.buckets
-            .iter()
-            .filter(|b| (oldest..=epoch).contains(&b.epoch.load(Ordering::Acquire)))
-            .fold((0, 0), |(reads, primary), b| {
-                (
-                    reads + b.reads.load(Ordering::Relaxed),
-                    primary + b.primary.load(Ordering::Relaxed),
-                )
-            })
-    }
-
-    /// Whether the primary's share in the window is over the cap.
-    pub(crate) fn over_cap(&self, now: Instant) -> bool {
-        let (reads, primary) = self.counts(now);
-        reads >= self.budget.min_reads && primary as f64 > self.budget.share * reads as f64
-    }
-
-    pub(crate) fn hard_max_wait(&self) -> Duration {
-        self.budget.hard_max_wait
-    }
 }
 
 /// A bijective mix of a counter (the splitmix64 finaliser): a cheap,
@@ -293,7 +106,7 @@ impl PgReplicaSet {
             super::Selection::LeastLag => replicas
                 .iter()
                 .filter(|r| qualifies(r))
-                .max_by_key(|r| r.replayed.load(Ordering::Acquire)),
+                .max_by_key(|r| r.replayed()),
         }
     }
 
@@ -307,7 +120,7 @@ impl PgReplicaSet {
         replica.is_on(timeline)
             || (self.inner.tracker.heartbeat.is_some()
                 && timeline != 0
-                && replica.healthy.load(Ordering::Acquire)
+                && replica.is_healthy()
                 && replica.tied()
                 && replica.known_timeline() == 0)
     }
@@ -320,7 +133,7 @@ impl PgReplicaSet {
             if self.may_prove(replica, timeline) {
                 return None;
             }
-            healthy |= replica.healthy.load(Ordering::Acquire);
+            healthy |= replica.is_healthy();
         }
         Some(if healthy {
             RouteReason::NoReplicaOnTimeline
@@ -375,7 +188,7 @@ impl PgReplicaSet {
     ) -> Routed<'_, PgPool> {
         self.inner.tracker.note_needed();
         if required.system_id != self.system_id() {
-            let mut routed = self.route_eventual(self.inner.max_staleness);
+            let mut routed = self.route_eventual(None);
             if routed.reason == RouteReason::Eventual {
                 routed.reason = RouteReason::ForeignCluster;
             }
@@ -399,25 +212,18 @@ impl PgReplicaSet {
         if max_wait.is_zero() {
             return Routed::primary(self.primary_pool(), RouteReason::Lagging);
         }
-        let over_cap = self
+        // Over the primary's cap, its hard bound replaces max_wait, when
+        // longer: the one exception to max_wait bounding the wait.
+        let bound = self
             .inner
             .primary_share
             .as_ref()
-            .filter(|share| share.over_cap(Instant::now()));
+            .filter(|share| share.over_cap(Instant::now()))
+            .map_or(max_wait, |share| share.hard_max_wait().max(max_wait));
         let started = Instant::now();
-        // Over the primary's cap, the budget's hard bound replaces the
-        // latency budget and max_wait, whichever is longer.
-        let bound = over_cap.map(|share| share.hard_max_wait().max(max_wait));
         let routed = match self.inner.wait_policy {
-            WaitPolicy::Predicted { latency_budget } => {
-                let capped = latency_budget.map_or(max_wait, |cap| cap.min(max_wait));
-                let budget = bound.unwrap_or(capped);
-                self.wait_predicted(required, budget, started).await
-            }
-            WaitPolicy::Fixed => {
-                self.wait_fixed(required, bound.unwrap_or(max_wait), started)
-                    .await
-            }
+            WaitPolicy::Predicted => self.wait_predicted(required, bound, started).await,
+            WaitPolicy::Fixed => self.wait_fixed(required, bound, started).await,
         };
         metrics::histogram!("read_after_write_read_wait_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -438,89 +244,74 @@ impl PgReplicaSet {
             })
     }
 
-    /// The wait before predictions: up to `max_wait` for any replica, asking
-    /// every replica for a poll each wait-poll interval.
+    /// The wait before predictions: up to `max_wait` for any replica that
+    /// may prove the position, each waiting for it on the server.
     async fn wait_fixed(
         &self,
         required: WritePosition,
         max_wait: Duration,
         started: Instant,
     ) -> Routed<'_, PgPool> {
-        let deadline = tokio::time::Instant::from_std(started + max_wait);
-        let mut changed = self.inner.tracker.changed.subscribe();
-        loop {
-            changed.borrow_and_update();
-            self.inner.tracker.request_refresh();
-            if let Some(routed) = self.caught_up_after_wait(required) {
-                return routed;
-            }
-            // Wake on the tracker's next change, or after one wait-poll
-            // interval to ask for another poll when the last one showed no
-            // progress.
-            let next = tokio::time::timeout(self.inner.wait_poll_interval, changed.changed());
-            match tokio::time::timeout_at(deadline, next).await {
-                Ok(Ok(Ok(()))) | Ok(Err(_)) => continue,
-                // The deadline passed, or the tracker is gone: stop waiting.
-                Ok(Ok(Err(_))) | Err(_) => {
-                    return self.caught_up_after_wait(required).unwrap_or_else(|| {
-                        Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut)
-                    });
+        let target = required.lsn.as_u64();
+        let waited = self
+            .wait_loop(started + max_wait, |left| {
+                if let Some(routed) = self.caught_up_after_wait(required) {
+                    return Step::Done(routed);
                 }
-            }
-        }
+                let until = self.wait_ends(left);
+                for replica in self.replica_states() {
+                    if self.may_prove(replica, required.timeline) {
+                        replica.await_position(target, until, None);
+                    }
+                }
+                Step::Wait(left)
+            })
+            .await;
+        waited.unwrap_or_else(|| {
+            self.caught_up_after_wait(required)
+                .unwrap_or_else(|| Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut))
+        })
     }
 
     /// The predicted wait: while some replica is predicted to replay
     /// `required` within `budget` of `started`, wait for it; the moment none
     /// is, the primary.
     ///
-    /// Polling stays bounded: until shortly before the soonest prediction
-    /// the tracker's regular polls suffice; from then on only the replicas
-    /// predicted within the budget are asked for a poll, at most one per
-    /// wait-poll interval each, however many reads wait.
+    /// The replicas predicted within the budget wait for the position on
+    /// the server (see [`ReplicaState::await_position`]), so the read
+    /// resumes within about a millisecond of the replay; the others are not
+    /// asked anything. However many reads wait, each server runs one such
+    /// wait at a time, for the highest position asked.
     async fn wait_predicted(
         &self,
         required: WritePosition,
         budget: Duration,
         started: Instant,
     ) -> Routed<'_, PgPool> {
-        let deadline = tokio::time::Instant::from_std(started + budget);
-        let mut changed = self.inner.tracker.changed.subscribe();
-        // Fast polls start this long before the soonest prediction: two
-        // regular polls, the error a prediction made from them can have.
-        let lead = self.inner.poll_interval.saturating_mul(2);
-        loop {
-            changed.borrow_and_update();
-            if let Some(routed) = self.caught_up_after_wait(required) {
-                return routed;
-            }
-            let elapsed = started.elapsed();
-            let left = budget.saturating_sub(elapsed);
-            let soonest = self.soonest(required, left, lead);
-            let Some(soonest) = soonest.filter(|&eta| eta <= left) else {
-                return Routed::primary(self.primary_pool(), RouteReason::PredictedLate);
-            };
-            // Sleep until fast polls are due, or until the prediction of a
-            // replica that stands still would pass the budget: a late
-            // replica's prediction grows as fast as time passes while the
-            // budget left shrinks as fast, so they meet halfway. Nothing
-            // changes in the tracker while a replica stands still, so only
-            // this wake-up re-checks it.
-            let until_fast = soonest.saturating_sub(lead);
-            let until_slip = (left - soonest) / 2;
-            let nap = until_fast
-                .min(until_slip)
-                .max(self.inner.wait_poll_interval);
-            let next = tokio::time::timeout(nap, changed.changed());
-            match tokio::time::timeout_at(deadline, next).await {
-                Ok(Ok(Ok(()))) | Ok(Err(_)) => continue,
-                Ok(Ok(Err(_))) | Err(_) => {
-                    return self.caught_up_after_wait(required).unwrap_or_else(|| {
-                        Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut)
-                    });
+        let waited = self
+            .wait_loop(started + budget, |left| {
+                if let Some(routed) = self.caught_up_after_wait(required) {
+                    return Step::Done(routed);
                 }
-            }
-        }
+                match self.soonest(required, left).filter(|&eta| eta <= left) {
+                    None => Step::Done(Routed::primary(
+                        self.primary_pool(),
+                        RouteReason::PredictedLate,
+                    )),
+                    // Re-check when the prediction of a replica that stands
+                    // still would pass the budget: a late replica's
+                    // prediction grows as fast as time passes while the
+                    // budget left shrinks as fast, so they meet halfway.
+                    // Nothing changes in the tracker while a replica stands
+                    // still, so only this wake-up re-checks it.
+                    Some(soonest) => Step::Wait((left - soonest) / 2),
+                }
+            })
+            .await;
+        waited.unwrap_or_else(|| {
+            self.caught_up_after_wait(required)
+                .unwrap_or_else(|| Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut))
+        })
     }
 
     /// When `replica` is predicted to replay `required`, from now; `None`
@@ -538,7 +329,7 @@ impl PgReplicaSet {
             .primary
             .with_history(|history| {
                 let since_written = predict::since_written(history, target, now);
-                let replayed = replica.replayed.load(Ordering::Acquire);
+                let replayed = replica.replayed();
                 let lag_now = predict::first_missing(history, replayed)
                     .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
                 let view = replica.view(lag_now, now_nanos);
@@ -547,23 +338,21 @@ impl PgReplicaSet {
             .flatten()
     }
 
-    /// The budget of a session read given `max_wait`, by the wait policy:
-    /// `None` for a fixed wait (wait up to `max_wait` whatever the
-    /// prediction).
+    /// Whether a read given `max_wait` waits by prediction (`Some`, with
+    /// that budget) or up to `max_wait` whatever the prediction (`None`).
     pub(super) fn predicted_budget(&self, max_wait: Duration) -> Option<Duration> {
         match self.inner.wait_policy {
-            WaitPolicy::Predicted { latency_budget } => {
-                Some(latency_budget.map_or(max_wait, |cap| cap.min(max_wait)))
-            }
+            WaitPolicy::Predicted => Some(max_wait),
             WaitPolicy::Fixed => None,
         }
     }
 
     /// The soonest any replica that may serve `required` (healthy, on its
     /// timeline, following the primary) is predicted to replay it; `None`
-    /// when every one is predicted never. Asks those predicted within `lead`
-    /// of now, and within `left`, for a poll.
-    fn soonest(&self, required: WritePosition, left: Duration, lead: Duration) -> Option<Duration> {
+    /// when every one is predicted never. Asks those predicted within
+    /// `left` to wait for it on the server.
+    fn soonest(&self, required: WritePosition, left: Duration) -> Option<Duration> {
+        let until = self.wait_ends(left);
         let target = required.lsn.as_u64();
         let tracker = &self.inner.tracker;
         let slack = self.inner.poll_interval;
@@ -573,65 +362,24 @@ impl PgReplicaSet {
             let since_written = predict::since_written(history, target, now);
             let mut soonest: Option<Duration> = None;
             for replica in self.replica_states() {
-                if !self.may_prove(replica, required.timeline)
-                    || replica.diverged.load(Ordering::Relaxed)
-                {
+                if !self.may_prove(replica, required.timeline) || replica.is_diverged() {
                     continue;
                 }
-                let replayed = replica.replayed.load(Ordering::Acquire);
+                let replayed = replica.replayed();
                 let lag_now = predict::first_missing(history, replayed)
                     .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
                 let view = replica.view(lag_now, now_nanos);
                 let Some(eta) = predict::predict(&view, target, since_written, slack) else {
                     continue;
                 };
-                if eta <= left && eta <= lead {
-                    replica.request_refresh();
+                if eta <= left {
+                    let at = self.wait_ends(eta);
+                    replica.await_position(target, until, Some(at));
                 }
                 soonest = Some(soonest.map_or(eta, |s| s.min(eta)));
             }
             soonest
         });
         soonest.flatten()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_primary_share_counts_a_sliding_window() {
-        let budget = PrimaryBudget::new(0.25, Duration::from_secs(10), Duration::from_millis(100))
-            .min_reads(4);
-        let share = PrimaryShare::new(budget);
-        let start = share.origin;
-        // Three reads, all on the primary: under min_reads, no cap yet.
-        for _ in 0..3 {
-            share.record(true, start);
-        }
-        assert!(!share.over_cap(start));
-        share.record(false, start);
-        assert!(share.over_cap(start), "3 of 4 on the primary");
-        // Replica reads bring the share down to the cap: 3 of 12 is 25 %.
-        for _ in 0..8 {
-            share.record(false, start + Duration::from_secs(1));
-        }
-        assert!(!share.over_cap(start + Duration::from_secs(1)));
-        // A window later the old buckets no longer count.
-        let later = start + Duration::from_secs(10) + Duration::from_millis(500);
-        assert_eq!(share.counts(later), (8, 0));
-        let much_later = start + Duration::from_secs(60);
-        assert_eq!(share.counts(much_later), (0, 0));
-        // A reused bucket starts from zero.
-        share.record(true, much_later);
-        assert_eq!(share.counts(much_later), (1, 1));
-    }
-
-    #[test]
-    fn a_nan_share_is_no_cap() {
-        let budget = PrimaryBudget::new(f64::NAN, Duration::ZERO, Duration::ZERO);
-        assert_eq!(budget.share(), 1.0);
-        assert_eq!(budget.window(), Duration::from_millis(10));
     }
 }

@@ -87,7 +87,7 @@ pub(crate) struct ReplicaState {
     pub(crate) refresh: Notify,
     /// Set once a warning about this node not replaying WAL was logged.
     pub(crate) warned: AtomicBool,
-    /// The [`ReplicaTag`] of the incarnation last polled; 0 while unknown
+    /// The [`ReplicaTag`](crate::bookmark::ReplicaTag) of the incarnation last polled; 0 while unknown
     /// or down.
     pub(crate) tag: AtomicU64,
     /// Set once the "cannot see timelines" warning was logged.
@@ -106,6 +106,11 @@ pub(crate) struct ReplicaState {
     pub(crate) polled_at: AtomicU64,
     /// Whether the tracker's role may read `pg_stat_wal_receiver`.
     pub(crate) sees_timelines: AtomicU8,
+    /// What reads are waiting for this server to prove; its task waits
+    /// for it on the server itself (see
+    /// [`await_position`](Self::await_position)). Touched by waiting reads
+    /// and the task only, never on a read that does not wait.
+    pub(crate) wait: Mutex<WaitRequest>,
 }
 
 impl ReplicaState {
@@ -141,6 +146,7 @@ impl ReplicaState {
             rate: AtomicU64::new(0f64.to_bits()),
             missing_since: AtomicU64::new(UNKNOWN),
             polled_at: AtomicU64::new(0),
+            wait: Mutex::new(WaitRequest::default()),
         }
     }
 
@@ -195,6 +201,57 @@ impl ReplicaState {
             .is_some()
     }
 
+    // Reads of the tracker's state, each with its memory ordering chosen
+    // here once: routing and status go through these, never the atomics.
+
+    /// The last replay position polled (meaningful while healthy).
+    #[inline]
+    pub(crate) fn replayed(&self) -> u64 {
+        self.replayed.load(Ordering::Acquire)
+    }
+
+    /// Answering, in recovery, with a replay position.
+    #[inline]
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Left the primary's history: serves no reads.
+    #[inline]
+    pub(crate) fn is_diverged(&self) -> bool {
+        self.diverged.load(Ordering::Relaxed)
+    }
+
+    /// A replay pause was requested or is in effect.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// The timeline its WAL receiver was last seen on; 0 unknown.
+    pub(crate) fn receiver_timeline(&self) -> u32 {
+        self.timeline.load(Ordering::Relaxed)
+    }
+
+    /// This replica's tag, if its incarnation is known.
+    pub(crate) fn replica_tag(&self) -> Option<crate::bookmark::ReplicaTag> {
+        crate::bookmark::ReplicaTag::new(self.tag.load(Ordering::Relaxed))
+    }
+
+    /// Whether a heartbeat of the current primary proves what it holds.
+    pub(crate) fn heartbeat_proven(&self) -> bool {
+        self.proven_timeline.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether the tracker's role may see its timeline; `None` before the
+    /// tracker first connected.
+    pub(crate) fn sees_timelines(&self) -> Option<bool> {
+        match self.sees_timelines.load(Ordering::Relaxed) {
+            SEES_TIMELINES_YES => Some(true),
+            SEES_TIMELINES_NO => Some(false),
+            _ => None,
+        }
+    }
+
     /// The smoothed replay delay, if one was measured.
     pub(crate) fn delay(&self) -> Option<Duration> {
         match self.delay.load(Ordering::Relaxed) {
@@ -247,6 +304,67 @@ impl ReplicaState {
     /// minimum gap after its last one).
     pub(crate) fn request_refresh(&self) {
         self.refresh.notify_one();
+    }
+
+    /// Asks this server's task to wait, on the server, until it can prove
+    /// `lsn` or `until` (nanoseconds after the tracker's origin) passes:
+    /// one query that returns the moment replay gets there, instead of a
+    /// poll every few milliseconds.
+    ///
+    /// Waiting reads coalesce on the *lowest* position asked, until the
+    /// latest deadline: the wait returns as soon as the first of them can
+    /// be served, the reads re-check on the poll that follows, and those
+    /// still waiting ask again, for what they still need. A read waiting
+    /// for an early position is never held back by a later one.
+    pub(crate) fn await_position(&self, lsn: u64, until: u64, eta: Option<u64>) {
+        let mut wait = self.wait.lock().unwrap_or_else(PoisonError::into_inner);
+        let lower = wait.lsn.is_none_or(|asked| lsn < asked);
+        if lower {
+            wait.lsn = Some(lsn);
+        }
+        wait.until = wait.until.max(until);
+        if let Some(eta) = eta {
+            wait.eta = Some(wait.eta.map_or(eta, |known| known.min(eta)));
+        }
+        drop(wait);
+        // The task takes up a wait still pending by itself: wake it only
+        // for a new or lower one.
+        if lower {
+            self.refresh.notify_one();
+        }
+    }
+
+    /// The wait asked of this server's task, if one is due at `now`: the
+    /// position, how long at most, and in how long it is predicted.
+    pub(crate) fn pending_wait(&self, now: u64) -> Option<(u64, Duration, Option<Duration>)> {
+        let wait = self.wait.lock().unwrap_or_else(PoisonError::into_inner);
+        let lsn = wait.lsn?;
+        let eta = wait
+            .eta
+            .map(|eta| Duration::from_nanos(eta.saturating_sub(now)));
+        (wait.until > now).then(|| (lsn, Duration::from_nanos(wait.until - now), eta))
+    }
+
+    /// Forgets the wait for `lsn` once it is proven or its time is up
+    /// (keeping a lower one asked meanwhile). Reads that still wait for a
+    /// higher position ask again when they re-check after this poll.
+    pub(crate) fn end_wait(&self, lsn: u64, now: u64) {
+        let proven = self.proven.load(Ordering::Acquire).max(
+            if self.timeline.load(Ordering::Relaxed) != 0 {
+                self.replayed.load(Ordering::Acquire)
+            } else {
+                0
+            },
+        );
+        let mut wait = self.wait.lock().unwrap_or_else(PoisonError::into_inner);
+        if wait.lsn == Some(lsn) && (proven >= lsn || wait.until <= now) {
+            *wait = WaitRequest::default();
+        }
+    }
+
+    /// Forgets any wait asked: no read is waiting any more.
+    pub(crate) fn drop_wait(&self) {
+        *self.wait.lock().unwrap_or_else(PoisonError::into_inner) = WaitRequest::default();
     }
 
     /// The timeline this replica is known to follow: the one its WAL
@@ -334,6 +452,18 @@ pub(crate) struct Proof {
     pub(crate) proven: u64,
     /// The current primary's timeline, when `proven` is set; else 0.
     pub(crate) proven_timeline: u32,
+}
+
+/// A wait asked of a server's task, coalesced over the reads asking.
+#[derive(Debug, Default)]
+pub(crate) struct WaitRequest {
+    /// The lowest position asked; `None`: no wait.
+    lsn: Option<u64>,
+    /// The latest deadline asked, nanoseconds after the tracker's origin.
+    until: u64,
+    /// The earliest predicted arrival, nanoseconds after the tracker's
+    /// origin; `None`: no prediction.
+    eta: Option<u64>,
 }
 
 /// The replay check on its own: a replica holds a write at `lsn` on

@@ -188,7 +188,7 @@ pub(crate) fn diagnose(
             format!(
                 "every replica lags at least {least_lag:?}, more than max_wait ({:?}): a user's \
                  reads right after their write go to the primary (at once when routed by \
-                 prediction, the default; after waiting max_wait with fixed_wait); raise \
+                 prediction, the default; after waiting max_wait with WaitPolicy::Fixed); raise \
                  max_wait above the lag, or accept those primary reads",
                 settings.max_wait
             ),

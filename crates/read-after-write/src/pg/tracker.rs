@@ -6,7 +6,9 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use tokio::sync::{watch, Notify};
@@ -118,6 +120,9 @@ pub struct ReplicaTracker {
     /// re-check on each change.
     pub(crate) changed: watch::Sender<u64>,
     pub(crate) polls: AtomicU64,
+    /// Reads in a wait loop now. While none is, no server waits for a
+    /// position: a wait outlives no read.
+    pub(crate) waiting_reads: AtomicUsize,
     /// When positions were last needed, in nanoseconds after `origin`.
     pub(crate) last_needed: AtomicU64,
     pub(crate) origin: Instant,
@@ -154,6 +159,7 @@ impl ReplicaTracker {
             primary,
             changed: watch::channel(0).0,
             polls: AtomicU64::new(0),
+            waiting_reads: AtomicUsize::new(0),
             last_needed: AtomicU64::new(0),
             origin: Instant::now(),
             wake_primary: Notify::new(),
@@ -303,6 +309,19 @@ impl ReplicaTracker {
             self.request_refresh();
             self.wake_primary.notify_one();
         }
+    }
+
+    /// The wait asked of `server`'s task, if one is due now and some read
+    /// still waits (a wait left by reads that went elsewhere is dropped).
+    pub(crate) fn pending_wait(
+        &self,
+        server: &ReplicaState,
+    ) -> Option<(u64, Duration, Option<Duration>)> {
+        if self.waiting_reads.load(Ordering::Acquire) == 0 {
+            server.drop_wait();
+            return None;
+        }
+        server.pending_wait(self.nanos())
     }
 
     /// Nanoseconds since the tracker's origin.
