@@ -48,10 +48,8 @@ async fn serve(cluster: &TestCluster, keys: KeySet) -> SocketAddr {
     let config = AppConfig {
         keys,
         cookie_secure: false,
-        max_wait: Duration::from_millis(20),
+        max_wait: Some(Duration::from_millis(20)),
         debug_header: true,
-        time_window: None,
-        tokens: true,
         request_timeout: Some(Duration::from_secs(5)),
     };
     let router = social::router(replicas.clone(), replicas, &config);
@@ -457,10 +455,8 @@ async fn serve_tuned(
     let config = AppConfig {
         keys,
         cookie_secure: false,
-        max_wait: Duration::from_millis(20),
+        max_wait: Some(Duration::from_millis(20)),
         debug_header: true,
-        time_window: None,
-        tokens: true,
         request_timeout: Some(Duration::from_secs(5)),
     };
     let router = social::router(replicas.clone(), replicas, &config);

@@ -18,7 +18,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -29,10 +28,15 @@ use http::{HeaderValue, Method, Request, Response};
 use read_after_write::middleware::{DEFAULT_COOKIE_NAME, DEFAULT_TOKEN_HEADER};
 use read_after_write::token::MAX_ENCODED_LEN;
 use read_after_write::{
-    AffinityToken, Backend, Bookmarks, Db, KeySet, Lsn, ManualClock, ReadAfterWriteLayer,
-    RouteReason, Routed, SigningKey, TokenError, TokenOutcome, UserId, WritePosition,
+    AffinityToken, Bookmarks, Db, KeySet, Lsn, ManualClock, ReadAfterWriteLayer, SigningKey,
+    TokenError, TokenOutcome, UserId, WritePosition,
 };
 use tower::{service_fn, Layer, Service, ServiceExt};
+
+#[path = "../src/testing/fake_backend.rs"]
+mod fake_backend;
+
+use fake_backend::FakeBackend;
 
 const NAME: &str = DEFAULT_COOKIE_NAME;
 const NOW: u64 = 1_800_000_000;
@@ -139,19 +143,19 @@ fn documented(error: TokenError) -> bool {
             | TokenError::Expired
             | TokenError::WrongVersion
             | TokenError::TooLong
+            | TokenError::OtherUser
     )
 }
 
 const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-/// One fuzz input: the text to verify, the time to verify it at, and what
-/// must come of it.
-fn fuzz_input(
+/// One hostile input made from `genuine` (signed as `text`).
+fn fuzz_mutation(
     rng: &mut Rng,
-    pool: &[(AffinityToken, String)],
+    genuine: &AffinityToken,
+    text: &String,
     other: &[KeySet],
 ) -> (String, u64, Expect) {
-    let (genuine, text) = rng.pick(pool);
     let raw = || URL_SAFE_NO_PAD.decode(text).expect("we encoded it");
     match rng.below(14) {
         // Random bytes, as lossy text: control characters, non-ASCII.
@@ -170,8 +174,9 @@ fn fuzz_input(
             let text = (0..len).map(|_| *rng.pick(ALPHABET) as char).collect();
             (text, NOW, Expect::Refused)
         }
-        // Random bytes shaped like a token: right version, known key id,
-        // consistent user length, far expiry. Only the MAC stops them.
+        // Random bytes shaped like a version 1 token: right version, known
+        // key id, consistent user length, far expiry. Only the user binding
+        // (almost surely another user's) or the MAC stops them.
         2 => {
             let user_len = rng.below(256);
             let mut raw = rng.bytes(3 + user_len + 28 + 16);
@@ -180,11 +185,7 @@ fn fuzz_input(
             raw[2] = user_len as u8;
             let expiry = 3 + user_len + 20;
             raw[expiry..expiry + 8].copy_from_slice(&u64::MAX.to_be_bytes());
-            (
-                URL_SAFE_NO_PAD.encode(raw),
-                NOW,
-                Expect::RefusedAs(TokenError::BadSignature),
-            )
+            (URL_SAFE_NO_PAD.encode(raw), NOW, Expect::Refused)
         }
         // Bit flips: one to three.
         3 => {
@@ -209,17 +210,19 @@ fn fuzz_input(
             forged.extend(rng.bytes(extra));
             judge_mutation(forged, raw(), genuine)
         }
-        // Swapped fields: two 8-byte windows of the fixed part, or the user
-        // id's bytes rotated.
+        // Swapped fields: two 4-byte windows of the bookmarks and expiry,
+        // or the user tag's bytes rotated.
         6 => {
             let mut forged = raw();
-            let fixed = 3 + forged[2] as usize;
-            let (a, b) = (fixed + 4 * rng.below(6), fixed + 4 * rng.below(6));
+            // Version 3: the user tag at 2..10, the expiry at 10..18, the
+            // count at 18, the bookmarks from 19 to the MAC.
+            let words = (forged.len() - 16 - 10) / 4;
+            let (a, b) = (10 + 4 * rng.below(words), 10 + 4 * rng.below(words));
             for i in 0..4 {
                 forged.swap(a + i, b + i);
             }
-            if forged[2] > 1 {
-                forged[3..fixed].rotate_left(1);
+            if rng.chance(2) {
+                forged[2..10].rotate_left(1);
             }
             judge_mutation(forged, raw(), genuine)
         }
@@ -227,12 +230,13 @@ fn fuzz_input(
         7 => {
             let set = rng.pick(other);
             let text = genuine.sign(NAME, set);
-            let expected = if set.current().id() == keys(1).current().id() {
-                TokenError::BadSignature
+            if set.current().id() == keys(1).current().id() {
+                // Under our key the other key's tag names (almost surely)
+                // another user; if not, the MAC refuses it.
+                (text, NOW, Expect::Refused)
             } else {
-                TokenError::UnknownKey
-            };
-            (text, NOW, Expect::RefusedAs(expected))
+                (text, NOW, Expect::RefusedAs(TokenError::UnknownKey))
+            }
         }
         // Signed for another cookie name.
         8 => {
@@ -327,7 +331,8 @@ fn token_verification_survives_a_million_hostile_inputs() {
                 NOW + 1 + rng.below(1_000_000) as u64,
             );
             let text = token.sign(NAME, &keys);
-            let signed = AffinityToken::verify(&text, NAME, &keys, NOW).expect("genuine");
+            let signed =
+                AffinityToken::verify(&text, NAME, &keys, NOW, token.user()).expect("genuine");
             (signed, text)
         })
         .collect();
@@ -336,8 +341,9 @@ fn token_verification_survives_a_million_hostile_inputs() {
     let mut counts = [0u64; 8];
     let started = Instant::now();
     for n in 0..inputs {
-        let (text, now, expect) = fuzz_input(&mut rng, &pool, &other);
-        let outcome = AffinityToken::verify(&text, NAME, &keys, now);
+        let (genuine, signed) = rng.pick(&pool);
+        let (text, now, expect) = fuzz_mutation(&mut rng, genuine, signed, &other);
+        let outcome = AffinityToken::verify(&text, NAME, &keys, now, genuine.user());
         let context = || format!("HOSTILE_SEED={seed} input #{n}: {text:?} at {now}");
         match (&expect, &outcome) {
             (Expect::Genuine(token), Ok(verified)) => {
@@ -387,32 +393,15 @@ fn token_verification_survives_a_million_hostile_inputs() {
     );
 }
 
-/// Answers from constants at once: the layer's behaviour, not a database's.
-/// Session reads go to a replica, or to the primary for a pinned token.
-struct ConstantBackend {
-    primary: &'static str,
-    replica: &'static str,
-}
-
-impl Backend for ConstantBackend {
-    type Pool = &'static str;
-    type Error = Infallible;
-
-    fn primary(&self) -> &&'static str {
-        &self.primary
-    }
-
-    fn eventual(&self) -> Routed<'_, &'static str> {
-        Routed::replica(&self.replica, "replica-1", RouteReason::Eventual)
-    }
-
-    async fn session(&self, _: WritePosition, _: Duration) -> Routed<'_, &'static str> {
-        Routed::replica(&self.replica, "replica-1", RouteReason::CaughtUp)
-    }
-
-    async fn write_position(&self) -> Result<WritePosition, Infallible> {
-        Ok(WritePosition::new(Lsn::new(0x16B_3748), 1, 1))
-    }
+/// The shared test double (never a database's behaviour), answering at
+/// once from constants: session reads go to a replica that holds
+/// everything, or to the primary for a pinned token.
+fn constant_backend() -> FakeBackend {
+    FakeBackend::new()
+        .replica_caught_up()
+        .primary_at(0x16B_3748)
+        .system_id(1)
+        .capture_at_once()
 }
 
 /// What the handler saw.
@@ -426,7 +415,7 @@ struct Seen {
 async fn handler(req: Request<()>) -> Result<Response<()>, Infallible> {
     let db = req
         .extensions()
-        .get::<Db<ConstantBackend>>()
+        .get::<Db<FakeBackend>>()
         .expect("the layer inserts Db")
         .clone();
     if req.method() == Method::POST {
@@ -868,11 +857,7 @@ fn the_layer_survives_a_hundred_thousand_hostile_requests() {
     let requests = env_u64("HOSTILE_REQUESTS", 100_000);
     let mut rng = Rng(seed ^ 0x0001_A7E2);
     let keys = keys(1);
-    let backend = Arc::new(ConstantBackend {
-        primary: "primary-pool",
-        replica: "replica-pool",
-    });
-    let layer = ReadAfterWriteLayer::from_arc(backend, keys.clone())
+    let layer = ReadAfterWriteLayer::new(constant_backend(), keys.clone())
         .identity(identify)
         .allow_anonymous(false)
         .clock(ManualClock::new(NOW));
@@ -999,7 +984,7 @@ fn the_fuzz_oracle_knows_a_genuine_token_from_a_forgery() {
     let token = AffinityToken::new(user_of_len(&mut rng, 8), random_position(&mut rng), NOW + 5);
     let text = token.sign(NAME, &keys);
     assert_eq!(
-        AffinityToken::verify(&text, NAME, &keys, NOW).map(|t| t.position()),
+        AffinityToken::verify(&text, NAME, &keys, NOW, token.user()).map(|t| t.position()),
         Ok(token.position())
     );
     let mut raw = URL_SAFE_NO_PAD.decode(&text).unwrap();
@@ -1007,7 +992,7 @@ fn the_fuzz_oracle_knows_a_genuine_token_from_a_forgery() {
     raw[last] ^= 1;
     let forged = URL_SAFE_NO_PAD.encode(raw);
     assert_eq!(
-        AffinityToken::verify(&forged, NAME, &keys, NOW),
+        AffinityToken::verify(&forged, NAME, &keys, NOW, token.user()),
         Err(TokenError::BadSignature)
     );
     assert_eq!(colliding_keys().current().id(), keys.current().id());

@@ -138,22 +138,23 @@ async fn the_wait_budget_decides_between_replica_and_primary() {
             !visible(set.replica_pool("replica-2").unwrap(), id).await || i > 0,
             "naive read not stale"
         );
-        let started = Instant::now();
-        let routed = set.session(position, Duration::from_millis(400)).await;
-        let waited = started.elapsed();
+        let (routed, polls) =
+            polls_to_finish(set.session(position, Duration::from_millis(400))).await;
         assert_eq!(routed.target, Target::Replica, "{:?}", routed.reason);
+        // A replica ended the wait, not the budget (a read the budget ends
+        // goes to the primary, `wait_timed_out`); one already caught up
+        // served at once.
         assert!(matches!(
             routed.reason,
             RouteReason::CaughtUpAfterWait | RouteReason::CaughtUp
         ));
+        if routed.reason == RouteReason::CaughtUp {
+            assert_eq!(polls, 1, "a caught-up replica serves without a wait");
+        }
         assert!(
             visible(routed.pool, id).await,
             "routed to {} which lacks the row",
             routed.node
-        );
-        assert!(
-            waited < Duration::from_millis(400 + 50),
-            "waited {waited:?}"
         );
     }
 
@@ -163,31 +164,30 @@ async fn the_wait_budget_decides_between_replica_and_primary() {
         !visible(set.replica_pool("replica-1").unwrap(), id).await,
         "naive read of the 50 ms replica is stale"
     );
-    let started = Instant::now();
-    let routed = set.session(position, Duration::ZERO).await;
+    let (routed, polls) = polls_to_finish(set.session(position, Duration::ZERO)).await;
     assert_eq!(
         (routed.target, routed.reason),
         (Target::Primary, RouteReason::Lagging)
     );
-    assert!(
-        started.elapsed() < Duration::from_millis(5),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_eq!(polls, 1, "no budget: ready at its first poll, no wait");
     assert!(visible(routed.pool, id).await);
 
-    // A budget below both lags: the primary, after at most the budget plus
-    // a small margin, every time. By default the set routes by prediction:
-    // once it has seen the replicas replay, it reads from the primary at
-    // once (predicted_late) instead of waiting the budget out
-    // (wait_timed_out); tests/pg_adaptive.rs compares the two.
+    // A budget below both lags: the primary every time, and never after
+    // more than the budget: the wait ends when no replica is predicted
+    // within it (predicted_late) or when it runs out (wait_timed_out),
+    // never by a replica. By default the set routes by prediction: once it
+    // has seen the replicas replay, it reads from the primary at once
+    // instead of waiting the budget out; tests/pg_adaptive.rs compares the
+    // two. How long the reads took is printed, not asserted.
     let budget = Duration::from_millis(20);
     let mut worst = Duration::ZERO;
+    let mut waited = 0;
     for i in 0..20 {
         let (id, position) = write_one(&set, &format!("budget-short-{i}")).await;
         let started = Instant::now();
-        let routed = set.session(position, budget).await;
+        let (routed, polls) = polls_to_finish(set.session(position, budget)).await;
         worst = worst.max(started.elapsed());
+        waited += usize::from(polls > 1);
         assert_eq!(routed.target, Target::Primary);
         assert!(
             matches!(
@@ -199,11 +199,7 @@ async fn the_wait_budget_decides_between_replica_and_primary() {
         );
         assert!(visible(routed.pool, id).await);
     }
-    eprintln!("worst added latency with max_wait = {budget:?}: {worst:?}");
-    assert!(
-        worst <= budget + Duration::from_millis(40),
-        "waited {worst:?} for a {budget:?} budget"
-    );
+    eprintln!("max_wait = {budget:?}: {waited}/20 reads waited; worst added latency {worst:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,13 +258,12 @@ async fn tokens_from_another_timeline_or_cluster_follow_the_rule() {
     let (_, position) = write_one(&set, "timeline").await;
     // Another timeline of this cluster: the primary, without waiting.
     let older = WritePosition::new(Lsn::new(1), position.timeline + 1, position.system_id);
-    let started = Instant::now();
-    let routed = set.session(older, Duration::from_secs(1)).await;
+    let (routed, polls) = polls_to_finish(set.session(older, Duration::from_secs(1))).await;
     assert_eq!(
         (routed.target, routed.reason),
         (Target::Primary, RouteReason::TimelineChanged)
     );
-    assert!(started.elapsed() < Duration::from_millis(5));
+    assert_eq!(polls, 1, "ready at its first poll, no wait");
     // Another cluster: the token is ignored, the read is eventual.
     let foreign = WritePosition::new(
         Lsn::new(u64::MAX),
@@ -288,17 +283,20 @@ async fn tokens_from_another_timeline_or_cluster_follow_the_rule() {
 async fn the_tracker_keeps_positions_fresh_and_shuts_down_cleanly() {
     let cluster = cluster().await;
     let set = replica_set(cluster).await;
-    // Positions move within the poll interval of replay: after a write and
-    // the slow replica's delay, the tracker reports it without being asked.
+    // Positions move within a poll of replay: after a write, once the slow
+    // replica has replayed it, the tracker reports it without being asked
+    // (nothing here asks: `replicas()` only reads what it has).
     let (_, position) = write_one(&set, "freshness").await;
-    tokio::time::sleep(SLOW_LAG + Duration::from_millis(100)).await;
+    let polls = until_polled(
+        &set,
+        1_000,
+        "both replicas reported replaying the write",
+        || set.replicas().iter().all(|r| r.replayed >= position.lsn),
+    )
+    .await;
+    eprintln!("the tracker reported the write replayed on both replicas within {polls} polls");
     for replica in set.replicas() {
         assert!(replica.healthy, "{replica:?}");
-        assert!(
-            replica.replayed >= position.lsn,
-            "{replica:?} behind {}",
-            position.lsn
-        );
     }
     let polls = set.tracker_polls();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -327,11 +325,15 @@ async fn the_tracker_keeps_positions_fresh_and_shuts_down_cleanly() {
     };
     assert!(count_tracker_connections().await >= 1);
     set.shutdown().await;
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // The tracker is gone, so no poll counts the wait: the checks do. The
+    // servers end their sessions once the connections close; a loaded
+    // machine makes each check slower, never fewer.
+    let mut checks = 0;
     while count_tracker_connections().await > 0 {
+        checks += 1;
         assert!(
-            Instant::now() < deadline,
-            "tracker connections still open after shutdown"
+            checks < 250,
+            "tracker connections still open after shutdown, {checks} checks later"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

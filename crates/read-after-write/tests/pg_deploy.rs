@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use read_after_write::pg::{PgReplicaSet, PgReplicaSetBuilder, HEARTBEAT_DDL};
 use read_after_write::{Backend, LayerSettings};
@@ -15,7 +15,7 @@ use read_after_write_testkit::{TcpProxy, TestCluster};
 use sqlx::AssertSqlSafe;
 use tokio::sync::OnceCell;
 
-use common::{app, Browser, FAST_LAG, SLOW_LAG};
+use common::{app, until_polled, Browser, PollBudget, FAST_LAG, SLOW_LAG};
 
 /// The least-privilege role: LOGIN, owner of its database, nothing else.
 const PLAIN: &str = "deploy_plain";
@@ -214,11 +214,9 @@ async fn a_plain_role_reads_its_writes_from_replicas_proven_by_the_heartbeat() {
             .all(|f| f.code() != "replica_role_cannot_see_timelines"),
         "{findings:?}"
     );
-    // The canary checked every replica read; none lacked its write.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while set.canary_counts().0 == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The canary checked every replica read; none lacked its write. Its
+    // checks run on their own: wait for one, within the tracker's polls.
+    until_polled(&set, 2_500, "a canary check", || set.canary_counts().0 > 0).await;
     let (checks, violations) = set.canary_counts();
     assert!(checks > 0, "the canary checked nothing");
     assert_eq!(violations, 0);
@@ -337,10 +335,10 @@ async fn the_canary_counts_reads_routed_to_a_server_the_tracker_does_not_see() {
         }
     }
     assert!(stale > 0, "the misrouted reads should have been stale");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while set.canary_counts().1 == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_polled(&set, 2_500, "a canary violation", || {
+        set.canary_counts().1 > 0
+    })
+    .await;
     let (checks, violations) = set.canary_counts();
     assert!(violations > 0, "{checks} checks found no violation");
     let findings = set
@@ -477,8 +475,10 @@ async fn a_reader_endpoint_over_two_replicas_never_serves_a_stale_own_read() {
         eventual.insert(set.eventual().node.to_owned());
     }
     assert_eq!(eventual.len(), 2, "{eventual:?}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while set.canary_counts().0 == 0 && Instant::now() < deadline {
+    // Give the canary the time of 2,500 tracker polls to check (what is
+    // asserted is that it found nothing wrong).
+    let budget = PollBudget::new(&set, 2_500);
+    while set.canary_counts().0 == 0 && budget.spent() < 2_500 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
@@ -560,11 +560,13 @@ async fn a_password_rotated_while_the_app_runs_reaches_the_tracker_and_the_pools
 
     // The set that was told follows: its tracker reconnects and its reads
     // are on replicas again, never stale.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !rotated.replicas().iter().all(|r| r.healthy) {
-        assert!(Instant::now() < deadline, "{:?}", rotated.replicas());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_polled(
+        &rotated,
+        5_000,
+        "the told set's replicas healthy again",
+        || rotated.replicas().iter().all(|r| r.healthy),
+    )
+    .await;
     let after = write_then_read(&rotated, 10).await;
     assert_eq!(after.stale, 0, "{after:?}");
     assert!(after.on_replica * 10 >= after.reads * 8, "{after:?}");

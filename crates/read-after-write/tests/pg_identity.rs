@@ -240,8 +240,13 @@ async fn a_key_rotation_rolled_out_to_one_instance_never_serves_a_stale_own_read
                 .as_deref()
                 .unwrap()
                 .trim_start_matches("primary_affinity=");
-            let token =
-                AffinityToken::verify(text, "primary_affinity", &KeySet::new(new.clone()), 0);
+            let token = AffinityToken::verify(
+                text,
+                "primary_affinity",
+                &KeySet::new(new.clone()),
+                0,
+                &UserId::from(user),
+            );
             assert_eq!(token.map(|t| t.key_id()), Ok(new.id()));
             // The naive control on B: what treating that token as absent
             // does, an eventual read.
@@ -314,9 +319,14 @@ async fn a_sign_up_and_a_login_are_read_back_on_the_next_page() {
             if how == "bind" {
                 let cookie = cookie.expect("a token for the new user");
                 let text = cookie.trim_start_matches("primary_affinity=");
-                let token =
-                    AffinityToken::verify(text, "primary_affinity", &KeySet::new(key(3)), 0)
-                        .unwrap();
+                let token = AffinityToken::verify(
+                    text,
+                    "primary_affinity",
+                    &KeySet::new(key(3)),
+                    0,
+                    &UserId::from(id),
+                )
+                .unwrap();
                 assert_eq!(token.user(), &UserId::from(id));
                 assert_eq!(profile.outcome, Some(TokenOutcome::Valid));
                 missed += usize::from(!found);

@@ -16,7 +16,7 @@ use common::keys;
 use http::header::{COOKIE, SET_COOKIE};
 use http::{Method, Request, Response};
 use read_after_write::pg::{PgDb, PgReplicaSet};
-use read_after_write::{AffinityToken, ReadAfterWriteLayer, RouteReason, UserId};
+use read_after_write::{AffinityToken, Consistency, ReadAfterWriteLayer, RouteReason, UserId};
 use read_after_write_testkit::TestCluster;
 use tokio::sync::OnceCell;
 use tower::{service_fn, Layer, ServiceExt};
@@ -130,7 +130,11 @@ fn instance(
             Some(UserId::from(id))
         })
         .max_wait(Duration::from_millis(100))
-        .monotonic_reads(monotonic)
+        .consistency(if monotonic {
+            Consistency::Monotonic
+        } else {
+            Consistency::ReadYourWrites
+        })
         .secure(false);
     layer.layer(service_fn(|req: Request<()>| async move {
         let db = req.extensions().get::<PgDb>().cloned().expect("layer");
@@ -233,7 +237,14 @@ where
 
     fn token(&self) -> Option<AffinityToken> {
         let text = self.cookie.as_ref()?.strip_prefix("primary_affinity=")?;
-        AffinityToken::verify(text, "primary_affinity", &keys(), now()).ok()
+        AffinityToken::verify(
+            text,
+            "primary_affinity",
+            &keys(),
+            now(),
+            &UserId::from(self.user),
+        )
+        .ok()
     }
 }
 
@@ -512,9 +523,16 @@ where
     )
 }
 
-fn verify(cookie: &str) -> AffinityToken {
+fn verify(cookie: &str, user: i64) -> AffinityToken {
     let text = cookie.strip_prefix("primary_affinity=").unwrap();
-    AffinityToken::verify(text, "primary_affinity", &keys(), now()).unwrap()
+    AffinityToken::verify(
+        text,
+        "primary_affinity",
+        &keys(),
+        now(),
+        &UserId::from(user),
+    )
+    .unwrap()
 }
 
 /// A second cluster, `orders`, with one far-behind replica.
@@ -638,7 +656,7 @@ async fn one_token_covers_writes_to_two_clusters_and_never_crosses_them() {
         let (wrote, cookie) = call(&service, user, None, Method::POST, "/both").await;
         let cookie = cookie.expect("a token after writing");
         longest_cookie = longest_cookie.max(cookie.len());
-        let token = verify(&cookie);
+        let token = verify(&cookie, user);
         assert_eq!(token.bookmarks().len(), 2, "one bookmark per cluster");
         assert!(token.bookmark(users_set.system_id()).is_some());
         assert!(token.bookmark(orders_set.system_id()).is_some());
@@ -668,7 +686,7 @@ async fn one_token_covers_writes_to_two_clusters_and_never_crosses_them() {
         // A write to users alone: the orders bookmark is carried unchanged,
         // and the users bookmark moves on.
         let (_, after) = call(&service, user, Some(&cookie), Method::POST, "/post").await;
-        let after = verify(&after.expect("a token"));
+        let after = verify(&after.expect("a token"), user);
         assert_eq!(
             after.bookmark(orders_set.system_id()),
             token.bookmark(orders_set.system_id()),
@@ -690,7 +708,7 @@ async fn one_token_covers_writes_to_two_clusters_and_never_crosses_them() {
     // position it promises; users reads honour it.
     let (_, cookie) = call(&service, 7_500, None, Method::POST, "/post").await;
     let cookie = cookie.expect("a token");
-    assert_eq!(verify(&cookie).bookmarks().len(), 1);
+    assert_eq!(verify(&cookie, 7_500).bookmarks().len(), 1);
     let (read, _) = call(&service, 7_500, Some(&cookie), Method::GET, "/read").await;
     assert_eq!(read.order_reason, Some(RouteReason::NoToken));
     assert!(matches!(

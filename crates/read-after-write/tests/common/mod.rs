@@ -3,6 +3,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::convert::Infallible;
+use std::fmt::Display;
+use std::future::Future;
 use std::time::Duration;
 
 use http::header::{COOKIE, SET_COOKIE};
@@ -256,4 +258,72 @@ pub async fn statement_calls(cluster: &TestCluster, marker: &str) -> Vec<i64> {
         pool.close().await;
     }
     counts
+}
+
+/// Awaits `future` and counts how often it was polled. One poll means it was
+/// ready at once: it never waited, neither slept nor asked a server
+/// anything. That is how a test says "at once" without reading a clock,
+/// which a loaded machine stretches (no wall-clock upper bounds in tests).
+pub async fn polls_to_finish<F: Future>(future: F) -> (F::Output, u32) {
+    let mut future = std::pin::pin!(future);
+    let mut polls = 0;
+    let output = std::future::poll_fn(|cx| {
+        polls += 1;
+        future.as_mut().poll(cx)
+    })
+    .await;
+    (output, polls)
+}
+
+/// A bound, in the set's own tracker polls, on a wait for something the
+/// tracker (or anything else the set runs) must get done: unlike a
+/// deadline, a loaded machine slows the bound down with the work, so it
+/// cannot fail a test that is correct. (A tracker that stopped polling
+/// would hang the test instead of failing it.)
+pub struct PollBudget<'a> {
+    set: &'a PgReplicaSet,
+    start: u64,
+    polls: u64,
+}
+
+impl<'a> PollBudget<'a> {
+    /// `polls` more polls of `set`'s tracker, from now.
+    pub fn new(set: &'a PgReplicaSet, polls: u64) -> Self {
+        PollBudget {
+            set,
+            start: set.tracker_polls(),
+            polls,
+        }
+    }
+
+    /// Polls spent so far.
+    pub fn spent(&self) -> u64 {
+        self.set.tracker_polls() - self.start
+    }
+
+    /// Panics, saying `what` did not happen, once the polls are spent.
+    pub fn check(&self, what: impl Display) {
+        let spent = self.spent();
+        assert!(
+            spent <= self.polls,
+            "{what}: not within {spent} tracker polls: {:?}",
+            self.set.replicas()
+        );
+    }
+}
+
+/// Waits until `done` holds, for at most `polls` polls of `set`'s tracker
+/// (see [`PollBudget`]); returns the polls it took.
+pub async fn until_polled(
+    set: &PgReplicaSet,
+    polls: u64,
+    what: impl Display,
+    mut done: impl FnMut() -> bool,
+) -> u64 {
+    let budget = PollBudget::new(set, polls);
+    while !done() {
+        budget.check(&what);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    budget.spent()
 }
