@@ -9,6 +9,8 @@
 //! - [`jobs`]: background jobs that read their user's writes, compiled
 //!   from `examples/jobs/jobs.rs` for the `jobs` example and its test.
 //! - [`schema`]: waiting for a new table to reach the replicas.
+//! - [`roles`]: the database roles the app connects as (superuser, with
+//!   `pg_monitor`, plain), for the lab and the drills alike.
 //! - [`lab`]: the lab that `cargo run --release` runs at the workspace root:
 //!   strategies, virtual users and reports.
 //! - [`drills`]: the fault campaign that the `drills` binary runs: a load
@@ -25,4 +27,5 @@ pub mod jobs;
 
 pub mod drills;
 pub mod lab;
+pub mod roles;
 pub mod schema;

@@ -3,22 +3,31 @@
 //! under five lag profiles, at a fixed offered load (open loop).
 //!
 //! ```sh
-//! cargo run --release                       # defaults: 5 profiles x 11 strategies, about 4 minutes
+//! cargo run --release                       # defaults: 5 profiles x 11 strategies, about 3½ minutes
 //! cargo run --release -- --profile skewed,burst --strategies lsn,lsn-wait-40ms,adaptive
 //! cargo run --release -- --closed-loop --users 64 --profile skewed   # capacity, flat out
 //! cargo run -- --duration 3s --warmup 500ms --users 16 --check       # CI's short run (skewed)
 //! cargo run --release -- --json > results.json
+//! # where users deploy: each role, one URL per replica and a reader endpoint
+//! cargo run --release -- --profile skewed --strategies adaptive \
+//!     --role superuser,monitor,plain --replicas direct,endpoint
 //! ```
+//!
+//! On a terminal it shows a progress bar per run and ends with a short
+//! verdict; elsewhere (CI, a pipe) a line per finished run instead of the
+//! bars. The full tables go to `results.md` (`--tables` prints them too).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use read_after_write_lab::lab::instance::ReplicaMode;
 use read_after_write_lab::lab::profile::Profile;
 use read_after_write_lab::lab::strategy::Strategy;
 use read_after_write_lab::lab::workload::{Arrivals, Workload};
 use read_after_write_lab::lab::{self, report, LabConfig};
+use read_after_write_lab::roles::Role;
 
 /// Measure read-your-writes and monotonic reads on a throwaway primary with
 /// two lagging replicas: stale own reads, reads that went back in time, the
@@ -77,7 +86,22 @@ struct Args {
     /// answers (for counting monotonic-read violations).
     #[arg(long, value_parser = parse_duration, default_value = "5ms")]
     counter_interval: Duration,
-    /// Print the results as JSON on stdout instead of the table.
+    /// The app's database role, or several (comma-separated), each a run
+    /// of its own: superuser, monitor (a LOGIN role with pg_monitor) or
+    /// plain (table privileges only; it proves replicas by the heartbeat
+    /// table the lab creates).
+    #[arg(long, value_delimiter = ',', default_value = "superuser")]
+    role: Vec<Role>,
+    /// How the app reaches the replicas, or both (comma-separated), each a
+    /// run of its own: direct (one URL per replica) or endpoint (one URL,
+    /// a round-robin proxy over both, as a reader endpoint is).
+    #[arg(long, value_delimiter = ',', default_value = "direct")]
+    replicas: Vec<ReplicaMode>,
+    /// Print the full tables after the verdict (they are in results.md
+    /// either way).
+    #[arg(long)]
+    tables: bool,
+    /// Print the results as JSON on stdout instead of the verdict.
     #[arg(long)]
     json: bool,
     /// Where results.json, results.md and the frontier-PROFILE.svg charts go.
@@ -123,7 +147,13 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // Behind a reader endpoint (--replicas endpoint) sqlx logs
+                // at error level every connection a server's pool refuses
+                // because it reached another server, as the library
+                // expects; RUST_LOG brings them back.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("warn,sqlx_core::pool::inner=off")
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -170,6 +200,8 @@ async fn main() -> ExitCode {
         wait_poll: args.wait_poll,
         warmup: args.warmup,
         strategies: strategies.clone(),
+        roles: args.role.clone(),
+        replicas: args.replicas.clone(),
         counter_interval: args.counter_interval,
         workload: Workload {
             users: args.users.max(1),
@@ -189,9 +221,15 @@ async fn main() -> ExitCode {
     };
     if !args.json {
         let names: Vec<&str> = profiles.iter().map(|p| p.name()).collect();
+        let variants = config.variants().len();
         eprintln!(
-            "starting a primary with 2 lagging replicas; {} strategies under {} ...",
+            "starting a primary with 2 lagging replicas; {} strategies{} under {} ...",
             strategies.len(),
+            if variants > 1 {
+                format!(" in {variants} variants (role, replicas)")
+            } else {
+                String::new()
+            },
             names.join(", ")
         );
     }
@@ -214,12 +252,11 @@ async fn main() -> ExitCode {
             Err(error) => eprintln!("could not encode results: {error}"),
         }
     } else {
-        println!("{}", report::table(&report));
         let out = args.out.canonicalize().unwrap_or_else(|_| args.out.clone());
-        println!(
-            "results: {} (results.json, results.md, frontier-<profile>.svg)",
-            out.display()
-        );
+        if args.tables {
+            println!("{}", report::table(&report));
+        }
+        println!("\n{}", report::verdict(&report, &out));
     }
     if args.check {
         let failures = check(&report);

@@ -1,5 +1,5 @@
 //! What the replica tracker costs as the web tier grows: polls per second
-//! per replica, and the replicas' CPU for them, with 1, 4 and 16 replica
+//! per replica, and the replicas' CPU for them, with 1, 4, 16 and 64 replica
 //! sets (one per simulated web instance), idle and busy.
 //!
 //! Every web instance runs its own `PgReplicaSet`, so each adds its own
@@ -35,11 +35,48 @@ use sqlx::postgres::PgConnection;
 #[command(name = "tracker-cost")]
 struct Args {
     /// Numbers of replica sets (simulated web instances) to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     instances: Vec<usize>,
     /// Length of each measured window, in seconds.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Also measure, in the same run, replica sets polling every `<busy>`
+    /// ms in use and every `<idle>` ms idle (the defaults before this
+    /// version: 20,500), side by side with the current defaults; `none`
+    /// measures the current defaults only.
+    #[arg(long, default_value = "20,500")]
+    compare_with: String,
+}
+
+/// A poll setting measured: the current defaults, or explicit intervals.
+#[derive(Clone, Copy)]
+struct Polling {
+    busy: Option<Duration>,
+    idle: Option<Duration>,
+}
+
+impl Polling {
+    fn parse(text: &str) -> Result<Option<Self>, String> {
+        if text == "none" {
+            return Ok(None);
+        }
+        let ms = |part: Option<&str>| -> Result<Duration, String> {
+            part.and_then(|p| p.trim().parse::<u64>().ok())
+                .map(Duration::from_millis)
+                .ok_or_else(|| {
+                    format!("--compare-with takes `<busy ms>,<idle ms>` or `none`, not {text:?}")
+                })
+        };
+        let mut parts = text.split(',');
+        let polling = Polling {
+            busy: Some(ms(parts.next())?),
+            idle: Some(ms(parts.next())?),
+        };
+        if parts.next().is_some() {
+            return Err(format!("--compare-with takes two numbers, not {text:?}"));
+        }
+        Ok(Some(polling))
+    }
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ; 100 on
@@ -56,7 +93,10 @@ struct Window {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    // Every simulated instance holds a tracker connection to each node
+    // and a small pool: room for 64 instances and more.
     let cluster = TestCluster::builder()
+        .setting("max_connections", "500")
         .replica(Duration::from_millis(20))
         .replica(Duration::from_millis(60))
         .start()
@@ -70,35 +110,55 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .wait_for_replicas_caught_up(Duration::from_secs(10))
         .await?;
     let window = Duration::from_secs(args.seconds);
+    let previous = Polling::parse(&args.compare_with)?;
+    let current = Polling {
+        busy: None,
+        idle: None,
+    };
+    match previous {
+        Some(Polling {
+            busy: Some(busy),
+            idle: Some(idle),
+        }) => println!(
+            "polls/s per replica and replica CPU (% of a core), with the current defaults \
+             (every {:?} in use, {:?} idle) beside polling every {busy:?} in use, {idle:?} idle",
+            read_after_write::pg::defaults::POLL_INTERVAL,
+            read_after_write::pg::defaults::IDLE_POLL_INTERVAL,
+        ),
+        _ => println!("polls/s per replica and replica CPU (% of a core), current defaults"),
+    }
     println!(
-        "{:>9}  {:>5}  {:>22}  {:>26}",
-        "instances", "mode", "polls/s per replica", "replica CPU (% of a core)"
+        "{:>9}  {:>5}  {:>12}  {:>12}  {:>7}  {:>10}  {:>10}",
+        "instances", "mode", "polls/s now", "polls/s then", "ratio", "CPU % now", "CPU % then"
     );
     let mut rows = Vec::new();
     for &instances in &args.instances {
-        let mut sets = Vec::with_capacity(instances);
-        for _ in 0..instances {
-            let mut builder = PgReplicaSet::builder().primary_url(cluster.primary_url());
-            for replica in cluster.replicas() {
-                builder = builder.replica_url(replica.name(), replica.url());
-            }
-            sets.push(builder.connect().await?);
-        }
-        // Let every tracker fall to its idle rate: nothing has needed
-        // positions since it started.
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        let idle = measure(&cluster, &sets, window, false).await?;
-        let busy = measure(&cluster, &sets, window, true).await?;
-        for (mode, result) in [("idle", &idle), ("busy", &busy)] {
+        let now = sweep(&cluster, instances, current, window).await?;
+        let then = match previous {
+            Some(previous) => Some(sweep(&cluster, instances, previous, window).await?),
+            None => None,
+        };
+        for (mode, index) in [("idle", 0), ("busy", 1)] {
+            let ours = &now[index];
+            let (theirs, ratio, cpu) = match &then {
+                Some(then) => (
+                    format!("{:.1}", then[index].polls_per_replica_per_second),
+                    format!(
+                        "{:.2}",
+                        ours.polls_per_replica_per_second
+                            / then[index].polls_per_replica_per_second
+                    ),
+                    format!("{:.2}", then[index].replica_cpu_percent),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
             println!(
-                "{instances:>9}  {mode:>5}  {:>22.1}  {:>26.2}",
-                result.polls_per_replica_per_second, result.replica_cpu_percent
+                "{instances:>9}  {mode:>5}  {:>12.1}  {theirs:>12}  {ratio:>7}  {:>10.2}  {cpu:>10}",
+                ours.polls_per_replica_per_second, ours.replica_cpu_percent
             );
         }
+        let [idle, busy] = now;
         rows.push((instances, idle, busy));
-        for set in &sets {
-            set.shutdown().await;
-        }
     }
     if let Some((instances, _, busy)) = rows.iter().max_by_key(|(n, _, _)| *n) {
         let per_instance = busy.polls_per_replica_per_second / *instances as f64;
@@ -111,6 +171,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// Builds `instances` replica sets polling as `polling` says, measures
+/// them idle then busy, and shuts them down.
+async fn sweep(
+    cluster: &TestCluster,
+    instances: usize,
+    polling: Polling,
+    window: Duration,
+) -> Result<[Window; 2], Box<dyn std::error::Error>> {
+    let mut sets = Vec::with_capacity(instances);
+    for _ in 0..instances {
+        let mut builder = PgReplicaSet::builder()
+            .primary_url(cluster.primary_url())
+            .max_connections(2);
+        if let Some(busy) = polling.busy {
+            builder = builder.poll_interval(busy);
+        }
+        if let Some(idle) = polling.idle {
+            builder = builder.idle_poll_interval(idle);
+        }
+        for replica in cluster.replicas() {
+            builder = builder.replica_url(replica.name(), replica.url());
+        }
+        sets.push(builder.connect().await?);
+    }
+    // Let every tracker fall to its idle rate: nothing has needed
+    // positions since it started.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let idle = measure(cluster, &sets, window, false).await?;
+    let busy = measure(cluster, &sets, window, true).await?;
+    for set in &sets {
+        set.shutdown().await;
+    }
+    Ok([idle, busy])
 }
 
 /// Measures one window: polls and tracker-backend CPU on the replicas.

@@ -1,76 +1,22 @@
 //! The system under test: a fresh cluster, the TCP proxy in front of its
-//! primary, the database roles, and the social app served over HTTP on
-//! loopback, which a drill can restart.
+//! primary (and, for a reader endpoint, a balanced one in front of both
+//! replicas), the database roles, and one or two instances of the social
+//! app served over HTTP on loopback, which a drill can restart one by one.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::time::Duration;
 
 use read_after_write::pg::PgReplicaSet;
-use read_after_write::{KeySet, SigningKey};
+use read_after_write::{Consistency, KeySet, SigningKey};
 use read_after_write_testkit::{TcpProxy, TestCluster};
-use serde::{Deserialize, Serialize};
 use sqlx::Connection;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::history::StoredPost;
+use super::history::{StoredAccount, StoredPost};
 use super::DrillError;
+pub use crate::roles::Role;
 use crate::social::{self, AppConfig};
-
-/// The database role the app connects as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// `postgres`: sees every replica's timeline.
-    Superuser,
-    /// A LOGIN role with `pg_monitor` and the app's table privileges: what
-    /// the README recommends.
-    Monitor,
-    /// A LOGIN role with table privileges only: replicas' timelines are
-    /// hidden from it.
-    Plain,
-}
-
-impl Role {
-    /// Every role, in table order.
-    pub const ALL: [Role; 3] = [Role::Superuser, Role::Monitor, Role::Plain];
-
-    /// The name in tables and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Role::Superuser => "superuser",
-            Role::Monitor => "monitor",
-            Role::Plain => "plain",
-        }
-    }
-
-    /// The PostgreSQL user the app logs in as.
-    pub fn user(self) -> &'static str {
-        match self {
-            Role::Superuser => "postgres",
-            Role::Monitor => "drill_monitor",
-            Role::Plain => "drill_plain",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .into_iter()
-            .find(|role| role.name() == text)
-            .ok_or_else(|| format!("unknown role {text:?}: superuser, monitor or plain"))
-    }
-}
 
 /// How the app is configured in every drill.
 #[derive(Clone, Debug)]
@@ -81,15 +27,22 @@ pub struct AppSettings {
     pub request_timeout: Duration,
     /// Replica apply delays, one replica each.
     pub lags: Vec<Duration>,
-    /// The app reads and issues affinity tokens ([`AppConfig::tokens`]).
-    /// Off only for the negative control, whose reads then go to a replica
-    /// whatever the user wrote, as the lab's `naive` baseline's do.
+    /// The app reads and issues affinity tokens. Off only for the negative
+    /// control, whose layer then finds no identity on any request (its
+    /// identity function answers `None`), so its reads go to a replica
+    /// whatever the user wrote.
     pub tokens: bool,
     /// Monotonic reads on the app's layer
-    /// ([`ReadAfterWriteLayer::monotonic_reads`](read_after_write::ReadAfterWriteLayer::monotonic_reads)):
+    /// ([`Consistency::Monotonic`]):
     /// the drills then also exercise sessions leaving a replica that went
     /// down, restarted or diverged.
     pub monotonic: bool,
+    /// The share of session reads the canary confirms on the server that
+    /// served them
+    /// ([`canary_rate`](read_after_write::pg::PgReplicaSetBuilder::canary_rate)):
+    /// higher than the library's default, so a run of a few thousand reads
+    /// checks hundreds.
+    pub canary_rate: f64,
 }
 
 impl Default for AppSettings {
@@ -100,16 +53,52 @@ impl Default for AppSettings {
             lags: vec![Duration::from_millis(30), Duration::from_millis(150)],
             tokens: true,
             monotonic: false,
+            canary_rate: 0.1,
         }
     }
 }
 
+/// How the app reaches the cluster, and how many instances serve it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Topology {
+    /// App instances on the one cluster; users alternate between them
+    /// request by request, as behind a load balancer.
+    pub instances: usize,
+    /// The app's replicas are one URL, a round-robin proxy over every
+    /// replica (a reader endpoint), instead of one URL each.
+    pub reader_endpoint: bool,
+}
+
+impl Topology {
+    /// One instance, one URL per replica: the drills' usual topology.
+    pub fn single() -> Self {
+        Topology {
+            instances: 1,
+            reader_endpoint: false,
+        }
+    }
+}
+
+/// The signing key every instance starts with, and the one a rotation
+/// introduces.
+fn key(which: &[u8]) -> Result<SigningKey, DrillError> {
+    SigningKey::from_bytes(which)
+        .map_err(|error| DrillError::Setup(format!("signing key: {error}")))
+}
+
 /// Fixed signing keys: every app instance of every run shares them, as a
 /// fleet does across deploys, so cookies survive an app restart.
-fn keys() -> Result<KeySet, DrillError> {
-    let key = SigningKey::from_bytes(b"read-after-write drills, fixed key")
-        .map_err(|error| DrillError::Setup(format!("signing key: {error}")))?;
-    Ok(KeySet::new(key))
+pub fn old_keys() -> Result<KeySet, DrillError> {
+    Ok(KeySet::new(key(b"read-after-write drills, fixed key")?))
+}
+
+/// The key list after a rotation: the new key signs, the old one still
+/// verifies (`AFFINITY_KEY=new,old`).
+pub fn rotated_keys() -> Result<KeySet, DrillError> {
+    Ok(
+        KeySet::new(key(b"read-after-write drills, the rotated key")?)
+            .with_previous(key(b"read-after-write drills, fixed key")?),
+    )
 }
 
 /// One app instance being served.
@@ -117,29 +106,42 @@ struct Served {
     replicas: PgReplicaSet,
     stop: oneshot::Sender<()>,
     server: JoinHandle<()>,
+    base: String,
+    keys: KeySet,
 }
 
-/// The cluster, the proxy, the app and the address clients use.
+/// The cluster, the proxies, the app instances and the addresses clients
+/// use.
 pub struct System {
     /// The cluster; drills fault it directly.
     pub cluster: TestCluster,
     /// In front of the primary; the app's primary URL points here.
     pub proxy: TcpProxy,
+    /// In front of every replica, round robin, when the app's replicas are
+    /// one reader endpoint.
+    pub endpoint: Option<TcpProxy>,
     role: Role,
     settings: AppSettings,
-    keys: KeySet,
-    app: Option<Served>,
-    base: watch::Sender<String>,
+    apps: Vec<Option<Served>>,
+    bases: watch::Sender<Vec<String>>,
     /// Seconds the cluster took to start.
     pub cluster_start_s: f64,
-    /// App restarts so far.
+    /// App restarts so far (one per instance restarted).
     pub restarts: u32,
+    /// The canary's checks and violations, summed over every replica set
+    /// stopped so far.
+    pub canary: (u64, u64),
 }
 
 impl System {
     /// Starts a fresh cluster, creates the schema and roles, puts the proxy
-    /// in front of the primary and serves the app.
-    pub async fn start(role: Role, settings: &AppSettings) -> Result<System, DrillError> {
+    /// in front of the primary (and the endpoint in front of the replicas)
+    /// and serves the app's instances, every one on [`old_keys`].
+    pub async fn start(
+        role: Role,
+        settings: &AppSettings,
+        topology: Topology,
+    ) -> Result<System, DrillError> {
         let started = std::time::Instant::now();
         let mut builder = TestCluster::builder();
         for lag in &settings.lags {
@@ -152,48 +154,71 @@ impl System {
             .wait_for_replicas_caught_up(Duration::from_secs(30))
             .await?;
         let proxy = TcpProxy::start(cluster.primary_port()).await?;
+        let endpoint = if topology.reader_endpoint {
+            Some(TcpProxy::start_balanced(&cluster.replica_ports()).await?)
+        } else {
+            None
+        };
         let mut system = System {
             cluster,
             proxy,
+            endpoint,
             role,
             settings: settings.clone(),
-            keys: keys()?,
-            app: None,
-            base: watch::Sender::new(String::new()),
+            apps: Vec::new(),
+            bases: watch::Sender::new(Vec::new()),
             cluster_start_s,
             restarts: 0,
+            canary: (0, 0),
         };
-        system.serve().await?;
+        for _ in 0..topology.instances.max(1) {
+            let served = system.serve(old_keys()?).await?;
+            system.apps.push(Some(served));
+        }
+        system.publish();
         Ok(system)
     }
 
-    /// The address clients follow.
-    pub fn base(&self) -> watch::Receiver<String> {
-        self.base.subscribe()
+    /// The addresses clients follow, one per instance.
+    pub fn bases(&self) -> watch::Receiver<Vec<String>> {
+        self.bases.subscribe()
     }
 
-    fn url(&self, port: u16) -> String {
-        format!("postgres://{}@127.0.0.1:{port}/postgres", self.role.user())
+    /// Tells clients where the instances being served are, as a load
+    /// balancer that health-checks them would: an instance that stops
+    /// leaves the list. With none left, clients keep the last addresses
+    /// and meet refused connections until one serves again.
+    fn publish(&self) {
+        let bases: Vec<String> = self
+            .apps
+            .iter()
+            .flatten()
+            .map(|app| app.base.clone())
+            .collect();
+        if !bases.is_empty() {
+            self.bases.send_replace(bases);
+        }
     }
 
-    /// Builds a replica set (primary through the proxy, replicas direct)
-    /// and serves a fresh router on a new port.
-    async fn serve(&mut self) -> Result<(), DrillError> {
+    /// Builds a replica set (primary through the proxy, replicas direct or
+    /// through the endpoint) and serves a fresh router on a new port.
+    async fn serve(&self, keys: KeySet) -> Result<Served, DrillError> {
         let replicas = self.connect_replica_set().await?;
         let config = AppConfig {
-            keys: self.keys.clone(),
+            keys: keys.clone(),
             cookie_secure: false,
-            max_wait: self.settings.max_wait,
+            max_wait: Some(self.settings.max_wait),
             debug_header: true,
-            time_window: None,
-            tokens: self.settings.tokens,
             request_timeout: Some(self.settings.request_timeout),
         };
-        let lab = social::LabOptions {
-            monotonic_reads: self.settings.monotonic,
-            ..social::LabOptions::default()
-        };
-        let router = social::router_with(replicas.clone(), replicas.clone(), &config, lab);
+        let mut layer = social::layer(replicas.clone(), &config);
+        if self.settings.monotonic {
+            layer = layer.consistency(Consistency::Monotonic);
+        }
+        if !self.settings.tokens {
+            layer = layer.identity(|_| None);
+        }
+        let router = social::router_with_layer(layer, replicas.clone(), &config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|error| DrillError::Setup(format!("binding the app's port: {error}")))?;
@@ -211,13 +236,13 @@ impl System {
                 tracing::warn!(%error, "the app's server ended with an error");
             }
         });
-        self.base.send_replace(format!("http://{address}"));
-        self.app = Some(Served {
+        Ok(Served {
             replicas,
             stop,
             server,
-        });
-        Ok(())
+            base: format!("http://{address}"),
+            keys,
+        })
     }
 
     /// Connects a replica set, retrying for up to ten seconds (right after
@@ -225,9 +250,19 @@ impl System {
     async fn connect_replica_set(&self) -> Result<PgReplicaSet, DrillError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let mut builder = PgReplicaSet::builder().primary_url(self.url(self.proxy.port()));
-            for replica in self.cluster.replicas() {
-                builder = builder.replica_url(replica.name(), self.url(replica.port()));
+            let mut builder = PgReplicaSet::builder()
+                .primary_url(self.role.url(self.proxy.port()))
+                .canary_rate(self.settings.canary_rate);
+            match &self.endpoint {
+                Some(endpoint) => {
+                    builder = builder.replica_url("readers", self.role.url(endpoint.port()));
+                }
+                None => {
+                    for replica in self.cluster.replicas() {
+                        builder =
+                            builder.replica_url(replica.name(), self.role.url(replica.port()));
+                    }
+                }
             }
             let attempt = tokio::time::timeout(Duration::from_secs(5), builder.connect()).await;
             let error = match attempt {
@@ -244,12 +279,12 @@ impl System {
         }
     }
 
-    /// Stops serving, shuts the replica set's tracker down and drops it.
-    /// Every wait is bounded: a frozen primary must not hold the drill.
-    pub async fn stop_app(&mut self) {
-        let Some(app) = self.app.take() else {
-            return;
-        };
+    /// Stops serving instance `index`, shuts its replica set's tracker down
+    /// and drops it, keeping what its canary found. Every wait is bounded:
+    /// a frozen node must not hold the drill.
+    async fn stop_instance(&mut self, index: usize) -> Option<KeySet> {
+        let app = self.apps.get_mut(index)?.take()?;
+        self.publish();
         let _ = app.stop.send(());
         let abort = app.server.abort_handle();
         // In-flight requests end within the request timeout.
@@ -258,6 +293,9 @@ impl System {
             tracing::warn!("the app did not stop within {grace:?}; aborting its server");
             abort.abort();
         }
+        let (checks, violations) = app.replicas.canary_counts();
+        self.canary.0 += checks;
+        self.canary.1 += violations;
         if tokio::time::timeout(Duration::from_secs(5), app.replicas.shutdown())
             .await
             .is_err()
@@ -265,46 +303,119 @@ impl System {
             tracing::warn!("the replica set's shutdown took longer than 5 s");
         }
         drop(app.replicas);
+        Some(app.keys)
     }
 
-    /// An app restart: stop, then a fresh replica set and router on a new
-    /// port; clients follow the new address and keep their cookies.
+    /// Stops every instance, each with its in-flight requests bounded by
+    /// the request timeout, keeping what its canary found.
+    pub async fn stop_app(&mut self) {
+        for index in 0..self.apps.len() {
+            self.stop_instance(index).await;
+        }
+    }
+
+    /// An app restart: every instance stops, then serves again on a fresh
+    /// replica set and router on a new port with the keys it had; clients
+    /// follow the new addresses and keep their cookies.
     pub async fn restart_app(&mut self) -> Result<(), DrillError> {
-        self.stop_app().await;
-        self.restarts += 1;
-        self.serve().await
+        for index in 0..self.apps.len() {
+            let keys = match self.stop_instance(index).await {
+                Some(keys) => keys,
+                None => old_keys()?,
+            };
+            self.restart_instance(index, keys).await?;
+        }
+        Ok(())
     }
 
-    /// Every post on the node at `port`, read as `postgres` directly (not
-    /// through the proxy).
-    pub async fn posts_on(&self, port: u16) -> Result<HashMap<i64, StoredPost>, DrillError> {
+    /// Instance `index` stops and serves again, now with `keys`: one step
+    /// of a rolling deploy.
+    pub async fn redeploy(&mut self, index: usize, keys: KeySet) -> Result<(), DrillError> {
+        self.stop_instance(index).await;
+        self.restart_instance(index, keys).await
+    }
+
+    async fn restart_instance(&mut self, index: usize, keys: KeySet) -> Result<(), DrillError> {
+        self.restarts += 1;
+        let served = self.serve(keys).await?;
+        if let Some(slot) = self.apps.get_mut(index) {
+            *slot = Some(served);
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Reads the rows of the node at `port` as `postgres` directly (not
+    /// through a proxy), bounded by 10 s.
+    async fn read_node<T, F>(&self, port: u16, what: &str, read: F) -> Result<T, DrillError>
+    where
+        F: AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+    {
         let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        let read = async {
+        let attempt = async {
             let mut conn = sqlx::PgConnection::connect(&url).await?;
-            let rows: Vec<(i64, i64, String)> =
-                sqlx::query_as("select id, user_id, content from posts")
-                    .fetch_all(&mut conn)
-                    .await?;
+            let rows = read(&mut conn).await?;
             let _ = conn.close().await;
             Ok::<_, sqlx::Error>(rows)
         };
-        match tokio::time::timeout(Duration::from_secs(10), read).await {
-            Ok(Ok(rows)) => Ok(rows
-                .into_iter()
-                .map(|(id, user, content)| (id, StoredPost { user, content }))
-                .collect()),
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(rows)) => Ok(rows),
             Ok(Err(error)) => Err(DrillError::Facts(format!(
-                "reading the posts on port {port}: {error}"
+                "reading the {what} on port {port}: {error}"
             ))),
             Err(_) => Err(DrillError::Facts(format!(
-                "reading the posts on port {port} took longer than 10 s"
+                "reading the {what} on port {port} took longer than 10 s"
             ))),
         }
     }
+
+    /// Every post on the node at `port`.
+    pub async fn posts_on(&self, port: u16) -> Result<HashMap<i64, StoredPost>, DrillError> {
+        let rows: Vec<(i64, i64, String)> = self
+            .read_node(port, "posts", async |conn| {
+                sqlx::query_as("select id, user_id, content from posts")
+                    .fetch_all(conn)
+                    .await
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, user, content)| (id, StoredPost { user, content }))
+            .collect())
+    }
+
+    /// Every account, and every login, on the node at `port`.
+    pub async fn accounts_on(
+        &self,
+        port: u16,
+    ) -> Result<(HashMap<i64, StoredAccount>, HashMap<i64, i64>), DrillError> {
+        let accounts: Vec<(i64, String)> = self
+            .read_node(port, "accounts", async |conn| {
+                sqlx::query_as("select id, name from accounts")
+                    .fetch_all(conn)
+                    .await
+            })
+            .await?;
+        let logins: Vec<(i64, i64)> = self
+            .read_node(port, "logins", async |conn| {
+                sqlx::query_as("select id, user_id from logins")
+                    .fetch_all(conn)
+                    .await
+            })
+            .await?;
+        Ok((
+            accounts
+                .into_iter()
+                .map(|(id, name)| (id, StoredAccount { name }))
+                .collect(),
+            logins.into_iter().collect(),
+        ))
+    }
 }
 
-/// Runs the social migrations as `postgres`, then creates the two LOGIN
-/// roles with the app's privileges (trust auth: no passwords).
+/// Runs the social migrations as `postgres`, then creates the heartbeat
+/// table and the two LOGIN roles with the app's privileges
+/// ([`create_roles`](crate::roles::create_roles)).
 async fn prepare_database(cluster: &TestCluster) -> Result<(), DrillError> {
     let primary = sqlx::PgPool::connect(cluster.primary_url())
         .await
@@ -313,15 +424,20 @@ async fn prepare_database(cluster: &TestCluster) -> Result<(), DrillError> {
         .await
         .map_err(|error| DrillError::Setup(format!("migrating: {error}")))?;
     primary.close().await;
-    let monitor = Role::Monitor.user();
-    let plain = Role::Plain.user();
-    cluster
-        .execute_on_primary(&format!(
-            "create role {monitor} login; grant pg_monitor to {monitor};
-             create role {plain} login;
-             grant select, insert, update, delete on all tables in schema public to {monitor}, {plain};
-             grant usage, select on all sequences in schema public to {monitor}, {plain};"
-        ))
-        .await?;
+    crate::roles::create_roles(cluster).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rotated_key_has_another_id_than_the_old_one() {
+        // Else the rolling rotation drill would not meet an unknown key.
+        let old = old_keys().expect("the old key");
+        let rotated = rotated_keys().expect("the rotated keys");
+        assert_ne!(old.current().id(), rotated.current().id());
+        assert_eq!(rotated.len(), 2);
+    }
 }

@@ -20,6 +20,28 @@ pub enum OpKind {
     OwnRead,
     /// `GET /api/feed`: everyone's newest posts, eventual.
     FeedRead,
+    /// `POST /api/signup` with no identity: creates an account, answers
+    /// its id; the op's `user` is that id.
+    SignUp,
+    /// `GET /api/profile/{id}` of the user's own account, right after its
+    /// sign-up: session-consistent, so it must find the account's profile.
+    ProfileRead,
+    /// `POST /api/login`: a login row for the user, answers its id.
+    Login,
+    /// `GET /api/dashboard`: must show the user's latest login.
+    DashboardRead,
+}
+
+impl OpKind {
+    /// A write the checker looks for on the final primary.
+    pub fn is_write(self) -> bool {
+        matches!(self, OpKind::Write | OpKind::SignUp | OpKind::Login)
+    }
+
+    /// A read (the primary's share counts these).
+    pub fn is_read(self) -> bool {
+        !self.is_write()
+    }
 }
 
 /// How an operation ended.
@@ -54,12 +76,16 @@ pub struct Op {
     /// Status or transport error.
     pub outcome: Outcome,
     /// For a write, the content sent (unique per write, so a post can be
-    /// told apart from another that got the same id on another timeline).
+    /// told apart from another that got the same id on another timeline);
+    /// for a sign-up, the account's name.
     pub content: Option<String>,
-    /// For a successful write, the id of the new post.
+    /// For a successful write, the id of the new post (of the new account
+    /// for a sign-up, of the login row for a login).
     pub post_id: Option<i64>,
     /// For a successful own read, the posts returned, newest first, as
-    /// `(id, fingerprint of the content)`.
+    /// `(id, fingerprint of the content)`; for a profile read, the profile
+    /// found (`(user id, fingerprint of the name)`, none on a 404); for a
+    /// dashboard read, the latest login (`(login id, 0)`, none without).
     pub read_posts: Option<Vec<(i64, u64)>>,
     /// The debug header's `node=` (`primary` or a replica's name).
     pub node: Option<String>,
@@ -80,6 +106,31 @@ impl Op {
     /// Whether `[start, end]` overlaps `[from, to]`.
     pub fn overlaps(&self, from: f64, to: f64) -> bool {
         self.start_ms <= to && self.end_ms >= from
+    }
+
+    /// Whether the operation got the answer it asked for: a 2xx, or for a
+    /// profile read a 404 (no such profile, which the checker judges).
+    pub fn succeeded(&self) -> bool {
+        self.outcome.is_success()
+            || (self.kind == OpKind::ProfileRead && self.outcome == Outcome::Status(404))
+    }
+
+    /// A read of the user's own data, which must show their writes.
+    pub fn is_session_read(&self) -> bool {
+        matches!(
+            self.kind,
+            OpKind::OwnRead | OpKind::ProfileRead | OpKind::DashboardRead
+        )
+    }
+
+    /// Where the server says it read, as `node=..; reason=..; token=..`.
+    pub fn route(&self) -> String {
+        format!(
+            "node={}; reason={}; token={}",
+            self.node.as_deref().unwrap_or("?"),
+            self.reason.as_deref().unwrap_or("?"),
+            self.token.as_deref().unwrap_or("?")
+        )
     }
 
     /// A read that the server says it routed to the primary.
@@ -134,6 +185,13 @@ impl FaultWindow {
     }
 }
 
+/// An account as the final primary has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAccount {
+    /// The name it signed up with (unique per sign-up in the drills).
+    pub name: String,
+}
+
 /// A post as the final primary has it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredPost {
@@ -151,11 +209,21 @@ pub struct Facts {
     /// a failover that lost WAL, the new primary's sequence hands out again
     /// ids the old timeline had used, for other posts.
     pub final_posts: HashMap<i64, StoredPost>,
+    /// The accounts on the final primary, by id.
+    #[serde(default)]
+    pub final_accounts: HashMap<i64, StoredAccount>,
+    /// The logins on the final primary: login id to user id.
+    #[serde(default)]
+    pub final_logins: HashMap<i64, i64>,
     /// The fault's window.
     pub window: FaultWindow,
     /// The app's `max_wait`, milliseconds; a request longer than this plus
     /// one second is hung.
     pub max_wait_ms: f64,
+    /// The app's request timeout, milliseconds: a request that ran into it
+    /// was stuck (on a frozen server, say).
+    #[serde(default)]
+    pub request_timeout_ms: f64,
 }
 
 impl Facts {
@@ -165,9 +233,16 @@ impl Facts {
         let Some(id) = op.post_id else {
             return false;
         };
-        self.final_posts.get(&id).is_some_and(|post| {
-            post.user == op.user && op.content.as_ref().is_none_or(|c| *c == post.content)
-        })
+        match op.kind {
+            OpKind::SignUp => self
+                .final_accounts
+                .get(&id)
+                .is_some_and(|account| op.content.as_ref().is_none_or(|c| *c == account.name)),
+            OpKind::Login => self.final_logins.get(&id) == Some(&op.user),
+            _ => self.final_posts.get(&id).is_some_and(|post| {
+                post.user == op.user && op.content.as_ref().is_none_or(|c| *c == post.content)
+            }),
+        }
     }
 
     /// Whether the final primary has this post (`(id, fingerprint)`) by

@@ -3,8 +3,8 @@
 //! history, the way Jepsen tests are.
 //!
 //! ```sh
-//! cargo run -p read-after-write-lab --release --bin drills             # 7 drills × 3 roles × 3 runs
-//! cargo run -p read-after-write-lab --bin drills -- --short --check    # CI: 7 runs, roles rotated, and the control
+//! cargo run -p read-after-write-lab --release --bin drills             # 11 drills × 3 roles × 3 runs
+//! cargo run -p read-after-write-lab --bin drills -- --short --check    # CI: 11 runs, roles rotated, and the control
 //! cargo run -p read-after-write-lab --release --bin drills -- --drills frozen-primary --roles plain --runs 1
 //! ```
 //!
@@ -12,19 +12,25 @@
 //!
 //! 1. A fresh cluster: a primary and two replicas lagging 30 ms and 150 ms
 //!    (failovers destroy it, so every run gets its own). The social
-//!    migrations run as `postgres`; then two LOGIN roles are created, one
-//!    with `pg_monitor` and one without, both with the app's table
-//!    privileges.
+//!    migrations run as `postgres`; then the heartbeat table and two LOGIN
+//!    roles are created, one with `pg_monitor` and one without, both with
+//!    the app's table privileges, the heartbeat table's included, so the
+//!    plain role proves replicas by heartbeat ([`roles`](crate::roles)).
 //! 2. The app, `social::router`, served on 127.0.0.1 over real HTTP. Its
 //!    primary URL goes through the kit's [`TcpProxy`]; the replicas' URLs go
-//!    direct. `max_wait` 200 ms, request timeout 2 s, debug header on,
-//!    fixed signing keys shared by every app instance. An app restart stops
-//!    serving, shuts the replica set down, drops it and serves a fresh one
-//!    on a new port; users follow the new address and keep their cookies.
+//!    direct, or for `reader-endpoint` as one URL through a balanced proxy
+//!    over both. `max_wait` 200 ms, request timeout 2 s, debug header on,
+//!    the canary on one session read in ten, fixed signing keys shared by
+//!    every app instance. An app restart stops serving, shuts the replica
+//!    set down, drops it and serves a fresh one on a new port; users follow
+//!    the new address and keep their cookies. `rolling-key-rotation` serves
+//!    two instances, and users alternate between them request by request.
 //! 3. The load ([`load`]): 12 writers (post, then read their own posts) and
 //!    4 readers (own posts, the feed, an occasional post), each with its
-//!    own cookie jar, 5–20 ms think time. Every operation is recorded with
-//!    its start, end, status, ids and the debug header's route ([`history`]).
+//!    own cookie jar, 5–20 ms think time; `sign-up` adds 4 users who sign
+//!    up, read their profile, log in and read their dashboard. Every
+//!    operation is recorded with its start, end, status, ids and the debug
+//!    header's route ([`history`]).
 //! 4. After a warm-up, the drill's fault and recovery ([`scenarios`]); the
 //!    load goes on until the run's length, and at least until a short tail
 //!    after the fault window.
@@ -32,7 +38,8 @@
 //!    the app to at the end) are read, and [`checker::check`] judges the
 //!    history: stale own reads where the data exists, monotonic-read
 //!    violations, lost writes (counted apart), hung requests and errors
-//!    outside the window.
+//!    outside the window. The canary's counts come from the app's replica
+//!    sets; any violation fails `--check`.
 //!
 //! # The fault window
 //!
@@ -42,17 +49,21 @@
 //! recovery end within the request timeout, and pools, the tracker's probes
 //! and its backoff settle within the next two seconds. Errors and slow
 //! requests inside it are reported; outside it, they fail `--check`. Stale
-//! own reads fail it wherever they happen.
+//! own reads fail it wherever they happen. `frozen-replica` has no operator
+//! step to wait for: its window closes 2 s after the freeze with no grace
+//! (see [`Drill::FrozenReplica`]).
 //!
 //! # The negative control
 //!
 //! A checker that counts 0 stale own reads proves nothing unless it would
 //! have counted some had the library not been there. So every campaign
 //! starts with one more run, `control-naive` as `superuser`: the same
-//! cluster (replicas lagging 30 and 150 ms), the same load, no fault, and
-//! the app's tokens off (`AppConfig { tokens: false, .. }`, as the lab's
-//! `naive` baseline): every own read goes to a lagging replica whatever
-//! the user just wrote. Its stale own reads are expected and never fail
+//! cluster (replicas lagging 30 and 150 ms), the same load with the
+//! sign-up drill's users added (so a sign-up's stale read shows too), no
+//! fault, and
+//! the app's tokens off (its layer's identity function answers `None`, so
+//! no token is issued or read): every own read goes to a lagging replica
+//! whatever the user just wrote. Its stale own reads are expected and never fail
 //! `--check`; counting none does, since then the campaign cannot tell a
 //! broken library from a working one. Its errors and hung requests (there
 //! is no fault window) fail it as anywhere else.
@@ -74,6 +85,10 @@ pub mod history;
 pub mod load;
 pub mod report;
 pub mod scenarios;
+#[cfg(test)]
+mod tests_checker;
+#[cfg(test)]
+mod tests_report;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -237,7 +252,7 @@ async fn run_and_keep(
     if config.progress {
         match (&record.figures, &record.error) {
             (Some(f), _) => eprintln!(
-                "{} requests, {} stale{}, {} lost, {} hung, {} errors in / {} out ({:.1} s)",
+                "{} requests, {} stale{}, {} lost, {} hung, {} errors in / {} out, canary {}/{} ({:.1} s)",
                 f.requests,
                 f.stale_own_reads,
                 if drill.is_control() {
@@ -249,6 +264,8 @@ async fn run_and_keep(
                 f.hung,
                 f.errors_in_window,
                 f.errors_outside_window,
+                record.canary_violations,
+                record.canary_checks,
                 record.load_s
             ),
             (None, Some(error)) => eprintln!("could not run: {error}"),
@@ -290,7 +307,7 @@ mod tests {
 
     #[test]
     fn the_full_plan_runs_every_drill_for_every_role() {
-        assert_eq!(plan(&config(false, 3)).len(), 7 * 3 * 3);
+        assert_eq!(plan(&config(false, 3)).len(), Drill::ALL.len() * 3 * 3);
     }
 
     #[test]

@@ -92,6 +92,19 @@ pub struct Row {
     pub stale_examples: Vec<StaleRead>,
     /// Successful own reads by target and reason, summed over runs.
     pub own_read_routes: BTreeMap<String, u64>,
+    /// Reads routed for a token under an unknown key id, summed over runs.
+    pub unknown_key_reads: u64,
+    /// Profile and dashboard reads checked for a sign-up or login.
+    pub sign_up_reads_checked: u64,
+    /// Of those, how many were stale.
+    pub stale_sign_up_reads: u64,
+    /// The latest, over runs, of the last start of a request that ran into
+    /// the request timeout in the window, from the fault.
+    pub last_stuck_start_ms: Option<f64>,
+    /// Session reads the canary checked, summed over runs.
+    pub canary_checks: u64,
+    /// Of those, reads served by a server lacking their write.
+    pub canary_violations: u64,
 }
 
 fn median(mut values: Vec<f64>) -> Option<f64> {
@@ -171,12 +184,20 @@ pub fn rows(runs: &[RunRecord]) -> Vec<Row> {
                         all
                     },
                 ),
+                unknown_key_reads: sum(&|f| f.unknown_key_reads),
+                sign_up_reads_checked: sum(&|f| f.sign_up_reads_checked),
+                stale_sign_up_reads: sum(&|f| f.stale_sign_up_reads),
+                last_stuck_start_ms: each(&|f| f.last_stuck_start_ms)
+                    .into_iter()
+                    .reduce(f64::max),
+                canary_checks: group.iter().map(|r| r.canary_checks).sum(),
+                canary_violations: group.iter().map(|r| r.canary_violations).sum(),
             }
         })
         .collect()
 }
 
-const HEADERS: [&str; 17] = [
+const HEADERS: [&str; 20] = [
     "drill",
     "role",
     "runs",
@@ -194,9 +215,12 @@ const HEADERS: [&str; 17] = [
     "primary before",
     "during",
     "after",
+    "unknown key",
+    "stuck until",
+    "canary",
 ];
 
-fn cells(row: &Row) -> [String; 17] {
+fn cells(row: &Row) -> [String; 20] {
     let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0} ms"));
     let share = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1} %", v * 100.0));
     let runs = if row.failed_runs > 0 {
@@ -222,17 +246,26 @@ fn cells(row: &Row) -> [String; 17] {
         share(row.primary_share_before),
         share(row.primary_share_during),
         share(row.primary_share_after),
+        row.unknown_key_reads.to_string(),
+        ms(row.last_stuck_start_ms),
+        format!("{}/{}", row.canary_violations, row.canary_checks),
     ]
 }
 
 /// What the table says about the control under it.
 fn control_note(row: &Row) -> String {
     format!(
-        "{} ({}) is the negative control, not a drill: the same load with the app's tokens off \
-         and no fault. Its stale own reads ({} of {} checked) are expected and do not fail \
+        "{} ({}) is the negative control, not a drill: the same load, sign-up users included, \
+         with the app's tokens off and no fault. Its stale own reads ({} of {} checked; {} of \
+         {} profile and dashboard reads after a sign-up or login) are expected and do not fail \
          --check; a control with none fails it, as the checker then could not tell a broken \
          library from a working one.",
-        row.drill, row.role, row.stale_own_reads, row.own_reads_checked
+        row.drill,
+        row.role,
+        row.stale_own_reads,
+        row.own_reads_checked,
+        row.stale_sign_up_reads,
+        row.sign_up_reads_checked
     )
 }
 
@@ -240,7 +273,7 @@ fn control_note(row: &Row) -> String {
 /// rule sets the control's row apart, and a note under the table says what
 /// it is.
 pub fn table(report: &CampaignReport) -> String {
-    let rows: Vec<[String; 17]> = report.rows.iter().map(cells).collect();
+    let rows: Vec<[String; 20]> = report.rows.iter().map(cells).collect();
     let widths: Vec<usize> = (0..HEADERS.len())
         .map(|i| {
             rows.iter()
@@ -324,7 +357,12 @@ pub fn markdown(report: &CampaignReport) -> String {
          not; fault→write: from the fault to the first successful write sent after it took \
          effect (median of runs); replicas again: from the fault to the first own read a \
          replica served among those sent after recovery (median; - when none did); primary \
-         before / during / after: the primary's share of reads (mean of runs)."
+         before / during / after: the primary's share of reads (mean of runs); unknown key: \
+         reads routed for a token signed with a key the instance did not know (to the primary); \
+         stuck until: from the fault to the start of the last request in the window that ran \
+         into the app's request timeout (latest of runs); canary: session reads the canary \
+         found on a server lacking their write, of those it checked. A sign-up's profile read \
+         and a login's dashboard read count as own reads."
     );
     for row in report.rows.iter().filter(|row| row.control) {
         let _ = writeln!(out, "\n**Control.** {}", control_note(row));
@@ -414,6 +452,24 @@ pub fn failures(report: &CampaignReport) -> Vec<String> {
                 row.errors_outside_window
             ));
         }
+        if row.canary_violations > 0 {
+            failures.push(format!(
+                "{name}: the canary found {} of {} checked session reads on a server that lacked \
+                 their write",
+                row.canary_violations, row.canary_checks
+            ));
+        }
+        if row.runs > 0 && row.drill.needs_unknown_key_reads() && row.unknown_key_reads == 0 {
+            failures.push(format!(
+                "{name}: no read was routed for an unknown key; the drill did not exercise the \
+                 rotation"
+            ));
+        }
+        if row.runs > 0 && row.drill == Drill::SignUp && row.sign_up_reads_checked == 0 {
+            failures.push(format!(
+                "{name}: no profile or dashboard read was checked after a sign-up or login"
+            ));
+        }
         if row.runs > 0 && row.own_reads_checked == 0 && !row.control {
             failures.push(format!(
                 "{name}: no own read was checked; the drill proves nothing"
@@ -421,139 +477,4 @@ pub fn failures(report: &CampaignReport) -> Vec<String> {
         }
     }
     failures
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::drills::checker::RunFigures;
-    use crate::drills::history::FaultWindow;
-
-    fn run(drill: Drill, role: Role, stale: u64, checked: u64) -> RunRecord {
-        RunRecord {
-            drill,
-            role,
-            run: 1,
-            cluster_start_s: 1.0,
-            load_s: 3.0,
-            window: FaultWindow {
-                injected_ms: 0.0,
-                applied_ms: 0.0,
-                recovered_ms: 0.0,
-                grace_ms: 0.0,
-            },
-            figures: Some(RunFigures {
-                requests: 1000,
-                acked_writes: 300,
-                own_reads_checked: checked,
-                stale_own_reads: stale,
-                ..RunFigures::default()
-            }),
-            error: None,
-            history_file: None,
-        }
-    }
-
-    fn report(runs: Vec<RunRecord>) -> CampaignReport {
-        CampaignReport {
-            mode: "short".into(),
-            max_wait_ms: 200,
-            request_timeout_ms: 2000,
-            lags_ms: vec![30, 150],
-            writers: 12,
-            readers: 4,
-            grace_ms: 4000,
-            elapsed_s: 10.0,
-            rows: rows(&runs),
-            runs,
-        }
-    }
-
-    fn control(stale: u64) -> RunRecord {
-        run(Drill::ControlNaive, Role::Superuser, stale, 300)
-    }
-
-    #[test]
-    fn a_stale_control_passes_and_its_stale_reads_do_not_fail() {
-        let r = report(vec![
-            control(250),
-            run(Drill::AppRestart, Role::Plain, 0, 300),
-        ]);
-        assert_eq!(failures(&r), Vec::<String>::new());
-    }
-
-    #[test]
-    fn a_control_without_staleness_fails_the_check() {
-        let r = report(vec![
-            control(0),
-            run(Drill::AppRestart, Role::Plain, 0, 300),
-        ]);
-        let failures = failures(&r);
-        assert_eq!(failures.len(), 1, "{failures:?}");
-        assert!(failures[0].starts_with(
-            "control-naive (superuser): the checker saw no staleness with tokens off"
-        ));
-        assert!(failures[0].contains("cannot tell a broken library from a working one"));
-    }
-
-    #[test]
-    fn a_control_that_could_not_run_fails_the_check() {
-        let mut broken = control(0);
-        broken.figures = None;
-        broken.error = Some("setup: no cluster".into());
-        let failures = failures(&report(vec![broken]));
-        assert_eq!(failures.len(), 1, "{failures:?}");
-        assert!(failures[0].contains("could not be carried out: setup: no cluster"));
-    }
-
-    #[test]
-    fn a_campaign_without_a_control_fails_the_check() {
-        let failures = failures(&report(vec![run(Drill::AppRestart, Role::Plain, 0, 300)]));
-        assert_eq!(failures.len(), 1, "{failures:?}");
-        assert!(failures[0].starts_with("no negative control ran"));
-    }
-
-    #[test]
-    fn a_drill_still_fails_on_stale_reads_next_to_the_control() {
-        let r = report(vec![
-            control(250),
-            run(Drill::SplitBrain, Role::Monitor, 2, 300),
-        ]);
-        let failures = failures(&r);
-        assert_eq!(failures.len(), 1, "{failures:?}");
-        assert!(failures[0].starts_with("split-brain (monitor): 2 stale own reads"));
-    }
-
-    #[test]
-    fn the_control_row_comes_last_set_apart_and_explained() {
-        let r = report(vec![
-            control(250),
-            run(Drill::PlannedFailover, Role::Superuser, 0, 300),
-            run(Drill::AppRestart, Role::Plain, 0, 300),
-        ]);
-        let order: Vec<_> = r.rows.iter().map(|row| (row.drill, row.control)).collect();
-        assert_eq!(
-            order,
-            [
-                (Drill::PlannedFailover, false),
-                (Drill::AppRestart, false),
-                (Drill::ControlNaive, true)
-            ]
-        );
-        let text = table(&r);
-        let lines: Vec<&str> = text.lines().collect();
-        // Header, rule, two drills, rule, the control.
-        assert!(lines[4].starts_with("---"), "{text}");
-        assert!(lines[5].starts_with("control-naive "), "{text}");
-        assert!(lines[5].contains(" superuser "), "{text}");
-        assert!(text.contains("is the negative control, not a drill"));
-        assert!(text.contains("(250 of 300 checked)"));
-        let md = markdown(&r);
-        assert!(md.contains("| control-naive (control) | superuser | 1 | 1000 | 250 |"));
-        assert!(md.contains("**Control.** control-naive (superuser) is the negative control"));
-        let json = serde_json::to_value(&r).expect("the report encodes");
-        assert_eq!(json["rows"][2]["drill"], "control-naive");
-        assert_eq!(json["rows"][2]["control"], true);
-        assert_eq!(json["rows"][0]["control"], false);
-    }
 }

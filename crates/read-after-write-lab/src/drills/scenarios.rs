@@ -1,7 +1,9 @@
-//! The drills: what fault each injects, on what schedule, and how one run
-//! goes (fresh cluster, warm-up load, fault, recovery, load until after the
-//! window, facts, check); and the negative control, the same load with the
-//! app's tokens off and no fault, which must go stale.
+//! The drills: what fault each injects, on what schedule, on which
+//! topology (one app instance or two, one URL per replica or a reader
+//! endpoint), and how one run goes (fresh cluster, warm-up load, fault,
+//! recovery, load until after the window, facts, check); and the negative
+//! control, the same load with the app's tokens off and no fault, which
+//! must go stale.
 
 use std::fmt;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::checker::{self, RunFigures};
-use super::harness::{AppSettings, Role, System};
+use super::harness::{rotated_keys, AppSettings, Role, System, Topology};
 use super::history::{Facts, FaultWindow, History, Recorder};
 use super::load::{self, LoadConfig};
 use super::DrillError;
@@ -38,10 +40,34 @@ pub enum Drill {
     AppRestart,
     /// Replica 1 is killed and restarted 3 s later.
     ReplicaKill,
+    /// The app's replicas are one URL, the kit's round-robin proxy over
+    /// both (a reader endpoint: Aurora's `cluster-ro`, a read pool, DNS
+    /// round robin); the slow replica behind it is killed and restarted 3 s
+    /// later.
+    ReaderEndpoint,
+    /// The fast replica (the one serving most reads) is frozen (SIGSTOP)
+    /// for 5 s with no operator step, then thawed. New reads must route
+    /// around it within [`ROUTE_AROUND`]: the window closes that long after
+    /// the freeze, with no grace. Requests sent before then may run into
+    /// the app's request timeout on the frozen server (they overlap the
+    /// window); a request sent after it that takes longer than `max_wait`
+    /// + 1 s, or fails, fails the check, thaw included.
+    FrozenReplica,
+    /// Two app instances, requests alternating between them, both on the
+    /// old key. The rollout done the careless way: instance A restarts on
+    /// `new,old` (signing with the new key) while B still runs `old`; B
+    /// restarts on `new,old` 3 s later. Meanwhile B meets A's tokens under
+    /// a key id it does not know, and must read them from the primary
+    /// (`unknown_key`), never eventually.
+    RollingKeyRotation,
+    /// Four more users sign up (no identity before), read their new
+    /// profile, log in and read their dashboard, in a loop, each round as a
+    /// new account; the fault is an app restart mid-load, so some sign-ups
+    /// meet a fresh tracker.
+    SignUp,
     /// The negative control, not a drill: no fault, and the app's tokens
-    /// off (`AppConfig { tokens: false, .. }`, as the lab's `naive`
-    /// baseline), so every own read goes to a lagging replica whatever the
-    /// user just wrote. Its checker must count stale own reads: if it
+    /// off (its layer's identity function answers `None`), so every own
+    /// read goes to a lagging replica whatever the user just wrote. Its checker must count stale own reads: if it
     /// counts none, the campaign could not tell a broken library from a
     /// working one. Not in [`Drill::ALL`]; the campaign runs it once.
     ControlNaive,
@@ -49,7 +75,7 @@ pub enum Drill {
 
 impl Drill {
     /// Every drill, in campaign order.
-    pub const ALL: [Drill; 7] = [
+    pub const ALL: [Drill; 11] = [
         Drill::PlannedFailover,
         Drill::UnplannedFailoverOrphan,
         Drill::SplitBrain,
@@ -57,6 +83,10 @@ impl Drill {
         Drill::TerminatedBackends,
         Drill::AppRestart,
         Drill::ReplicaKill,
+        Drill::ReaderEndpoint,
+        Drill::FrozenReplica,
+        Drill::RollingKeyRotation,
+        Drill::SignUp,
     ];
 
     /// The name in tables and on the command line.
@@ -69,8 +99,42 @@ impl Drill {
             Drill::TerminatedBackends => "terminated-backends",
             Drill::AppRestart => "app-restart",
             Drill::ReplicaKill => "replica-kill",
+            Drill::ReaderEndpoint => "reader-endpoint",
+            Drill::FrozenReplica => "frozen-replica",
+            Drill::RollingKeyRotation => "rolling-key-rotation",
+            Drill::SignUp => "sign-up",
             Drill::ControlNaive => "control-naive",
         }
+    }
+
+    /// The app's instances and how it reaches the replicas.
+    pub fn topology(self) -> Topology {
+        match self {
+            Drill::ReaderEndpoint => Topology {
+                instances: 1,
+                reader_endpoint: true,
+            },
+            Drill::RollingKeyRotation => Topology {
+                instances: 2,
+                reader_endpoint: false,
+            },
+            _ => Topology::single(),
+        }
+    }
+
+    /// Sign-up users added to the load: in the sign-up drill, and in the
+    /// negative control, to show the checker sees a sign-up's stale reads.
+    pub fn signers(self) -> usize {
+        match self {
+            Drill::SignUp | Drill::ControlNaive => 4,
+            _ => 0,
+        }
+    }
+
+    /// Whether its checker must see reads routed for an unknown key, or
+    /// the drill did not exercise what it is for.
+    pub fn needs_unknown_key_reads(self) -> bool {
+        self == Drill::RollingKeyRotation
     }
 
     /// Whether this is the negative control rather than a fault drill.
@@ -145,6 +209,14 @@ impl Timing {
     }
 }
 
+/// How soon new reads must have left a frozen replica: the tracker's
+/// probe timeout (half a second by default) and its next poll, with room
+/// for a loaded machine.
+pub const ROUTE_AROUND: Duration = Duration::from_secs(2);
+
+/// How long the frozen replica stays frozen.
+const FREEZE: Duration = Duration::from_secs(5);
+
 /// One run of one drill for one role.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunRecord {
@@ -166,6 +238,14 @@ pub struct RunRecord {
     pub error: Option<String>,
     /// Where the history of this run was written, when it was kept.
     pub history_file: Option<String>,
+    /// Session reads the canary confirmed on the server that served them,
+    /// over every app instance of the run.
+    #[serde(default)]
+    pub canary_checks: u64,
+    /// Of those, reads that went to a server lacking their user's write:
+    /// any fails `--check`.
+    #[serde(default)]
+    pub canary_violations: u64,
 }
 
 /// A run's history and facts, as written to `histories/` for a second look
@@ -182,6 +262,10 @@ pub struct KeptRun {
 struct Injected {
     applied_ms: f64,
     recovered_ms: f64,
+    /// The grace after `recovered_ms`, when the drill sets its own.
+    grace: Option<Duration>,
+    /// When the script returned.
+    done_ms: f64,
 }
 
 /// Runs one drill once for one role on a fresh cluster. Returns the record,
@@ -214,6 +298,8 @@ pub async fn run_once(
         figures: None,
         error: None,
         history_file: None,
+        canary_checks: 0,
+        canary_violations: 0,
     };
     let control = drill.is_control();
     let control_settings;
@@ -226,7 +312,7 @@ pub async fn run_once(
     } else {
         settings
     };
-    let mut system = match System::start(role, settings).await {
+    let mut system = match System::start(role, settings, drill.topology()).await {
         Ok(system) => system,
         Err(error) => {
             record.error = Some(error.to_string());
@@ -236,12 +322,18 @@ pub async fn run_once(
     record.cluster_start_s = system.cluster_start_s;
 
     let recorder = Arc::new(Recorder::new());
-    let users = load::start(load_config, system.base(), Arc::clone(&recorder));
+    let load_config = LoadConfig {
+        signers: load_config.signers + drill.signers(),
+        ..load_config.clone()
+    };
+    let users = load::start(&load_config, system.bases(), Arc::clone(&recorder));
     let (injected_ms, injected, grace) = if control {
         // No fault: an empty window at the start of the run.
         let none = Injected {
             applied_ms: 0.0,
             recovered_ms: 0.0,
+            grace: Some(Duration::ZERO),
+            done_ms: 0.0,
         };
         (0.0, Ok(none), Duration::ZERO)
     } else {
@@ -265,14 +357,19 @@ pub async fn run_once(
     };
     let outcome = match injected {
         Ok(injected) => {
+            let grace = injected.grace.unwrap_or(grace);
             let window = FaultWindow {
                 injected_ms,
                 applied_ms: injected.applied_ms,
                 recovered_ms: injected.recovered_ms,
                 grace_ms: grace.as_secs_f64() * 1000.0,
             };
+            // At least a tail after the window and after the script's last
+            // step (a thaw may come after the window closed).
+            let tail_ms = timing.tail.as_secs_f64() * 1000.0;
             let end_ms = (timing.total.as_secs_f64() * 1000.0)
-                .max(window.end_ms() + timing.tail.as_secs_f64() * 1000.0);
+                .max(window.end_ms() + tail_ms)
+                .max(injected.done_ms + tail_ms);
             tokio::time::sleep_until(
                 (recorder.started() + Duration::from_secs_f64(end_ms / 1000.0)).into(),
             )
@@ -290,28 +387,43 @@ pub async fn run_once(
             // Whichever node the proxy sends the app to at the end is the
             // primary whose data counts.
             let final_primary = system.proxy.target_port();
-            system
-                .posts_on(final_primary)
-                .await
-                .map(|posts| (window, posts))
+            match system.posts_on(final_primary).await {
+                Ok(posts) => system
+                    .accounts_on(final_primary)
+                    .await
+                    .map(|(accounts, logins)| (window, posts, accounts, logins)),
+                Err(error) => Err(error),
+            }
         }
         Err(error) => Err(error),
     };
     system.stop_app().await;
-    if drill == Drill::FrozenPrimary {
-        // Not needed for the figures; lets the kit stop the old primary
-        // cleanly when the cluster is dropped.
-        let _ = tokio::time::timeout(Duration::from_secs(10), system.cluster.thaw_primary()).await;
+    (record.canary_checks, record.canary_violations) = system.canary;
+    // Not needed for the figures; lets the kit stop a frozen node cleanly
+    // when the cluster is dropped, also after a fault script that failed.
+    match drill {
+        Drill::FrozenPrimary => {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), system.cluster.thaw_primary()).await;
+        }
+        Drill::FrozenReplica => {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), system.cluster.thaw_replica(0)).await;
+        }
+        _ => {}
     }
     drop(system);
 
     let history = recorder.history();
     let facts = match result {
-        Ok((window, final_posts)) => {
+        Ok((window, final_posts, final_accounts, final_logins)) => {
             let facts = Facts {
                 final_posts,
+                final_accounts,
+                final_logins,
                 window,
                 max_wait_ms: settings.max_wait.as_secs_f64() * 1000.0,
+                request_timeout_ms: settings.request_timeout.as_secs_f64() * 1000.0,
             };
             let mut figures = checker::check(&history, &facts);
             if control {
@@ -344,6 +456,23 @@ async fn inject(
     recorder: &Recorder,
 ) -> Result<Injected, DrillError> {
     let t0 = recorder.now_ms();
+    if drill == Drill::FrozenReplica {
+        system.cluster.freeze_replica(0).await?;
+        let applied_ms = recorder.now_ms();
+        // No operator step: the library alone must leave the frozen
+        // server. Its recovery is done when new reads have had
+        // ROUTE_AROUND to leave. No grace: a request sent after that is
+        // judged as anywhere outside a fault, and reads already running on
+        // the frozen server overlap the window whenever they end.
+        until(recorder, t0 + FREEZE.as_secs_f64() * 1000.0).await;
+        system.cluster.thaw_replica(0).await?;
+        return Ok(Injected {
+            applied_ms,
+            recovered_ms: applied_ms + ROUTE_AROUND.as_secs_f64() * 1000.0,
+            grace: Some(Duration::ZERO),
+            done_ms: recorder.now_ms(),
+        });
+    }
     let applied_ms = match drill {
         Drill::PlannedFailover => {
             let failover = system.cluster.planned_failover(0).await?;
@@ -387,13 +516,28 @@ async fn inject(
             system.restart_app().await?;
             recorder.now_ms()
         }
-        Drill::ReplicaKill => {
+        Drill::ReplicaKill | Drill::ReaderEndpoint => {
+            // Behind the endpoint, the proxy's connections to it are
+            // refused while it is down.
             system.cluster.kill_replica(1).await?;
             let applied = recorder.now_ms();
             until(recorder, t0 + 3000.0).await;
             system.cluster.start_replica(1).await?;
             applied
         }
+        Drill::RollingKeyRotation => {
+            system.redeploy(0, rotated_keys()?).await?;
+            let applied = recorder.now_ms();
+            until(recorder, t0 + 3000.0).await;
+            system.redeploy(1, rotated_keys()?).await?;
+            applied
+        }
+        Drill::SignUp => {
+            system.restart_app().await?;
+            recorder.now_ms()
+        }
+        // Injected above.
+        Drill::FrozenReplica => t0,
         // `run_once` injects nothing for the control; were this reached,
         // there would be no fault either.
         Drill::ControlNaive => t0,
@@ -401,5 +545,7 @@ async fn inject(
     Ok(Injected {
         applied_ms,
         recovered_ms: recorder.now_ms(),
+        grace: None,
+        done_ms: recorder.now_ms(),
     })
 }

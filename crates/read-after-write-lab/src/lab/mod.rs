@@ -5,44 +5,60 @@
 //! Each strategy runs on [`INSTANCES`] app instances, each with its own
 //! replica set (so its own tracker) and its own layer, sharing the signing
 //! keys, as stateless web instances behind a load balancer do. Every user
-//! alternates its requests between them.
+//! alternates its requests between them. A strategy may run in several
+//! [variants](instance::Variant): the app's database role (superuser, with
+//! `pg_monitor`, plain) and how it reaches the replicas (one URL each, or
+//! one reader endpoint over both).
 //!
 //! Meanwhile a writer advances `lab_counter` on the primary every
 //! [`LabConfig::counter_interval`], and every read answers the counter its
-//! node had (see [`LabOptions::counter`]): a session whose read sees a
-//! smaller counter than an earlier read of its own has seen the database go
-//! back in time, a monotonic-read violation.
+//! node had (see [`readings`]): a session whose read sees a smaller counter
+//! than an earlier read of its own has seen the database go back in time, a
+//! monotonic-read violation.
 //!
 //! # Layout
 //!
 //! - [`strategy`]: the strategies compared and the two baseline backends.
+//! - [`instance`]: one app instance per strategy and variant.
+//! - [`readings`]: what the lab measures around the app (counter, wasted
+//!   wait), so the example stays an example.
+//! - [`counter`]: the counter the background writer advances.
 //! - [`workload`]: virtual users with cookie jars, and what they measure.
 //! - [`primary_load`]: what the primary ran, counted by `pg_stat_statements`.
+//! - [`connections`]: connections per app instance on each node.
 //! - [`profile`]: how the replicas lag, steady or changing, per run.
-//! - [`report`]: the table, JSON, Markdown and SVG outputs.
+//! - [`report`]: the verdict, the tables, JSON, Markdown and SVG outputs.
 
+pub mod connections;
+pub mod counter;
+pub mod instance;
 pub mod primary_load;
 pub mod profile;
+pub mod readings;
 pub mod report;
+mod session;
 pub mod strategy;
 pub mod workload;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use read_after_write::pg::{PgReplicaSet, Selection};
 use read_after_write::{KeySet, SigningKey};
-use read_after_write_testkit::TestCluster;
+use read_after_write_testkit::{TcpProxy, TestCluster};
 use serde::Serialize;
-use sqlx::Connection;
 
+use self::connections::{Meter, NodeConnections};
+use self::counter::CounterWriter;
+use self::instance::{Instance, ReplicaMode, Variant};
 use self::primary_load::PrimaryStatements;
 use self::profile::Profile;
-use self::strategy::{PrimaryOnly, RandomReplica, Strategy};
+use self::strategy::Strategy;
 use self::workload::{Arrivals, Live, Workload};
-use crate::social::{self, AppConfig, LabOptions};
+use crate::roles::Role;
+use crate::social;
 
 /// App instances per strategy, each with its own replica set and layer.
 pub const INSTANCES: usize = 2;
@@ -54,6 +70,10 @@ pub struct LabConfig {
     pub profiles: Vec<Profile>,
     /// The strategies to run, in order.
     pub strategies: Vec<Strategy>,
+    /// The database roles each strategy runs as, in order.
+    pub roles: Vec<Role>,
+    /// How the app reaches the replicas, each mode in turn for each role.
+    pub replicas: Vec<ReplicaMode>,
     /// The workload each strategy gets.
     pub workload: Workload,
     /// How often replicas are polled while reads wait.
@@ -63,8 +83,33 @@ pub struct LabConfig {
     pub warmup: Duration,
     /// How often the background writer advances `lab_counter`.
     pub counter_interval: Duration,
-    /// Show a progress bar.
+    /// Show a progress bar (on a terminal), or a line per finished run
+    /// on stdout (elsewhere).
     pub progress: bool,
+}
+
+impl LabConfig {
+    /// Every variant each strategy runs in: roles, then replica modes.
+    pub fn variants(&self) -> Vec<Variant> {
+        let roles = if self.roles.is_empty() {
+            vec![Role::Superuser]
+        } else {
+            self.roles.clone()
+        };
+        let modes = if self.replicas.is_empty() {
+            vec![ReplicaMode::Direct]
+        } else {
+            self.replicas.clone()
+        };
+        roles
+            .iter()
+            .flat_map(|&role| {
+                modes
+                    .iter()
+                    .map(move |&replicas| Variant { role, replicas })
+            })
+            .collect()
+    }
 }
 
 /// What one strategy achieved.
@@ -74,7 +119,16 @@ pub struct StrategyResult {
     pub profile: Profile,
     /// The strategy.
     pub strategy: Strategy,
-    /// `max_wait` the strategy ran with, in milliseconds (0 where unused).
+    /// The app's database role.
+    pub role: Role,
+    /// How the app reached the replicas.
+    pub replicas: ReplicaMode,
+    /// Whether the run had other variants beside this one, so its name
+    /// needs the variant ([`label`](Self::label)).
+    #[serde(skip)]
+    pub labelled: bool,
+    /// `max_wait` the strategy ran with, in milliseconds (0 where unused),
+    /// as the layer's self-check reported it.
     pub max_wait_ms: u64,
     /// The latency budget the library's predicted routing ran with,
     /// milliseconds: `adaptive` only (its default: the read's `max_wait`
@@ -146,6 +200,30 @@ pub struct StrategyResult {
     /// How many times the writer advanced the counter during the measured
     /// run (about duration / counter interval when it kept pace).
     pub counter_advances: u64,
+    /// Connections per app instance on each node, at their peak over the
+    /// measured window (see [`connections`]).
+    pub connections: Vec<NodeConnections>,
+}
+
+impl StrategyResult {
+    /// The strategy's name, with the variant when the run had several
+    /// (`adaptive plain/endpoint`).
+    pub fn label(&self) -> String {
+        let variant = Variant {
+            role: self.role,
+            replicas: self.replicas,
+        };
+        label(self.strategy, variant, self.labelled)
+    }
+}
+
+/// A run's name: the strategy, and the variant when `labelled`.
+fn label(strategy: Strategy, variant: Variant, labelled: bool) -> String {
+    if labelled {
+        format!("{strategy} {}/{}", variant.role, variant.replicas)
+    } else {
+        strategy.name()
+    }
 }
 
 /// Everything one lab run produced.
@@ -170,8 +248,9 @@ pub struct LabReport {
     /// How often the writer advanced the counter, milliseconds.
     pub counter_interval_ms: f64,
     /// The layer's default `max_wait` (what `monotonic` and `adaptive` run
-    /// with), milliseconds, read from the layer.
-    pub layer_default_max_wait_ms: u64,
+    /// with), milliseconds, read from the layer's self-check; `None` when
+    /// no strategy run used it.
+    pub layer_default_max_wait_ms: Option<u64>,
     /// The profiles run, in order.
     pub profiles: Vec<ProfileInfo>,
     /// One row per profile and strategy, profile by profile.
@@ -215,10 +294,13 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
     {
         let primary = sqlx::PgPool::connect(cluster.primary_url()).await?;
         social::migrate(&primary).await?;
-        create_counter(&primary).await?;
+        counter::create_counter(&primary).await?;
         profile::create_ballast(&primary).await?;
         primary.close().await;
     }
+    // After every table is there, so the roles' grants reach the counter
+    // that every read answers.
+    crate::roles::create_roles(&cluster).await?;
     primary_load::install(
         cluster.primary_url(),
         &["lab_counter", profile::BALLAST_TABLE],
@@ -231,8 +313,15 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
         .await?;
     let counter = CounterWriter::start(cluster.primary_url(), config.counter_interval).await?;
 
+    // One reader endpoint for the whole run, as a deployment has one.
+    let variants = config.variants();
+    let endpoint = if variants.iter().any(|v| v.replicas == ReplicaMode::Endpoint) {
+        Some(TcpProxy::start_balanced(&cluster.replica_ports()).await?)
+    } else {
+        None
+    };
+
     let keys = KeySet::new(SigningKey::generate()?);
-    let layer_default = strategy::layer_default_max_wait(&keys).await;
     let mut results = Vec::with_capacity(config.strategies.len() * config.profiles.len());
     let mut runs = 0i64;
     for profile in config.profiles.iter().copied() {
@@ -241,32 +330,46 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
             return Err(error);
         }
         for strategy in config.strategies.iter().copied() {
-            runs += 1;
-            // Users of every run are others, so each starts without posts.
-            let workload = Workload {
-                first_user: 1_000_000 * runs,
-                ..config.workload.clone()
-            };
-            let run = Run {
-                cluster: &cluster,
-                profile,
-                strategy,
-                keys: &keys,
-                layer_default,
-                workload: &workload,
-                config,
-                counter: &counter,
-            };
-            match run_strategy(run, &mut statements).await {
-                Ok(result) => results.push(result),
-                Err(error) => {
-                    counter.stop().await;
-                    return Err(error);
+            for variant in variants.iter().copied() {
+                runs += 1;
+                // Users of every run are others, so each starts without posts.
+                let workload = Workload {
+                    first_user: 1_000_000 * runs,
+                    ..config.workload.clone()
+                };
+                let run = Run {
+                    cluster: &cluster,
+                    endpoint: endpoint.as_ref(),
+                    profile,
+                    strategy,
+                    variant,
+                    labelled: variants.len() > 1,
+                    keys: &keys,
+                    workload: &workload,
+                    config,
+                    counter: &counter,
+                };
+                match run_strategy(run, &mut statements).await {
+                    Ok(result) => {
+                        if config.progress && !std::io::stdout().is_terminal() {
+                            // Where no progress bar shows, a line per run.
+                            println!("{}", report::line(&result));
+                        }
+                        results.push(result);
+                    }
+                    Err(error) => {
+                        counter.stop().await;
+                        return Err(error);
+                    }
                 }
             }
         }
     }
     counter.stop().await;
+    let layer_default_max_wait_ms = results
+        .iter()
+        .find(|r| r.strategy.max_wait().is_none())
+        .map(|r| r.max_wait_ms);
     let profiles = config
         .profiles
         .iter()
@@ -296,196 +399,23 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         instances: INSTANCES,
         counter_interval_ms: config.counter_interval.as_secs_f64() * 1000.0,
-        layer_default_max_wait_ms: layer_default.as_millis() as u64,
+        layer_default_max_wait_ms,
         profiles,
         results,
     })
 }
 
-/// Creates `lab_counter`, the one-row table the writer advances and every
-/// read answers (see [`LabOptions::counter`]).
-async fn create_counter(primary: &sqlx::PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query("create table if not exists lab_counter (value bigint not null)")
-        .execute(primary)
-        .await?;
-    sqlx::query(
-        "insert into lab_counter (value) select 0 where not exists (select from lab_counter)",
-    )
-    .execute(primary)
-    .await?;
-    Ok(())
-}
-
-/// The background writer: advances `lab_counter` on the primary every
-/// interval, on a connection of its own, for the whole run.
-struct CounterWriter {
-    advances: Arc<AtomicU64>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl CounterWriter {
-    async fn start(primary_url: &str, interval: Duration) -> Result<Self, sqlx::Error> {
-        // Its own role, so the primary's statement counts leave it out.
-        let mut connection = primary_load::connect_background(primary_url).await?;
-        let advances = Arc::new(AtomicU64::new(0));
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let counted = Arc::clone(&advances);
-        let task = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            // A late tick is late, not a burst: the counter's pace stays even.
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => break,
-                    _ = ticks.tick() => {}
-                }
-                let update = sqlx::query("update lab_counter set value = value + 1")
-                    .execute(&mut connection)
-                    .await;
-                match update {
-                    Ok(_) => {
-                        counted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(error) => {
-                        // The counter stands still from here: `counter_advances`
-                        // shows it, and naive's negative control fails.
-                        tracing::error!(%error, "the lab counter stopped advancing");
-                        break;
-                    }
-                }
-            }
-            let _ = connection.close().await;
-        });
-        Ok(CounterWriter {
-            advances,
-            stop,
-            task,
-        })
-    }
-
-    /// Advances so far.
-    fn advances(&self) -> u64 {
-        self.advances.load(Ordering::Relaxed)
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-    }
-}
-
-/// One app instance: its own replica set (so its own tracker) and layer,
-/// served over HTTP on loopback.
-struct Instance {
-    base: String,
-    replicas: PgReplicaSet,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Instance {
-    async fn start(
-        cluster: &TestCluster,
-        strategy: Strategy,
-        keys: &KeySet,
-        layer_default: Duration,
-        workload: &Workload,
-        config: &LabConfig,
-    ) -> Result<Self, Box<dyn std::error::Error>> {
-        let mut builder = PgReplicaSet::builder()
-            .primary_url(cluster.primary_url())
-            // Pool sizes are capacity, not routing: the same for every
-            // strategy, adaptive included.
-            .max_connections(workload.users.clamp(4, 32) as u32);
-        builder = match strategy {
-            Strategy::Naive => builder.selection(Selection::Random),
-            // The library's defaults, whatever they are in this version.
-            Strategy::Adaptive => builder,
-            // A fixed max_wait, waited in full: the policy before predictions.
-            Strategy::LsnWait { .. } => builder
-                .selection(Selection::RoundRobin)
-                .wait_poll_interval(config.wait_poll)
-                .fixed_wait(),
-            _ => builder
-                .selection(Selection::RoundRobin)
-                .wait_poll_interval(config.wait_poll),
-        };
-        for replica in cluster.replicas() {
-            builder = builder.replica_url(replica.name(), replica.url());
-        }
-        let replicas = builder.connect().await?;
-        let app_config = AppConfig {
-            keys: keys.clone(),
-            cookie_secure: false,
-            max_wait: strategy.max_wait(layer_default),
-            // The lab counts where reads went from this header.
-            debug_header: true,
-            time_window: (strategy == Strategy::TimeWindow).then_some(Duration::from_secs(5)),
-            // The baselines route without tokens: no token is read or issued.
-            tokens: !matches!(strategy, Strategy::Naive | Strategy::Primary),
-            request_timeout: Some(Duration::from_secs(5)),
-        };
-        let lab = LabOptions {
-            monotonic_reads: strategy == Strategy::Monotonic,
-            default_max_wait: strategy == Strategy::Adaptive,
-            wasted_wait: true,
-            counter: true,
-        };
-        let router = match strategy {
-            Strategy::Naive => social::router_with(
-                RandomReplica::new(replicas.clone()),
-                replicas.clone(),
-                &app_config,
-                lab,
-            ),
-            Strategy::Primary => social::router_with(
-                PrimaryOnly::new(replicas.clone()),
-                replicas.clone(),
-                &app_config,
-                lab,
-            ),
-            Strategy::TimeWindow
-            | Strategy::Lsn
-            | Strategy::LsnWait { .. }
-            | Strategy::Monotonic
-            | Strategy::Adaptive => {
-                social::router_with(replicas.clone(), replicas.clone(), &app_config, lab)
-            }
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        Ok(Instance {
-            base,
-            replicas,
-            stop,
-            server,
-        })
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.server.await;
-        self.replicas.shutdown().await;
-    }
-}
-
 /// One strategy's run under one profile.
 struct Run<'a> {
     cluster: &'a TestCluster,
+    /// The reader endpoint over the replicas, when a variant uses one.
+    endpoint: Option<&'a TcpProxy>,
     profile: Profile,
     strategy: Strategy,
+    variant: Variant,
+    /// Other variants run too: names carry the variant.
+    labelled: bool,
     keys: &'a KeySet,
-    /// The layer's default `max_wait`.
-    layer_default: Duration,
     workload: &'a Workload,
     config: &'a LabConfig,
     counter: &'a CounterWriter,
@@ -497,17 +427,21 @@ async fn run_strategy(
 ) -> Result<StrategyResult, Box<dyn std::error::Error>> {
     let Run {
         cluster,
+        endpoint,
         profile,
         strategy,
+        variant,
+        labelled,
         keys,
-        layer_default,
         workload,
         config,
         counter,
     } = run;
     let mut instances = Vec::with_capacity(INSTANCES);
     for _ in 0..INSTANCES {
-        match Instance::start(cluster, strategy, keys, layer_default, workload, config).await {
+        let started =
+            Instance::start(cluster, endpoint, strategy, variant, keys, workload, config).await;
+        match started {
             Ok(instance) => instances.push(instance),
             Err(error) => {
                 for instance in instances {
@@ -518,7 +452,11 @@ async fn run_strategy(
         }
     }
     let bases: Vec<String> = instances.iter().map(|i| i.base.clone()).collect();
-    let max_wait = strategy.max_wait(layer_default);
+    let max_wait = instances
+        .first()
+        .and_then(|instance| instance.settings.max_wait())
+        .or(strategy.max_wait())
+        .unwrap_or_default();
 
     workload::prepare(&bases, workload).await;
     if !config.warmup.is_zero() {
@@ -534,7 +472,12 @@ async fn run_strategy(
         workload::run(&bases, &warmup, Arc::new(Live::default())).await;
     }
     let live = Arc::new(Live::default());
-    let bar = progress_bar(config.progress, profile, strategy, workload.duration);
+    let bar = progress_bar(
+        config.progress,
+        profile,
+        &label(strategy, variant, labelled),
+        workload.duration,
+    );
     let ticker = {
         let bar = bar.clone();
         let live = Arc::clone(&live);
@@ -560,6 +503,7 @@ async fn run_strategy(
     };
     let advances_before = counter.advances();
     let reset = statements.reset().await;
+    let meter = Meter::start(cluster, INSTANCES);
     // The profile's disturbance starts with the measured window, so every
     // strategy meets it at the same moments.
     let (measured, ()) = tokio::join!(
@@ -571,6 +515,7 @@ async fn run_strategy(
         Err(error) => Err(error),
     };
     let counter_advances = counter.advances() - advances_before;
+    let connections = meter.stop().await;
     ticker.abort();
     bar.finish_and_clear();
     for instance in instances {
@@ -584,8 +529,11 @@ async fn run_strategy(
     Ok(StrategyResult {
         profile,
         strategy,
+        role: variant.role,
+        replicas: variant.replicas,
+        labelled,
         max_wait_ms: max_wait.as_millis() as u64,
-        latency_budget_ms: strategy.latency_budget(layer_default).as_millis() as u64,
+        latency_budget_ms: strategy.latency_budget(max_wait).as_millis() as u64,
         own_reads: measured.own_reads,
         stale_own_reads: measured.stale_own_reads,
         reads: measured.reads,
@@ -614,6 +562,7 @@ async fn run_strategy(
         monotonic_violations: measured.monotonic_violations,
         read_token_share: share(measured.read_tokens, measured.reads),
         counter_advances,
+        connections,
     })
 }
 
@@ -626,12 +575,7 @@ fn share(part: u64, whole: u64) -> f64 {
     }
 }
 
-fn progress_bar(
-    enabled: bool,
-    profile: Profile,
-    strategy: Strategy,
-    duration: Duration,
-) -> ProgressBar {
+fn progress_bar(enabled: bool, profile: Profile, label: &str, duration: Duration) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }
@@ -639,6 +583,6 @@ fn progress_bar(
     if let Ok(style) = ProgressStyle::with_template("{prefix:>27} [{bar:30}] {elapsed:>3} {msg}") {
         bar.set_style(style.progress_chars("=> "));
     }
-    bar.set_prefix(format!("{profile} {strategy}"));
+    bar.set_prefix(format!("{profile} {label}"));
     bar
 }

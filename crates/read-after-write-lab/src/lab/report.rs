@@ -1,4 +1,6 @@
-//! Lab output: a terminal table, JSON, Markdown and an SVG chart.
+//! Lab output: a line per finished run, a short verdict for the terminal,
+//! and the full tables, JSON, Markdown and an SVG chart per profile for the
+//! files.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -31,7 +33,7 @@ const COLUMNS: [&str; 19] = [
 
 fn cells(r: &StrategyResult) -> [String; 19] {
     [
-        r.strategy.name(),
+        r.label(),
         if r.max_wait_ms == 0 {
             "-".to_owned()
         } else {
@@ -224,7 +226,7 @@ pub fn frontier_tables(report: &LabReport) -> String {
             let _ = writeln!(
                 out,
                 "| {} | {} | {:.1} % | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {} | {} | {} |",
-                r.strategy,
+                r.label(),
                 r.post_write_reads,
                 r.primary_read_share * 100.0,
                 r.primary_queries_per_1k_requests,
@@ -246,6 +248,175 @@ pub fn frontier_tables(report: &LabReport) -> String {
     out
 }
 
+/// Each run's connections per app instance on each node, in Markdown.
+pub fn connections_table(report: &LabReport) -> String {
+    let mut out = String::from(
+        "## Connections per app instance\n\n\
+         At their peak over the measured window, counted on each node in `pg_stat_activity` \
+         (client backends by `application_name`): pools (the app's reads and writes, the layer's \
+         captures, the canary) and tracker (polls, probes, discovery), divided by the app \
+         instances serving.\n\n",
+    );
+    let nodes: Vec<&str> = report
+        .results
+        .first()
+        .map(|r| r.connections.iter().map(|c| c.node.as_str()).collect())
+        .unwrap_or_default();
+    let _ = write!(out, "| profile | strategy |");
+    for node in &nodes {
+        let _ = write!(out, " {node} pools | {node} tracker |");
+    }
+    out.push_str("\n|---|---|");
+    for _ in &nodes {
+        out.push_str("---:|---:|");
+    }
+    out.push('\n');
+    for r in &report.results {
+        let _ = write!(out, "| {} | {} |", r.profile, r.label());
+        for node in &r.connections {
+            let _ = write!(out, " {} | {} |", node.pools, node.tracker);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// One finished run in a line, for output that is not a terminal (where
+/// progress bars do not show).
+pub fn line(r: &StrategyResult) -> String {
+    format!(
+        "{} {}: {} stale of {} own reads, {} reads back in time, primary {:.1} % of reads, \
+         post-write p99 {:.1} ms, {} errors",
+        r.profile,
+        r.label(),
+        r.stale_own_reads,
+        r.own_reads,
+        r.monotonic_violations,
+        r.primary_read_share * 100.0,
+        r.post_write_read_p99_ms,
+        r.errors
+    )
+}
+
+/// The short verdict that ends a run on the terminal: per strategy (and
+/// variant), over every profile run, the stale own reads, the primary's
+/// share of reads and the post-write read p99 (the range over profiles
+/// when there are several), then where the charts and full tables are.
+pub fn verdict(report: &LabReport, out: &Path) -> String {
+    let mut labels: Vec<String> = Vec::new();
+    for r in &report.results {
+        if !labels.contains(&r.label()) {
+            labels.push(r.label());
+        }
+    }
+    let range = |values: Vec<f64>, unit: &str, decimals: usize| -> String {
+        let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if values.is_empty() {
+            "-".to_owned()
+        } else if (high - low).abs() < 0.05 {
+            format!("{low:.decimals$}{unit}")
+        } else {
+            format!("{low:.decimals$}–{high:.decimals$}{unit}")
+        }
+    };
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let mut consistent = true;
+    for label in &labels {
+        let of: Vec<&StrategyResult> = report
+            .results
+            .iter()
+            .filter(|r| &r.label() == label)
+            .collect();
+        let stale: u64 = of.iter().map(|r| r.stale_own_reads).sum();
+        let checked: u64 = of.iter().map(|r| r.own_reads).sum();
+        let promises = of
+            .first()
+            .is_some_and(|r| r.strategy.promises_read_your_writes());
+        if promises && stale > 0 {
+            consistent = false;
+        }
+        let note = match (promises, stale) {
+            (false, 0) => "no stale read seen: the lag did not show".to_owned(),
+            (false, _) => "stale, as expected: reads ignore the user's writes".to_owned(),
+            (true, 0) => String::new(),
+            (true, _) => "STALE: this strategy promises read-your-writes".to_owned(),
+        };
+        rows.push(vec![
+            label.clone(),
+            format!("{stale} of {checked}"),
+            range(
+                of.iter().map(|r| r.primary_read_share * 100.0).collect(),
+                " %",
+                1,
+            ),
+            range(
+                of.iter().map(|r| r.post_write_read_p99_ms).collect(),
+                " ms",
+                0,
+            ),
+        ]);
+        notes.push(note);
+    }
+    let header: Vec<String> = [
+        "strategy",
+        "stale own reads",
+        "primary share",
+        "post-write p99",
+    ]
+    .iter()
+    .map(|h| (*h).to_owned())
+    .collect();
+    let profiles: Vec<&str> = report.profiles.iter().map(|p| p.profile.name()).collect();
+    let mut text = format!(
+        "Verdict: {} under {} ({} lag profile{}, {:.0} s each, {:.0} actions/s over {} app instances)\n\n",
+        if consistent {
+            "every strategy that promises read-your-writes kept it"
+        } else {
+            "a strategy that promises read-your-writes went stale"
+        },
+        profiles.join(", "),
+        profiles.len(),
+        if profiles.len() == 1 { "" } else { "s" },
+        report.duration_s,
+        report.rate,
+        report.instances
+    );
+    // Header and rule, then each row with its note after it.
+    let table = aligned(&header, &rows);
+    let mut lines = table.lines();
+    for line in lines.by_ref().take(2) {
+        let _ = writeln!(text, "{line}");
+    }
+    for (line, note) in lines.zip(&notes) {
+        let _ = writeln!(text, "{}", format!("{line}  {note}").trim_end());
+    }
+    let text_end = text.trim_end().len();
+    text.truncate(text_end);
+    let charts: Vec<String> = report
+        .profiles
+        .iter()
+        .map(|p| format!("frontier-{}.svg", p.profile))
+        .collect();
+    let _ = write!(
+        text,
+        "\n\nprimary share: reads the primary served; post-write p99: the own read right after a \
+         write{}.\n\
+         Charts (primary share against post-write p99, per profile): {} in {}\n\
+         Every column, reads back in time, connections per node: {}",
+        if profiles.len() > 1 {
+            " (ranges are over profiles)"
+        } else {
+            ""
+        },
+        charts.join(", "),
+        out.display(),
+        out.join("results.md").display()
+    );
+    text
+}
+
 /// Writes `results.json`, `results.md` (every table, then the frontier
 /// tables) and `frontier-<profile>.svg` for each profile into `dir`.
 pub fn write_files(report: &LabReport, dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
@@ -256,7 +427,12 @@ pub fn write_files(report: &LabReport, dir: &Path) -> Result<(), Box<dyn std::er
     )?;
     std::fs::write(
         dir.join("results.md"),
-        format!("{}\n{}", markdown(report), frontier_tables(report)),
+        format!(
+            "{}\n{}\n{}",
+            markdown(report),
+            frontier_tables(report),
+            connections_table(report)
+        ),
     )?;
     for info in &report.profiles {
         frontier_chart(
@@ -323,7 +499,7 @@ fn frontier_chart(
         let offset = if i % 2 == 0 { (7, -14) } else { (7, 2) };
         EmptyElement::at((r.primary_read_share * 100.0, r.post_write_read_p99_ms))
             + Circle::new((0, 0), 5, color.filled())
-            + Text::new(r.strategy.name(), offset, label.clone())
+            + Text::new(r.label(), offset, label.clone())
     }))?;
     root.draw(&Text::new(
         info.description.clone(),
@@ -344,6 +520,9 @@ mod tests {
         StrategyResult {
             profile: Profile::Skewed,
             strategy,
+            role: crate::roles::Role::Superuser,
+            replicas: crate::lab::instance::ReplicaMode::Direct,
+            labelled: false,
             max_wait_ms: 0,
             latency_budget_ms: 0,
             own_reads: 100,
@@ -373,6 +552,7 @@ mod tests {
             monotonic_violations: 0,
             read_token_share: 0.0,
             counter_advances: 0,
+            connections: Vec::new(),
         }
     }
 

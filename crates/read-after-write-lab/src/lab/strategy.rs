@@ -5,13 +5,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use std::sync::{Arc, Mutex};
-
 use read_after_write::pg::{CaptureError, PgReplicaSet, WaitPolicy};
-use read_after_write::{
-    Backend, CheckContext, Finding, KeySet, LayerSettings, ReadAfterWriteLayer, RouteReason,
-    Routed, WritePosition,
-};
+use read_after_write::{Backend, Lsn, RouteReason, Routed, WritePosition};
 use sqlx::PgPool;
 
 /// The fixed `max_wait`s of the `lsn-wait-<n>ms` strategies the lab runs by
@@ -91,86 +86,36 @@ impl Strategy {
         matches!(self, Strategy::Monotonic | Strategy::Primary)
     }
 
-    /// The `max_wait` the strategy's reads wait for a replica at most (zero
-    /// where they never wait), given the layer's default
-    /// ([`layer_default_max_wait`]).
-    pub fn max_wait(self, layer_default: Duration) -> Duration {
+    /// The `max_wait` the strategy configures on the layer (zero where
+    /// reads never wait); `None` where it runs with the layer's default,
+    /// which the lab reads from the layer itself
+    /// ([`Instrumented::settings`](super::readings::Instrumented::settings)).
+    pub fn max_wait(self) -> Option<Duration> {
         match self {
-            Strategy::LsnWait { max_wait_ms } => Duration::from_millis(u64::from(max_wait_ms)),
-            Strategy::Monotonic | Strategy::Adaptive => layer_default,
+            Strategy::LsnWait { max_wait_ms } => {
+                Some(Duration::from_millis(u64::from(max_wait_ms)))
+            }
+            Strategy::Monotonic | Strategy::Adaptive => None,
             Strategy::Naive | Strategy::Primary | Strategy::TimeWindow | Strategy::Lsn => {
-                Duration::ZERO
+                Some(Duration::ZERO)
             }
         }
     }
-}
 
-impl Strategy {
     /// The latency budget `adaptive` routes within, zero for the others:
     /// the default [`WaitPolicy`]'s own cap, or with none the read's
-    /// `max_wait` (the layer's default, `layer_default`).
-    pub fn latency_budget(self, layer_default: Duration) -> Duration {
+    /// `max_wait` (the one the layer runs with, `max_wait`).
+    pub fn latency_budget(self, max_wait: Duration) -> Duration {
         if self != Strategy::Adaptive {
             return Duration::ZERO;
         }
-        match WaitPolicy::default() {
-            WaitPolicy::Predicted { latency_budget } => {
-                latency_budget.map_or(layer_default, |budget| budget.min(layer_default))
-            }
-            // A fixed wait has no budget of its own.
-            _ => Duration::ZERO,
+        // A predicted wait is bounded by the read's max_wait; a fixed wait
+        // has no budget of its own.
+        if WaitPolicy::default() == WaitPolicy::Predicted {
+            max_wait
+        } else {
+            Duration::ZERO
         }
-    }
-}
-
-/// The `max_wait` of a [`ReadAfterWriteLayer`] that was given none, asked of
-/// the layer itself: its self-check hands the backend the settings, and
-/// a probe backend keeps them.
-pub async fn layer_default_max_wait(keys: &KeySet) -> Duration {
-    let probe = Arc::new(SettingsProbe::default());
-    let layer = ReadAfterWriteLayer::from_arc(Arc::clone(&probe), keys.clone());
-    let _ = layer.check(CheckContext::new()).await;
-    let seen = *probe
-        .max_wait
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    seen.unwrap_or_default()
-}
-
-/// A backend without a database that keeps the `max_wait` the layer's
-/// self-check gives it. Routes nowhere; only [`layer_default_max_wait`]
-/// uses it.
-#[derive(Default)]
-struct SettingsProbe {
-    max_wait: Mutex<Option<Duration>>,
-}
-
-impl Backend for SettingsProbe {
-    type Pool = ();
-    type Error = std::convert::Infallible;
-
-    fn primary(&self) -> &() {
-        &()
-    }
-
-    fn eventual(&self) -> Routed<'_, ()> {
-        Routed::primary(&(), RouteReason::Critical)
-    }
-
-    async fn session(&self, _required: WritePosition, _max_wait: Duration) -> Routed<'_, ()> {
-        Routed::primary(&(), RouteReason::Critical)
-    }
-
-    async fn write_position(&self) -> Result<WritePosition, Self::Error> {
-        Ok(WritePosition::default())
-    }
-
-    async fn diagnose(&self, settings: &LayerSettings) -> Vec<Finding> {
-        *self
-            .max_wait
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(settings.max_wait);
-        Vec::new()
     }
 }
 
@@ -211,6 +156,13 @@ impl std::str::FromStr for Strategy {
     }
 }
 
+/// What the baselines answer for a write's position: a constant, for a
+/// layer that issues tokens the baselines then ignore. Not the all-zero
+/// position, which means "unknown" and makes the layer send the user's
+/// reads to the primary without asking the backend; and no database round
+/// trip, which a baseline without the library would not make.
+const BASELINE_POSITION: WritePosition = WritePosition::new(Lsn::new(1), 1, 0);
+
 /// Baseline: every read to a random healthy replica, whatever the token.
 /// Writes still go to the primary. Build the set with
 /// [`Selection::Random`](read_after_write::pg::Selection::Random).
@@ -242,8 +194,7 @@ impl Backend for RandomReplica {
     }
 
     async fn write_position(&self) -> Result<WritePosition, CaptureError> {
-        // Not reached: the lab runs this baseline without tokens.
-        Ok(WritePosition::default())
+        Ok(BASELINE_POSITION)
     }
 }
 
@@ -276,7 +227,7 @@ impl Backend for PrimaryOnly {
     }
 
     async fn write_position(&self) -> Result<WritePosition, CaptureError> {
-        Ok(WritePosition::default())
+        Ok(BASELINE_POSITION)
     }
 }
 
@@ -284,13 +235,14 @@ impl Backend for PrimaryOnly {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn the_layers_default_max_wait_is_read_from_the_layer() {
-        let keys = KeySet::new(read_after_write::SigningKey::generate().expect("a key"));
-        let default = layer_default_max_wait(&keys).await;
-        assert!(default > Duration::ZERO, "{default:?}");
-        assert_eq!(Strategy::Adaptive.latency_budget(default), default);
-        assert_eq!(Strategy::Lsn.latency_budget(default), Duration::ZERO);
+    #[test]
+    fn adaptive_and_monotonic_run_with_the_layers_default() {
+        assert_eq!(Strategy::Adaptive.max_wait(), None);
+        assert_eq!(Strategy::Monotonic.max_wait(), None);
+        assert_eq!(Strategy::Lsn.max_wait(), Some(Duration::ZERO));
+        let wait = Duration::from_millis(50);
+        assert!(Strategy::Adaptive.latency_budget(wait) <= wait);
+        assert_eq!(Strategy::Lsn.latency_budget(wait), Duration::ZERO);
     }
 
     #[test]
