@@ -1,8 +1,11 @@
-//! The README's quickstart, complete: an axum app whose users read their own
-//! posts back at once, although reads go to lagging replicas.
+//! The README's example, complete: an axum app whose users read their own
+//! posts back at once, although reads go to lagging replicas. The README
+//! shows the region between the `ANCHOR` comments, and CI checks that it
+//! matches (`.ci/readme-example`).
 //!
 //! ```sh
-//! # Any primary with streaming replicas; the role should have pg_monitor.
+//! # Any primary with streaming replicas. For replicas to serve reads after
+//! # a write, the role needs pg_monitor or the heartbeat table (HEARTBEAT_DDL).
 //! DATABASE_URL=postgres://app@localhost:5432/app \
 //! REPLICA_URLS=postgres://app@localhost:5433/app,postgres://app@localhost:5434/app \
 //! AFFINITY_KEY=$(openssl rand -base64 32) \
@@ -24,9 +27,59 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
-use read_after_write::pg::{sqlx, PgDb, PgReplicaSet};
-use read_after_write::{KeySet, ReadAfterWriteLayer, UserId};
 use tower_http::timeout::TimeoutLayer;
+
+// ANCHOR: readme
+use read_after_write::pg::{sqlx, PgDb, PgReplicaSet};
+use read_after_write::{CheckContext, KeySet, ReadAfterWriteLayer, UserId};
+
+/// `POST /posts`: a write on the primary; the response carries a fresh token.
+async fn create_post(db: PgDb, user: CurrentUser, text: String) -> Result<StatusCode, StatusCode> {
+    sqlx::query("insert into posts (user_id, content) values ($1, $2)")
+        .bind(user.id)
+        .bind(text)
+        .execute(db.write()) // write(): the primary, and marks the request as writing
+        .await
+        .map_err(internal)?;
+    Ok(StatusCode::CREATED)
+}
+
+/// `GET /posts`: the user's own posts, from a replica that has their last write.
+async fn my_posts(db: PgDb, user: CurrentUser) -> Result<Json<Vec<String>>, StatusCode> {
+    let posts = sqlx::query_scalar("select content from posts where user_id = $1 order by id")
+        .bind(user.id)
+        .fetch_all(db.read().await) // read() may wait for a replica: .await it
+        .await
+        .map_err(internal)?;
+    Ok(Json(posts))
+}
+
+async fn app() -> Result<Router, Box<dyn std::error::Error>> {
+    let replicas = PgReplicaSet::from_env().await?; // DATABASE_URL, REPLICA_URLS
+    create_table(replicas.primary_pool()).await?;
+    // One or more base64 keys, newest first, the same on every instance.
+    let layer = ReadAfterWriteLayer::new(replicas, KeySet::from_env("AFFINITY_KEY")?)
+        // Tokens belong to the user your authentication layer found.
+        .identity(|parts| {
+            let user = parts.extensions.get::<CurrentUser>()?;
+            Some(UserId::from(user.id))
+        })
+        // The cookie is `Secure` (HTTPS only) by default; this demo serves HTTP.
+        .secure(false);
+    // Whatever would quietly cost consistency or primary capacity, if anything.
+    let served = CheckContext::new().served_over_https(false);
+    eprint!("{}", layer.check(served).await);
+    Ok(Router::new()
+        .route("/posts", get(my_posts).post(create_post))
+        .layer(layer) // inner: sees the user authentication inserted
+        .layer(middleware::from_fn(authenticate)) // outer: runs first
+        // A query on a frozen server never returns on its own: bound requests.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(5),
+        )))
+}
+// ANCHOR_END: readme
 
 /// Who is asking, as your authentication layer puts it into the request's
 /// extensions.
@@ -59,31 +112,14 @@ impl<S: Send + Sync> FromRequestParts<S> for CurrentUser {
     }
 }
 
-/// `GET /posts`: the user's own posts, from a replica that has their last
-/// write (or the primary, after at most `max_wait`).
-async fn my_posts(db: PgDb, user: CurrentUser) -> Result<Json<Vec<String>>, StatusCode> {
-    let rows: Vec<(String,)> =
-        sqlx::query_as("select content from posts where user_id = $1 order by id desc")
-            .bind(user.id)
-            .fetch_all(db.read().await) // read() is async: note the .await
-            .await
-            .map_err(internal)?;
-    Ok(Json(rows.into_iter().map(|(content,)| content).collect()))
-}
-
-/// `POST /posts`: writes on the primary; the response carries a fresh token.
-async fn create_post(
-    db: PgDb,
-    user: CurrentUser,
-    content: String,
-) -> Result<StatusCode, StatusCode> {
-    sqlx::query("insert into posts (user_id, content) values ($1, $2)")
-        .bind(user.id)
-        .bind(content)
-        .execute(db.write()) // write() marks the request as writing
-        .await
-        .map_err(internal)?;
-    Ok(StatusCode::CREATED)
+async fn create_table(primary: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "create table if not exists posts \
+         (id bigserial primary key, user_id bigint not null, content text not null)",
+    )
+    .execute(primary)
+    .await?;
+    Ok(())
 }
 
 fn internal(error: sqlx::Error) -> StatusCode {
@@ -93,49 +129,14 @@ fn internal(error: sqlx::Error) -> StatusCode {
 
 #[tokio::main]
 async fn main() {
-    if let Err(error) = run().await {
+    if let Err(error) = serve().await {
         eprintln!("error: {error}");
         std::process::exit(1);
     }
 }
 
-async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    // DATABASE_URL is the primary, REPLICA_URLS the replicas.
-    let replicas = PgReplicaSet::from_env().await?;
-    sqlx::query(
-        "create table if not exists posts \
-         (id bigserial primary key, user_id bigint not null, content text not null)",
-    )
-    .execute(replicas.primary_pool())
-    .await?;
-
-    let layer = ReadAfterWriteLayer::new(replicas, KeySet::from_env("AFFINITY_KEY")?)
-        // Tokens belong to the user authentication found.
-        .identity(|parts| {
-            let user = parts.extensions.get::<CurrentUser>()?;
-            Some(UserId::from(user.id))
-        })
-        // Default 20 ms: a session read waits at most this long for a
-        // replica, then reads the primary. Set it a little above your lag.
-        .max_wait(Duration::from_millis(50))
-        // The cookie is Secure by default (sent back over HTTPS only); this
-        // example serves plain HTTP.
-        .secure(false);
-
-    let app = Router::new()
-        .route("/posts", get(my_posts).post(create_post))
-        // Inner: sees what authentication inserted.
-        .layer(layer)
-        // Outer: runs first. Inside the layer, the identity is still unknown
-        // when the layer looks, and no token is ever issued.
-        .layer(middleware::from_fn(authenticate))
-        // A query on a frozen server never returns on its own: bound every
-        // request.
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(5),
-        ));
-
+async fn serve() -> Result<(), Box<dyn std::error::Error>> {
+    let app = app().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("serving on http://{}", listener.local_addr()?);
     axum::serve(listener, app).await?;

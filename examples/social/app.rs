@@ -7,7 +7,8 @@
 //! layer issue the affinity token.
 //!
 //! The handlers are generic over the [`Backend`], so the same app runs on
-//! [`PgReplicaSet`] or on the lab's baseline backends.
+//! [`PgReplicaSet`] or on any other backend over sqlx pools (the lab's
+//! baselines, or a backend that wraps one to measure it).
 //!
 //! Identity is demo-only: the `x-user-id: <integer>` header, or for the HTML
 //! page a `demo_user` cookie set by its login form. A real app puts its
@@ -24,18 +25,22 @@ use std::time::Duration;
 
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{FromRequestParts, Path, State};
-use axum::http::header::{COOKIE, LOCATION, SET_COOKIE};
+use axum::http::header::{COOKIE, SET_COOKIE};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{BoxError, Form, Json, Router};
+use axum::{BoxError, Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use read_after_write::pg::PgReplicaSet;
-use read_after_write::{Backend, Db, KeySet, ReadAfterWriteLayer, RouteReason, Target, UserId};
+use read_after_write::{Backend, Db, KeySet, ReadAfterWriteLayer, UserId};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tower::ServiceBuilder;
+
+#[path = "html.rs"]
+mod html;
+use html::{create_post_form, home, login_form};
 
 /// The header that carries the demo identity.
 pub const USER_HEADER: &str = "x-user-id";
@@ -43,13 +48,6 @@ pub const USER_HEADER: &str = "x-user-id";
 pub const USER_COOKIE: &str = "demo_user";
 /// The longest post accepted, in characters.
 pub const MAX_POST_CHARS: usize = 2_000;
-/// The response header that carries the lab's counter (see
-/// [`LabOptions::counter`]).
-pub const COUNTER_HEADER: &str = "x-lab-counter";
-/// The response header that carries how long a session read waited for a
-/// replica before it went to the primary anyway, in microseconds (see
-/// [`LabOptions::wasted_wait`]).
-pub const WASTED_WAIT_HEADER: &str = "x-lab-wasted-wait-us";
 
 /// How the app's layer is configured.
 #[derive(Clone, Debug)]
@@ -58,49 +56,16 @@ pub struct AppConfig {
     pub keys: KeySet,
     /// `Secure` on the affinity cookie; off for plain-HTTP development.
     pub cookie_secure: bool,
-    /// How long a session read waits for a replica before the primary.
-    pub max_wait: Duration,
+    /// How long a session read may wait for a replica before the primary;
+    /// `None` leaves the layer's default.
+    pub max_wait: Option<Duration>,
     /// Add the `x-read-after-write` debug header to responses.
     pub debug_header: bool,
-    /// Time-window mode instead of positions (the lab's baseline).
-    pub time_window: Option<Duration>,
-    /// Read and issue affinity tokens. Off only for the lab's baselines,
-    /// which route without them.
-    pub tokens: bool,
     /// Answer 503 when a request takes longer than this. sqlx has no
     /// client-side query timeout, so a query on a frozen server never
     /// returns on its own: the app must bound its requests. `None` leaves
     /// them unbounded.
     pub request_timeout: Option<Duration>,
-}
-
-/// What the lab adds to the app beyond [`AppConfig`], kept apart so that
-/// the example's, the tests' and the drills' configurations stay as they
-/// are. [`router`] leaves both off.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LabOptions {
-    /// Monotonic reads on the layer
-    /// ([`ReadAfterWriteLayer::monotonic_reads`]).
-    pub monotonic_reads: bool,
-    /// Every read endpoint of the API (own posts, feed, profiles) also reads
-    /// `lab_counter` (one row, one `value` column, which the lab creates and
-    /// advances on the primary) on the pool its read used, right after that
-    /// read, and answers it in the [`COUNTER_HEADER`] header. A pool is one
-    /// node, so the value is what that node had replayed: the lab compares
-    /// it across a session's reads to count monotonic-read violations.
-    pub counter: bool,
-    /// Leave `max_wait` at the layer's default instead of
-    /// [`AppConfig::max_wait`]: the lab's `adaptive` strategy runs the
-    /// library as configured out of the box.
-    pub default_max_wait: bool,
-    /// Every session read (own posts, profiles) that went to the primary
-    /// because no replica caught up within its wait
-    /// ([`RouteReason::WaitTimedOut`]) or none was predicted to
-    /// ([`RouteReason::PredictedLate`], possibly after waiting until the
-    /// prediction slipped), from [`Db::last_route`], answers how long
-    /// `db.read()` took in the [`WASTED_WAIT_HEADER`] header: time spent
-    /// waiting that bought nothing.
-    pub wasted_wait: bool,
 }
 
 /// Runs the schema migrations on the primary.
@@ -135,7 +100,6 @@ pub fn metrics_handle() -> PrometheusHandle {
 struct AppState {
     replicas: PgReplicaSet,
     metrics: PrometheusHandle,
-    lab: LabOptions,
 }
 
 /// The whole app: API, HTML page and operations endpoints, with the
@@ -144,39 +108,39 @@ pub fn router<B>(backend: B, replicas: PgReplicaSet, config: &AppConfig) -> Rout
 where
     B: Backend<Pool = PgPool>,
 {
-    router_with(backend, replicas, config, LabOptions::default())
+    router_with_layer(layer(backend, config), replicas, config)
 }
 
-/// [`router`] with what the lab adds (see [`LabOptions`]).
-pub fn router_with<B>(
-    backend: B,
+/// The app's read-after-write layer over `backend`: the demo identity,
+/// and the cookie, debug header and `max_wait` of `config`. Adjust it (a
+/// consistency mode, say) and serve it with [`router_with_layer`].
+pub fn layer<B>(backend: B, config: &AppConfig) -> ReadAfterWriteLayer<B>
+where
+    B: Backend<Pool = PgPool>,
+{
+    let layer = ReadAfterWriteLayer::new(backend, config.keys.clone())
+        .identity(demo_identity)
+        .secure(config.cookie_secure)
+        .debug_header(config.debug_header);
+    match config.max_wait {
+        Some(max_wait) => layer.max_wait(max_wait),
+        None => layer,
+    }
+}
+
+/// [`router`] with a layer of your own (from [`layer`], adjusted); of
+/// `config` only the request timeout is used here.
+pub fn router_with_layer<B>(
+    layer: ReadAfterWriteLayer<B>,
     replicas: PgReplicaSet,
     config: &AppConfig,
-    lab: LabOptions,
 ) -> Router
 where
     B: Backend<Pool = PgPool>,
 {
-    let identity: fn(&Parts) -> Option<UserId> = if config.tokens {
-        demo_identity
-    } else {
-        |_| None
-    };
-    let mut layer = ReadAfterWriteLayer::new(backend, config.keys.clone())
-        .identity(identity)
-        .secure(config.cookie_secure)
-        .debug_header(config.debug_header)
-        .monotonic_reads(lab.monotonic_reads);
-    if !lab.default_max_wait {
-        layer = layer.max_wait(config.max_wait);
-    }
-    if let Some(window) = config.time_window {
-        layer = layer.time_window(window);
-    }
     let state = AppState {
         replicas,
         metrics: metrics_handle(),
-        lab,
     };
     let router = Router::new()
         .route("/", get(home::<B>))
@@ -435,83 +399,16 @@ async fn insert_post<B: Backend<Pool = PgPool>>(
     Ok(id)
 }
 
-/// What a read tells the lab, in response headers (see [`LabOptions`]).
-#[derive(Clone, Copy, Debug, Default)]
-struct LabReadings {
-    /// `lab_counter` on the node the read used.
-    counter: Option<i64>,
-    /// How long a session read waited before it went to the primary anyway.
-    wasted_wait: Option<Duration>,
-}
-
-/// `db.read()`, and how long it waited in vain: `Some` when the lab asks
-/// ([`LabOptions::wasted_wait`]) and the read went to the primary because
-/// no replica caught up in time (or none was predicted to).
-async fn session_read<B: Backend<Pool = PgPool>>(
-    db: &Db<B>,
-    lab: LabOptions,
-) -> (&PgPool, Option<Duration>) {
-    let started = std::time::Instant::now();
-    let pool = db.read().await;
-    let waited = started.elapsed();
-    let wasted = lab.wasted_wait
-        && db.last_route().is_some_and(|route| {
-            route.target == Target::Primary
-                && matches!(
-                    route.reason,
-                    RouteReason::WaitTimedOut | RouteReason::PredictedLate
-                )
-        });
-    (pool, wasted.then_some(waited))
-}
-
-/// The user's own posts, and what the lab asks for.
+/// The user's own 100 newest posts, a session read.
 async fn own_posts<B: Backend<Pool = PgPool>>(
     db: &Db<B>,
     user: i64,
-    lab: LabOptions,
-) -> Result<(Vec<Post>, LabReadings), AppError> {
+) -> Result<Vec<Post>, AppError> {
     let sql = select_posts!("from posts where user_id = $1 order by id desc limit 100");
-    let (pool, wasted_wait) = session_read(db, lab).await;
-    let posts = sqlx::query_as(sql).bind(user).fetch_all(pool).await?;
-    let counter = lab_counter(pool, lab.counter).await?;
-    Ok((
-        posts,
-        LabReadings {
-            counter,
-            wasted_wait,
-        },
-    ))
-}
-
-/// `lab_counter`'s value on `pool`, the node a read has just used, when the
-/// lab asks for it ([`LabOptions::counter`]); `None` otherwise.
-async fn lab_counter(pool: &PgPool, enabled: bool) -> Result<Option<i64>, AppError> {
-    if !enabled {
-        return Ok(None);
-    }
-    let (value,): (i64,) = sqlx::query_as("select value from lab_counter")
-        .fetch_one(pool)
-        .await?;
-    Ok(Some(value))
-}
-
-/// `body` with what the lab asked for in its headers ([`COUNTER_HEADER`],
-/// [`WASTED_WAIT_HEADER`]).
-fn with_readings(body: impl IntoResponse, readings: LabReadings) -> Response {
-    let mut response = body.into_response();
-    if let Some(value) = readings.counter {
-        response
-            .headers_mut()
-            .insert(COUNTER_HEADER, axum::http::HeaderValue::from(value));
-    }
-    if let Some(waited) = readings.wasted_wait {
-        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
-        response
-            .headers_mut()
-            .insert(WASTED_WAIT_HEADER, axum::http::HeaderValue::from(micros));
-    }
-    response
+    Ok(sqlx::query_as(sql)
+        .bind(user)
+        .fetch_all(db.read().await)
+        .await?)
 }
 
 /// `POST /api/posts {"content"}`: 201 with the id.
@@ -526,30 +423,16 @@ async fn create_post<B: Backend<Pool = PgPool>>(
 
 /// `GET /api/posts`: the user's own posts, newest first. Session-consistent.
 async fn my_posts<B: Backend<Pool = PgPool>>(
-    State(state): State<AppState>,
     db: Db<B>,
     DemoUser(user): DemoUser,
-) -> Result<Response, AppError> {
-    let (posts, readings) = own_posts(&db, user, state.lab).await?;
-    Ok(with_readings(Json(posts), readings))
+) -> Result<Json<Vec<Post>>, AppError> {
+    Ok(Json(own_posts(&db, user).await?))
 }
 
 /// `GET /api/feed`: the latest 100 posts by anyone. Eventual.
-async fn feed<B: Backend<Pool = PgPool>>(
-    State(state): State<AppState>,
-    db: Db<B>,
-) -> Result<Response, AppError> {
+async fn feed<B: Backend<Pool = PgPool>>(db: Db<B>) -> Result<Json<Vec<Post>>, AppError> {
     let sql = select_posts!("from posts order by id desc limit 100");
-    let pool = db.eventual();
-    let posts: Vec<Post> = sqlx::query_as(sql).fetch_all(pool).await?;
-    let counter = lab_counter(pool, state.lab.counter).await?;
-    Ok(with_readings(
-        Json(posts),
-        LabReadings {
-            counter,
-            wasted_wait: None,
-        },
-    ))
+    Ok(Json(sqlx::query_as(sql).fetch_all(db.eventual()).await?))
 }
 
 /// `GET /api/posts/{id}`: one post, a critical read from the primary.
@@ -591,25 +474,15 @@ async fn put_profile<B: Backend<Pool = PgPool>>(
 /// `GET /api/profile/{user_id}`: session-consistent, so a user sees their
 /// own edit at once.
 async fn get_profile<B: Backend<Pool = PgPool>>(
-    State(state): State<AppState>,
     db: Db<B>,
     Path(user_id): Path<i64>,
-) -> Result<Response, AppError> {
-    let (pool, wasted_wait) = session_read(&db, state.lab).await;
+) -> Result<Json<Profile>, AppError> {
     let profile: Option<Profile> =
         sqlx::query_as("select user_id, name, bio from profiles where user_id = $1")
             .bind(user_id)
-            .fetch_optional(pool)
+            .fetch_optional(db.read().await)
             .await?;
-    let readings = LabReadings {
-        counter: lab_counter(pool, state.lab.counter).await?,
-        wasted_wait,
-    };
-    Ok(match profile {
-        Some(profile) => with_readings(Json(profile), readings),
-        // A 404 read a node too, so it carries the counter as well.
-        None => with_readings(AppError::NotFound, readings),
-    })
+    profile.map(Json).ok_or(AppError::NotFound)
 }
 
 /// `POST /api/signup {"name"}`: creates an account and its profile and
@@ -662,11 +535,11 @@ async fn log_in<B: Backend<Pool = PgPool>>(
 /// `GET /api/dashboard`: the user's latest login and how many posts they
 /// have. Session-consistent, so right after a login it shows that login.
 async fn dashboard<B: Backend<Pool = PgPool>>(
-    State(state): State<AppState>,
     db: Db<B>,
     DemoUser(user): DemoUser,
-) -> Result<Response, AppError> {
-    let (pool, wasted_wait) = session_read(&db, state.lab).await;
+) -> Result<Json<Dashboard>, AppError> {
+    // One node for both queries, so the two agree.
+    let pool = db.read().await;
     let last_login: Option<LoginRecord> = sqlx::query_as(
         "select id, to_char(at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') as at \
          from logins where user_id = $1 order by id desc limit 1",
@@ -678,16 +551,11 @@ async fn dashboard<B: Backend<Pool = PgPool>>(
         .bind(user)
         .fetch_one(pool)
         .await?;
-    let readings = LabReadings {
-        counter: lab_counter(pool, state.lab.counter).await?,
-        wasted_wait,
-    };
-    let dashboard = Dashboard {
+    Ok(Json(Dashboard {
         user_id: user,
         last_login,
         posts,
-    };
-    Ok(with_readings(Json(dashboard), readings))
+    }))
 }
 
 /// `response` with the `demo_user` cookie for `user`: the demo identity
@@ -721,90 +589,4 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
-}
-
-#[derive(Deserialize)]
-struct PostForm {
-    content: String,
-}
-
-#[derive(Deserialize)]
-struct LoginForm {
-    user_id: i64,
-}
-
-fn see_other(location: &'static str) -> Response {
-    (StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response()
-}
-
-/// `POST /posts` from the HTML form: write, then 303 back to `/`, which must
-/// show the new post. The seed's scenario, in a browser.
-async fn create_post_form<B: Backend<Pool = PgPool>>(
-    db: Db<B>,
-    DemoUser(user): DemoUser,
-    Form(form): Form<PostForm>,
-) -> Result<Response, AppError> {
-    insert_post(&db, user, &form.content).await?;
-    Ok(see_other("/"))
-}
-
-/// `POST /login`: sets the demo identity cookie. It writes nothing, so
-/// unlike `POST /api/login` it needs no token.
-async fn login_form(Form(form): Form<LoginForm>) -> Response {
-    signed_in(see_other("/"), form.user_id)
-}
-
-/// `GET /`: the post form and the user's own posts (a session read).
-async fn home<B: Backend<Pool = PgPool>>(
-    db: Db<B>,
-    headers: HeaderMap,
-) -> Result<Html<String>, AppError> {
-    let Some(user) = user_from_headers(&headers) else {
-        return Ok(Html(page(
-            "<form method=post action=/login>\
-             <label>Your user id (demo only) <input name=user_id type=number value=1 required></label> \
-             <button>Sign in</button></form>",
-        )));
-    };
-    let (posts, _) = own_posts(&db, user, LabOptions::default()).await?;
-    let mut body = format!(
-        "<p>Signed in as user {user}.</p>\
-         <form method=post action=/posts><textarea name=content rows=3 cols=60 required maxlength={MAX_POST_CHARS}></textarea><br>\
-         <button>Post</button></form><h2>Your posts</h2><ul>"
-    );
-    for post in &posts {
-        body.push_str(&format!(
-            "<li><time>{}</time> {}</li>",
-            escape(&post.created_at),
-            escape(&post.content)
-        ));
-    }
-    body.push_str("</ul>");
-    if posts.is_empty() {
-        body.push_str("<p>No posts yet.</p>");
-    }
-    Ok(Html(page(&body)))
-}
-
-fn page(body: &str) -> String {
-    format!(
-        "<!doctype html><html><head><meta charset=utf-8><title>read-after-write social</title>\
-         <style>body{{font-family:sans-serif;max-width:40em;margin:2em auto}}time{{color:#777}}</style></head>\
-         <body><h1>Social</h1>{body}</body></html>"
-    )
-}
-
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }

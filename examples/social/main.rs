@@ -14,8 +14,8 @@
 //! | `REPLICA_URLS` | comma-separated replica URLs |
 //! | `AFFINITY_KEY` | base64 of at least 32 random bytes, shared by all instances (comma-separated for rotation, current first) |
 //! | `BIND` | listen address, default `127.0.0.1:3000` |
-//! | `COOKIE_SECURE` | `false` for plain-HTTP development; default `true` |
-//! | `MAX_WAIT_MS` | how long a session read waits for a replica, default 20 |
+//! | `COOKIE_SECURE` | `true` behind HTTPS; default `false`, since this demo serves plain HTTP (the library's default is `Secure`) |
+//! | `MAX_WAIT_MS` | the most a session read may wait for a replica (a bound, not a wait); default the layer's, 50 |
 //! | `DEBUG_HEADER` | `true` adds `x-read-after-write` to responses |
 //! | `REQUEST_TIMEOUT_MS` | a request that takes longer answers 503, default 5000 (`0` turns it off) |
 //! | `RUST_LOG` | log filter, default `info` |
@@ -59,16 +59,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let config = app::AppConfig {
         keys,
-        cookie_secure: env_flag("COOKIE_SECURE", true),
-        max_wait: Duration::from_millis(
-            std::env::var("MAX_WAIT_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(20),
-        ),
+        cookie_secure: env_flag("COOKIE_SECURE", false),
+        // None: the layer's default (DEFAULT_MAX_WAIT).
+        max_wait: std::env::var("MAX_WAIT_MS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map(Duration::from_millis),
         debug_header: env_flag("DEBUG_HEADER", false),
-        time_window: None,
-        tokens: true,
         // sqlx has no client-side query timeout: a frozen primary would hold
         // a request forever without this bound.
         request_timeout: match std::env::var("REQUEST_TIMEOUT_MS")
@@ -80,8 +77,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ms => Some(Duration::from_millis(ms)),
         },
     };
-    if config.cookie_secure {
-        tracing::info!("the affinity cookie is Secure: browsers send it only over HTTPS (COOKIE_SECURE=false for plain-HTTP development)");
+    if !config.cookie_secure {
+        tracing::info!("the affinity cookie is not Secure, for this plain-HTTP demo; behind HTTPS keep the library's default (COOKIE_SECURE=true here)");
     }
     let router = app::router(replicas.clone(), replicas.clone(), &config);
 
@@ -90,7 +87,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let address = listener.local_addr()?;
     println!("\nserving on http://{address}  (Ctrl-C to stop)");
     if config.cookie_secure {
-        println!("  (the cookie is Secure: curl only sends it back over HTTPS; run with COOKIE_SECURE=false for the curl lines below)");
+        println!("  (the cookie is Secure: curl sends it back only over HTTPS, so the curl lines below need COOKIE_SECURE=false)");
     }
     println!("  curl -si -c jar -b jar -H 'x-user-id: 1' -H 'content-type: application/json' -d '{{\"content\":\"hello\"}}' http://{address}/api/posts");
     println!("  curl -s  -c jar -b jar -H 'x-user-id: 1' http://{address}/api/posts");
