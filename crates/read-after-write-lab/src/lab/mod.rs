@@ -32,6 +32,7 @@
 pub mod connections;
 pub mod counter;
 pub mod instance;
+pub mod measured;
 pub mod primary_load;
 pub mod profile;
 pub mod readings;

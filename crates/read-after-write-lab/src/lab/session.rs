@@ -10,8 +10,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use read_after_write::middleware::DEFAULT_COOKIE_NAME;
 
+use super::measured::{Live, Measured, Workload, CLIENT_TIMEOUT};
 use super::readings::{COUNTER_HEADER, WASTED_WAIT_HEADER};
-use super::workload::{Live, Measured, Workload, CLIENT_TIMEOUT};
 use crate::social::{Created, Post};
 
 /// One virtual user's session: its cookie jar, the instances it alternates
@@ -256,7 +256,7 @@ fn micros(started: Instant) -> u64 {
 mod tests {
     use std::time::Duration;
 
-    use super::super::workload::Arrivals;
+    use super::super::measured::Arrivals;
     use super::*;
 
     fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
