@@ -179,6 +179,31 @@ impl System {
         Ok(system)
     }
 
+    /// Readies every instance for the load, as a readiness probe and a
+    /// warmed deploy would: `concurrency` feed reads at once per instance,
+    /// each bounded, their outcomes ignored. A cold pool opens (and, behind
+    /// a reader endpoint, identifies) one connection per concurrent read;
+    /// on a busy 2-core machine a burst of those can outlast the pool's
+    /// acquire timeout, which would show as errors before any fault.
+    pub async fn warm_up(&self, concurrency: usize) {
+        let Ok(client) = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+        else {
+            return;
+        };
+        let mut reads = tokio::task::JoinSet::new();
+        for base in self.bases.borrow().iter() {
+            for _ in 0..concurrency {
+                let request = client.get(format!("{base}/api/feed")).send();
+                reads.spawn(async move {
+                    let _ = request.await;
+                });
+            }
+        }
+        while reads.join_next().await.is_some() {}
+    }
+
     /// The addresses clients follow, one per instance.
     pub fn bases(&self) -> watch::Receiver<Vec<String>> {
         self.bases.subscribe()

@@ -321,11 +321,14 @@ pub async fn run_once(
     };
     record.cluster_start_s = system.cluster_start_s;
 
-    let recorder = Arc::new(Recorder::new());
     let load_config = LoadConfig {
         signers: load_config.signers + drill.signers(),
         ..load_config.clone()
     };
+    system
+        .warm_up(load_config.writers + load_config.readers + load_config.signers)
+        .await;
+    let recorder = Arc::new(Recorder::new());
     let users = load::start(&load_config, system.bases(), Arc::clone(&recorder));
     let (injected_ms, injected, grace) = if control {
         // No fault: an empty window at the start of the run.
