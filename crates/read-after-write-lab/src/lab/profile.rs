@@ -49,11 +49,20 @@ const BURST_PERIOD: Duration = Duration::from_secs(2);
 /// ... starting this far into the window.
 const BURST_OFFSET: Duration = Duration::from_millis(500);
 /// Rows of [`BALLAST_TABLE`], about 1 kB each: each burst rewrites all of
-/// them in one transaction, this many kB of WAL, which the replicas replay
-/// behind every commit made after it. Sized so that replay lag passes the
-/// largest budget the lab runs (`lsn-wait-160ms`) for part of each period:
-/// see `tests_burst` for the measurement.
-const BALLAST_ROWS: i32 = 16_000;
+/// them, this many kB of WAL, which the replicas replay behind every commit
+/// made after it. Sized with [`BURST_WRITERS`] so that replay lag passes
+/// the largest budget the lab runs (`lsn-wait-160ms`) for part of each
+/// period: on a 2-core machine, 16,000 rows by one writer (the size until
+/// then) peaked at 20 to 70 ms, 64,000 rows by four writers at 310 to
+/// 360 ms, over 160 ms for about 0.5 s of every 2 s (`tests_burst`
+/// measures it).
+const BALLAST_ROWS: i32 = 64_000;
+/// Connections that write each burst at once, each its own slice of the
+/// ballast, each in one transaction: WAL comes faster than a replica's
+/// single replay process applies it, as in a batch job with several
+/// workers. One writer, however many rows, barely builds lag: the
+/// replicas replay its WAL as fast as it comes.
+const BURST_WRITERS: usize = 4;
 
 /// The table the `burst` profile rewrites.
 pub const BALLAST_TABLE: &str = "lab_ballast";
@@ -84,10 +93,11 @@ pub enum Profile {
     /// starts only with at least 0.3 s of the window left, and ends with
     /// the window at the latest.
     Spiky,
-    /// Every replica about 5 ms behind, and a transaction rewriting the
-    /// ballast table on the primary every 2 s (from 0.5 s into each
-    /// measured window), so lag grows past the lab's largest budget while
-    /// the replicas replay it, and drains after.
+    /// Every replica about 5 ms behind, and four transactions at once
+    /// rewriting the ballast table (64,000 rows of 1 kB) on the primary
+    /// every 2 s (from 0.5 s into each measured window), so replay lag
+    /// grows past the lab's largest budget (160 ms) while the replicas
+    /// replay them, and drains after.
     Burst,
     /// A custom steady profile: one apply delay per replica, as given
     /// (`steady:20ms,90ms,250ms` starts three replicas).
@@ -195,9 +205,10 @@ impl Profile {
                 if replicas == 1 { "" } else { "s" }
             )),
             Profile::Burst => text.push_str(&format!(
-                "; a transaction rewriting {} rows of 1 kB (about {} MB of WAL) on the \
-                 primary every {} s, from {} s into each window, which the replicas replay \
-                 behind every later commit",
+                "; {} transactions at once rewriting {} rows of 1 kB (about {} MB of WAL) on \
+                 the primary every {} s, from {} s into each window, which the replicas \
+                 replay behind every later commit",
+                BURST_WRITERS,
                 BALLAST_ROWS,
                 BALLAST_ROWS / 1000,
                 BURST_PERIOD.as_secs_f64(),
@@ -302,40 +313,68 @@ async fn spikes(cluster: &TestCluster, window: Duration) {
 /// after the window until the replicas have replayed the last burst, so
 /// the next strategy starts with replicas at their apply delays.
 async fn bursts(cluster: &TestCluster, window: Duration) {
+    let size = BurstSize {
+        rows: BALLAST_ROWS,
+        writers: BURST_WRITERS,
+    };
+    bursts_of(cluster, window, size).await;
+}
+
+/// How large each burst is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BurstSize {
+    /// The ballast rows, each rewritten once per burst.
+    pub(crate) rows: i32,
+    /// Connections writing at once, each its own slice of the rows.
+    pub(crate) writers: usize,
+}
+
+/// Bursts of `size` over `window`, as [`bursts`].
+pub(crate) async fn bursts_of(cluster: &TestCluster, window: Duration, size: BurstSize) {
     let started = tokio::time::Instant::now();
     let end = started + window;
-    let mut connection = match primary_load::connect_background(cluster.primary_url()).await {
-        Ok(connection) => connection,
-        Err(error) => {
-            tracing::warn!(%error, "burst: could not connect to the primary");
-            return;
-        }
-    };
-    let mut burst_at = started + BURST_OFFSET;
-    while burst_at < end {
-        tokio::time::sleep_until(burst_at).await;
-        if let Err(error) = burst(&mut connection).await {
-            tracing::warn!(%error, "burst: the large write failed");
-        }
-        burst_at += BURST_PERIOD;
+    let writers = size.writers.max(1);
+    let slice = (size.rows + writers as i32 - 1) / writers as i32;
+    let mut tasks = Vec::with_capacity(writers);
+    for writer in 0..writers {
+        let mut connection = match primary_load::connect_background(cluster.primary_url()).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::warn!(%error, "burst: could not connect to the primary");
+                continue;
+            }
+        };
+        let first = writer as i32 * slice + 1;
+        let last = first + slice - 1;
+        tasks.push(tokio::spawn(async move {
+            let mut burst_at = started + BURST_OFFSET;
+            while burst_at < end {
+                tokio::time::sleep_until(burst_at).await;
+                // Every row of the slice gets a new version: about a
+                // kilobyte of WAL each, in one commit.
+                let update =
+                    sqlx::query("update lab_ballast set n = n + 1 where id between $1 and $2")
+                        .bind(first)
+                        .bind(last)
+                        .execute(&mut connection)
+                        .await;
+                if let Err(error) = update {
+                    tracing::warn!(%error, "burst: the large write failed");
+                }
+                burst_at += BURST_PERIOD;
+            }
+            let _ = connection.close().await;
+        }));
     }
-    let _ = connection.close().await;
+    for task in tasks {
+        let _ = task.await;
+    }
     if let Err(error) = cluster
         .wait_for_replicas_caught_up(Duration::from_secs(30))
         .await
     {
         tracing::warn!(%error, "burst: the replicas did not catch up after the window");
     }
-}
-
-/// One burst: every ballast row gets a new version, [`BALLAST_ROWS`] kB of
-/// WAL in one commit, which the replicas replay behind every commit made
-/// after it.
-pub(crate) async fn burst(connection: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("update lab_ballast set n = n + 1")
-        .execute(connection)
-        .await?;
-    Ok(())
 }
 
 /// Creates [`BALLAST_TABLE`], and fills it when one of `profiles` is
@@ -360,7 +399,7 @@ pub async fn create_ballast(
 }
 
 /// Gives [`BALLAST_TABLE`] `rows` rows of about 1 kB.
-async fn fill_ballast(primary: &sqlx::PgPool, rows: i32) -> Result<(), sqlx::Error> {
+pub(crate) async fn fill_ballast(primary: &sqlx::PgPool, rows: i32) -> Result<(), sqlx::Error> {
     // md5 text does not compress, so each row keeps its kilobyte.
     sqlx::query(
         "insert into lab_ballast (id, n, pad) \

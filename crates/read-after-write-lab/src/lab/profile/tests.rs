@@ -166,7 +166,7 @@ fn describe_says_what_each_replica_gets() {
     assert!(spiky.contains("round the 3 replicas"), "{spiky}");
     let burst = Profile::Burst.describe(2);
     assert!(
-        burst.starts_with("both replicas 5 ms behind; a transaction rewriting"),
+        burst.starts_with("both replicas 5 ms behind; 4 transactions at once rewriting"),
         "{burst}"
     );
     assert!(burst.contains(&format!("{BALLAST_ROWS} rows")), "{burst}");

@@ -4,8 +4,10 @@
 //!
 //! ```sh
 //! cargo test -p read-after-write-lab --lib burst_lag -- --ignored --nocapture
-//! # other ballast sizes, smallest first (the table only grows):
-//! LAB_BALLAST_ROWS=16000,32000,64000 cargo test -p read-after-write-lab --lib burst_lag -- --ignored --nocapture
+//! # other sizes: ballast rows, smallest first (the table only grows), and
+//! # writers at once; the assertion is on the last size
+//! LAB_BALLAST_ROWS=16000,32000,64000 LAB_BURST_WRITERS=2 \
+//!     cargo test -p read-after-write-lab --lib burst_lag -- --ignored --nocapture
 //! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,12 +109,19 @@ async fn burst_lag_passes_the_largest_budget() {
                 .collect()
         })
         .unwrap_or_else(|| vec![BALLAST_ROWS]);
+    let writers: usize = std::env::var("LAB_BURST_WRITERS")
+        .ok()
+        .map(|writers| writers.parse().unwrap())
+        .unwrap_or(BURST_WRITERS);
     let budget = largest_budget().as_secs_f64() * 1000.0;
     // Three bursts: the first on freshly written pages, the others as in
     // the lab's later windows.
     let window = BURST_OFFSET + BURST_PERIOD * 3 - Duration::from_millis(1);
+    // The last size's (by default the lab's): the lowest peak of its
+    // later bursts.
     let mut lowest_peak = f64::INFINITY;
     for rows in sizes {
+        lowest_peak = f64::INFINITY;
         fill_ballast(&primary, rows).await.unwrap();
         Profile::Burst.apply(&cluster).await.unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -121,7 +130,7 @@ async fn burst_lag_passes_the_largest_budget() {
             .into_iter()
             .map(|url| tokio::spawn(sample(url, Arc::clone(&stop))))
             .collect();
-        Profile::Burst.disturb(&cluster, window).await;
+        bursts_of(&cluster, window, BurstSize { rows, writers }).await;
         stop.store(true, Ordering::Relaxed);
         for (index, sampler) in samplers.into_iter().enumerate() {
             let samples = sampler.await.unwrap();
@@ -132,7 +141,7 @@ async fn burst_lag_passes_the_largest_budget() {
                 .map(|(peak, above)| format!("peak {peak:.0} ms, {above:.0} ms above"))
                 .collect();
             println!(
-                "{rows} rows, replica-{}: {} (budget {budget:.0} ms)",
+                "{rows} rows by {writers} writers, replica-{}: {} (budget {budget:.0} ms)",
                 index + 1,
                 text.join("; ")
             );
