@@ -158,9 +158,13 @@ async fn main() -> ExitCode {
                 // Behind a reader endpoint (--replicas endpoint) sqlx logs
                 // at error level every connection a server's pool refuses
                 // because it reached another server, as the library
-                // expects; RUST_LOG brings them back.
+                // expects; and burst's large writes are slow statements
+                // on purpose (sqlx warns past 1 s). RUST_LOG brings them
+                // back.
                 .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("warn,sqlx_core::pool::inner=off")
+                    tracing_subscriber::EnvFilter::new(
+                        "warn,sqlx_core::pool::inner=off,sqlx::query=error",
+                    )
                 }),
         )
         .with_writer(std::io::stderr)
