@@ -5,6 +5,8 @@
 //! ```sh
 //! cargo run --release                       # defaults: 5 profiles x 11 strategies, about 3½ minutes
 //! cargo run --release -- --profile skewed,burst --strategies lsn,lsn-wait-40ms,adaptive
+//! # your own steady lags, one apply delay per replica (here three replicas)
+//! cargo run --release -- --profile steady:20ms,90ms,250ms,burst --strategies naive,adaptive
 //! cargo run --release -- --closed-loop --users 64 --profile skewed   # capacity, flat out
 //! cargo run -- --duration 3s --warmup 500ms --users 16 --check       # CI's short run (skewed)
 //! cargo run --release -- --json > results.json
@@ -23,14 +25,15 @@ use std::time::Duration;
 
 use clap::Parser;
 use read_after_write_lab::lab::instance::ReplicaMode;
-use read_after_write_lab::lab::profile::Profile;
+use read_after_write_lab::lab::profile::{Profile, ProfileList};
 use read_after_write_lab::lab::strategy::Strategy;
 use read_after_write_lab::lab::workload::{Arrivals, Workload};
 use read_after_write_lab::lab::{self, report, LabConfig};
 use read_after_write_lab::roles::Role;
 
 /// Measure read-your-writes and monotonic reads on a throwaway primary with
-/// two lagging replicas: stale own reads, reads that went back in time, the
+/// lagging replicas (two, or as many as a `steady:<delays>` profile lists):
+/// stale own reads, reads that went back in time, the
 /// primary's share of reads and statements per 1,000 requests, post-write
 /// read latency and time wasted waiting, for each routing strategy under
 /// each lag profile, at a fixed offered rate, each served by two app
@@ -39,10 +42,14 @@ use read_after_write_lab::roles::Role;
 #[command(version, about)]
 struct Args {
     /// Lag profiles to run, in order (comma-separated): steady-low,
-    /// steady-high, skewed, spiky, burst. Default: all of them; with
-    /// `--check`, skewed only (CI's short run).
-    #[arg(long, value_delimiter = ',')]
-    profile: Option<Vec<Profile>>,
+    /// steady-high, skewed, spiky, burst, or `steady:<delay>,...` with one
+    /// apply delay per replica (steady:20ms,90ms,250ms: three replicas;
+    /// 20ms, plain 20 or 1.5s; at most 8 replicas and 10 s). The cluster
+    /// gets as many replicas as the profile listing the most; one listing
+    /// fewer gives the others its last delay. Default: the five built-in
+    /// profiles; with `--check`, skewed only (CI's short run).
+    #[arg(long)]
+    profile: Vec<ProfileList>,
     /// Offered load: actions per second, Poisson arrivals (a write action
     /// is a post and the read of the user's own posts after it, so HTTP
     /// requests per second are about rate × (1 + write ratio)).
@@ -94,7 +101,7 @@ struct Args {
     role: Vec<Role>,
     /// How the app reaches the replicas, or both (comma-separated), each a
     /// run of its own: direct (one URL per replica) or endpoint (one URL,
-    /// a round-robin proxy over both, as a reader endpoint is).
+    /// a round-robin proxy over every replica, as a reader endpoint is).
     #[arg(long, value_delimiter = ',', default_value = "direct")]
     replicas: Vec<ReplicaMode>,
     /// Print the full tables after the verdict (they are in results.md
@@ -110,7 +117,8 @@ struct Args {
     /// Exit non-zero unless, under every profile run, every strategy but
     /// naive had 0 stale own reads, monotonic and primary had 0 reads that
     /// went back in time, and naive went stale (and back in time where the
-    /// replicas differ: skewed, spiky), the negative control. The
+    /// replicas differ: skewed, spiky, a `steady:<delays>` whose delays are
+    /// 100 ms apart or more), the negative control. The
     /// correctness columns only; speed is never asserted. Without
     /// --profile and --strategies it runs skewed only, with one lsn-wait.
     #[arg(long)]
@@ -150,9 +158,13 @@ async fn main() -> ExitCode {
                 // Behind a reader endpoint (--replicas endpoint) sqlx logs
                 // at error level every connection a server's pool refuses
                 // because it reached another server, as the library
-                // expects; RUST_LOG brings them back.
+                // expects; and burst's large writes are slow statements
+                // on purpose (sqlx warns past 1 s). RUST_LOG brings them
+                // back.
                 .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("warn,sqlx_core::pool::inner=off")
+                    tracing_subscriber::EnvFilter::new(
+                        "warn,sqlx_core::pool::inner=off,sqlx::query=error",
+                    )
                 }),
         )
         .with_writer(std::io::stderr)
@@ -173,14 +185,16 @@ async fn main() -> ExitCode {
             .collect(),
         None => Strategy::all(),
     };
-    let profiles = match &args.profile {
-        Some(profiles) if profiles.is_empty() => {
-            eprintln!("--profile needs at least one profile");
-            return ExitCode::from(2);
-        }
-        Some(profiles) => profiles.clone(),
-        None if args.check => vec![Profile::Skewed],
-        None => Profile::ALL.to_vec(),
+    // Each --profile's list, in order (an empty one does not parse).
+    let profiles: Vec<Profile> = args
+        .profile
+        .iter()
+        .flat_map(|list| list.0.iter().cloned())
+        .collect();
+    let profiles = match profiles {
+        given if !given.is_empty() => given,
+        _ if args.check => vec![Profile::Skewed],
+        _ => Profile::ALL.to_vec(),
     };
     if args.counter_interval.is_zero() {
         eprintln!("--counter-interval must be above zero");
@@ -220,10 +234,12 @@ async fn main() -> ExitCode {
         progress: !args.json,
     };
     if !args.json {
-        let names: Vec<&str> = profiles.iter().map(|p| p.name()).collect();
+        let names: Vec<String> = profiles.iter().map(|p| p.name()).collect();
         let variants = config.variants().len();
+        let replicas = Profile::cluster_replicas(&profiles);
         eprintln!(
-            "starting a primary with 2 lagging replicas; {} strategies{} under {} ...",
+            "starting a primary with {replicas} lagging replica{}; {} strategies{} under {} ...",
+            if replicas == 1 { "" } else { "s" },
             strategies.len(),
             if variants > 1 {
                 format!(" in {variants} variants (role, replicas)")
@@ -279,7 +295,7 @@ async fn main() -> ExitCode {
 /// Strategies that promise neither guarantee (lsn-wait's reads may go back
 /// in time) are printed in the table, never failed on. Naive must go stale
 /// under every profile, and back in time under those whose replicas
-/// differ (skewed, spiky).
+/// differ ([`Profile::replicas_differ`]).
 fn check(report: &lab::LabReport) -> Vec<String> {
     let mut failures = Vec::new();
     for result in &report.results {

@@ -31,7 +31,7 @@ pub const POOL_APPLICATION_NAME: &str = "lab_app";
 pub enum ReplicaMode {
     /// One URL per replica: the lab's topology until now.
     Direct,
-    /// One URL for both, the kit's round-robin proxy (a reader endpoint:
+    /// One URL for every replica, the kit's round-robin proxy (a reader endpoint:
     /// Aurora's `cluster-ro`, a read pool, DNS round robin), which the
     /// library looks behind server by server.
     Endpoint,

@@ -8,7 +8,7 @@
 //! alternates its requests between them. A strategy may run in several
 //! [variants](instance::Variant): the app's database role (superuser, with
 //! `pg_monitor`, plain) and how it reaches the replicas (one URL each, or
-//! one reader endpoint over both).
+//! one reader endpoint over all of them).
 //!
 //! Meanwhile a writer advances `lab_counter` on the primary every
 //! [`LabConfig::counter_interval`], and every read answers the counter its
@@ -56,6 +56,7 @@ use self::counter::CounterWriter;
 use self::instance::{Instance, ReplicaMode, Variant};
 use self::primary_load::PrimaryStatements;
 use self::profile::Profile;
+pub use self::profile::ProfileInfo;
 use self::strategy::Strategy;
 use self::workload::{Arrivals, Live, Workload};
 use crate::roles::Role;
@@ -246,6 +247,8 @@ pub struct LabReport {
     pub cores: usize,
     /// App instances per strategy.
     pub instances: usize,
+    /// Replicas in the cluster (see [`Profile::cluster_replicas`]).
+    pub replicas: usize,
     /// How often the writer advanced the counter, milliseconds.
     pub counter_interval_ms: f64,
     /// The layer's default `max_wait` (what `monotonic` and `adaptive` run
@@ -258,23 +261,12 @@ pub struct LabReport {
     pub results: Vec<StrategyResult>,
 }
 
-/// A lag profile as the report describes it.
-#[derive(Clone, Debug, Serialize)]
-pub struct ProfileInfo {
-    /// The profile.
-    pub profile: Profile,
-    /// What it does.
-    pub description: String,
-    /// The replicas' apply delays, milliseconds.
-    pub apply_delays_ms: Vec<u64>,
-}
-
 impl LabReport {
     /// The results of one profile, in the order they ran.
-    pub fn results_of(&self, profile: Profile) -> Vec<&StrategyResult> {
+    pub fn results_of(&self, profile: &Profile) -> Vec<&StrategyResult> {
         self.results
             .iter()
-            .filter(|result| result.profile == profile)
+            .filter(|result| &result.profile == profile)
             .collect()
     }
 }
@@ -286,8 +278,11 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
     for (name, value) in primary_load::SETTINGS {
         builder = builder.setting(name, value);
     }
-    let first = config.profiles.first().copied().unwrap_or(Profile::Skewed);
-    for delay in first.apply_delays() {
+    // As many replicas as the profile listing the most needs; each
+    // profile sets every replica's delay as it starts.
+    let replicas = Profile::cluster_replicas(&config.profiles);
+    let first = config.profiles.first().unwrap_or(&Profile::Skewed);
+    for delay in first.delays_for(replicas) {
         builder = builder.replica(delay);
     }
     let cluster = builder.start().await?;
@@ -296,7 +291,7 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
         let primary = sqlx::PgPool::connect(cluster.primary_url()).await?;
         social::migrate(&primary).await?;
         counter::create_counter(&primary).await?;
-        profile::create_ballast(&primary).await?;
+        profile::create_ballast(&primary, &config.profiles).await?;
         primary.close().await;
     }
     // After every table is there, so the roles' grants reach the counter
@@ -325,7 +320,7 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
     let keys = KeySet::new(SigningKey::generate()?);
     let mut results = Vec::with_capacity(config.strategies.len() * config.profiles.len());
     let mut runs = 0i64;
-    for profile in config.profiles.iter().copied() {
+    for profile in &config.profiles {
         if let Err(error) = profile.apply(&cluster).await {
             counter.stop().await;
             return Err(error);
@@ -374,15 +369,7 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
     let profiles = config
         .profiles
         .iter()
-        .map(|&profile| ProfileInfo {
-            profile,
-            description: profile.describe(),
-            apply_delays_ms: profile
-                .apply_delays()
-                .iter()
-                .map(|d| d.as_millis() as u64)
-                .collect(),
-        })
+        .map(|profile| ProfileInfo::new(profile, replicas))
         .collect();
     Ok(LabReport {
         users: config.workload.users,
@@ -399,6 +386,7 @@ pub async fn run(config: &LabConfig) -> Result<LabReport, Box<dyn std::error::Er
         cluster_start_s,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         instances: INSTANCES,
+        replicas,
         counter_interval_ms: config.counter_interval.as_secs_f64() * 1000.0,
         layer_default_max_wait_ms,
         profiles,
@@ -411,7 +399,7 @@ struct Run<'a> {
     cluster: &'a TestCluster,
     /// The reader endpoint over the replicas, when a variant uses one.
     endpoint: Option<&'a TcpProxy>,
-    profile: Profile,
+    profile: &'a Profile,
     strategy: Strategy,
     variant: Variant,
     /// Other variants run too: names carry the variant.
@@ -528,7 +516,7 @@ async fn run_strategy(
     let requests = measured.reads + measured.writes;
     let seconds = measured.elapsed.as_secs_f64().max(1e-9);
     Ok(StrategyResult {
-        profile,
+        profile: profile.clone(),
         strategy,
         role: variant.role,
         replicas: variant.replicas,
@@ -576,7 +564,7 @@ fn share(part: u64, whole: u64) -> f64 {
     }
 }
 
-fn progress_bar(enabled: bool, profile: Profile, label: &str, duration: Duration) -> ProgressBar {
+fn progress_bar(enabled: bool, profile: &Profile, label: &str, duration: Duration) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }

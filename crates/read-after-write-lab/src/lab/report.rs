@@ -69,7 +69,8 @@ fn describe(report: &LabReport) -> String {
         format!("closed loop: {} virtual users flat out", report.users)
     };
     format!(
-        "{load}, {:.1} s measured per strategy and profile over {} app instances, write ratio {}, \
+        "{load}, {:.1} s measured per strategy and profile over {} app instances and {} \
+         replica{}, write ratio {}, \
          a counter advanced every {} ms ({} cores)\n\
          went back: reads that saw an older counter than an earlier read of their session \
          (monotonic-read violations); token reads: read responses that set a new token; \
@@ -79,6 +80,8 @@ fn describe(report: &LabReport) -> String {
          (a write action is a post and its own read); dropped: arrivals that found every session busy",
         report.duration_s,
         report.instances,
+        report.replicas,
+        if report.replicas == 1 { "" } else { "s" },
         report.write_ratio,
         report.counter_interval_ms,
         report.cores
@@ -125,7 +128,7 @@ pub fn table(report: &LabReport) -> String {
     let mut out = format!("{}\n", describe(report));
     for info in &report.profiles {
         let rows: Vec<Vec<String>> = report
-            .results_of(info.profile)
+            .results_of(&info.profile)
             .into_iter()
             .map(|r| cells(r).to_vec())
             .collect();
@@ -153,7 +156,7 @@ pub fn markdown(report: &LabReport) -> String {
             out.push_str(if i == 0 { "---|" } else { "---:|" });
         }
         out.push('\n');
-        for result in report.results_of(info.profile) {
+        for result in report.results_of(&info.profile) {
             let _ = writeln!(out, "| {} |", cells(result).join(" | "));
         }
     }
@@ -204,7 +207,7 @@ pub fn frontier_tables(report: &LabReport) -> String {
          maximum: differences of a few milliseconds are noise.\n",
     );
     for info in &report.profiles {
-        let mut results = report.results_of(info.profile);
+        let mut results = report.results_of(&info.profile);
         results.sort_by(|a, b| {
             a.primary_read_share.total_cmp(&b.primary_read_share).then(
                 a.post_write_read_p99_ms
@@ -368,7 +371,7 @@ pub fn verdict(report: &LabReport, out: &Path) -> String {
     .iter()
     .map(|h| (*h).to_owned())
     .collect();
-    let profiles: Vec<&str> = report.profiles.iter().map(|p| p.profile.name()).collect();
+    let profiles: Vec<String> = report.profiles.iter().map(|p| p.profile.name()).collect();
     let mut text = format!(
         "Verdict: {} under {} ({} lag profile{}, {:.0} s each, {:.0} actions/s over {} app instances)\n\n",
         if consistent {
@@ -397,7 +400,7 @@ pub fn verdict(report: &LabReport, out: &Path) -> String {
     let charts: Vec<String> = report
         .profiles
         .iter()
-        .map(|p| format!("frontier-{}.svg", p.profile))
+        .map(|p| chart_file(&p.profile))
         .collect();
     let _ = write!(
         text,
@@ -435,13 +438,15 @@ pub fn write_files(report: &LabReport, dir: &Path) -> Result<(), Box<dyn std::er
         ),
     )?;
     for info in &report.profiles {
-        frontier_chart(
-            report,
-            info,
-            &dir.join(format!("frontier-{}.svg", info.profile)),
-        )?;
+        frontier_chart(report, info, &dir.join(chart_file(&info.profile)))?;
     }
     Ok(())
+}
+
+/// The chart's file name: `frontier-skewed.svg`,
+/// `frontier-steady-20ms-90ms.svg`.
+fn chart_file(profile: &super::profile::Profile) -> String {
+    format!("frontier-{}.svg", profile.slug())
 }
 
 /// A scatter of one profile's strategies: primary read share (x) against
@@ -452,7 +457,7 @@ fn frontier_chart(
     info: &ProfileInfo,
     path: &Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let mut results = report.results_of(info.profile);
+    let mut results = report.results_of(&info.profile);
     results.sort_by(|a, b| a.primary_read_share.total_cmp(&b.primary_read_share));
     let on = frontier(&results);
     let y_max = results
