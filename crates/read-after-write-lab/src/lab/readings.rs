@@ -13,7 +13,12 @@
 //!   gives each request a place for those notes (a task-local: the app's
 //!   handlers run in the request's task) and, once the app has answered,
 //!   reads `lab_counter` on the noted pool and answers both in headers:
-//!   [`COUNTER_HEADER`] and [`WASTED_WAIT_HEADER`].
+//!   [`COUNTER_HEADER`] and [`WASTED_WAIT_HEADER`]. When the layer captures
+//!   the primary's position for the response's token (a write, or a
+//!   monotonic read the primary served), the wrapper reads the counter
+//!   right before that capture instead: the token promises what the read
+//!   saw, so a counter read after the capture could show more than it
+//!   covers and make the session's next read look older.
 //!
 //! A pool is one node, so the counter read after the request is what that
 //! node had replayed by the end of the read (it never goes back on one
@@ -51,6 +56,9 @@ struct Notes {
     pool: Option<PgPool>,
     /// How long a session read waited before it went to the primary anyway.
     wasted_wait: Option<Duration>,
+    /// The counter read on `pool` before the layer captured the primary's
+    /// position for this request's token, when it did.
+    counter: Option<i64>,
 }
 
 tokio::task_local! {
@@ -170,6 +178,26 @@ impl<B: Backend<Pool = PgPool>> Backend for Instrumented<B> {
     }
 
     async fn write_position(&self) -> Result<WritePosition, B::Error> {
+        // A read this request made is measured before the capture: the
+        // token covers what the read saw, not what the node had once the
+        // response was on its way, so a counter read after the capture
+        // could report a value the token never promised.
+        let pool = NOTES
+            .try_with(|notes| {
+                let notes = notes.borrow();
+                if notes.counter.is_some() {
+                    None
+                } else {
+                    notes.pool.clone()
+                }
+            })
+            .ok()
+            .flatten();
+        if let Some(pool) = pool {
+            if let Some(value) = read_counter(&pool).await {
+                let _ = NOTES.try_with(|notes| notes.borrow_mut().counter = Some(value));
+            }
+        }
         self.inner.write_position().await
     }
 
@@ -189,16 +217,16 @@ pub async fn record_readings(request: Request, next: Next) -> Response {
             (response, NOTES.with(RefCell::take))
         })
         .await;
-    if let Some(pool) = notes.pool {
-        let counter: Result<(i64,), sqlx::Error> = sqlx::query_as("select value from lab_counter")
-            .fetch_one(&pool)
-            .await;
-        // A read without a counter is counted but not checked.
-        if let Ok((value,)) = counter {
-            response
-                .headers_mut()
-                .insert(COUNTER_HEADER, HeaderValue::from(value));
-        }
+    let counter = match (notes.counter, &notes.pool) {
+        (Some(value), _) => Some(value),
+        (None, Some(pool)) => read_counter(pool).await,
+        (None, None) => None,
+    };
+    // A read without a counter is counted but not checked.
+    if let Some(value) = counter {
+        response
+            .headers_mut()
+            .insert(COUNTER_HEADER, HeaderValue::from(value));
     }
     if let Some(waited) = notes.wasted_wait {
         let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
@@ -207,4 +235,13 @@ pub async fn record_readings(request: Request, next: Next) -> Response {
             .insert(WASTED_WAIT_HEADER, HeaderValue::from(micros));
     }
     response
+}
+
+/// `lab_counter` as `pool`'s node has it now; `None` when it cannot be read.
+async fn read_counter(pool: &PgPool) -> Option<i64> {
+    sqlx::query_as::<_, (i64,)>("select value from lab_counter")
+        .fetch_one(pool)
+        .await
+        .ok()
+        .map(|(value,)| value)
 }
