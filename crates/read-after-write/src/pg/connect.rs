@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
 use super::budget::PrimaryShare;
@@ -169,26 +169,7 @@ impl PgReplicaSetBuilder {
         let outages = Arc::clone(outages);
         let settings = self.pool_settings();
         Box::new(move |options: PgConnectOptions| {
-            let on_acquire = Arc::clone(&outages);
-            let on_release = Arc::clone(&outages);
-            PgPoolOptions::new()
-                .max_connections(settings.max_connections)
-                .acquire_timeout(settings.acquire_timeout)
-                // No test query per checkout (a round trip on every write);
-                // drop connections that predate an outage instead.
-                .test_before_acquire(false)
-                .before_acquire(move |_conn, meta| {
-                    let keep = !on_acquire.predates_last_outage(meta.age);
-                    Box::pin(async move { Ok(keep) })
-                })
-                // sqlx pings a released connection without a time bound: on
-                // a frozen node that ping never returns and the slot is
-                // lost. Close connections from before an outage instead.
-                .after_release(move |_conn, meta| {
-                    let keep = !on_release.predates_last_outage(meta.age);
-                    Box::pin(async move { Ok(keep) })
-                })
-                .connect_lazy_with(options)
+            settings.options(&outages).connect_lazy_with(options)
         })
     }
 

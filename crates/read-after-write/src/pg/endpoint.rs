@@ -45,6 +45,30 @@ pub(crate) struct PoolSettings {
     pub(crate) acquire_timeout: Duration,
 }
 
+impl PoolSettings {
+    /// Pool options for one node: no test query per checkout (a round trip
+    /// on every read and write); connections opened before the node's last
+    /// outage are dropped on checkout and on release instead, since sqlx
+    /// pings a released connection without a time bound and on a frozen
+    /// node that ping never returns and the slot is lost.
+    pub(crate) fn options(&self, outages: &Arc<Outages>) -> PgPoolOptions {
+        let on_acquire = Arc::clone(outages);
+        let on_release = Arc::clone(outages);
+        PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .test_before_acquire(false)
+            .before_acquire(move |_conn, meta| {
+                let keep = !on_acquire.predates_last_outage(meta.age);
+                Box::pin(async move { Ok(keep) })
+            })
+            .after_release(move |_conn, meta| {
+                let keep = !on_release.predates_last_outage(meta.age);
+                Box::pin(async move { Ok(keep) })
+            })
+    }
+}
+
 /// Where an endpoint's connections come from.
 pub(crate) enum EndpointSource {
     /// Options from a URL: the library builds one pool per server found.
@@ -215,24 +239,8 @@ impl Endpoint {
         outages: &Arc<Outages>,
         known: Arc<dyn Fn(&Fingerprint) -> bool + Send + Sync>,
     ) -> PgPool {
-        let on_acquire = Arc::clone(outages);
-        let on_release = Arc::clone(outages);
-        PgPoolOptions::new()
-            .max_connections(self.settings.max_connections)
-            .acquire_timeout(self.settings.acquire_timeout)
-            // No test query per checkout (a round trip on every read);
-            // drop connections that predate an outage instead.
-            .test_before_acquire(false)
-            .before_acquire(move |_conn, meta| {
-                let keep = !on_acquire.predates_last_outage(meta.age);
-                Box::pin(async move { Ok(keep) })
-            })
-            // sqlx pings a released connection without a time bound: on a
-            // frozen node that ping never returns and the slot is lost.
-            .after_release(move |_conn, meta| {
-                let keep = !on_release.predates_last_outage(meta.age);
-                Box::pin(async move { Ok(keep) })
-            })
+        self.settings
+            .options(outages)
             .after_connect(move |conn, _meta| {
                 admit(conn, Arc::clone(&admission), Arc::clone(&known))
             })
