@@ -7,7 +7,7 @@
 //! fault) that must go stale, or the check proves nothing.
 //!
 //! ```sh
-//! cargo run -p read-after-write-lab --release --bin drills                 # about 35 minutes
+//! cargo run -p read-after-write-lab --release --bin drills                 # about 30 minutes
 //! cargo run -p read-after-write-lab --bin drills -- --short --check        # CI, about 4 minutes
 //! cargo run -p read-after-write-lab --release --bin drills -- --drills split-brain,frozen-replica --runs 1
 //! ```
