@@ -218,6 +218,8 @@ pub mod pg;
 pub mod position;
 mod request;
 pub mod requirement;
+#[cfg(feature = "sea-orm")]
+pub mod sea_orm;
 mod telemetry;
 #[cfg(test)]
 mod testing;
