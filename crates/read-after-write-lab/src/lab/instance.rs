@@ -101,6 +101,9 @@ pub(crate) struct Instance {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// How many times an instance tries to connect its replica set.
+const CONNECT_ATTEMPTS: u32 = 3;
+
 impl Instance {
     /// Starts an instance for `strategy` and `variant`; `endpoint` is the
     /// reader endpoint over the cluster's replicas (needed for
@@ -115,38 +118,58 @@ impl Instance {
         config: &LabConfig,
     ) -> Result<Self, Box<dyn std::error::Error>> {
         let role = variant.role;
-        let mut builder = PgReplicaSet::builder()
-            .primary_url(tagged(role.url(cluster.primary_port())))
-            // Pool sizes are capacity, not routing: the same for every
-            // strategy, adaptive included.
-            .max_connections(workload.users.clamp(4, 32) as u32);
-        builder = match strategy {
-            Strategy::Naive => builder.selection(Selection::Random),
-            // The library's defaults, whatever they are in this version.
-            Strategy::Adaptive => builder,
-            // A fixed max_wait, waited in full: the policy before predictions.
-            Strategy::LsnWait { .. } => builder
-                .selection(Selection::RoundRobin)
-                .wait_poll_interval(config.wait_poll)
-                .wait_policy(WaitPolicy::Fixed),
-            _ => builder
-                .selection(Selection::RoundRobin)
-                .wait_poll_interval(config.wait_poll),
-        };
-        match (variant.replicas, endpoint) {
-            (ReplicaMode::Endpoint, Some(endpoint)) => {
-                builder = builder.replica_url("readers", tagged(role.url(endpoint.port())));
-            }
-            (ReplicaMode::Endpoint, None) => {
-                return Err("the reader endpoint mode needs the lab's endpoint proxy".into())
-            }
-            (ReplicaMode::Direct, _) => {
-                for replica in cluster.replicas() {
-                    builder = builder.replica_url(replica.name(), tagged(role.url(replica.port())));
+        if variant.replicas == ReplicaMode::Endpoint && endpoint.is_none() {
+            return Err("the reader endpoint mode needs the lab's endpoint proxy".into());
+        }
+        let builder = || {
+            let mut builder = PgReplicaSet::builder()
+                .primary_url(tagged(role.url(cluster.primary_port())))
+                // Pool sizes are capacity, not routing: the same for every
+                // strategy, adaptive included.
+                .max_connections(workload.users.clamp(4, 32) as u32);
+            builder = match strategy {
+                Strategy::Naive => builder.selection(Selection::Random),
+                // The library's defaults, whatever they are in this version.
+                Strategy::Adaptive => builder,
+                // A fixed max_wait, waited in full: the policy before predictions.
+                Strategy::LsnWait { .. } => builder
+                    .selection(Selection::RoundRobin)
+                    .wait_poll_interval(config.wait_poll)
+                    .wait_policy(WaitPolicy::Fixed),
+                _ => builder
+                    .selection(Selection::RoundRobin)
+                    .wait_poll_interval(config.wait_poll),
+            };
+            match (variant.replicas, endpoint) {
+                (ReplicaMode::Endpoint, Some(endpoint)) => {
+                    builder = builder.replica_url("readers", tagged(role.url(endpoint.port())));
+                }
+                (ReplicaMode::Endpoint, None) => {}
+                (ReplicaMode::Direct, _) => {
+                    for replica in cluster.replicas() {
+                        builder =
+                            builder.replica_url(replica.name(), tagged(role.url(replica.port())));
+                    }
                 }
             }
-        }
-        let replicas = builder.connect().await?;
+            builder
+        };
+        // The profile before may have left the primary busy (the `burst`
+        // profile's checkpoints, on a loaded machine): a setup query that
+        // misses the library's production bound gets two more tries
+        // before the run fails.
+        let mut attempt = 1;
+        let replicas = loop {
+            match builder().connect().await {
+                Ok(replicas) => break replicas,
+                Err(error) if attempt < CONNECT_ATTEMPTS => {
+                    tracing::warn!(%error, attempt, "lab: connecting the replica set failed; trying again");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         let app_config = AppConfig {
             keys: keys.clone(),
             cookie_secure: false,
