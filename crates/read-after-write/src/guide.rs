@@ -7,6 +7,8 @@
 //! - [`operations`]: metrics, alert rules and the dashboard, sizing
 //!   `max_wait` and the TTL, key rotation, incidents, connections.
 //! - [`platforms`]: where each managed PostgreSQL stands.
+//! - [`identity`]: where tokens get their user: axum-login, tower-sessions
+//!   and Loco.
 //! - [`testing`]: testing your own app on real lagging clusters.
 //! - [`evidence`]: the lab, the fault campaign and the benchmarks, with the
 //!   commands that reproduce them.
@@ -25,6 +27,9 @@ pub mod operations {}
 
 #[doc = include_str!("../docs/platforms.md")]
 pub mod platforms {}
+
+#[doc = include_str!("../docs/identity.md")]
+pub mod identity {}
 
 #[doc = include_str!("../docs/testing.md")]
 pub mod testing {}

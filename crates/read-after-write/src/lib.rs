@@ -40,6 +40,7 @@
 //!   [how routing decides](guide::routing), the
 //!   [failure table](guide::failures), [operations](guide::operations)
 //!   (metrics, alerts, sizing, keys), [platforms](guide::platforms),
+//!   [identity](guide::identity) (axum-login, tower-sessions, Loco),
 //!   [testing your app](guide::testing) and the [evidence](guide::evidence)
 //!   (the lab, fault drills, benchmarks).
 //! - `pg` (feature `postgres`, on by default): [`PgReplicaSet`](pg::PgReplicaSet),
