@@ -3,7 +3,7 @@
 //! under five lag profiles, at a fixed offered load (open loop).
 //!
 //! ```sh
-//! cargo run --release                       # defaults: 5 profiles x 11 strategies, about 3½ minutes
+//! cargo run --release                       # defaults: 5 profiles x 11 strategies, about 4 minutes
 //! cargo run --release -- --profile skewed,burst --strategies lsn,lsn-wait-40ms,adaptive
 //! # your own steady lags, one apply delay per replica (here three replicas)
 //! cargo run --release -- --profile steady:20ms,90ms,250ms,burst --strategies naive,adaptive
