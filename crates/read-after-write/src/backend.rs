@@ -132,7 +132,11 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// A replica route carries the bookmark the session continues with
     /// ([`Routed::bookmark`]); a route without one, the primary's included,
-    /// makes the layer capture the primary's position after the request.
+    /// makes the layer capture the primary's position after the request. A
+    /// primary route that carries one (the session's bookmark, tied to the
+    /// replica it leaves because that replica lags) lets the session come
+    /// back there: the captured position becomes a floor on that replica
+    /// ([`Bookmark::returning_to`]) instead of a bookmark tied to none.
     ///
     /// The default cannot tell replicas apart, so it always reads from the
     /// primary, which is always safe.
@@ -364,7 +368,9 @@ pub struct Routed<'a, P> {
     /// with, the required position and the replica it read (see
     /// [`bookmark`](crate::bookmark)). `None` when the read cannot be
     /// bookmarked (the primary, or a replica the backend cannot name); the
-    /// layer then captures the primary's position after the request.
+    /// layer then captures the primary's position after the request. On a
+    /// route to the primary, the replica the session left for lag and may
+    /// come back to ([`Backend::monotonic`]).
     pub bookmark: Option<Bookmark>,
 }
 

@@ -33,7 +33,15 @@
 //!   read goes to the primary, and the response captures the primary's
 //!   position. The bookmark is then tied to no replica: everything the
 //!   session saw is at most `position`, so any replica that has replayed it
-//!   is safe, and the next read ties the session to one.
+//!   is safe, and the next read ties the session to one (a new token).
+//! - When it left only because its replica lagged, and no other replica is
+//!   predicted to replay the position clearly sooner (replicas that lag
+//!   alike), it keeps that replica instead, with the captured position as a
+//!   [`floor`](Bookmark::floor) ([`Bookmark::returning_to`]): every read
+//!   there, eventual ones included, waits for the replica to replay it, and
+//!   the first read back re-issues nothing. Safe for the same reason: what
+//!   the session saw is at most the floor until it reads the replica again,
+//!   and from then on at most what the replica holds.
 //!
 //! # Example
 //!
@@ -77,20 +85,28 @@ use crate::position::{Lsn, WritePosition};
 pub const MAX_CLUSTERS: usize = 4;
 
 /// One replica incarnation: a replica's name and its server's start time,
-/// mixed into 64 bits. Never zero (zero means "no replica" on the wire).
+/// mixed into 63 bits. Never zero (zero means "no replica" on the wire).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReplicaTag(NonZeroU64);
 
+/// The top bit of a replica tag's wire value: [`Bookmark::floor`].
+const FLOOR_BIT: u64 = 1 << 63;
+
 impl ReplicaTag {
-    /// A tag from its wire value; `None` for zero.
+    /// A tag from its wire value; `None` for zero, or a value with the top
+    /// bit set (the token keeps that bit for [`Bookmark::floor`]).
     ///
     /// ```
     /// use read_after_write::bookmark::ReplicaTag;
     ///
     /// assert!(ReplicaTag::new(0).is_none());
+    /// assert!(ReplicaTag::new(1 << 63).is_none());
     /// assert_eq!(ReplicaTag::new(9).unwrap().get(), 9);
     /// ```
     pub fn new(value: u64) -> Option<Self> {
+        if value & FLOOR_BIT != 0 {
+            return None;
+        }
         NonZeroU64::new(value).map(ReplicaTag)
     }
 
@@ -119,7 +135,20 @@ impl ReplicaTag {
             hash ^= u64::from(*byte);
             hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
         }
-        ReplicaTag(NonZeroU64::new(hash).unwrap_or(NonZeroU64::MIN))
+        ReplicaTag(NonZeroU64::new(hash & !FLOOR_BIT).unwrap_or(NonZeroU64::MIN))
+    }
+
+    /// The tag and [`Bookmark::floor`] as a token carries them: the tag's
+    /// 63 bits, and the floor in the top bit.
+    pub(crate) fn to_wire(replica: Option<ReplicaTag>, floor: bool) -> u64 {
+        replica.map_or(0, |tag| tag.get() | if floor { FLOOR_BIT } else { 0 })
+    }
+
+    /// The tag and the floor from a token's value: a floor without a
+    /// replica means nothing more than the position, so it reads as none.
+    pub(crate) fn from_wire(value: u64) -> (Option<ReplicaTag>, bool) {
+        let replica = ReplicaTag::new(value & !FLOOR_BIT);
+        (replica, replica.is_some() && value & FLOOR_BIT != 0)
     }
 
     /// The wire value.
@@ -143,6 +172,11 @@ pub struct Bookmark {
     pub position: WritePosition,
     /// The replica incarnation the session read last, if any.
     pub replica: Option<ReplicaTag>,
+    /// With a replica: the session has *seen* `position` (it read the
+    /// primary there), so every read on `replica`, eventual ones included,
+    /// waits for `position`. Without it, `position` on a replica is a write
+    /// the session has not read back, which only session reads need.
+    pub floor: bool,
 }
 
 impl Bookmark {
@@ -151,6 +185,7 @@ impl Bookmark {
         Bookmark {
             position,
             replica: None,
+            floor: false,
         }
     }
 
@@ -186,32 +221,76 @@ impl Bookmark {
         }
     }
 
+    /// The same position as a floor the session has seen, with `replica`
+    /// to return to once it has replayed it: what a monotonic session
+    /// keeps after reading the primary because its replica lagged. Any
+    /// read on `replica`, eventual ones included, waits for the position
+    /// there; no other replica may serve the session.
+    ///
+    /// ```
+    /// use read_after_write::bookmark::{Bookmark, ReplicaTag};
+    /// use read_after_write::{Lsn, WritePosition};
+    ///
+    /// let tag = ReplicaTag::new(0xA1).unwrap();
+    /// let kept = Bookmark::new(WritePosition::new(Lsn::new(0x900), 1, 7)).returning_to(tag);
+    /// assert!(kept.floor);
+    /// assert_eq!(kept.replica, Some(tag));
+    /// ```
+    pub fn returning_to(self, replica: ReplicaTag) -> Self {
+        Bookmark {
+            replica: Some(replica),
+            floor: true,
+            ..self
+        }
+    }
+
     /// The cluster this bookmark belongs to.
     pub fn system_id(&self) -> u64 {
         self.position.system_id
     }
 
     /// How much this bookmark promises compared with `other`: by
-    /// [`WritePosition::cmp_promise`] when both are tied to the same replica
-    /// (or both to none); `None` when they are tied to different replicas,
-    /// or belong to different clusters. A bookmark pinned to the primary
-    /// promises more than any other of its cluster.
+    /// [`WritePosition::cmp_promise`] when both are tied to no replica; when
+    /// both are tied to the same one, by position and [`floor`](Self::floor)
+    /// together (a floor promises more than the same position without one;
+    /// `None` when one is higher and the other has the floor); `None` when
+    /// they are tied to different replicas, or belong to different clusters.
+    /// A bookmark pinned to the primary promises more than any other of its
+    /// cluster.
     pub fn cmp_promise(&self, other: &Bookmark) -> Option<Ordering> {
         let positions = self.position.cmp_promise(&other.position)?;
         match (self.position.pins_primary(), other.position.pins_primary()) {
             (false, false) if self.replica != other.replica => None,
+            (false, false) => match (positions, self.floor.cmp(&other.floor)) {
+                (Ordering::Equal, floors) => Some(floors),
+                (by_position, Ordering::Equal) => Some(by_position),
+                (by_position, floors) if by_position == floors => Some(by_position),
+                _ => None,
+            },
             _ => Some(positions),
         }
     }
 
     /// A bookmark promising everything both do, for one cluster: the one
-    /// that promises more, or, when they are tied to different replicas,
-    /// one that pins the primary, the only node known to hold what the
-    /// session saw on both.
+    /// that promises more; for two tied to the same replica that neither
+    /// covers (one higher, the other a floor), the higher position as a
+    /// floor there; when they are tied to different replicas, one that pins
+    /// the primary, the only node known to hold what the session saw on
+    /// both.
     pub fn merge(&self, other: &Bookmark) -> Bookmark {
         match self.cmp_promise(other) {
             Some(Ordering::Greater | Ordering::Equal) => *self,
             Some(Ordering::Less) => *other,
+            None if self.replica.is_some()
+                && self.replica == other.replica
+                && self.position.cmp_promise(&other.position).is_some() =>
+            {
+                Bookmark {
+                    position: self.position.max(other.position),
+                    replica: self.replica,
+                    floor: true,
+                }
+            }
             None if self.system_id() == other.system_id() => Bookmark::pinned(self.system_id()),
             // Callers merge bookmarks of one cluster only.
             None => *self,
@@ -345,9 +424,13 @@ mod tests {
             6 => (0u64..4, 1u32..3)
                 .prop_map(move |(lsn, timeline)| WritePosition::new(Lsn::new(lsn), timeline, system)),
         ];
-        (position, 0u64..3).prop_map(|(position, replica)| Bookmark {
-            position,
-            replica: ReplicaTag::new(replica),
+        (position, 0u64..3, any::<bool>()).prop_map(|(position, replica, floor)| {
+            let replica = ReplicaTag::new(replica);
+            Bookmark {
+                position,
+                replica,
+                floor: floor && replica.is_some(),
+            }
         })
     }
 
@@ -450,6 +533,39 @@ mod tests {
             }
             prop_assert!(merged.len() <= MAX_CLUSTERS);
             prop_assert_eq!(merged.covers(&theirs), fits);
+        }
+    }
+
+    #[test]
+    fn a_floor_and_a_higher_write_on_one_replica_merge_into_the_higher_floor() {
+        let floor = at(5, 1, 7).returning_to(tag(1));
+        let wrote = at(9, 1, 7).on_replica(tag(1));
+        assert_eq!(floor.cmp_promise(&wrote), None);
+        assert_eq!(floor.merge(&wrote), at(9, 1, 7).returning_to(tag(1)));
+        assert_eq!(wrote.merge(&floor), at(9, 1, 7).returning_to(tag(1)));
+        // The same position: the floor promises more.
+        assert_eq!(
+            at(5, 1, 7)
+                .returning_to(tag(1))
+                .cmp_promise(&at(5, 1, 7).on_replica(tag(1))),
+            Some(Ordering::Greater)
+        );
+        // A floor on another replica: only the primary has both.
+        assert!(floor
+            .merge(&at(5, 1, 7).on_replica(tag(2)))
+            .position
+            .pins_primary());
+    }
+
+    proptest! {
+        #[test]
+        fn replica_tags_leave_the_floor_bit_free(name in "[a-z0-9#-]{0,12}", started in any::<i64>()) {
+            let tag = ReplicaTag::of(&name, started);
+            prop_assert_eq!(tag.get() >> 63, 0);
+            prop_assert_eq!(ReplicaTag::new(tag.get()), Some(tag));
+            for floor in [false, true] {
+                prop_assert_eq!(ReplicaTag::from_wire(ReplicaTag::to_wire(Some(tag), floor)), (Some(tag), floor));
+            }
         }
     }
 

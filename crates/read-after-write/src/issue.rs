@@ -129,16 +129,19 @@ pub(crate) fn next_bookmarks<B>(
                     _ => written,
                 };
                 // A write is not a read: the session still saw no more than
-                // its replica holds, so it may stay there. A read of the
-                // primary is bounded only by the capture.
-                let replica = state.bookmark().and_then(|b| b.replica);
-                Some(match replica {
-                    Some(tag)
-                        if shared.monotonic()
-                            && !state.read_primary()
-                            && !position.pins_primary() =>
-                    {
-                        Bookmark::new(position).on_replica(tag)
+                // its replica holds, so it may stay there (with the floor it
+                // had seen, if any). A read of the primary is bounded only by
+                // the capture: the session may come back to a replica it
+                // left for lag once that replica has replayed it.
+                let before = state.bookmark();
+                let monotonic = shared.monotonic() && !position.pins_primary();
+                Some(match (before.and_then(|b| b.replica), state.kept()) {
+                    (Some(tag), _) if monotonic && !state.read_primary() => Bookmark {
+                        floor: before.is_some_and(|b| b.floor),
+                        ..Bookmark::new(position).on_replica(tag)
+                    },
+                    (_, Some(tag)) if monotonic && state.read_primary() => {
+                        Bookmark::new(position).returning_to(tag)
                     }
                     _ => Bookmark::new(position),
                 })

@@ -3,13 +3,13 @@
 //! response future through one `Arc`.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use smallvec::SmallVec;
 
 use crate::backend::{RouteReason, Target};
-use crate::bookmark::{Bookmark, Bookmarks};
+use crate::bookmark::{Bookmark, Bookmarks, ReplicaTag};
 use crate::token::{TokenError, UserId};
 
 /// What the request's token said, after every check.
@@ -262,6 +262,10 @@ pub(crate) struct ClusterState {
     /// Monotonic reads: the bookmark this request's reads earned (the
     /// replica they read); later reads of the request stay there.
     pub(crate) earned: Mutex<Option<Bookmark>>,
+    /// Monotonic reads: the replica a read left for the primary because it
+    /// lagged, which the session may come back to once it replays the
+    /// position captured after the request (0: none).
+    pub(super) kept: AtomicU64,
 }
 
 impl ClusterState {
@@ -271,7 +275,14 @@ impl ClusterState {
             wrote: AtomicBool::new(wrote),
             read_primary: AtomicBool::new(false),
             earned: Mutex::new(None),
+            kept: AtomicU64::new(0),
         }
+    }
+
+    /// The replica a read of this request left for lag and may come back
+    /// to (see [`Bookmark::returning_to`]).
+    pub(crate) fn kept(&self) -> Option<ReplicaTag> {
+        ReplicaTag::new(self.kept.load(Ordering::Relaxed))
     }
 
     pub(crate) fn wrote(&self) -> bool {

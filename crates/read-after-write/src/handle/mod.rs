@@ -205,6 +205,14 @@ impl<B: Backend> Db<B> {
             (Target::Replica, Some(bookmark)) => {
                 *own.earned.lock().unwrap_or_else(PoisonError::into_inner) = Some(bookmark);
             }
+            // The primary because the session's replica lagged: the replica
+            // it may come back to once it replays what the primary showed.
+            (Target::Primary, Some(bookmark)) => {
+                if let Some(tag) = bookmark.replica {
+                    own.kept.store(tag.get(), Ordering::Relaxed);
+                }
+                own.read_primary.store(true, Ordering::Relaxed);
+            }
             // The primary, or a replica the backend cannot name.
             _ => own.read_primary.store(true, Ordering::Relaxed),
         }

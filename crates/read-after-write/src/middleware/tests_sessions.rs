@@ -108,6 +108,49 @@ async fn a_write_keeps_the_replica_and_a_primary_read_is_captured() {
 }
 
 #[tokio::test]
+async fn a_session_that_left_a_lagging_replica_comes_back_to_it_without_a_new_token() {
+    let clock = ManualClock::new(NOW);
+    let layer = monotonic_layer(&clock);
+    let backend = Arc::clone(layer.backend());
+    let app = App::new(layer);
+    let token = send(&app, "/read", None).await.0.unwrap();
+    // The replica falls behind the user's write.
+    backend.set_replica_replayed(0x0FFF);
+    let wrote = send(&app, "/write", Some(&token)).await.0.unwrap();
+    // The read right after leaves through the primary; the session keeps
+    // its replica, with what the primary showed as a floor there.
+    let (left, reason) = send(&app, "/read", Some(&wrote)).await;
+    assert_eq!(reason, RouteReason::PredictedLate);
+    let kept = decode(&left.unwrap()).bookmarks().as_slice()[0];
+    assert_eq!(
+        kept,
+        Bookmark::new(backend.at(0x1001)).returning_to(FakeBackend::replica_1())
+    );
+    // A write the session has not read back binds session reads only.
+    let (again, reason) = send(&app, "/eventual", Some(&wrote)).await;
+    assert_eq!((again, reason), (None, RouteReason::Sticky));
+    // A floor it has seen binds eventual reads too: until the replica
+    // replays it they leave through the primary, and each raises it.
+    let floor = AffinityToken::with_bookmarks(UserId::anonymous(), Bookmarks::one(kept), NOW + 30)
+        .unwrap()
+        .sign("primary_affinity", &keys(1));
+    let (raised, reason) = send(&app, "/eventual", Some(&floor)).await;
+    assert_eq!(reason, RouteReason::Lagging);
+    let raised = decode(&raised.unwrap()).bookmarks().as_slice()[0];
+    assert!(raised.floor && raised.position.lsn > kept.position.lsn);
+    // Once it has, the session is back on it and nothing is re-issued.
+    backend.set_replica_replayed(u64::MAX);
+    for path in ["/read", "/eventual"] {
+        let (issued, reason) = send(&app, path, Some(&floor)).await;
+        assert_eq!((issued, reason), (None, RouteReason::Sticky), "{path}");
+    }
+    // A write keeps the floor: eventual reads there still wait for it.
+    let wrote_again = send(&app, "/write", Some(&floor)).await.0.unwrap();
+    let after = decode(&wrote_again).bookmarks().as_slice()[0];
+    assert!(after.floor && after.replica == Some(FakeBackend::replica_1()));
+}
+
+#[tokio::test]
 async fn a_session_that_loses_its_replica_reads_the_primary_and_is_captured() {
     let clock = ManualClock::new(NOW);
     let layer = monotonic_layer(&clock);

@@ -120,7 +120,21 @@ impl PgReplicaSet {
         }
         let sticky =
             |reason| Routed::replica(&replica.pool, &replica.name, reason).with_bookmark(bookmark);
+        // Left through the primary because the replica lags: the session
+        // may come back once it replays the primary's position, when no
+        // other replica is predicted to get there clearly sooner.
+        let leave = |reason| {
+            let routed = Routed::primary(self.primary_pool(), reason);
+            match self.keeps(replica, position) {
+                true => routed.with_bookmark(bookmark),
+                false => routed,
+            }
+        };
         let Some(max_wait) = max_wait else {
+            // A floor the session saw binds eventual reads too.
+            if bookmark.floor && !replica.has_replayed(position.lsn, position.timeline) {
+                return leave(RouteReason::Lagging);
+            }
             return sticky(RouteReason::Sticky);
         };
         if replica.has_replayed(position.lsn, position.timeline) {
@@ -139,7 +153,7 @@ impl PgReplicaSet {
                     .is_some_and(|eta| eta <= left)
         };
         if !in_time(budget.unwrap_or(max_wait)) {
-            return Routed::primary(self.primary_pool(), RouteReason::PredictedLate);
+            return leave(RouteReason::PredictedLate);
         }
         let bound = budget.unwrap_or(max_wait);
         let target = position.lsn.as_u64();
@@ -170,9 +184,36 @@ impl PgReplicaSet {
         } else if !replica.still_is(tag, position.timeline) {
             Routed::primary(self.primary_pool(), RouteReason::LeftReplica)
         } else if slipped {
-            Routed::primary(self.primary_pool(), RouteReason::PredictedLate)
+            leave(RouteReason::PredictedLate)
         } else {
-            Routed::primary(self.primary_pool(), RouteReason::WaitTimedOut)
+            leave(RouteReason::WaitTimedOut)
         }
     }
+
+    /// Whether a session leaving `replica` through the primary for lag may
+    /// come back to it: it is predicted to replay `position`, and no other
+    /// replica it could move to is predicted to get there more than
+    /// [`KEEP_SLACK`] sooner. Where replicas lag alike the session stays,
+    /// and its next replica read re-issues no token; where another is
+    /// clearly faster, the session is tied to none and moves there.
+    fn keeps(&self, replica: &ReplicaState, position: WritePosition) -> bool {
+        let Some(mine) = self.predict_one(replica, position) else {
+            return false;
+        };
+        self.replica_states()
+            .filter(|other| {
+                !std::ptr::eq(*other, replica)
+                    && other.is_healthy()
+                    && other.tied()
+                    && !other.is_diverged()
+                    && other.known_timeline() == position.timeline
+            })
+            .filter_map(|other| self.predict_one(other, position))
+            .all(|theirs| mine <= theirs + KEEP_SLACK)
+    }
 }
+
+/// How much later than the fastest other replica a session's replica may
+/// be predicted to replay a position and still be kept (see
+/// [`PgReplicaSet::keeps`]).
+const KEEP_SLACK: Duration = Duration::from_millis(20);

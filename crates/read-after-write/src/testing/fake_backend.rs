@@ -272,8 +272,9 @@ impl Backend for FakeBackend {
     }
 
     /// With a tag: a session that has read nothing reads the replica; one
-    /// tied to this replica stays; one tied to another leaves through the
-    /// primary; one tied to none reads the replica if it holds the
+    /// tied to this replica stays while it holds what the read needs (else
+    /// leaves through the primary, free to come back); one tied to another
+    /// leaves through the primary; one tied to none reads the replica if it holds the
     /// bookmark (never waiting for it: the replica is as the test set it).
     /// Without a tag: the primary, as the trait's default.
     async fn monotonic(
@@ -287,9 +288,27 @@ impl Backend for FakeBackend {
         };
         match bookmark {
             None => self.eventual(),
+            // Its own replica: it stays while the replica holds what the
+            // read needs (the position for a session read or a floor), and
+            // leaves through the primary otherwise, free to come back.
             Some(b) if b.replica == Some(tag) => {
-                Routed::replica(&self.replica, self.replica_node, RouteReason::Sticky)
-                    .with_bookmark(b)
+                let holds = b.position.lsn.as_u64() <= self.replica_replayed.load(Ordering::SeqCst);
+                match (max_wait, b.floor) {
+                    (None, false) => {
+                        Routed::replica(&self.replica, self.replica_node, RouteReason::Sticky)
+                            .with_bookmark(b)
+                    }
+                    _ if holds => {
+                        Routed::replica(&self.replica, self.replica_node, RouteReason::Sticky)
+                            .with_bookmark(b)
+                    }
+                    (None, true) => {
+                        Routed::primary(&self.primary, RouteReason::Lagging).with_bookmark(b)
+                    }
+                    (Some(_), _) => {
+                        Routed::primary(&self.primary, RouteReason::PredictedLate).with_bookmark(b)
+                    }
+                }
             }
             Some(b) if b.replica.is_some() => {
                 Routed::primary(&self.primary, RouteReason::LeftReplica)

@@ -296,7 +296,7 @@ fn version_1_and_2_tokens_keep_their_promise_until_they_expire() {
     let mut four = Bookmarks::new();
     for system in 1..=MAX_CLUSTERS as u64 {
         let at = WritePosition::new(Lsn::new(u64::MAX), u32::MAX, system);
-        four.set(Bookmark::new(at).on_replica(ReplicaTag::new(u64::MAX).unwrap()));
+        four.set(Bookmark::new(at).returning_to(ReplicaTag::new(u64::MAX >> 1).unwrap()));
     }
     let text = sign_legacy(2, &longest, &four, NOW + 1, &keys);
     assert_eq!(text.len(), MAX_ENCODED_LEN);
@@ -310,7 +310,7 @@ fn four_clusters_fit_and_a_fifth_does_not() {
     let mut bookmarks = Bookmarks::new();
     for system in 1..=MAX_CLUSTERS as u64 {
         let at = WritePosition::new(Lsn::new(u64::MAX), u32::MAX, system);
-        bookmarks.set(Bookmark::new(at).on_replica(ReplicaTag::new(u64::MAX).unwrap()));
+        bookmarks.set(Bookmark::new(at).returning_to(ReplicaTag::new(u64::MAX >> 1).unwrap()));
     }
     let token = AffinityToken::with_bookmarks(user(9), bookmarks, NOW + 1).unwrap();
     let text = token.sign(NAME, &keys);
@@ -546,5 +546,22 @@ proptest! {
         prop_assume!(raw != original);
         let forged = URL_SAFE_NO_PAD.encode(&raw);
         prop_assert!(AffinityToken::verify(&forged, NAME, &keys, NOW, &id).is_err());
+    }
+}
+
+#[test]
+fn a_floor_travels_with_its_replica_and_a_plain_tie_without_one() {
+    let keys = keys(1);
+    let tag = ReplicaTag::of("replica-1", 1_700_000_000_000_000);
+    let at = WritePosition::new(Lsn::new(0x900), 1, 7);
+    for bookmark in [
+        Bookmark::new(at).on_replica(tag),
+        Bookmark::new(at).returning_to(tag),
+    ] {
+        let text = AffinityToken::with_bookmarks(user(9), Bookmarks::one(bookmark), NOW + 30)
+            .unwrap()
+            .sign(NAME, &keys);
+        let read = AffinityToken::verify(&text, NAME, &keys, NOW, &user(9)).unwrap();
+        assert_eq!(read.bookmarks().as_slice(), [bookmark]);
     }
 }

@@ -69,7 +69,7 @@ pub(super) fn encode(token: &AffinityToken, key: &SigningKey, name: &str) -> Str
         raw.extend_from_slice(&bookmark.position.system_id.to_be_bytes());
         raw.extend_from_slice(&bookmark.position.timeline.to_be_bytes());
         raw.extend_from_slice(&bookmark.position.lsn.as_u64().to_be_bytes());
-        raw.extend_from_slice(&bookmark.replica.map_or(0, ReplicaTag::get).to_be_bytes());
+        raw.extend_from_slice(&ReplicaTag::to_wire(bookmark.replica, bookmark.floor).to_be_bytes());
     }
     let tag = mac_v3(key, name, &raw).finalize().into_bytes();
     raw.extend_from_slice(&tag[..TAG_LEN]);
@@ -268,13 +268,15 @@ impl<'a> UnverifiedToken<'a> {
         };
         let mut bookmarks = Bookmarks::new();
         for entry in entries.chunks_exact(BOOKMARK_LEN) {
+            let (replica, floor) = ReplicaTag::from_wire(u64::from_be_bytes(array(&entry[20..28])));
             let bookmark = Bookmark {
                 position: WritePosition::new(
                     Lsn::new(u64::from_be_bytes(array(&entry[12..20]))),
                     u32::from_be_bytes(array(&entry[8..12])),
                     u64::from_be_bytes(array(&entry[0..8])),
                 ),
-                replica: ReplicaTag::new(u64::from_be_bytes(array(&entry[20..28]))),
+                replica,
+                floor,
             };
             // Two bookmarks of one cluster: keep what both promise.
             let merged = match bookmarks.get(bookmark.system_id()) {
