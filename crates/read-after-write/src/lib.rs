@@ -203,10 +203,14 @@
 // only"). Inert on stable. (`doc_auto_cfg` was merged into it in 1.92.)
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(any(feature = "tokio-postgres", feature = "diesel-async"))]
+mod admitted;
 pub mod backend;
 pub mod bookmark;
 pub mod clock;
 mod config;
+#[cfg(feature = "diesel-async")]
+pub mod diesel_async;
 #[cfg(feature = "axum")]
 pub mod extract;
 pub mod forward;
@@ -225,6 +229,8 @@ mod telemetry;
 #[cfg(test)]
 mod testing;
 pub mod token;
+#[cfg(feature = "tokio-postgres")]
+pub mod tokio_postgres;
 
 // The shared test double (`testing::FakeBackend`) is written against the
 // public API, as `read_after_write::…`, so the integration tests and benches

@@ -17,7 +17,7 @@ use common::*;
 use http::{Method, Request, Response};
 use read_after_write::pg::{PgDb, PgReplicaSet};
 use read_after_write::sea_orm::SeaDb;
-use read_after_write::{ReadAfterWriteLayer, UserId};
+use read_after_write::ReadAfterWriteLayer;
 use read_after_write_testkit::TestCluster;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait, Value};
 use tokio::sync::{Mutex, OnceCell};
@@ -64,16 +64,7 @@ fn app(
 ) -> impl Service<Request<()>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send
 {
     let layer = ReadAfterWriteLayer::new(set, keys())
-        .identity(|parts| {
-            let id = parts
-                .headers
-                .get("x-user-id")?
-                .to_str()
-                .ok()?
-                .parse::<i64>()
-                .ok()?;
-            Some(UserId::from(id))
-        })
+        .identity(identify)
         .max_wait(Duration::from_millis(100))
         .secure(false)
         .debug_header(true);

@@ -94,22 +94,49 @@ pub(crate) struct Endpoint {
     pub(crate) discover: Notify,
 }
 
-/// What the pool of one server checks each new connection against.
+/// Whether some server state behind the endpoint follows a server.
+pub(crate) type Known = Arc<dyn Fn(&Fingerprint) -> bool + Send + Sync>;
+
+/// What the pool of one server checks each new connection against,
+/// whichever driver opened it.
 pub(crate) struct Admission {
     /// The incarnation the tracker follows; `None` admits nothing.
     pub(crate) identity: Mutex<Option<Fingerprint>>,
     pub(crate) endpoint: Arc<Endpoint>,
     /// The server's name, for the refusal's message.
     pub(crate) server: String,
+    /// Whether any state follows a server a refused connection reached
+    /// (if none does, it is a hint for discovery).
+    known: Known,
 }
 
 impl Admission {
-    pub(crate) fn new(endpoint: Arc<Endpoint>, server: String) -> Arc<Self> {
+    pub(crate) fn new(endpoint: Arc<Endpoint>, server: String, known: Known) -> Arc<Self> {
         Arc::new(Admission {
             identity: Mutex::new(None),
             endpoint,
             server,
+            known,
         })
+    }
+
+    /// The admission check of a new connection that reached `found`: `Ok`
+    /// for the server this pool reads from, else why not. A refused
+    /// connection that reached a server nobody follows is a hint for
+    /// discovery.
+    pub(crate) fn check(&self, found: Fingerprint) -> Result<(), String> {
+        if self.admits(&found) {
+            return Ok(());
+        }
+        let address = found.address();
+        if !(self.known)(&found) {
+            self.endpoint.hint(found);
+        }
+        Err(format!(
+            "replica {}: this connection reached {address} behind the replica URL, not the server \
+             this pool reads from (expected behind a reader endpoint: the pool opens another)",
+            self.server
+        ))
     }
 
     /// Whether a connection that reached `found` may serve this server:
@@ -233,47 +260,22 @@ impl Endpoint {
     /// connections through the endpoint and keeping those `admission`
     /// admits; connections opened before the server's last outage are
     /// dropped on checkout and release instead of a test query per checkout.
-    pub(crate) fn server_pool(
-        &self,
-        admission: Arc<Admission>,
-        outages: &Arc<Outages>,
-        known: Arc<dyn Fn(&Fingerprint) -> bool + Send + Sync>,
-    ) -> PgPool {
+    pub(crate) fn server_pool(&self, admission: Arc<Admission>, outages: &Arc<Outages>) -> PgPool {
         self.settings
             .options(outages)
-            .after_connect(move |conn, _meta| {
-                admit(conn, Arc::clone(&admission), Arc::clone(&known))
-            })
+            .after_connect(move |conn, _meta| admit(conn, Arc::clone(&admission)))
             .connect_lazy_with(self.options().as_ref().clone())
     }
 }
 
-/// The admission check of a new pool connection: its fingerprint must be
-/// the server's. A refusal closes it, and sqlx opens another (so behind a
-/// reader endpoint a pool takes a few tries to reach its server); a
-/// refused connection that reached a server nobody follows is a hint for
-/// discovery.
-fn admit(
-    conn: &mut PgConnection,
-    admission: Arc<Admission>,
-    known: Arc<dyn Fn(&Fingerprint) -> bool + Send + Sync>,
-) -> AdmitFuture<'_> {
+/// The admission check of a new sqlx pool connection ([`Admission::check`]).
+/// A refusal closes it, and sqlx opens another (so behind a reader
+/// endpoint a pool takes a few tries to reach its server).
+fn admit(conn: &mut PgConnection, admission: Arc<Admission>) -> AdmitFuture<'_> {
     Box::pin(async move {
         let found = probe::fingerprint(conn).await?;
-        if admission.admits(&found) {
-            return Ok(());
-        }
-        if !known(&found) {
-            admission.endpoint.hint(found.clone());
-        }
-        Err(sqlx::Error::Configuration(
-            format!(
-                "replica {}: this connection reached {} behind the replica URL, not the server this \
-                 pool reads from (expected behind a reader endpoint: the pool opens another)",
-                admission.server,
-                found.address()
-            )
-            .into(),
-        ))
+        admission
+            .check(found)
+            .map_err(|refusal| sqlx::Error::Configuration(refusal.into()))
     })
 }

@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use super::capture::CaptureError;
 
+/// Why a driver (`pg::driver::Driver`) could not build a pool.
+pub type DriverError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a [`PgReplicaSet`](super::PgReplicaSet) could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -11,6 +14,22 @@ pub enum PgSetupError {
     /// No primary was configured.
     #[error("no primary configured: call primary_url or primary_pool")]
     NoPrimary,
+    /// A driver's pools (`ReplicaPools`) are built from URLs, and this node
+    /// was given as a sqlx pool.
+    #[error("{node} was given as a sqlx pool, but this backend builds its own pools: give it as a URL (primary_url, replica_url)")]
+    PoolGiven {
+        /// The node given as a pool.
+        node: String,
+    },
+    /// A driver (`pg::driver::Driver`) could not build a node's pool.
+    #[error("could not build the pool for {node}: {source}")]
+    Driver {
+        /// The node.
+        node: String,
+        /// The driver's complaint.
+        #[source]
+        source: DriverError,
+    },
     /// A URL could not be parsed.
     #[error("invalid PostgreSQL URL for {node}: {source}")]
     InvalidUrl {

@@ -130,6 +130,7 @@ mod capture;
 mod connect;
 pub mod defaults;
 mod discovery;
+pub mod driver;
 mod endpoint;
 mod error;
 mod fingerprint;

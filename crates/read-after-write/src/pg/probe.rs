@@ -17,13 +17,23 @@ use crate::position::Lsn;
 /// The columns of a [`Fingerprint`], as text: the system identifier, the
 /// server's address and port, and its postmaster's start time in
 /// microseconds. Public functions, readable by any role.
-const FINGERPRINT_COLUMNS: &str = "(select system_identifier::text from pg_control_system()), \
-     host(inet_server_addr()), inet_server_port()::text, \
-     ((extract(epoch from pg_postmaster_start_time()) * 1000000)::int8)::text";
+macro_rules! fingerprint_columns {
+    () => {
+        "(select system_identifier::text from pg_control_system()), \
+         host(inet_server_addr()), inet_server_port()::text, \
+         ((extract(epoch from pg_postmaster_start_time()) * 1000000)::int8)::text"
+    };
+}
+const FINGERPRINT_COLUMNS: &str = fingerprint_columns!();
+
+/// The query whose one row of four text columns is a [`Fingerprint`]
+/// ([`fingerprint_from_text`]): what any driver's pool runs on a new
+/// connection to tell which server it reached.
+pub(crate) const FINGERPRINT_SQL: &str = concat!("select ", fingerprint_columns!());
 
 /// Reads the fingerprint of the server `conn` reached.
 pub(crate) async fn fingerprint(conn: &mut PgConnection) -> Result<Fingerprint, sqlx::Error> {
-    let row = sqlx::raw_sql(AssertSqlSafe(format!("select {FINGERPRINT_COLUMNS}")))
+    let row = sqlx::raw_sql(AssertSqlSafe(FINGERPRINT_SQL))
         .fetch_one(&mut *conn)
         .await?;
     read_fingerprint(&row, 0)
@@ -47,20 +57,30 @@ fn read_fingerprint(row: &PgRow, first: usize) -> Result<Fingerprint, sqlx::Erro
     let addr: Option<String> = row.try_get(first + 1)?;
     let port: Option<String> = row.try_get(first + 2)?;
     let started: Option<String> = row.try_get(first + 3)?;
+    fingerprint_from_text([
+        system.as_deref(),
+        addr.as_deref(),
+        port.as_deref(),
+        started.as_deref(),
+    ])
+    .map_err(sqlx::Error::Protocol)
+}
+
+/// A [`Fingerprint`] from the text columns of [`FINGERPRINT_SQL`]'s row, in
+/// order; the complaint when one is unreadable.
+pub(crate) fn fingerprint_from_text(columns: [Option<&str>; 4]) -> Result<Fingerprint, String> {
+    let [system, addr, port, started] = columns;
     Ok(Fingerprint {
-        system_id: parse(system.as_deref(), "system identifier")?,
-        addr,
-        port: port.as_deref().and_then(|p| p.parse().ok()),
-        started_micros: parse(started.as_deref(), "postmaster start time")?,
+        system_id: parse(system, "system identifier")?,
+        addr: addr.map(str::to_owned),
+        port: port.and_then(|p| p.parse().ok()),
+        started_micros: parse(started, "postmaster start time")?,
     })
 }
 
-fn parse<T: std::str::FromStr>(text: Option<&str>, what: &str) -> Result<T, sqlx::Error> {
-    text.and_then(|t| t.parse().ok()).ok_or_else(|| {
-        sqlx::Error::Protocol(format!(
-            "the server reported an unreadable {what}: {text:?}"
-        ))
-    })
+fn parse<T: std::str::FromStr>(text: Option<&str>, what: &str) -> Result<T, String> {
+    text.and_then(|t| t.parse().ok())
+        .ok_or_else(|| format!("the server reported an unreadable {what}: {text:?}"))
 }
 
 /// What a replica poll learned.

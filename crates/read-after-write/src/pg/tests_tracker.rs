@@ -80,7 +80,7 @@ fn replica(timeline: u32, advanced_at: u64) -> ReplicaState {
         Arc::new(|options| options),
     ));
     let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy_with(options());
-    let admission = Admission::new(endpoint, "replica-1".into());
+    let admission = Admission::new(endpoint, "replica-1".into(), Arc::new(|_: &_| false));
     let replica = ReplicaState::new("replica-1".into(), 0, pool, admission, Outages::new());
     replica.timeline.store(timeline, Ordering::Relaxed);
     replica.advanced_at.store(advanced_at, Ordering::Relaxed);

@@ -232,17 +232,17 @@ impl ReplicaTracker {
         } else {
             format!("{}#{}", endpoint.name, siblings + 1)
         };
-        let admission = Admission::new(Arc::clone(endpoint), name.clone());
+        let me = self.me.clone();
+        let known = Arc::new(move |found: &Fingerprint| {
+            me.upgrade()
+                .is_some_and(|tracker| tracker.server_of(index, found).is_some())
+        });
+        let admission = Admission::new(Arc::clone(endpoint), name.clone(), known);
         let outages = Outages::new();
         let pool = match &endpoint.source {
             super::endpoint::EndpointSource::Pool(pool) => pool.clone(),
             super::endpoint::EndpointSource::Options(_) => {
-                let me = self.me.clone();
-                let known = Arc::new(move |found: &Fingerprint| {
-                    me.upgrade()
-                        .is_some_and(|tracker| tracker.server_of(index, found).is_some())
-                });
-                endpoint.server_pool(Arc::clone(&admission), &outages, known)
+                endpoint.server_pool(Arc::clone(&admission), &outages)
             }
         };
         let server = Arc::new(ReplicaState::new(name, index, pool, admission, outages));

@@ -73,6 +73,18 @@ pub fn keys() -> KeySet {
     KeySet::new(SigningKey::from_bytes(&[42; 32]).unwrap())
 }
 
+/// The tests' identity function: the user is the `x-user-id` header.
+pub fn identify(parts: &http::request::Parts) -> Option<UserId> {
+    let id = parts
+        .headers
+        .get("x-user-id")?
+        .to_str()
+        .ok()?
+        .parse::<i64>()
+        .ok()?;
+    Some(UserId::from(id))
+}
+
 /// What the test handler reports back in response extensions.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -90,16 +102,7 @@ pub fn app(
        + Clone
        + Send {
     let layer = ReadAfterWriteLayer::new(set, keys())
-        .identity(|parts| {
-            let id = parts
-                .headers
-                .get("x-user-id")?
-                .to_str()
-                .ok()?
-                .parse::<i64>()
-                .ok()?;
-            Some(UserId::from(id))
-        })
+        .identity(identify)
         .max_wait(max_wait)
         .secure(false)
         .debug_header(true);
