@@ -44,8 +44,13 @@
 //!   [testing your app](guide::testing) and the [evidence](guide::evidence)
 //!   (the lab, fault drills, benchmarks).
 //! - `pg` (feature `postgres`, on by default): [`PgReplicaSet`](pg::PgReplicaSet),
-//!   the sqlx backend for a primary and its streaming replicas, and the
-//!   [`ReplicaTracker`](pg::ReplicaTracker) that follows their replay positions.
+//!   the sqlx backend for a primary and its streaming replicas, the
+//!   [`ReplicaTracker`](pg::ReplicaTracker) that follows their replay
+//!   positions, and [`pg::driver`]: the same routing over another driver's
+//!   pools.
+//! - Other drivers, each a feature, each on the one routing engine:
+//!   `sea_orm` (SeaORM 2 over the sqlx pools), `tokio_postgres`
+//!   (deadpool-postgres pools) and `diesel_async` (its deadpool pools).
 //!
 //! # Quickstart
 //!

@@ -80,7 +80,6 @@ pub trait Driver: Send + Sync + 'static {
     fn pool(&self, node: &Node) -> Result<Self::Pool, DriverError>;
 }
 
-
 /// One node a [`Driver`] builds a pool for: the primary, or one replica
 /// server (one of possibly several behind a replica URL).
 #[derive(Clone)]
@@ -107,6 +106,7 @@ impl fmt::Display for Refused {
 impl std::error::Error for Refused {}
 
 impl Refused {
+    #[cfg(any(feature = "tokio-postgres", feature = "diesel-async"))]
     pub(crate) fn new(why: String) -> Self {
         Refused(why)
     }
