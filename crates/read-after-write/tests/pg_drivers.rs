@@ -2,8 +2,10 @@
 //! real primary with two streaming replicas lagging 50 ms and 200 ms, and
 //! behind a reader endpoint over both: the user's own reads see their
 //! writes, eventual reads stay on replicas, a replica that stops replaying
-//! sends session reads to the primary, and each server's pool behind an
-//! endpoint reaches that very server. Each test also reads the naive way,
+//! sends session reads to the primary, each server's pool behind an
+//! endpoint reaches that very server, a restarted replica serves again
+//! without a failed read, and with the primary down or frozen a write
+//! fails at once or within the acquire timeout. Each test also reads the naive way,
 //! the driver's pool straight to a lagging replica, and shows it stale, so
 //! it could fail.
 //!
@@ -24,7 +26,7 @@ use read_after_write::diesel_async::{DieselDeadpool, DieselReplicaSet};
 use read_after_write::pg::driver::{Driver, ReplicaPools};
 use read_after_write::pg::PgReplicaSetBuilder;
 use read_after_write::tokio_postgres::{Deadpool, TokioPgReplicaSet};
-use read_after_write::{Db, ReadAfterWriteLayer};
+use read_after_write::{Backend, Db, ReadAfterWriteLayer};
 use read_after_write_testkit::{TcpProxy, TestCluster};
 use tokio::sync::{Mutex, OnceCell};
 use tower::{service_fn, Layer, Service};
@@ -378,6 +380,127 @@ async fn reader_endpoint<D: Queries>(user: i64) {
     set.set().shutdown().await;
 }
 
+/// Waits, up to 10 s, until the tracker sees `name` healthy (or not).
+async fn wait_health<D: Driver>(set: &ReplicaPools<D>, name: &str, healthy: bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !set
+        .replicas()
+        .iter()
+        .any(|r| r.name == name && r.healthy == healthy)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never became healthy={healthy}: {:?}",
+            set.replicas()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `n` eventual reads through the backend, each run on the pool it was
+/// routed to: how many went to `name`. A failed read fails the test.
+async fn eventual_reads<D: Queries>(set: &ReplicaPools<D>, n: usize, name: &str) -> usize {
+    let mut hits = 0;
+    for _ in 0..n {
+        let routed = set.eventual();
+        D::finds(routed.pool, 0, 0)
+            .await
+            .unwrap_or_else(|| panic!("an eventual read on {} failed", routed.node));
+        hits += usize::from(routed.node == name);
+    }
+    hits
+}
+
+/// A stopped, then a killed, replica is left by reads and serves them again
+/// after its restart, without failing a read on the connections its pool
+/// held before the outage.
+async fn restarted_replica<D: Queries>() {
+    let cluster = cluster().await;
+    let set = ReplicaPools::connect(builder(cluster), D::new())
+        .await
+        .unwrap();
+    let pool = set.replica_pool("replica-2").unwrap();
+    // Connections opened before each outage, left in the pool.
+    D::server_ports(pool, 3).await;
+    cluster.stop_replica(1).await.unwrap();
+    wait_health(&set, "replica-2", false).await;
+    assert_eq!(eventual_reads(&set, 30, "replica-2").await, 0);
+    cluster.start_replica(1).await.unwrap();
+    wait_health(&set, "replica-2", true).await;
+    assert!(eventual_reads(&set, 30, "replica-2").await > 0);
+
+    D::server_ports(pool, 3).await;
+    cluster.kill_replica(1).await.unwrap();
+    wait_health(&set, "replica-2", false).await;
+    assert_eq!(eventual_reads(&set, 30, "replica-2").await, 0);
+    cluster.start_replica(1).await.unwrap();
+    wait_health(&set, "replica-2", true).await;
+    assert!(eventual_reads(&set, 30, "replica-2").await > 0);
+    cluster
+        .wait_for_replicas_caught_up(Duration::from_secs(10))
+        .await
+        .unwrap();
+    set.set().shutdown().await;
+}
+
+/// With the primary down, a write fails within the acquire timeout (1 s by
+/// default), never by waiting on anything else; eventual reads go on from
+/// the replicas.
+async fn primary_down<D: Queries>() {
+    let cluster = cluster().await;
+    let set = ReplicaPools::connect(builder(cluster), D::new())
+        .await
+        .unwrap();
+    cluster.stop_primary().await.unwrap();
+    let started = std::time::Instant::now();
+    let inserted = D::insert(set.primary_pool(), 1, "down").await;
+    let took = started.elapsed();
+    eprintln!(
+        "{}: a write with the primary down failed after {took:?}",
+        std::any::type_name::<D>()
+    );
+    assert_eq!(inserted, None);
+    assert!(set.set().write_position().await.is_err());
+    assert_eq!(eventual_reads(&set, 20, "primary").await, 0);
+    cluster.start_primary().await.unwrap();
+    set.set().shutdown().await;
+    // Wait until the primary takes writes again, for the next test.
+    let again = ReplicaPools::connect(builder(cluster), D::new());
+    tokio::time::timeout(Duration::from_secs(10), again)
+        .await
+        .expect("the restarted primary answers")
+        .expect("connect after the restart")
+        .set()
+        .shutdown()
+        .await;
+}
+
+/// With the primary frozen (SIGSTOP: it accepts connections and answers
+/// nothing), a write's checkout on a pool with no connection yet fails
+/// within the acquire timeout (1 s by default) instead of hanging.
+async fn primary_frozen<D: Queries>() {
+    let cluster = cluster().await;
+    let set = ReplicaPools::connect(builder(cluster), D::new())
+        .await
+        .unwrap();
+    cluster.freeze_primary().await.unwrap();
+    let started = std::time::Instant::now();
+    let inserted = tokio::time::timeout(
+        Duration::from_secs(10),
+        D::insert(set.primary_pool(), 1, "frozen"),
+    )
+    .await
+    .expect("the checkout is bounded");
+    let took = started.elapsed();
+    eprintln!(
+        "{}: a write with the primary frozen failed after {took:?}",
+        std::any::type_name::<D>()
+    );
+    cluster.thaw_primary().await.unwrap();
+    assert_eq!(inserted, None);
+    set.set().shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_postgres_reads_see_the_users_writes_and_the_naive_read_is_stale() {
     let _serial = SERIAL.lock().await;
@@ -424,4 +547,40 @@ async fn behind_a_reader_endpoint_tokio_postgres_pools_reach_their_own_server() 
 async fn behind_a_reader_endpoint_diesel_async_pools_reach_their_own_server() {
     let _serial = SERIAL.lock().await;
     reader_endpoint::<DieselDeadpool>(8_500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_serves_tokio_postgres_reads_again_without_a_failed_read() {
+    let _serial = SERIAL.lock().await;
+    restarted_replica::<Deadpool>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_serves_diesel_async_reads_again_without_a_failed_read() {
+    let _serial = SERIAL.lock().await;
+    restarted_replica::<DieselDeadpool>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_primary_down_tokio_postgres_writes_fail_fast() {
+    let _serial = SERIAL.lock().await;
+    primary_down::<Deadpool>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_primary_down_diesel_async_writes_fail_fast() {
+    let _serial = SERIAL.lock().await;
+    primary_down::<DieselDeadpool>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_primary_frozen_a_tokio_postgres_write_fails_within_the_acquire_timeout() {
+    let _serial = SERIAL.lock().await;
+    primary_frozen::<Deadpool>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_primary_frozen_a_diesel_async_write_fails_within_the_acquire_timeout() {
+    let _serial = SERIAL.lock().await;
+    primary_frozen::<DieselDeadpool>().await;
 }
