@@ -126,17 +126,17 @@ impl Driver for DieselDeadpool {
     type Pool = Pool<AsyncPgConnection>;
 
     fn pool(&self, node: &Node) -> Result<Self::Pool, DriverError> {
-        let config = Config::from_str(node.url())?;
+        // Checked now, so a URL tokio-postgres cannot read fails at connect.
+        Config::from_str(&node.url())?;
         let setup_node = node.clone();
         let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
         manager_config.recycling_method = RecyclingMethod::Fast;
         manager_config.custom_setup = Box::new(move |_url| {
-            let config = config.clone();
             let node = setup_node.clone();
-            Box::pin(async move { establish(&config, &node).await })
+            Box::pin(async move { establish(&node).await })
         });
         let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
-            node.url(),
+            node.url().as_ref(),
             manager_config,
         );
         let outages = node.clone();
@@ -159,9 +159,12 @@ impl Driver for DieselDeadpool {
     }
 }
 
-/// A diesel-async connection the node admits ([`admitted::connect`]).
-async fn establish(config: &Config, node: &Node) -> Result<AsyncPgConnection, ConnectionError> {
-    match admitted::connect(config, NoTls, node).await {
+/// A diesel-async connection the node admits ([`admitted::connect`]), on
+/// the node's URL now (credentials may have rotated).
+async fn establish(node: &Node) -> Result<AsyncPgConnection, ConnectionError> {
+    let config = Config::from_str(&node.url())
+        .map_err(|error| ConnectionError::InvalidConnectionUrl(error.to_string()))?;
+    match admitted::connect(&config, NoTls, node).await {
         Ok((client, connection)) => {
             AsyncPgConnection::try_from_client_and_connection(client, connection).await
         }

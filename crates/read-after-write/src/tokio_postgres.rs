@@ -150,7 +150,7 @@ where
     type Pool = Pool;
 
     fn pool(&self, node: &Node) -> Result<Pool, DriverError> {
-        let config = Config::from_str(node.url())?;
+        let config = Config::from_str(&node.url())?;
         let connect = Admitting {
             tls: self.tls.clone(),
             node: node.clone(),
@@ -219,7 +219,9 @@ where
                 + '_,
         >,
     > {
-        let config = config.clone();
+        // The node's URL now (credentials may have rotated), else the
+        // manager's (the URL the pool was built with).
+        let config = Config::from_str(&self.node.url()).unwrap_or_else(|_| config.clone());
         Box::pin(async move {
             match admitted::connect(&config, self.tls.clone(), &self.node).await {
                 Ok((client, connection)) => {

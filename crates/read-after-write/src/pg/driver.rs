@@ -47,7 +47,7 @@
 //! ```
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -80,12 +80,24 @@ pub trait Driver: Send + Sync + 'static {
     fn pool(&self, node: &Node) -> Result<Self::Pool, DriverError>;
 }
 
+/// A configured URL, which [`ReplicaPools::update_urls`] may replace
+/// (rotating credentials) while pools built on it run.
+type UrlCell = Arc<RwLock<Arc<str>>>;
+
+fn url_cell(url: &str) -> UrlCell {
+    Arc::new(RwLock::new(Arc::from(url)))
+}
+
+fn read_url(cell: &UrlCell) -> Arc<str> {
+    Arc::clone(&cell.read().unwrap_or_else(PoisonError::into_inner))
+}
+
 /// One node a [`Driver`] builds a pool for: the primary, or one replica
 /// server (one of possibly several behind a replica URL).
 #[derive(Clone)]
 pub struct Node {
     name: String,
-    url: Arc<str>,
+    url: UrlCell,
     /// `None` for the primary: whatever answers at its URL takes writes.
     admission: Option<Arc<Admission>>,
     outages: Arc<Outages>,
@@ -129,10 +141,12 @@ impl Node {
         &self.name
     }
 
-    /// The URL connections are opened through (for a server behind a
-    /// reader endpoint, the endpoint's).
-    pub fn url(&self) -> &str {
-        &self.url
+    /// The URL connections are opened through now (for a server behind a
+    /// reader endpoint, the endpoint's): read it for each new connection,
+    /// since [`ReplicaPools::update_urls`] may change it (rotated
+    /// credentials).
+    pub fn url(&self) -> Arc<str> {
+        read_url(&self.url)
     }
 
     /// Whether this is the primary (which admits every connection).
@@ -194,9 +208,11 @@ pub struct ReplicaPools<D: Driver> {
 struct PoolsInner<D: Driver> {
     set: PgReplicaSet,
     driver: D,
+    /// The primary's URL.
+    primary_url: UrlCell,
     /// Each configured replica URL, in configuration order (the set's
     /// endpoint indices).
-    urls: Vec<Arc<str>>,
+    urls: Vec<UrlCell>,
     primary: D::Pool,
     /// The pool of the set's `i`th replica server, once routed to.
     servers: Box<[OnceLock<D::Pool>]>,
@@ -218,14 +234,14 @@ impl<D: Driver> ReplicaPools<D> {
     pub async fn connect(builder: PgReplicaSetBuilder, driver: D) -> Result<Self, PgSetupError> {
         let primary_url = match &builder.primary {
             None => return Err(PgSetupError::NoPrimary),
-            Some(Source::Url(url)) => Arc::<str>::from(url.as_str()),
+            Some(Source::Url(url)) => url_cell(url),
             Some(Source::Pool(_)) => return Err(given_pool("primary")),
         };
         let urls = builder
             .replicas
             .iter()
             .map(|(name, source)| match source {
-                Source::Url(url) => Ok(Arc::<str>::from(url.as_str())),
+                Source::Url(url) => Ok(url_cell(url)),
                 Source::Pool(_) => Err(given_pool(name)),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -234,7 +250,7 @@ impl<D: Driver> ReplicaPools<D> {
         let primary = driver
             .pool(&Node {
                 name: "primary".to_owned(),
-                url: primary_url,
+                url: Arc::clone(&primary_url),
                 admission: None,
                 outages: Arc::clone(&set.inner.tracker.primary.outages),
                 settings,
@@ -247,6 +263,7 @@ impl<D: Driver> ReplicaPools<D> {
             inner: Arc::new(PoolsInner {
                 set,
                 driver,
+                primary_url,
                 urls,
                 primary,
                 servers: (0..MAX_SERVERS).map(|_| OnceLock::new()).collect(),
@@ -285,6 +302,51 @@ impl<D: Driver> ReplicaPools<D> {
         let servers = &self.inner.set.inner.tracker.servers;
         let index = servers.iter().position(|s| s.name == name)?;
         self.server(index, servers.get(index)?).ok()
+    }
+
+    /// Replaces the URL of every node (by name: `primary`, or a replica
+    /// URL's name) for every connection opened from now on, by the
+    /// driver's pools and by the routing engine alike: for credentials that
+    /// rotate (RDS and Cloud SQL IAM tokens, Vault leases). `update` gets
+    /// each node's name and current URL and returns its new URL. Open
+    /// connections keep theirs. Fails, changing nothing, if a new URL
+    /// cannot be read.
+    ///
+    /// ```no_run
+    /// # fn rotate(pools: read_after_write::tokio_postgres::TokioPgReplicaSet, token: &str)
+    /// # -> Result<(), read_after_write::pg::PgSetupError> {
+    /// pools.update_urls(|_node, url| url.replacen("old-token", token, 1))?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn update_urls(&self, update: impl Fn(&str, &str) -> String) -> Result<(), PgSetupError> {
+        let inner = &*self.inner;
+        let endpoints = &inner.set.inner.tracker.endpoints;
+        let primary = update("primary", &read_url(&inner.primary_url));
+        let primary_options = PgReplicaSetBuilder::options("primary", &primary)?;
+        let mut replicas = Vec::with_capacity(inner.urls.len());
+        for (cell, endpoint) in inner.urls.iter().zip(endpoints.iter()) {
+            let url = update(&endpoint.name, &read_url(cell));
+            let options = PgReplicaSetBuilder::options(&endpoint.name, &url)?;
+            replicas.push((endpoint.name.as_str(), url, options));
+        }
+        inner.set.update_connect_options(|node, old| {
+            if node == "primary" {
+                return primary_options.clone();
+            }
+            replicas
+                .iter()
+                .find(|(name, _, _)| *name == node)
+                .map_or(old, |(_, _, options)| options.clone())
+        });
+        *inner
+            .primary_url
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::from(primary);
+        for ((_, url, _), cell) in replicas.into_iter().zip(&inner.urls) {
+            *cell.write().unwrap_or_else(PoisonError::into_inner) = Arc::from(url);
+        }
+        Ok(())
     }
 
     /// What the tracker knows about each replica server.
