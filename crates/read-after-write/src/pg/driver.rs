@@ -80,7 +80,6 @@ pub trait Driver: Send + Sync + 'static {
     fn pool(&self, node: &Node) -> Result<Self::Pool, DriverError>;
 }
 
-
 /// One node a [`Driver`] builds a pool for: the primary, or one replica
 /// server (one of possibly several behind a replica URL).
 #[derive(Clone)]
