@@ -6,6 +6,11 @@
 //! - [`social`]: the social app's router, handlers and schema, compiled from
 //!   `examples/social/app.rs` so the example, the tests in `tests/` and the
 //!   lab run the very same code.
+//! - [`tokio_social`]: the same JSON API over tokio-postgres
+//!   (deadpool-postgres pools), compiled from `examples/tokio_postgres/app.rs`
+//!   for the `tokio_postgres` example, its test, the lab's
+//!   `adaptive-tokio-postgres` strategy and the drills' `--backend
+//!   tokio-postgres`.
 //! - [`jobs`]: background jobs that read their user's writes, compiled
 //!   from `examples/jobs/jobs.rs` for the `jobs` example and its test.
 //! - [`schema`]: waiting for a new table to reach the replicas.
@@ -21,6 +26,9 @@
 
 #[path = "../../../examples/social/app.rs"]
 pub mod social;
+
+#[path = "../../../examples/tokio_postgres/app.rs"]
+pub mod tokio_social;
 
 #[path = "../../../examples/jobs/jobs.rs"]
 pub mod jobs;

@@ -3,7 +3,7 @@
 //! under five lag profiles, at a fixed offered load (open loop).
 //!
 //! ```sh
-//! cargo run --release                       # defaults: 5 profiles x 11 strategies, about 4 minutes
+//! cargo run --release                       # defaults: 5 profiles x 12 strategies, about 4 minutes
 //! cargo run --release -- --profile skewed,burst --strategies lsn,lsn-wait-40ms,adaptive
 //! # your own steady lags, one apply delay per replica (here three replicas)
 //! cargo run --release -- --profile steady:20ms,90ms,250ms,burst --strategies naive,adaptive
@@ -83,10 +83,12 @@ struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "500ms")]
     warmup: Duration,
     /// Strategies to run, in order (comma-separated): naive, primary,
-    /// time-window, lsn, lsn-wait-Nms, monotonic, adaptive. Default:
-    /// naive, primary, time-window, lsn, lsn-wait-10ms to lsn-wait-160ms
-    /// (doubling), monotonic and adaptive; with `--check`, one lsn-wait
-    /// (20 ms) instead of five, to keep CI's short run short.
+    /// time-window, lsn, lsn-wait-Nms, monotonic, adaptive,
+    /// adaptive-tokio-postgres (adaptive with the app on tokio-postgres).
+    /// Default: naive, primary, time-window, lsn, lsn-wait-10ms to
+    /// lsn-wait-160ms (doubling), monotonic, adaptive and
+    /// adaptive-tokio-postgres; with `--check`, one lsn-wait (20 ms)
+    /// instead of five, to keep CI's short run short.
     #[arg(long, value_delimiter = ',')]
     strategies: Option<Vec<Strategy>>,
     /// How often a background writer advances the counter that every read

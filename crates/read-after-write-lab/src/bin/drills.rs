@@ -10,14 +10,19 @@
 //! cargo run -p read-after-write-lab --release --bin drills                 # about 30 minutes
 //! cargo run -p read-after-write-lab --bin drills -- --short --check        # CI, about 4 minutes
 //! cargo run -p read-after-write-lab --release --bin drills -- --drills split-brain,frozen-replica --runs 1
+//! cargo run -p read-after-write-lab --bin drills -- --short --check --backend tokio-postgres
 //! ```
+//!
+//! `--backend tokio-postgres` serves the same API over tokio-postgres
+//! (`examples/tokio_postgres`) instead of the social app on sqlx; the load,
+//! drills and checks are the same.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use read_after_write_lab::drills::harness::{AppSettings, Role};
+use read_after_write_lab::drills::harness::{AppBackend, AppSettings, Role};
 use read_after_write_lab::drills::load::LoadConfig;
 use read_after_write_lab::drills::scenarios::{Drill, Timing};
 use read_after_write_lab::drills::{self, report, CampaignConfig};
@@ -57,6 +62,10 @@ struct Args {
     /// Drills to run, in order (default: all).
     #[arg(long, value_delimiter = ',')]
     drills: Vec<Drill>,
+    /// The app to serve: `sqlx` (the social app) or `tokio-postgres` (the
+    /// same API over tokio-postgres, deadpool-postgres pools).
+    #[arg(long, default_value_t = AppBackend::Sqlx)]
+    backend: AppBackend,
     /// Roles to run each drill with (default: superuser, monitor, plain).
     #[arg(long, value_delimiter = ',')]
     roles: Vec<Role>,
@@ -96,10 +105,12 @@ async fn main() -> ExitCode {
                 // thousands of expected lines. Behind a reader endpoint,
                 // sqlx logs at error level every connection a server's pool
                 // refuses because it reached another server, as the library
-                // expects. RUST_LOG brings both back.
+                // expects. RUST_LOG brings both back. The tokio-postgres
+                // app logs its failed queries as the social app does.
                 .unwrap_or_else(|_| {
                     tracing_subscriber::EnvFilter::new(
-                        "error,read_after_write_lab::social=off,sqlx_core::pool::inner=off",
+                        "error,read_after_write_lab::social=off,\
+                         read_after_write_lab::tokio_social=off,sqlx_core::pool::inner=off",
                     )
                 }),
         )
@@ -138,6 +149,7 @@ async fn main() -> ExitCode {
         }),
         settings: AppSettings {
             monotonic: args.monotonic,
+            backend: args.backend,
             ..AppSettings::default()
         },
         load: LoadConfig {
@@ -149,7 +161,13 @@ async fn main() -> ExitCode {
         out: args.out.clone(),
         keep_histories: args.keep_histories,
         progress: true,
-        mode: if args.short { "short" } else { "full" }.to_owned(),
+        mode: match (args.short, args.backend) {
+            (true, AppBackend::Sqlx) => "short".to_owned(),
+            (false, AppBackend::Sqlx) => "full".to_owned(),
+            (short, backend) => {
+                format!("{}, {backend}", if short { "short" } else { "full" })
+            }
+        },
     };
     let report = drills::run(&config).await;
     if let Err(error) = report::write_files(&report, &args.out) {

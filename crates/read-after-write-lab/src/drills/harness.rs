@@ -2,11 +2,16 @@
 //! primary (and, for a reader endpoint, a balanced one in front of both
 //! replicas), the database roles, and one or two instances of the social
 //! app served over HTTP on loopback, which a drill can restart one by one.
+//! The app is the sqlx one (`examples/social`), or with
+//! [`AppBackend::TokioPostgres`] the same API over tokio-postgres
+//! (`examples/tokio_postgres`).
 
 use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
 use std::time::Duration;
 
-use read_after_write::pg::PgReplicaSet;
+use read_after_write::pg::{PgReplicaSet, PgReplicaSetBuilder, PgSetupError};
 use read_after_write::{Consistency, KeySet, SigningKey};
 use read_after_write_testkit::{TcpProxy, TestCluster};
 use sqlx::Connection;
@@ -17,6 +22,48 @@ use super::history::{StoredAccount, StoredPost};
 use super::DrillError;
 pub use crate::roles::Role;
 use crate::social::{self, AppConfig};
+use crate::tokio_social;
+
+/// Which app the drills serve: the same API, over one driver or the other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AppBackend {
+    /// The social app (`examples/social`), on sqlx.
+    #[default]
+    Sqlx,
+    /// The same API over tokio-postgres (`examples/tokio_postgres`), on
+    /// deadpool-postgres pools.
+    TokioPostgres,
+}
+
+impl AppBackend {
+    /// Both, in the order `--backend` lists them.
+    pub const ALL: [AppBackend; 2] = [AppBackend::Sqlx, AppBackend::TokioPostgres];
+
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            AppBackend::Sqlx => "sqlx",
+            AppBackend::TokioPostgres => "tokio-postgres",
+        }
+    }
+}
+
+impl fmt::Display for AppBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for AppBackend {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        AppBackend::ALL
+            .into_iter()
+            .find(|backend| backend.name() == text)
+            .ok_or_else(|| format!("unknown backend {text:?}: sqlx or tokio-postgres"))
+    }
+}
 
 /// How the app is configured in every drill.
 #[derive(Clone, Debug)]
@@ -43,6 +90,9 @@ pub struct AppSettings {
     /// higher than the library's default, so a run of a few thousand reads
     /// checks hundreds.
     pub canary_rate: f64,
+    /// The app served: the social app on sqlx, or the same API on
+    /// tokio-postgres.
+    pub backend: AppBackend,
 }
 
 impl Default for AppSettings {
@@ -54,6 +104,7 @@ impl Default for AppSettings {
             tokens: true,
             monotonic: false,
             canary_rate: 0.1,
+            backend: AppBackend::Sqlx,
         }
     }
 }
@@ -228,7 +279,6 @@ impl System {
     /// Builds a replica set (primary through the proxy, replicas direct or
     /// through the endpoint) and serves a fresh router on a new port.
     async fn serve(&self, keys: KeySet) -> Result<Served, DrillError> {
-        let replicas = self.connect_replica_set().await?;
         let config = AppConfig {
             keys: keys.clone(),
             cookie_secure: false,
@@ -236,14 +286,42 @@ impl System {
             debug_header: true,
             request_timeout: Some(self.settings.request_timeout),
         };
-        let mut layer = social::layer(replicas.clone(), &config);
-        if self.settings.monotonic {
-            layer = layer.consistency(Consistency::Monotonic);
-        }
-        if !self.settings.tokens {
-            layer = layer.identity(|_| None);
-        }
-        let router = social::router_with_layer(layer, replicas.clone(), &config);
+        let (router, replicas) = match self.settings.backend {
+            AppBackend::Sqlx => {
+                let replicas = self.connect_replica_set(|b| b.connect()).await?;
+                let mut layer = social::layer(replicas.clone(), &config);
+                if self.settings.monotonic {
+                    layer = layer.consistency(Consistency::Monotonic);
+                }
+                if !self.settings.tokens {
+                    layer = layer.identity(|_| None);
+                }
+                let router = social::router_with_layer(layer, replicas.clone(), &config);
+                (router, replicas)
+            }
+            AppBackend::TokioPostgres => {
+                let pools = self
+                    .connect_replica_set(read_after_write::tokio_postgres::connect)
+                    .await?;
+                let config = tokio_social::AppConfig {
+                    keys: config.keys.clone(),
+                    cookie_secure: config.cookie_secure,
+                    max_wait: config.max_wait,
+                    debug_header: config.debug_header,
+                    request_timeout: config.request_timeout,
+                };
+                let replicas = pools.set().clone();
+                let mut layer = tokio_social::layer(pools, &config);
+                if self.settings.monotonic {
+                    layer = layer.consistency(Consistency::Monotonic);
+                }
+                if !self.settings.tokens {
+                    layer = layer.identity(|_| None);
+                }
+                let router = tokio_social::router_with_layer(layer, replicas.clone(), &config);
+                (router, replicas)
+            }
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|error| DrillError::Setup(format!("binding the app's port: {error}")))?;
@@ -270,9 +348,17 @@ impl System {
         })
     }
 
-    /// Connects a replica set, retrying for up to ten seconds (right after
-    /// a failover the new primary may still be finishing its promotion).
-    async fn connect_replica_set(&self) -> Result<PgReplicaSet, DrillError> {
+    /// Connects a replica set with `connect` (the set itself, or the
+    /// tokio-postgres pools over one), retrying for up to ten seconds (right
+    /// after a failover the new primary may still be finishing its
+    /// promotion).
+    async fn connect_replica_set<T, F>(
+        &self,
+        connect: impl Fn(PgReplicaSetBuilder) -> F,
+    ) -> Result<T, DrillError>
+    where
+        F: Future<Output = Result<T, PgSetupError>>,
+    {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let mut builder = PgReplicaSet::builder()
@@ -289,7 +375,7 @@ impl System {
                     }
                 }
             }
-            let attempt = tokio::time::timeout(Duration::from_secs(5), builder.connect()).await;
+            let attempt = tokio::time::timeout(Duration::from_secs(5), connect(builder)).await;
             let error = match attempt {
                 Ok(Ok(replicas)) => return Ok(replicas),
                 Ok(Err(error)) => error.to_string(),
@@ -464,5 +550,14 @@ mod tests {
         let rotated = rotated_keys().expect("the rotated keys");
         assert_ne!(old.current().id(), rotated.current().id());
         assert_eq!(rotated.len(), 2);
+    }
+
+    #[test]
+    fn every_backend_parses_back_from_its_name() {
+        for backend in AppBackend::ALL {
+            assert_eq!(backend.name().parse::<AppBackend>(), Ok(backend));
+        }
+        assert_eq!(AppSettings::default().backend, AppBackend::Sqlx);
+        assert!("diesel".parse::<AppBackend>().is_err());
     }
 }

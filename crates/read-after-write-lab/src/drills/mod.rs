@@ -16,15 +16,17 @@
 //!    roles are created, one with `pg_monitor` and one without, both with
 //!    the app's table privileges, the heartbeat table's included, so the
 //!    plain role proves replicas by heartbeat ([`roles`](crate::roles)).
-//! 2. The app, `social::router`, served on 127.0.0.1 over real HTTP. Its
-//!    primary URL goes through the kit's [`TcpProxy`]; the replicas' URLs go
-//!    direct, or for `reader-endpoint` as one URL through a balanced proxy
-//!    over both. `max_wait` 200 ms, request timeout 2 s, debug header on,
-//!    the canary on one session read in ten, fixed signing keys shared by
-//!    every app instance. An app restart stops serving, shuts the replica
-//!    set down, drops it and serves a fresh one on a new port; users follow
-//!    the new address and keep their cookies. `rolling-key-rotation` serves
-//!    two instances, and users alternate between them request by request.
+//! 2. The app, `social::router` (or with `--backend tokio-postgres` the
+//!    same API over tokio-postgres, `tokio_social::router`), served on
+//!    127.0.0.1 over real HTTP. Its primary URL goes through the kit's
+//!    [`TcpProxy`]; the replicas' URLs go direct, or for `reader-endpoint`
+//!    as one URL through a balanced proxy over both. `max_wait` 200 ms,
+//!    request timeout 2 s, debug header on, the canary on one session read
+//!    in ten, fixed signing keys shared by every app instance. An app
+//!    restart stops serving, shuts the replica set down, drops it and
+//!    serves a fresh one on a new port; users follow the new address and
+//!    keep their cookies. `rolling-key-rotation` serves two instances, and
+//!    users alternate between them request by request.
 //! 3. The load ([`load`]): 12 writers (post, then read their own posts) and
 //!    4 readers (own posts, the feed, an occasional post), each with its
 //!    own cookie jar, 5–20 ms think time; `sign-up` adds 4 users who sign

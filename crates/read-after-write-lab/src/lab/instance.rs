@@ -1,12 +1,14 @@
-//! One app instance of the lab: the social app over its own replica set
-//! (so its own tracker) and layer, set up as the strategy and the variant
+//! One app instance of the lab: the social app (or, for
+//! `adaptive-tokio-postgres`, the same API over tokio-postgres) over its
+//! own replica set (so its own tracker) and layer, set up as the strategy and the variant
 //! (database role, how replicas are reached) say, measured by
 //! [`readings`], served over HTTP on loopback.
 
 use std::fmt;
 use std::time::Duration;
 
-use read_after_write::pg::{PgReplicaSet, Selection, WaitPolicy};
+use read_after_write::pg::{PgReplicaSet, PgSetupError, Selection, WaitPolicy};
+use read_after_write::tokio_postgres::deadpool_postgres;
 use read_after_write::{Backend, CheckContext, Consistency, KeySet, ReadAfterWriteLayer};
 use read_after_write_testkit::{TcpProxy, TestCluster};
 use serde::Serialize;
@@ -18,6 +20,7 @@ use super::workload::Workload;
 use super::LabConfig;
 use crate::roles::Role;
 use crate::social::{self, AppConfig};
+use crate::tokio_social;
 
 /// `application_name` of the app instances' pools, so the lab can count
 /// their connections on each node apart from the tracker's
@@ -130,7 +133,7 @@ impl Instance {
             builder = match strategy {
                 Strategy::Naive => builder.selection(Selection::Random),
                 // The library's defaults, whatever they are in this version.
-                Strategy::Adaptive => builder,
+                Strategy::Adaptive | Strategy::AdaptiveTokioPostgres => builder,
                 // A fixed max_wait, waited in full: the policy before predictions.
                 Strategy::LsnWait { .. } => builder
                     .selection(Selection::RoundRobin)
@@ -154,22 +157,6 @@ impl Instance {
             }
             builder
         };
-        // The profile before may have left the primary busy (the `burst`
-        // profile's checkpoints, on a loaded machine): a setup query that
-        // misses the library's production bound gets two more tries
-        // before the run fails.
-        let mut attempt = 1;
-        let replicas = loop {
-            match builder().connect().await {
-                Ok(replicas) => break replicas,
-                Err(error) if attempt < CONNECT_ATTEMPTS => {
-                    tracing::warn!(%error, attempt, "lab: connecting the replica set failed; trying again");
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(error) => return Err(error.into()),
-            }
-        };
         let app_config = AppConfig {
             keys: keys.clone(),
             cookie_secure: false,
@@ -178,6 +165,14 @@ impl Instance {
             debug_header: true,
             request_timeout: Some(Duration::from_secs(5)),
         };
+        if strategy.is_tokio_postgres() {
+            let pools = connect(|| read_after_write::tokio_postgres::connect(builder())).await?;
+            let replicas = pools.set().clone();
+            let (router, settings) =
+                serve_tokio_postgres(Instrumented::new(pools), &replicas, &app_config).await;
+            return Instance::serve(router, settings, replicas).await;
+        }
+        let replicas = connect(|| builder().connect()).await?;
         let (router, settings) = match strategy {
             // The baselines route whatever the token says; they get tokens
             // like every strategy (a request that writes without one is
@@ -222,7 +217,10 @@ impl Instance {
                 )
                 .await
             }
-            Strategy::Lsn | Strategy::LsnWait { .. } | Strategy::Adaptive => {
+            Strategy::Lsn
+            | Strategy::LsnWait { .. }
+            | Strategy::Adaptive
+            | Strategy::AdaptiveTokioPostgres => {
                 serve(
                     Instrumented::new(replicas.clone()),
                     &replicas,
@@ -232,6 +230,15 @@ impl Instance {
                 .await
             }
         };
+        Instance::serve(router, settings, replicas).await
+    }
+
+    /// Serves `router` on a new loopback port.
+    async fn serve(
+        router: axum::Router,
+        settings: SettingsSeen,
+        replicas: PgReplicaSet,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -258,6 +265,28 @@ impl Instance {
     }
 }
 
+/// Connects with `connect`, up to [`CONNECT_ATTEMPTS`] times: the profile
+/// before may have left the primary busy (the `burst` profile's
+/// checkpoints, on a loaded machine), and a setup query that misses the
+/// library's production bound gets two more tries before the run fails.
+async fn connect<T, F>(mut connect: impl FnMut() -> F) -> Result<T, PgSetupError>
+where
+    F: std::future::Future<Output = Result<T, PgSetupError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match connect().await {
+            Ok(connected) => return Ok(connected),
+            Err(error) if attempt < CONNECT_ATTEMPTS => {
+                tracing::warn!(%error, attempt, "lab: connecting the replica set failed; trying again");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
 /// The app over `backend`, its layer adjusted by `adjust`, measured by
 /// [`readings::record_readings`]; and what the layer's self-check handed
 /// the backend.
@@ -276,6 +305,31 @@ where
     // the settings the layer runs with, its default max_wait included.
     let _ = layer.check(CheckContext::new()).await;
     let router = social::router_with_layer(layer, replicas.clone(), config)
+        .layer(axum::middleware::from_fn(readings::record_readings));
+    (router, settings)
+}
+
+/// The tokio-postgres app (`examples/tokio_postgres`) over `backend`, with
+/// the settings of `config`, measured as [`serve`] measures the social app.
+async fn serve_tokio_postgres<B>(
+    backend: Instrumented<B>,
+    replicas: &PgReplicaSet,
+    config: &AppConfig,
+) -> (axum::Router, SettingsSeen)
+where
+    B: Backend<Pool = deadpool_postgres::Pool>,
+{
+    let settings = backend.settings();
+    let config = tokio_social::AppConfig {
+        keys: config.keys.clone(),
+        cookie_secure: config.cookie_secure,
+        max_wait: config.max_wait,
+        debug_header: config.debug_header,
+        request_timeout: config.request_timeout,
+    };
+    let layer = tokio_social::layer(backend, &config);
+    let _ = layer.check(CheckContext::new()).await;
+    let router = tokio_social::router_with_layer(layer, replicas.clone(), &config)
         .layer(axum::middleware::from_fn(readings::record_readings));
     (router, settings)
 }

@@ -25,6 +25,10 @@
 //! node): the workload compares it across a session's reads to count
 //! monotonic-read violations.
 //!
+//! The wrapper works over the pools of both apps the lab serves: sqlx's
+//! `PgPool` (the social app) and `deadpool_postgres::Pool` (the same API
+//! over tokio-postgres); see [`CounterPool`].
+//!
 //! The wrapper also keeps the layer's settings that the layer's self-check
 //! hands it ([`Instrumented::settings`]): that is how the lab learns the
 //! `max_wait` a layer runs with, its default included.
@@ -38,6 +42,7 @@ use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use read_after_write::backend::{Finding, LayerSettings};
+use read_after_write::tokio_postgres::deadpool_postgres;
 use read_after_write::{Backend, Bookmark, RouteReason, Routed, Target, WritePosition};
 use sqlx::PgPool;
 
@@ -49,11 +54,61 @@ pub const COUNTER_HEADER: &str = "x-lab-counter";
 /// replica before it went to the primary anyway, in microseconds.
 pub const WASTED_WAIT_HEADER: &str = "x-lab-wasted-wait-us";
 
+/// A pool the lab reads `lab_counter` on: one node, through the driver the
+/// app runs its queries with.
+#[derive(Clone)]
+pub enum NodePool {
+    /// The social app's.
+    Sqlx(PgPool),
+    /// The tokio-postgres app's.
+    TokioPostgres(deadpool_postgres::Pool),
+}
+
+impl NodePool {
+    /// `lab_counter` as this pool's node has it now; `None` when it cannot
+    /// be read.
+    async fn read_counter(&self) -> Option<i64> {
+        const SQL: &str = "select value from lab_counter";
+        match self {
+            NodePool::Sqlx(pool) => sqlx::query_as::<_, (i64,)>(SQL)
+                .fetch_one(pool)
+                .await
+                .ok()
+                .map(|(value,)| value),
+            NodePool::TokioPostgres(pool) => {
+                let client = pool.get().await.ok()?;
+                let statement = client.prepare_cached(SQL).await.ok()?;
+                let row = client.query_one(&statement, &[]).await.ok()?;
+                row.try_get(0).ok()
+            }
+        }
+    }
+}
+
+/// The pool types [`Instrumented`] can note: those it can read the
+/// counter on.
+pub trait CounterPool: Send + Sync + 'static {
+    /// This pool, to read the counter on later.
+    fn node_pool(&self) -> NodePool;
+}
+
+impl CounterPool for PgPool {
+    fn node_pool(&self) -> NodePool {
+        NodePool::Sqlx(self.clone())
+    }
+}
+
+impl CounterPool for deadpool_postgres::Pool {
+    fn node_pool(&self) -> NodePool {
+        NodePool::TokioPostgres(self.clone())
+    }
+}
+
 /// What one request's reads left for [`record_readings`].
 #[derive(Default)]
 struct Notes {
     /// The pool the last read was routed to.
-    pool: Option<PgPool>,
+    pool: Option<NodePool>,
     /// How long a session read waited before it went to the primary anyway.
     wasted_wait: Option<Duration>,
     /// The counter read on `pool` before the layer captured the primary's
@@ -67,10 +122,10 @@ tokio::task_local! {
 
 /// Notes a routed read for the request being served; nothing outside one
 /// (the layer's self-check, say).
-fn note(routed: &Routed<'_, PgPool>, wasted_wait: Option<Duration>) {
+fn note<P: CounterPool>(routed: &Routed<'_, P>, wasted_wait: Option<Duration>) {
     let _ = NOTES.try_with(|notes| {
         let mut notes = notes.borrow_mut();
-        notes.pool = Some(routed.pool.clone());
+        notes.pool = Some(routed.pool.node_pool());
         if wasted_wait.is_some() {
             notes.wasted_wait = wasted_wait;
         }
@@ -79,7 +134,7 @@ fn note(routed: &Routed<'_, PgPool>, wasted_wait: Option<Duration>) {
 
 /// How long a session read that took `waited` to route wasted: all of it
 /// when it went to the primary because no replica caught up in time.
-fn wasted(routed: &Routed<'_, PgPool>, waited: Duration) -> Option<Duration> {
+fn wasted<P>(routed: &Routed<'_, P>, waited: Duration) -> Option<Duration> {
     let in_vain = routed.target == Target::Primary
         && matches!(
             routed.reason,
@@ -127,28 +182,32 @@ impl SettingsSeen {
     }
 }
 
-impl<B: Backend<Pool = PgPool>> Backend for Instrumented<B> {
-    type Pool = PgPool;
+impl<B> Backend for Instrumented<B>
+where
+    B: Backend,
+    B::Pool: CounterPool,
+{
+    type Pool = B::Pool;
     type Error = B::Error;
 
-    fn primary(&self) -> &PgPool {
+    fn primary(&self) -> &B::Pool {
         // Writes and critical reads: nothing for the lab to note.
         self.inner.primary()
     }
 
-    fn eventual(&self) -> Routed<'_, PgPool> {
+    fn eventual(&self) -> Routed<'_, B::Pool> {
         let routed = self.inner.eventual();
         note(&routed, None);
         routed
     }
 
-    fn eventual_within(&self, max_staleness: Duration) -> Routed<'_, PgPool> {
+    fn eventual_within(&self, max_staleness: Duration) -> Routed<'_, B::Pool> {
         let routed = self.inner.eventual_within(max_staleness);
         note(&routed, None);
         routed
     }
 
-    async fn session(&self, required: WritePosition, max_wait: Duration) -> Routed<'_, PgPool> {
+    async fn session(&self, required: WritePosition, max_wait: Duration) -> Routed<'_, B::Pool> {
         let started = Instant::now();
         let routed = self.inner.session(required, max_wait).await;
         note(&routed, wasted(&routed, started.elapsed()));
@@ -164,7 +223,7 @@ impl<B: Backend<Pool = PgPool>> Backend for Instrumented<B> {
         bookmark: Option<Bookmark>,
         max_wait: Option<Duration>,
         max_staleness: Option<Duration>,
-    ) -> Routed<'_, PgPool> {
+    ) -> Routed<'_, B::Pool> {
         // Ready at first poll whenever the inner future is: an eventual
         // read with monotonic reads must not wait.
         let started = Instant::now();
@@ -194,7 +253,7 @@ impl<B: Backend<Pool = PgPool>> Backend for Instrumented<B> {
             .ok()
             .flatten();
         if let Some(pool) = pool {
-            if let Some(value) = read_counter(&pool).await {
+            if let Some(value) = pool.read_counter().await {
                 let _ = NOTES.try_with(|notes| notes.borrow_mut().counter = Some(value));
             }
         }
@@ -219,7 +278,7 @@ pub async fn record_readings(request: Request, next: Next) -> Response {
         .await;
     let counter = match (notes.counter, &notes.pool) {
         (Some(value), _) => Some(value),
-        (None, Some(pool)) => read_counter(pool).await,
+        (None, Some(pool)) => pool.read_counter().await,
         (None, None) => None,
     };
     // A read without a counter is counted but not checked.
@@ -235,13 +294,4 @@ pub async fn record_readings(request: Request, next: Next) -> Response {
             .insert(WASTED_WAIT_HEADER, HeaderValue::from(micros));
     }
     response
-}
-
-/// `lab_counter` as `pool`'s node has it now; `None` when it cannot be read.
-async fn read_counter(pool: &PgPool) -> Option<i64> {
-    sqlx::query_as::<_, (i64,)>("select value from lab_counter")
-        .fetch_one(pool)
-        .await
-        .ok()
-        .map(|(value,)| value)
 }

@@ -40,6 +40,11 @@ pub enum Strategy {
     /// The library's default routing, configured with nothing but URLs: the
     /// replica set's and the layer's defaults as they stand.
     Adaptive,
+    /// `adaptive` over tokio-postgres: the same defaults, the instance
+    /// connected with `read_after_write::tokio_postgres::connect` and serving
+    /// the same API from `examples/tokio_postgres` (deadpool-postgres pools),
+    /// so the report shows whether the driver changes anything.
+    AdaptiveTokioPostgres,
 }
 
 impl Strategy {
@@ -56,7 +61,13 @@ impl Strategy {
                 .iter()
                 .map(|&max_wait_ms| Strategy::LsnWait { max_wait_ms }),
         );
-        all.extend([Strategy::Monotonic, Strategy::Adaptive]);
+        // adaptive-tokio-postgres right after adaptive: every report shows
+        // the two drivers side by side.
+        all.extend([
+            Strategy::Monotonic,
+            Strategy::Adaptive,
+            Strategy::AdaptiveTokioPostgres,
+        ]);
         all
     }
 
@@ -70,6 +81,7 @@ impl Strategy {
             Strategy::LsnWait { max_wait_ms } => format!("lsn-wait-{max_wait_ms}ms"),
             Strategy::Monotonic => "monotonic".to_owned(),
             Strategy::Adaptive => "adaptive".to_owned(),
+            Strategy::AdaptiveTokioPostgres => "adaptive-tokio-postgres".to_owned(),
         }
     }
 
@@ -95,18 +107,30 @@ impl Strategy {
             Strategy::LsnWait { max_wait_ms } => {
                 Some(Duration::from_millis(u64::from(max_wait_ms)))
             }
-            Strategy::Monotonic | Strategy::Adaptive => None,
+            Strategy::Monotonic | Strategy::Adaptive | Strategy::AdaptiveTokioPostgres => None,
             Strategy::Naive | Strategy::Primary | Strategy::TimeWindow | Strategy::Lsn => {
                 Some(Duration::ZERO)
             }
         }
     }
 
-    /// The latency budget `adaptive` routes within, zero for the others:
+    /// `adaptive` over either driver: the library's defaults.
+    pub fn is_adaptive(self) -> bool {
+        matches!(self, Strategy::Adaptive | Strategy::AdaptiveTokioPostgres)
+    }
+
+    /// Whether the instance serves the tokio-postgres app instead of the
+    /// social app on sqlx.
+    pub fn is_tokio_postgres(self) -> bool {
+        self == Strategy::AdaptiveTokioPostgres
+    }
+
+    /// The latency budget `adaptive` (over either driver) routes within,
+    /// zero for the others:
     /// the default [`WaitPolicy`]'s own cap, or with none the read's
     /// `max_wait` (the one the layer runs with, `max_wait`).
     pub fn latency_budget(self, max_wait: Duration) -> Duration {
-        if self != Strategy::Adaptive {
+        if !self.is_adaptive() {
             return Duration::ZERO;
         }
         // A predicted wait is bounded by the read's max_wait; a fixed wait
@@ -150,7 +174,8 @@ impl std::str::FromStr for Strategy {
             .ok_or_else(|| {
                 format!(
                     "unknown strategy {s:?}; use naive, primary, time-window, lsn, \
-                     lsn-wait-<n>ms (e.g. lsn-wait-40ms), monotonic or adaptive"
+                     lsn-wait-<n>ms (e.g. lsn-wait-40ms), monotonic, adaptive or \
+                     adaptive-tokio-postgres"
                 )
             })
     }
@@ -238,10 +263,15 @@ mod tests {
     #[test]
     fn adaptive_and_monotonic_run_with_the_layers_default() {
         assert_eq!(Strategy::Adaptive.max_wait(), None);
+        assert_eq!(Strategy::AdaptiveTokioPostgres.max_wait(), None);
         assert_eq!(Strategy::Monotonic.max_wait(), None);
         assert_eq!(Strategy::Lsn.max_wait(), Some(Duration::ZERO));
         let wait = Duration::from_millis(50);
         assert!(Strategy::Adaptive.latency_budget(wait) <= wait);
+        assert_eq!(
+            Strategy::AdaptiveTokioPostgres.latency_budget(wait),
+            Strategy::Adaptive.latency_budget(wait)
+        );
         assert_eq!(Strategy::Lsn.latency_budget(wait), Duration::ZERO);
     }
 
@@ -255,6 +285,14 @@ mod tests {
             Ok(Strategy::LsnWait { max_wait_ms: 25 })
         );
         assert!("lsn-wait".parse::<Strategy>().is_err());
+        let all = Strategy::all();
+        let adaptive = all.iter().position(|s| *s == Strategy::Adaptive);
+        assert_eq!(
+            all.get(adaptive.unwrap() + 1),
+            Some(&Strategy::AdaptiveTokioPostgres),
+            "the tokio-postgres run follows adaptive's"
+        );
+        assert!(Strategy::AdaptiveTokioPostgres.promises_read_your_writes());
         assert!("lsn-wait-0ms".parse::<Strategy>().is_err());
     }
 }
