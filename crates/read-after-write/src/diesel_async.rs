@@ -157,6 +157,33 @@ impl Driver for DieselDeadpool {
             .build()?;
         Ok(pool)
     }
+
+    async fn canary(&self, pool: &Self::Pool, sql: &'static str) -> Option<[Option<String>; 5]> {
+        use ::diesel::sql_types::{Nullable, Text};
+        use ::diesel_async::RunQueryDsl;
+
+        /// The canary's row, by the column names its query gives.
+        #[derive(::diesel::QueryableByName)]
+        struct CanaryRow {
+            #[diesel(sql_type = Nullable<Text>)]
+            replayed: Option<String>,
+            #[diesel(sql_type = Nullable<Text>)]
+            system_id: Option<String>,
+            #[diesel(sql_type = Nullable<Text>)]
+            addr: Option<String>,
+            #[diesel(sql_type = Nullable<Text>)]
+            port: Option<String>,
+            #[diesel(sql_type = Nullable<Text>)]
+            started: Option<String>,
+        }
+
+        if pool.status().available == 0 {
+            return None;
+        }
+        let mut conn = pool.get().await.ok()?;
+        let row: CanaryRow = ::diesel::sql_query(sql).get_result(&mut conn).await.ok()?;
+        Some([row.replayed, row.system_id, row.addr, row.port, row.started])
+    }
 }
 
 /// A diesel-async connection the node admits ([`admitted::connect`]), on

@@ -67,7 +67,7 @@ use ::deadpool_postgres::{
     Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime,
 };
 use ::tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
-use ::tokio_postgres::{Client, Config, NoTls, Socket};
+use ::tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage, Socket};
 
 use crate::admitted::{self, Failure};
 use crate::handle::Db;
@@ -189,6 +189,21 @@ where
             }))
             .build()?;
         Ok(pool)
+    }
+
+    async fn canary(&self, pool: &Pool, sql: &'static str) -> Option<[Option<String>; 5]> {
+        if pool.status().available == 0 {
+            return None;
+        }
+        let client = pool.get().await.ok()?;
+        let messages = client.simple_query(sql).await.ok()?;
+        let row = messages.iter().find_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })?;
+        Some(std::array::from_fn(|index| {
+            row.try_get(index).ok().flatten().map(str::to_owned)
+        }))
     }
 }
 

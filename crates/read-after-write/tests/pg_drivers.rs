@@ -81,11 +81,29 @@ fn builder(cluster: &TestCluster) -> PgReplicaSetBuilder {
         .primary_url(cluster.primary_url())
         .poll_interval(Duration::from_millis(10))
         .probe_timeout(Duration::from_millis(300))
-        .max_backoff(Duration::from_millis(400));
+        .max_backoff(Duration::from_millis(400))
+        // Every session read on a replica confirmed where it ran.
+        .canary_rate(1.0);
     for replica in cluster.replicas() {
         builder = builder.replica_url(replica.name(), replica.url());
     }
     builder
+}
+
+/// Waits, up to 5 s, for the canary to have confirmed some reads; asserts
+/// it found none on a server lacking its write.
+async fn canary_confirms<D: Driver>(set: &ReplicaPools<D>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while set.set().canary_counts().0 == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (checks, violations) = set.set().canary_counts();
+    eprintln!("canary: {checks} reads confirmed on the driver's pools, {violations} violations");
+    assert!(
+        checks > 0,
+        "the canary confirmed no read on the driver's pools"
+    );
+    assert_eq!(violations, 0);
 }
 
 /// One driver's queries, as a handler writes them.
@@ -294,6 +312,7 @@ async fn reads_see_writes<D: Queries>(set: ReplicaPools<D>, user: i64, pairs: us
     );
     let route = response.headers()["x-read-after-write"].to_str().unwrap();
     assert!(route.contains("node=replica"), "{route}");
+    canary_confirms(&set).await;
     set.set().shutdown().await;
 }
 
@@ -368,7 +387,7 @@ async fn reader_endpoint<D: Queries>(user: i64) {
         .primary_url(cluster.primary_url())
         .replica_url("readers", &endpoint_url)
         .poll_interval(Duration::from_millis(10));
-    let set = ReplicaPools::connect(builder, D::new())
+    let set = ReplicaPools::connect(builder.canary_rate(1.0), D::new())
         .await
         .expect("connect over the endpoint");
     let servers = set.replicas();
@@ -399,6 +418,7 @@ async fn reader_endpoint<D: Queries>(user: i64) {
         nodes.keys().any(|node| node.starts_with("node=readers")),
         "reads should use the servers behind the endpoint: {nodes:?}"
     );
+    canary_confirms(&set).await;
     set.set().shutdown().await;
 }
 

@@ -5,7 +5,8 @@
 //! a sample of those reads, where it matters: on the server that served
 //! them. Right after such a read is routed (one in `1 / rate`, counted
 //! without a lock), a task takes an idle connection of the very pool the
-//! read was handed, asks that server `pg_last_wal_replay_lsn()` and which
+//! read was handed (the set's own, or a driver's through `Driver::canary`),
+//! asks that server `pg_last_wal_replay_lsn()` and which
 //! server it is, and counts a violation when the server had not replayed
 //! the position the read required, or is not the server the tracker
 //! follows.
@@ -26,7 +27,7 @@
 //! and a `check()` finding; alert on any.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
@@ -34,13 +35,39 @@ use super::fingerprint::Fingerprint;
 use super::server::ReplicaState;
 use crate::position::Lsn;
 
+/// What the canary asks the server a read was routed to: one row of five
+/// text columns, the replay position and the server's fingerprint.
+pub(crate) const CANARY_SQL: &str = "select pg_last_wal_replay_lsn()::text as replayed, \
+     (select system_identifier::text from pg_control_system()) as system_id, \
+     host(inet_server_addr()) as addr, inet_server_port()::text as port, \
+     ((extract(epoch from pg_postmaster_start_time()) * 1000000)::int8)::text as started";
+
+/// How long the canary's query may take before the check is dropped.
+pub(crate) const CANARY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs a sampled check on the pool a read was handed, when that pool is
+/// not the set's own (a driver's, `pg::driver`): given the
+/// server and the check, it spawns the query on an idle connection of the
+/// driver's pool of that server and hands the row to [`CanaryCheck::judge`].
+pub(crate) type CanaryRunner = Box<dyn Fn(&ReplicaState, CanaryCheck) + Send + Sync>;
+
 /// The sampling state and counts of one replica set's canary.
-#[derive(Debug)]
 pub(crate) struct Canary {
     /// Check one read in this many; 0: never.
     every: u64,
     seen: AtomicU64,
     pub(crate) counts: Arc<CanaryCounts>,
+    /// Set when reads run on a driver's pools, not the set's.
+    pub(crate) runner: OnceLock<CanaryRunner>,
+}
+
+impl std::fmt::Debug for Canary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Canary")
+            .field("every", &self.every)
+            .field("counts", &self.counts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the canary found so far.
@@ -48,6 +75,15 @@ pub(crate) struct Canary {
 pub(crate) struct CanaryCounts {
     pub(crate) checks: AtomicU64,
     pub(crate) violations: AtomicU64,
+}
+
+/// One sampled read to confirm: the server it went to, as the tracker
+/// follows it, and the position it required.
+pub(crate) struct CanaryCheck {
+    name: String,
+    identity: Fingerprint,
+    lsn: Lsn,
+    counts: Arc<CanaryCounts>,
 }
 
 impl Canary {
@@ -61,6 +97,7 @@ impl Canary {
             every,
             seen: AtomicU64::new(0),
             counts: Arc::default(),
+            runner: OnceLock::new(),
         }
     }
 
@@ -79,69 +116,78 @@ impl Canary {
         let Some(identity) = replica.identity() else {
             return;
         };
+        let check = CanaryCheck {
+            name: replica.name.clone(),
+            identity,
+            lsn,
+            counts: Arc::clone(&self.counts),
+        };
+        if let Some(runner) = self.runner.get() {
+            return runner(replica, check);
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        runtime.spawn(check(
-            replica.pool.clone(),
-            replica.name.clone(),
-            identity,
-            lsn,
-            Arc::clone(&self.counts),
-        ));
+        runtime.spawn(check_on(replica.pool.clone(), check));
     }
 }
 
-/// Confirms on an idle connection of `pool` that its server is `identity`
-/// and has replayed `lsn`.
-async fn check(
-    pool: PgPool,
-    name: String,
-    identity: Fingerprint,
-    lsn: Lsn,
-    counts: Arc<CanaryCounts>,
-) {
+/// Confirms on an idle connection of the set's own `pool` (no idle
+/// connection: no check).
+async fn check_on(pool: PgPool, check: CanaryCheck) {
     let Some(mut conn) = pool.try_acquire() else {
         return;
     };
-    let sql = "select pg_last_wal_replay_lsn()::text, \
-                      (select system_identifier::text from pg_control_system()), \
-                      host(inet_server_addr()), inet_server_port()::text, \
-                      ((extract(epoch from pg_postmaster_start_time()) * 1000000)::int8)::text";
     let answer = tokio::time::timeout(
-        std::time::Duration::from_secs(1),
-        sqlx::raw_sql(AssertSqlSafe(sql)).fetch_one(&mut *conn),
+        CANARY_TIMEOUT,
+        sqlx::raw_sql(AssertSqlSafe(CANARY_SQL)).fetch_one(&mut *conn),
     )
     .await;
     let Ok(Ok(row)) = answer else {
         return;
     };
     let text = |i: usize| row.try_get::<Option<String>, _>(i).ok().flatten();
-    let replayed = text(0).and_then(|t| t.parse::<Lsn>().ok());
-    let same_server = text(1).and_then(|t| t.parse::<u64>().ok()) == Some(identity.system_id)
-        && text(2) == identity.addr
-        && text(3).and_then(|t| t.parse::<u16>().ok()) == identity.port
-        && text(4).and_then(|t| t.parse::<i64>().ok()) == Some(identity.started_micros);
-    counts.checks.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("read_after_write_canary_checks_total", "replica" => name.clone())
-        .increment(1);
-    let held = replayed.is_some_and(|replayed| replayed >= lsn);
-    if held && same_server {
-        return;
+    check.judge([text(0), text(1), text(2), text(3), text(4)]);
+}
+
+impl CanaryCheck {
+    /// Counts the check from [`CANARY_SQL`]'s row, and a violation when the
+    /// server had not replayed the position or is not the server the
+    /// tracker follows.
+    pub(crate) fn judge(self, row: [Option<String>; 5]) {
+        let CanaryCheck {
+            name,
+            identity,
+            lsn,
+            counts,
+        } = self;
+        let [replayed, system_id, addr, port, started] = row;
+        let replayed = replayed.and_then(|t| t.parse::<Lsn>().ok());
+        let same_server = system_id.and_then(|t| t.parse::<u64>().ok()) == Some(identity.system_id)
+            && addr == identity.addr
+            && port.and_then(|t| t.parse::<u16>().ok()) == identity.port
+            && started.and_then(|t| t.parse::<i64>().ok()) == Some(identity.started_micros);
+        counts.checks.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("read_after_write_canary_checks_total", "replica" => name.clone())
+            .increment(1);
+        let held = replayed.is_some_and(|replayed| replayed >= lsn);
+        if held && same_server {
+            return;
+        }
+        counts.violations.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("read_after_write_canary_violations_total", "replica" => name.clone())
+            .increment(1);
+        tracing::error!(
+            replica = %name,
+            required = %lsn,
+            replayed = ?replayed,
+            same_server,
+            expected = %identity,
+            "canary: a session read went to a replica that had not replayed its user's write; reads \
+             reach servers the tracker does not see (check the replica URLs, pools and the monitoring \
+             options)"
+        );
     }
-    counts.violations.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("read_after_write_canary_violations_total", "replica" => name.clone())
-        .increment(1);
-    tracing::error!(
-        replica = %name,
-        required = %lsn,
-        replayed = ?replayed,
-        same_server,
-        expected = %identity,
-        "canary: a session read went to a replica that had not replayed its user's write; reads \
-         reach servers the tracker does not see (check the replica URLs, pools and the monitoring \
-         options)"
-    );
 }
 
 #[cfg(test)]

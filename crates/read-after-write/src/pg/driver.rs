@@ -47,12 +47,14 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use sqlx::PgPool;
 
 use super::builder::{PgReplicaSetBuilder, Source};
+use super::canary::{CANARY_SQL, CANARY_TIMEOUT};
 use super::endpoint::{Admission, PoolSettings};
 pub use super::error::DriverError;
 use super::error::PgSetupError;
@@ -78,6 +80,22 @@ pub trait Driver: Send + Sync + 'static {
     /// driver cannot read) fails [`ReplicaPools::connect`]; for a server
     /// found later behind a URL, that server serves no reads.
     fn pool(&self, node: &Node) -> Result<Self::Pool, DriverError>;
+
+    /// For the [canary](super#the-canary): runs `sql` (no parameters, one
+    /// row of five nullable text columns) on a connection of `pool` that is
+    /// idle now, and returns the row; `None` when no connection is idle (a
+    /// check must never take a connection a read is waiting for) or the
+    /// query failed. The caller bounds it in time. The default checks
+    /// nothing: a driver that does not implement it leaves its reads
+    /// unconfirmed.
+    fn canary(
+        &self,
+        pool: &Self::Pool,
+        sql: &'static str,
+    ) -> impl Future<Output = Option<[Option<String>; 5]>> + Send {
+        let _ = (pool, sql);
+        std::future::ready(None)
+    }
 }
 
 /// A configured URL, which [`ReplicaPools::update_urls`] may replace
@@ -269,6 +287,39 @@ impl<D: Driver> ReplicaPools<D> {
                 servers: (0..MAX_SERVERS).map(|_| OnceLock::new()).collect(),
             }),
         };
+        // Reads run on the driver's pools: the canary confirms them there.
+        let weak = Arc::downgrade(&pools.inner);
+        let _ = pools
+            .inner
+            .set
+            .inner
+            .canary
+            .runner
+            .set(Box::new(move |state, check| {
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let servers = &inner.set.inner.tracker.servers;
+                let Some(index) = (0..servers.len())
+                    .find(|&index| servers.get(index).is_some_and(|s| std::ptr::eq(s, state)))
+                else {
+                    return;
+                };
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                runtime.spawn(async move {
+                    let Some(pool) = inner.servers[index].get() else {
+                        return;
+                    };
+                    let answer =
+                        tokio::time::timeout(CANARY_TIMEOUT, inner.driver.canary(pool, CANARY_SQL))
+                            .await;
+                    if let Ok(Some(row)) = answer {
+                        check.judge(row);
+                    }
+                });
+            }));
         // The servers found at start: a URL the driver cannot read fails
         // here, not on the first read routed there.
         let servers = &pools.inner.set.inner.tracker.servers;
