@@ -1,8 +1,10 @@
-//! The minimal example with diesel-async: diesel's DSL run on pooled
-//! `AsyncPgConnection`s through
-//! [`DieselDb`](read_after_write::diesel_async::DieselDb), whose methods give
-//! the deadpool pool of the node each access is routed to. A user reads
-//! their own posts back at once, although reads go to lagging replicas.
+//! The social app's JSON API over diesel-async: handlers take a
+//! [`Db`](read_after_write::Db) over a
+//! [`DieselReplicaSet`](read_after_write::diesel_async::DieselReplicaSet),
+//! check an `AsyncPgConnection` out of the deadpool pool each access is
+//! routed to, and query it with diesel's DSL. A user reads their own posts,
+//! profile and dashboard back at once, although reads go to lagging
+//! replicas.
 //!
 //! ```sh
 //! DATABASE_URL=postgres://app@localhost:5432/app \
@@ -10,23 +12,44 @@
 //! AFFINITY_KEY=$(openssl rand -base64 32) \
 //! cargo run --example diesel_async
 //!
-//! curl -si -c jar -b jar -H 'x-user-id: 1' -d 'hello' http://127.0.0.1:3000/posts
-//! curl -s  -c jar -b jar -H 'x-user-id: 1' http://127.0.0.1:3000/posts
-//! curl -s  -H 'x-user-id: 1' http://127.0.0.1:3000/feed
+//! # Post, then read your own posts (session-consistent), one post
+//! # (from the primary) and the feed (eventual).
+//! curl -si -c jar -b jar -H 'x-user-id: 1' -H 'content-type: application/json' \
+//!      -d '{"content":"hello"}' http://127.0.0.1:3000/api/posts
+//! curl -s  -c jar -b jar -H 'x-user-id: 1' http://127.0.0.1:3000/api/posts
+//! curl -s  -H 'x-user-id: 1' http://127.0.0.1:3000/api/posts/1
+//! curl -s  http://127.0.0.1:3000/api/feed
+//!
+//! # Edit your profile and read it back.
+//! curl -s  -c jar -b jar -H 'x-user-id: 1' -H 'content-type: application/json' \
+//!      -X PUT -d '{"name":"Ada","bio":"hi"}' http://127.0.0.1:3000/api/profile
+//! curl -s  -c jar -b jar -H 'x-user-id: 1' http://127.0.0.1:3000/api/profile/1
+//!
+//! # Sign up (or log in as an id) and see the next page: the cookie jar
+//! # carries the new identity (demo_user) and its token.
+//! curl -si -c jar2 -b jar2 -H 'content-type: application/json' \
+//!      -d '{"name":"Grace"}' http://127.0.0.1:3000/api/signup
+//! curl -si -c jar2 -b jar2 -H 'content-type: application/json' \
+//!      -d '{"user_id":1000000}' http://127.0.0.1:3000/api/login
+//! curl -s  -c jar2 -b jar2 http://127.0.0.1:3000/api/dashboard
+//!
+//! curl -s  http://127.0.0.1:3000/healthz
 //! ```
 //!
-//! No cluster at hand? `cargo run --example social` starts a throwaway one
-//! and prints its URLs; `tests/diesel_async.rs` runs this app on one. No
-//! libpq needed: diesel-async talks to PostgreSQL over tokio-postgres.
+//! It runs the social app's migrations on the primary, so it can share a
+//! database with the social and tokio-postgres examples. No cluster at
+//! hand? `cargo run --example social` starts a throwaway one and prints its
+//! URLs; `tests/diesel_async.rs` runs this app on one. No libpq needed:
+//! diesel-async talks to PostgreSQL over tokio-postgres.
 
+// `router` (no self-check first) is for callers other than this one.
+#[allow(dead_code)]
 mod app;
 
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use read_after_write::pg::PgReplicaSetBuilder;
 use read_after_write::{CheckContext, KeySet};
-use tower_http::timeout::TimeoutLayer;
 
 #[tokio::main]
 async fn main() {
@@ -36,12 +59,21 @@ async fn main() {
     }
 }
 
-async fn serve() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    // DATABASE_URL, REPLICA_URLS: a diesel-async pool per node, built from them.
-    let replicas =
-        read_after_write::diesel_async::connect(PgReplicaSetBuilder::from_env()?).await?;
-    app::create_table(replicas.primary_pool()).await?;
-    let layer = app::layer(replicas, KeySet::from_env("AFFINITY_KEY")?);
+async fn serve() -> Result<(), Box<dyn std::error::Error>> {
+    // DATABASE_URL, REPLICA_URLS: a diesel-async pool per node, the routing
+    // engine on its own sqlx connections.
+    let pools = read_after_write::diesel_async::connect(PgReplicaSetBuilder::from_env()?).await?;
+    app::migrate(pools.set()).await?;
+    let config = app::AppConfig {
+        keys: KeySet::from_env("AFFINITY_KEY")?,
+        // The cookie is `Secure` (HTTPS only) by default; this demo serves HTTP.
+        cookie_secure: false,
+        max_wait: None,
+        debug_header: true,
+        // A query on a frozen server never returns on its own: bound requests.
+        request_timeout: Some(Duration::from_secs(5)),
+    };
+    let layer = app::layer(pools.clone(), &config);
     // Whatever would quietly cost consistency or primary capacity, if anything.
     eprint!(
         "{}",
@@ -49,14 +81,14 @@ async fn serve() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             .check(CheckContext::new().served_over_https(false))
             .await
     );
-    let app = app::router(layer)
-        // A query on a frozen server never returns on its own: bound requests.
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(5),
-        ));
+    let router = app::router_with_layer(layer, pools.set().clone(), &config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("serving on http://{}", listener.local_addr()?);
-    axum::serve(listener, app).await?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    pools.set().shutdown().await;
     Ok(())
 }
