@@ -11,6 +11,9 @@
 //!   for the `tokio_postgres` example, its test, the lab's
 //!   `adaptive-tokio-postgres` strategy and the drills' `--backend
 //!   tokio-postgres`.
+//! - [`diesel_social`]: the same JSON API over diesel-async, compiled from
+//!   `examples/diesel_async/app.rs` for the `diesel_async` example, its
+//!   test and the drills' `--backend diesel-async`.
 //! - [`jobs`]: background jobs that read their user's writes, compiled
 //!   from `examples/jobs/jobs.rs` for the `jobs` example and its test.
 //! - [`schema`]: waiting for a new table to reach the replicas.
@@ -29,6 +32,9 @@ pub mod social;
 
 #[path = "../../../examples/tokio_postgres/app.rs"]
 pub mod tokio_social;
+
+#[path = "../../../examples/diesel_async/app.rs"]
+pub mod diesel_social;
 
 #[path = "../../../examples/jobs/jobs.rs"]
 pub mod jobs;

@@ -13,8 +13,9 @@
 //! cargo run -p read-after-write-lab --bin drills -- --short --check --backend tokio-postgres
 //! ```
 //!
-//! `--backend tokio-postgres` serves the same API over tokio-postgres
-//! (`examples/tokio_postgres`) instead of the social app on sqlx; the load,
+//! `--backend tokio-postgres` (or `diesel-async`) serves the same API over
+//! tokio-postgres (`examples/tokio_postgres`) or diesel-async
+//! (`examples/diesel_async`) instead of the social app on sqlx; the load,
 //! drills and checks are the same.
 
 use std::path::PathBuf;
@@ -62,8 +63,8 @@ struct Args {
     /// Drills to run, in order (default: all).
     #[arg(long, value_delimiter = ',')]
     drills: Vec<Drill>,
-    /// The app to serve: `sqlx` (the social app) or `tokio-postgres` (the
-    /// same API over tokio-postgres, deadpool-postgres pools).
+    /// The app to serve: `sqlx` (the social app), `tokio-postgres` or
+    /// `diesel-async` (the same API over that driver's pools).
     #[arg(long, default_value_t = AppBackend::Sqlx)]
     backend: AppBackend,
     /// Roles to run each drill with (default: superuser, monitor, plain).
@@ -106,11 +107,13 @@ async fn main() -> ExitCode {
                 // sqlx logs at error level every connection a server's pool
                 // refuses because it reached another server, as the library
                 // expects. RUST_LOG brings both back. The tokio-postgres
-                // app logs its failed queries as the social app does.
+                // and diesel-async apps log their failed queries as the
+                // social app does.
                 .unwrap_or_else(|_| {
                     tracing_subscriber::EnvFilter::new(
                         "error,read_after_write_lab::social=off,\
-                         read_after_write_lab::tokio_social=off,sqlx_core::pool::inner=off",
+                         read_after_write_lab::tokio_social=off,\
+                         read_after_write_lab::diesel_social=off,sqlx_core::pool::inner=off",
                     )
                 }),
         )

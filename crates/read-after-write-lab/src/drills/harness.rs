@@ -2,9 +2,9 @@
 //! primary (and, for a reader endpoint, a balanced one in front of both
 //! replicas), the database roles, and one or two instances of the social
 //! app served over HTTP on loopback, which a drill can restart one by one.
-//! The app is the sqlx one (`examples/social`), or with
-//! [`AppBackend::TokioPostgres`] the same API over tokio-postgres
-//! (`examples/tokio_postgres`).
+//! The app is the sqlx one (`examples/social`), or the same API over
+//! tokio-postgres ([`AppBackend::TokioPostgres`], `examples/tokio_postgres`)
+//! or diesel-async ([`AppBackend::DieselAsync`], `examples/diesel_async`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,7 +22,7 @@ use super::history::{StoredAccount, StoredPost};
 use super::DrillError;
 pub use crate::roles::Role;
 use crate::social::{self, AppConfig};
-use crate::tokio_social;
+use crate::{diesel_social, tokio_social};
 
 /// Which app the drills serve: the same API, over one driver or the other.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,17 +33,25 @@ pub enum AppBackend {
     /// The same API over tokio-postgres (`examples/tokio_postgres`), on
     /// deadpool-postgres pools.
     TokioPostgres,
+    /// The same API over diesel-async (`examples/diesel_async`), on its
+    /// deadpool pools.
+    DieselAsync,
 }
 
 impl AppBackend {
-    /// Both, in the order `--backend` lists them.
-    pub const ALL: [AppBackend; 2] = [AppBackend::Sqlx, AppBackend::TokioPostgres];
+    /// Every one, in the order `--backend` lists them.
+    pub const ALL: [AppBackend; 3] = [
+        AppBackend::Sqlx,
+        AppBackend::TokioPostgres,
+        AppBackend::DieselAsync,
+    ];
 
     /// The name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             AppBackend::Sqlx => "sqlx",
             AppBackend::TokioPostgres => "tokio-postgres",
+            AppBackend::DieselAsync => "diesel-async",
         }
     }
 }
@@ -61,7 +69,9 @@ impl std::str::FromStr for AppBackend {
         AppBackend::ALL
             .into_iter()
             .find(|backend| backend.name() == text)
-            .ok_or_else(|| format!("unknown backend {text:?}: sqlx or tokio-postgres"))
+            .ok_or_else(|| {
+                format!("unknown backend {text:?}: sqlx, tokio-postgres or diesel-async")
+            })
     }
 }
 
@@ -319,6 +329,28 @@ impl System {
                     layer = layer.identity(|_| None);
                 }
                 let router = tokio_social::router_with_layer(layer, replicas.clone(), &config);
+                (router, replicas)
+            }
+            AppBackend::DieselAsync => {
+                let pools = self
+                    .connect_replica_set(read_after_write::diesel_async::connect)
+                    .await?;
+                let config = diesel_social::AppConfig {
+                    keys: config.keys.clone(),
+                    cookie_secure: config.cookie_secure,
+                    max_wait: config.max_wait,
+                    debug_header: config.debug_header,
+                    request_timeout: config.request_timeout,
+                };
+                let replicas = pools.set().clone();
+                let mut layer = diesel_social::layer(pools, &config);
+                if self.settings.monotonic {
+                    layer = layer.consistency(Consistency::Monotonic);
+                }
+                if !self.settings.tokens {
+                    layer = layer.identity(|_| None);
+                }
+                let router = diesel_social::router_with_layer(layer, replicas.clone(), &config);
                 (router, replicas)
             }
         };
