@@ -12,7 +12,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use read_after_write::pg::{PgReplicaSet, PgReplicaSetBuilder, PgSetupError};
-use read_after_write::{Consistency, KeySet, SigningKey};
+use read_after_write::{Backend, Consistency, KeySet, ReadAfterWriteLayer, SigningKey};
 use read_after_write_testkit::{TcpProxy, TestCluster};
 use sqlx::Connection;
 use tokio::sync::{oneshot, watch};
@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use super::history::{StoredAccount, StoredPost};
 use super::DrillError;
 pub use crate::roles::Role;
-use crate::social::{self, AppConfig};
+use crate::social;
 use crate::{diesel_social, tokio_social};
 
 /// Which app the drills serve: the same API, over one driver or the other.
@@ -286,26 +286,38 @@ impl System {
         }
     }
 
+    /// The drill's settings on an app's layer: monotonic reads, and for
+    /// the negative control no identity (so no token is ever used).
+    fn adjust<B: Backend>(&self, mut layer: ReadAfterWriteLayer<B>) -> ReadAfterWriteLayer<B> {
+        if self.settings.monotonic {
+            layer = layer.consistency(Consistency::Monotonic);
+        }
+        if !self.settings.tokens {
+            layer = layer.identity(|_| None);
+        }
+        layer
+    }
+
     /// Builds a replica set (primary through the proxy, replicas direct or
     /// through the endpoint) and serves a fresh router on a new port.
     async fn serve(&self, keys: KeySet) -> Result<Served, DrillError> {
-        let config = AppConfig {
-            keys: keys.clone(),
-            cookie_secure: false,
-            max_wait: Some(self.settings.max_wait),
-            debug_header: true,
-            request_timeout: Some(self.settings.request_timeout),
-        };
+        // The three apps share their configuration's shape, not its type.
+        macro_rules! config {
+            ($app:ident) => {
+                $app::AppConfig {
+                    keys: keys.clone(),
+                    cookie_secure: false,
+                    max_wait: Some(self.settings.max_wait),
+                    debug_header: true,
+                    request_timeout: Some(self.settings.request_timeout),
+                }
+            };
+        }
         let (router, replicas) = match self.settings.backend {
             AppBackend::Sqlx => {
                 let replicas = self.connect_replica_set(|b| b.connect()).await?;
-                let mut layer = social::layer(replicas.clone(), &config);
-                if self.settings.monotonic {
-                    layer = layer.consistency(Consistency::Monotonic);
-                }
-                if !self.settings.tokens {
-                    layer = layer.identity(|_| None);
-                }
+                let config = config!(social);
+                let layer = self.adjust(social::layer(replicas.clone(), &config));
                 let router = social::router_with_layer(layer, replicas.clone(), &config);
                 (router, replicas)
             }
@@ -313,21 +325,9 @@ impl System {
                 let pools = self
                     .connect_replica_set(read_after_write::tokio_postgres::connect)
                     .await?;
-                let config = tokio_social::AppConfig {
-                    keys: config.keys.clone(),
-                    cookie_secure: config.cookie_secure,
-                    max_wait: config.max_wait,
-                    debug_header: config.debug_header,
-                    request_timeout: config.request_timeout,
-                };
+                let config = config!(tokio_social);
                 let replicas = pools.set().clone();
-                let mut layer = tokio_social::layer(pools, &config);
-                if self.settings.monotonic {
-                    layer = layer.consistency(Consistency::Monotonic);
-                }
-                if !self.settings.tokens {
-                    layer = layer.identity(|_| None);
-                }
+                let layer = self.adjust(tokio_social::layer(pools, &config));
                 let router = tokio_social::router_with_layer(layer, replicas.clone(), &config);
                 (router, replicas)
             }
@@ -335,21 +335,9 @@ impl System {
                 let pools = self
                     .connect_replica_set(read_after_write::diesel_async::connect)
                     .await?;
-                let config = diesel_social::AppConfig {
-                    keys: config.keys.clone(),
-                    cookie_secure: config.cookie_secure,
-                    max_wait: config.max_wait,
-                    debug_header: config.debug_header,
-                    request_timeout: config.request_timeout,
-                };
+                let config = config!(diesel_social);
                 let replicas = pools.set().clone();
-                let mut layer = diesel_social::layer(pools, &config);
-                if self.settings.monotonic {
-                    layer = layer.consistency(Consistency::Monotonic);
-                }
-                if !self.settings.tokens {
-                    layer = layer.identity(|_| None);
-                }
+                let layer = self.adjust(diesel_social::layer(pools, &config));
                 let router = diesel_social::router_with_layer(layer, replicas.clone(), &config);
                 (router, replicas)
             }

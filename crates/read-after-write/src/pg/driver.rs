@@ -22,9 +22,9 @@
 //!   the node was last seen down is dropped when next checked out, rather
 //!   than a test query on every checkout.
 //!
-//! The crate's own drivers: [`tokio_postgres`](crate::tokio_postgres)
-//! (deadpool-postgres pools) and [`diesel_async`](crate::diesel_async)
-//! (its deadpool pools). A driver for another pool library is a type
+//! The crate's own drivers: the module `tokio_postgres` (feature
+//! `tokio-postgres`, deadpool-postgres pools) and the module `diesel_async`
+//! (feature `diesel-async`, its deadpool pools). A driver for another pool library is a type
 //! implementing [`Driver`]:
 //!
 //! ```
