@@ -357,6 +357,123 @@ async fn bad_cookies_and_headers_give_200_never_5xx() {
     assert_eq!(response.status(), 401);
 }
 
+/// Input the app must refuse gets a 4xx, never a 5xx, and writes nothing:
+/// text PostgreSQL cannot store (a NUL character), over-long or empty
+/// text, ids that are not numbers, bodies that are not JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_never_a_5xx_and_writes_nothing() {
+    let cluster = cluster().await;
+    let base = format!("http://{}", serve(cluster, keys(1)).await);
+    let client = reqwest::Client::new();
+    let user = 306;
+    let long = "x".repeat(2_001);
+    let json = |value: serde_json::Value| Some(value);
+    // (method, path, JSON body, status)
+    let cases = [
+        (
+            "POST",
+            "/api/posts",
+            json(serde_json::json!({ "content": "a\u{0}b" })),
+            422,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            json(serde_json::json!({ "content": "  " })),
+            422,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            json(serde_json::json!({ "content": long })),
+            422,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            json(serde_json::json!({ "text": "hi" })),
+            422,
+        ),
+        (
+            "PUT",
+            "/api/profile",
+            json(serde_json::json!({ "name": "n\u{0}" })),
+            422,
+        ),
+        (
+            "PUT",
+            "/api/profile",
+            json(serde_json::json!({ "name": "n", "bio": "b\u{0}" })),
+            422,
+        ),
+        (
+            "PUT",
+            "/api/profile",
+            json(serde_json::json!({ "name": "" })),
+            422,
+        ),
+        (
+            "POST",
+            "/api/signup",
+            json(serde_json::json!({ "name": "\u{0}" })),
+            422,
+        ),
+        (
+            "POST",
+            "/api/login",
+            json(serde_json::json!({ "user_id": "x" })),
+            422,
+        ),
+        ("GET", "/api/posts/not-a-number", None, 400),
+        ("GET", "/api/posts/99999999999999999999", None, 400),
+        ("GET", "/api/posts/-1", None, 404),
+    ];
+    for (method, path, body, expected) in cases {
+        let mut request = client
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .header("x-user-id", user);
+        if let Some(body) = &body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            expected,
+            "{method} {path} {body:?}"
+        );
+    }
+    // The HTML form, with the NUL percent-encoded, and a body that is not
+    // JSON at all.
+    let response = client
+        .post(format!("{base}/posts"))
+        .header("x-user-id", user)
+        .form(&[("content", "a\u{0}b")])
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_client_error(), "{}", response.status());
+    let response = client
+        .post(format!("{base}/api/posts"))
+        .header("x-user-id", user)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_client_error(), "{}", response.status());
+    // Nothing was written: the user has no posts and no profile.
+    let primary = sqlx::PgPool::connect(cluster.primary_url()).await.unwrap();
+    let (posts, profiles): (i64, i64) = sqlx::query_as(
+        "select (select count(*) from posts where user_id = $1), \
+                (select count(*) from profiles where user_id = $1)",
+    )
+    .bind(user)
+    .fetch_one(&primary)
+    .await
+    .unwrap();
+    assert_eq!((posts, profiles), (0, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cookie_from_one_instance_is_honoured_by_another_sharing_the_key() {
     let cluster = cluster().await;

@@ -365,10 +365,19 @@ macro_rules! select_posts {
     };
 }
 
+/// Text PostgreSQL cannot store: a NUL character. Refused as invalid input
+/// rather than left for the server to fail the query with (a 500).
+fn storable(text: &str) -> bool {
+    !text.contains('\0')
+}
+
 fn validate_name(name: &str) -> Result<&str, AppError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {
         return Err(AppError::Invalid("name must be 1 to 100 characters"));
+    }
+    if !storable(name) {
+        return Err(AppError::Invalid("name must not contain NUL characters"));
     }
     Ok(name)
 }
@@ -380,6 +389,9 @@ fn validate(content: &str) -> Result<&str, AppError> {
     }
     if content.chars().count() > MAX_POST_CHARS {
         return Err(AppError::Invalid("content is longer than 2000 characters"));
+    }
+    if !storable(content) {
+        return Err(AppError::Invalid("content must not contain NUL characters"));
     }
     Ok(content)
 }
@@ -457,6 +469,9 @@ async fn put_profile<B: Backend<Pool = PgPool>>(
     let name = validate_name(&update.name)?;
     if update.bio.chars().count() > MAX_POST_CHARS {
         return Err(AppError::Invalid("bio is longer than 2000 characters"));
+    }
+    if !storable(&update.bio) {
+        return Err(AppError::Invalid("bio must not contain NUL characters"));
     }
     let profile: Profile = sqlx::query_as(
         "insert into profiles (user_id, name, bio) values ($1, $2, $3) \
