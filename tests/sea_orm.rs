@@ -1,99 +1,537 @@
-//! The SeaORM example on a real primary with a streaming replica 200 ms
-//! behind: a user's own posts, read through SeaORM entities on
-//! `db.read()`, show each post right after it is written; the same query
-//! sent naively to the replica misses it.
+//! The social API over SeaORM 2 (`examples/sea_orm`) on a real primary
+//! with a streaming replica 200 ms behind: each post a user writes is in
+//! their own posts at once, while the same SeaORM query sent naively on
+//! the replica's connection misses some; a sign-up's profile and a login's
+//! dashboard show their rows on the next page; bad input gets a 4xx and
+//! writes nothing. Responses are decoded with the sqlx social app's types,
+//! and compared with its answers on the same database, so the apps answer
+//! the same JSON.
 
-#[allow(dead_code)]
-#[path = "../examples/sea_orm/app.rs"]
-mod app;
-
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
-use axum::http::header::{COOKIE, SET_COOKIE};
-use axum::http::{Request, StatusCode};
+use axum::http::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
+use axum::http::{HeaderValue, Request, StatusCode};
+use axum::Router;
 use read_after_write::pg::PgReplicaSet;
 use read_after_write::{KeySet, SigningKey};
+use read_after_write_lab::sea_social::entities::{account, login, post, profile};
+use read_after_write_lab::sea_social::{self as app, AppConfig};
+use read_after_write_lab::social::{self, Created, Dashboard, LoggedIn, Post, Profile};
 use read_after_write_testkit::TestCluster;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio::sync::OnceCell;
 use tower::ServiceExt;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn own_posts_read_through_sea_orm_entities_are_never_stale_and_naive_ones_are() {
-    let cluster = TestCluster::builder()
-        .replica(Duration::from_millis(200))
-        .start()
+static CLUSTER: OnceCell<TestCluster> = OnceCell::const_new();
+
+/// The binary's cluster: a primary and a replica 200 ms behind.
+async fn cluster() -> &'static TestCluster {
+    CLUSTER
+        .get_or_init(|| async {
+            TestCluster::builder()
+                .replica(Duration::from_millis(200))
+                .start()
+                .await
+                .expect("start a primary with a lagging replica")
+        })
         .await
-        .expect("start a primary with a lagging replica");
+}
+
+/// The replica set on `cluster`, the social schema migrated and on the
+/// replica.
+async fn connect(cluster: &TestCluster) -> PgReplicaSet {
     let replicas = PgReplicaSet::builder()
         .primary_url(cluster.primary_url())
         .replica_urls(cluster.replica_urls())
         .connect()
         .await
-        .unwrap();
-    app::create_table(&DatabaseConnection::from(replicas.primary_pool().clone()))
-        .await
-        .unwrap();
+        .expect("connect the replica set");
+    app::migrate(&replicas).await.expect("migrate");
     cluster
         .wait_for_replicas_caught_up(Duration::from_secs(10))
         .await
-        .unwrap();
-    let naive = DatabaseConnection::from(replicas.replica_pool("replica-1").unwrap().clone());
-    let keys = KeySet::new(SigningKey::from_bytes(&[5; 32]).unwrap());
-    let router = app::router(app::layer(replicas.clone(), keys));
+        .expect("the schema on the replica");
+    replicas
+}
 
-    const POSTS: usize = 30;
-    let user = 31;
-    let mut cookie: Option<String> = None;
-    let (mut stale_naive, mut seen) = (0, 0);
-    for i in 0..POSTS {
-        let mut request = Request::post("/posts").header("x-user-id", user.to_string());
-        if let Some(cookie) = &cookie {
-            request = request.header(COOKIE, cookie);
+fn keys() -> KeySet {
+    KeySet::new(SigningKey::from_bytes(&[13; 32]).unwrap())
+}
+
+/// The SeaORM app, serving the debug header.
+fn router(replicas: &PgReplicaSet) -> Router {
+    let config = AppConfig {
+        keys: keys(),
+        cookie_secure: false,
+        max_wait: Some(Duration::from_millis(20)),
+        debug_header: true,
+        request_timeout: Some(Duration::from_secs(5)),
+    };
+    app::router(replicas.clone(), replicas.clone(), &config)
+}
+
+/// The sqlx social app on the same cluster, through the same engine.
+fn social_router(replicas: &PgReplicaSet) -> Router {
+    let config = social::AppConfig {
+        keys: keys(),
+        cookie_secure: false,
+        max_wait: Some(Duration::from_millis(20)),
+        debug_header: true,
+        request_timeout: Some(Duration::from_secs(5)),
+    };
+    social::router(replicas.clone(), replicas.clone(), &config)
+}
+
+/// A browser: keeps the cookies the app sets (the affinity token, the demo
+/// identity) and sends them back, with `x-user-id` when it has a user.
+struct Visitor {
+    router: Router,
+    user: Option<i64>,
+    cookies: BTreeMap<String, String>,
+}
+
+/// A response: its status, the layer's debug header, its body.
+struct Answer {
+    status: StatusCode,
+    route: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
+            panic!("{error}: {}", String::from_utf8_lossy(&self.body));
+        })
+    }
+}
+
+impl Visitor {
+    fn new(router: &Router, user: Option<i64>) -> Self {
+        Visitor {
+            router: router.clone(),
+            user,
+            cookies: BTreeMap::new(),
         }
-        let response = router
-            .clone()
-            .oneshot(request.body(Body::from(format!("post {i}"))).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let set_cookie = response.headers()[SET_COOKIE].to_str().unwrap();
-        cookie = Some(set_cookie.split(';').next().unwrap().to_owned());
-        let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
-        let created: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        let id = created["id"].as_i64().expect("the created post");
+    }
 
-        // The naive read: the same entity query, on the replica.
-        let naive_posts = app::post::Entity::find()
-            .filter(app::post::Column::UserId.eq(user))
-            .all(&naive)
-            .await
-            .unwrap();
-        stale_naive += usize::from(!naive_posts.iter().any(|post| post.id == id));
-
-        let request = Request::get("/posts")
-            .header("x-user-id", user.to_string())
-            .header(COOKIE, cookie.as_deref().unwrap());
-        let response = router
+    async fn send(&mut self, method: &str, path: &str, body: Option<Value>) -> Answer {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(user) = self.user {
+            request = request.header("x-user-id", user.to_string());
+        }
+        if !self.cookies.is_empty() {
+            let jar: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect();
+            request = request.header(COOKIE, jar.join("; "));
+        }
+        let body = match body {
+            Some(body) => {
+                request = request.header(CONTENT_TYPE, "application/json");
+                Body::from(body.to_string())
+            }
+            None => Body::empty(),
+        };
+        let response = self
+            .router
             .clone()
-            .oneshot(request.body(Body::empty()).unwrap())
+            .oneshot(request.body(body).unwrap())
             .await
             .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
-        let posts: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
-        assert!(
-            posts.iter().any(|post| post["id"].as_i64() == Some(id)),
-            "post {i} missing from the user's own read"
-        );
-        seen += 1;
+        for value in response.headers().get_all(SET_COOKIE) {
+            let pair = value.to_str().unwrap().split(';').next().unwrap();
+            if let Some((name, value)) = pair.split_once('=') {
+                self.cookies.insert(name.to_owned(), value.to_owned());
+            }
+        }
+        let status = response.status();
+        let route = response
+            .headers()
+            .get("x-read-after-write")
+            .map(|value| value.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap()
+            .to_vec();
+        Answer {
+            status,
+            route,
+            body,
+        }
+    }
+}
+
+/// `GET /api/posts`'s query, the app's own partial model, sent naively on
+/// a SeaORM connection over the replica's pool: does it find post `id`?
+async fn naive_finds(replicas: &PgReplicaSet, user: i64, id: i64) -> bool {
+    let replica = replicas.replica_pool("replica-1").expect("replica-1");
+    let naive = DatabaseConnection::from(replica.clone());
+    let found: Vec<app::Post> = post::Entity::find()
+        .filter(post::Column::UserId.eq(user))
+        .order_by_desc(post::Column::Id)
+        .limit(100)
+        .into_partial_model()
+        .all(&naive)
+        .await
+        .expect("the naive read");
+    found.iter().any(|post| post.id == id)
+}
+
+/// Whether `at` reads as the social app renders a timestamp:
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`, in UTC.
+fn is_rfc3339_utc_micros(at: &str) -> bool {
+    let shape = "0000-00-00T00:00:00.000000Z";
+    at.len() == shape.len()
+        && at.chars().zip(shape.chars()).all(|(c, s)| match s {
+            '0' => c.is_ascii_digit(),
+            _ => c == s,
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_posts_are_never_stale_and_the_naive_read_is() {
+    let cluster = cluster().await;
+    let replicas = connect(cluster).await;
+    let router = router(&replicas);
+    let user = 6_101;
+    let mut visitor = Visitor::new(&router, Some(user));
+    const POSTS: usize = 30;
+    let (mut stale, mut stale_naive, mut on_replica) = (0, 0, 0);
+    for i in 0..POSTS {
+        let content = format!("sea-orm post {i}");
+        let answer = visitor
+            .send("POST", "/api/posts", Some(json!({ "content": content })))
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED);
+        assert!(answer.route.contains("node=primary"), "{}", answer.route);
+        let id = answer.json::<Created>().id;
+        stale_naive += usize::from(!naive_finds(&replicas, user, id).await);
+
+        let answer = visitor.send("GET", "/api/posts", None).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        on_replica += usize::from(answer.route.contains("node=replica"));
+        let posts: Vec<Post> = answer.json();
+        match posts.first() {
+            Some(newest) if newest.id == id => {
+                assert_eq!(
+                    (newest.user_id, newest.content.as_str()),
+                    (user, content.as_str())
+                );
+                assert!(
+                    is_rfc3339_utc_micros(&newest.created_at),
+                    "{}",
+                    newest.created_at
+                );
+            }
+            _ => stale += 1,
+        }
     }
     eprintln!(
-        "{seen} of {POSTS} posts read back through SeaORM; the naive read missed {stale_naive}"
+        "{POSTS} posts read back through SeaORM: {stale} stale \
+         ({on_replica} reads on the replica); the naive read missed {stale_naive}"
     );
+    assert_eq!(stale, 0, "a user's own post was missing from their read");
     assert!(
         stale_naive > 0,
         "the naive read never went stale, so this test proves nothing"
     );
+
+    // Once the replica has them, the user's reads go there.
+    cluster
+        .wait_for_replicas_caught_up(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let answer = visitor.send("GET", "/api/posts", None).await;
+    assert!(answer.route.contains("node=replica-1"), "{}", answer.route);
+    let mine: Vec<Post> = answer.json();
+    assert_eq!(mine.len(), POSTS);
+
+    // The sqlx social app, on the same database, answers the same JSON.
+    let mut social_visitor = Visitor::new(&social_router(&replicas), Some(user));
+    let theirs = social_visitor.send("GET", "/api/posts", None).await;
+    assert_eq!(theirs.json::<Vec<Post>>(), mine);
+
+    // A single post is a critical read, the feed eventual.
+    let answer = visitor
+        .send("POST", "/api/posts", Some(json!({ "content": "critical" })))
+        .await;
+    let id = answer.json::<Created>().id;
+    let path = format!("/api/posts/{id}");
+    let answer = visitor.send("GET", &path, None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(
+        answer.route.contains("node=primary; reason=critical"),
+        "{}",
+        answer.route
+    );
+    let post: Post = answer.json();
+    assert_eq!((post.id, post.content.as_str()), (id, "critical"));
+    let theirs = social_visitor.send("GET", &path, None).await;
+    assert_eq!(answer.json::<Value>(), theirs.json::<Value>());
+    let answer = visitor.send("GET", "/api/feed", None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(answer.route.contains("reason=eventual"), "{}", answer.route);
+    let _: Vec<Post> = answer.json();
+
+    let answer = visitor.send("GET", "/healthz", None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json::<Value>()["replicas"][0]["name"], "replica-1");
+    replicas.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_up_and_a_login_are_seen_on_the_next_page() {
+    let cluster = cluster().await;
+    let replicas = connect(cluster).await;
+    let router = router(&replicas);
+    for i in 0..10 {
+        // A new visitor: no identity until sign-up makes one.
+        let mut visitor = Visitor::new(&router, None);
+        let name = format!("Grace {i}");
+        let answer = visitor
+            .send("POST", "/api/signup", Some(json!({ "name": name })))
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED);
+        let id = answer.json::<Created>().id;
+        assert!(id >= 1_000_000, "account ids start at 1,000,000: {id}");
+        assert_eq!(visitor.cookies.get("demo_user"), Some(&id.to_string()));
+        let answer = visitor
+            .send("GET", &format!("/api/profile/{id}"), None)
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "sign-up {i}: {}",
+            answer.route
+        );
+        assert!(answer.route.ends_with("token=valid"), "{}", answer.route);
+        let profile: Profile = answer.json();
+        assert_eq!(
+            (profile.user_id, profile.name, profile.bio),
+            (id, name, String::new())
+        );
+
+        // The account logs in from another browser; its dashboard.
+        let mut other = Visitor::new(&router, None);
+        let answer = other
+            .send("POST", "/api/login", Some(json!({ "user_id": id })))
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        let login = answer.json::<LoggedIn>().login_id;
+        let answer = other.send("GET", "/api/dashboard", None).await;
+        assert_eq!(answer.status, StatusCode::OK, "login {i}: {}", answer.route);
+        let dashboard: Dashboard = answer.json();
+        assert_eq!(dashboard.user_id, id);
+        let last_login = dashboard.last_login.expect("the login just made");
+        assert_eq!(last_login.id, login, "login {i}");
+        assert!(is_rfc3339_utc_micros(&last_login.at), "{}", last_login.at);
+        assert_eq!(dashboard.posts, 0);
+    }
+
+    // A profile edit is seen at once, by its author and on the next page.
+    let mut visitor = Visitor::new(&router, Some(6_202));
+    for i in 0..5 {
+        let name = format!("Ada {i}");
+        let answer = visitor
+            .send(
+                "PUT",
+                "/api/profile",
+                Some(json!({ "name": name, "bio": "hi" })),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.json::<Profile>().name, name);
+        let answer = visitor.send("GET", "/api/profile/6202", None).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.json::<Profile>().name, name, "edit {i}");
+    }
+
+    // The dashboard counts the user's posts, as the sqlx app does.
+    for i in 0..3 {
+        let content = format!("counted {i}");
+        let answer = visitor
+            .send("POST", "/api/posts", Some(json!({ "content": content })))
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED);
+    }
+    let answer = visitor.send("GET", "/api/dashboard", None).await;
+    let dashboard: Dashboard = answer.json();
+    assert_eq!((dashboard.user_id, dashboard.posts), (6_202, 3));
+    assert_eq!(dashboard.last_login, None);
+    replicas.shutdown().await;
+}
+
+/// Rows `user` has on the primary: posts, profile, logins.
+async fn rows_of(replicas: &PgReplicaSet, user: i64) -> (u64, u64, u64) {
+    let primary = DatabaseConnection::from(replicas.primary_pool().clone());
+    let posts = post::Entity::find()
+        .filter(post::Column::UserId.eq(user))
+        .count(&primary)
+        .await
+        .unwrap();
+    let profiles = profile::Entity::find_by_id(user)
+        .count(&primary)
+        .await
+        .unwrap();
+    let logins = login::Entity::find()
+        .filter(login::Column::UserId.eq(user))
+        .count(&primary)
+        .await
+        .unwrap();
+    (posts, profiles, logins)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_never_a_5xx_and_writes_nothing() {
+    let cluster = cluster().await;
+    let replicas = connect(cluster).await;
+    let router = router(&replicas);
+    let user = 6_303;
+    let before = rows_of(&replicas, user).await;
+    let mut anonymous = Visitor::new(&router, None);
+    let mut visitor = Visitor::new(&router, Some(user));
+    let long = "x".repeat(app::MAX_POST_CHARS + 1);
+    let long_name = "n".repeat(101);
+    // No identity: 401, before any query.
+    let post = Some(json!({ "content": "hi" }));
+    let profile = Some(json!({ "name": "n" }));
+    for (method, path, body) in [
+        ("GET", "/api/posts", None),
+        ("GET", "/api/dashboard", None),
+        ("POST", "/api/posts", post),
+        ("PUT", "/api/profile", profile),
+    ] {
+        let answer = anonymous.send(method, path, body.clone()).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+    }
+    // Content the app refuses, or JSON of the wrong shape: 422. A NUL
+    // character, which PostgreSQL cannot store in text, is refused before
+    // any query (the server would fail it, a 500).
+    let unacceptable = [
+        ("POST", "/api/posts", json!({ "content": "" })),
+        ("POST", "/api/posts", json!({ "content": " \n " })),
+        ("POST", "/api/posts", json!({ "content": long })),
+        ("POST", "/api/posts", json!({ "content": "a\u{0}b" })),
+        ("POST", "/api/posts", json!({ "text": "hi" })),
+        ("POST", "/api/posts", json!({ "content": 7 })),
+        ("PUT", "/api/profile", json!({ "name": "" })),
+        ("PUT", "/api/profile", json!({ "name": long_name })),
+        ("PUT", "/api/profile", json!({ "name": "n\u{0}" })),
+        ("PUT", "/api/profile", json!({ "name": "n", "bio": long })),
+        (
+            "PUT",
+            "/api/profile",
+            json!({ "name": "n", "bio": "\u{0}" }),
+        ),
+        ("POST", "/api/signup", json!({ "name": long_name })),
+        ("POST", "/api/signup", json!({ "name": "\u{0}" })),
+        ("POST", "/api/login", json!({ "user_id": "x" })),
+        ("POST", "/api/login", json!({ "user_id": 1.5 })),
+    ];
+    for (method, path, body) in unacceptable {
+        let answer = visitor.send(method, path, Some(body.clone())).await;
+        let status = answer.status;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{method} {path} {body}"
+        );
+    }
+    // Ids that are not one (400) or match nothing (404).
+    for (path, expected) in [
+        ("/api/posts/not-a-number", 400),
+        ("/api/posts/99999999999999999999", 400),
+        ("/api/profile/x", 400),
+        ("/api/posts/-1", 404),
+        ("/api/profile/-1", 404),
+    ] {
+        let answer = visitor.send("GET", path, None).await;
+        assert_eq!(answer.status.as_u16(), expected, "GET {path}");
+    }
+
+    // An x-user-id that is not an integer is no identity (not the
+    // cookie's): 401, on reads and writes alike.
+    let bad_ids: [&[u8]; 5] = [
+        b"not a number",
+        b"1.5",
+        b"99999999999999999999",
+        b"",
+        b"\xff\xfe",
+    ];
+    for bad in bad_ids {
+        for (method, body) in [
+            ("GET", Body::empty()),
+            ("POST", Body::from(r#"{"content":"hi"}"#)),
+        ] {
+            let request = Request::builder()
+                .method(method)
+                .uri("/api/posts")
+                .header("x-user-id", HeaderValue::from_bytes(bad).unwrap())
+                .header(COOKIE, format!("demo_user={user}"))
+                .header(CONTENT_TYPE, "application/json")
+                .body(body)
+                .unwrap();
+            let answer = router.clone().oneshot(request).await.unwrap();
+            assert_eq!(
+                answer.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {bad:?}"
+            );
+        }
+    }
+
+    // Bodies that are not the JSON asked for: broken (400), or not
+    // declared JSON (415).
+    let json_type = Some("application/json");
+    let raw: [(Option<&str>, &[u8], u16); 5] = [
+        (json_type, b"{", 400),
+        (json_type, br#"{"content":"#, 400),
+        (json_type, b"\xff\xfe", 400),
+        (Some("text/plain"), br#"{"content":"hi"}"#, 415),
+        (None, br#"{"content":"hi"}"#, 415),
+    ];
+    for (content_type, body, expected) in raw {
+        let mut request = Request::post("/api/posts").header("x-user-id", user.to_string());
+        if let Some(content_type) = content_type {
+            request = request.header(CONTENT_TYPE, content_type);
+        }
+        let request = request.body(Body::from(body.to_vec())).unwrap();
+        let answer = router.clone().oneshot(request).await.unwrap();
+        let status = answer.status().as_u16();
+        assert_eq!(status, expected, "{content_type:?} {body:?}");
+    }
+    // A body past axum's 2 MB default limit is refused unread.
+    let huge = json!({ "content": "x".repeat(3 << 20) }).to_string();
+    let request = Request::post("/api/posts")
+        .header("x-user-id", user.to_string())
+        .header(CONTENT_TYPE, "application/json")
+        .body(Body::from(huge))
+        .unwrap();
+    let answer = router.clone().oneshot(request).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // None of it reached the tables: counted on the primary itself.
+    assert_eq!(
+        rows_of(&replicas, user).await,
+        before,
+        "a refused request wrote"
+    );
+    let primary = DatabaseConnection::from(replicas.primary_pool().clone());
+    let refused_accounts = account::Entity::find()
+        .filter(account::Column::Name.eq(long_name.as_str()))
+        .count(&primary)
+        .await
+        .unwrap();
+    assert_eq!(refused_accounts, 0, "a refused sign-up wrote");
     replicas.shutdown().await;
 }

@@ -1,7 +1,9 @@
-//! The minimal example with SeaORM 2: entities read and written through
+//! The social app's JSON API over SeaORM 2: handlers take a
 //! [`SeaDb`](read_after_write::sea_orm::SeaDb), whose methods give a
-//! `DatabaseConnection` for the node each access is routed to. A user reads
-//! their own posts back at once, although reads go to lagging replicas.
+//! `DatabaseConnection` for the node each access is routed to, and query
+//! it with SeaORM entities and partial models. A user reads their own
+//! posts, profile and dashboard back at once, although reads go to lagging
+//! replicas.
 //!
 //! ```sh
 //! DATABASE_URL=postgres://app@localhost:5432/app \
@@ -9,22 +11,43 @@
 //! AFFINITY_KEY=$(openssl rand -base64 32) \
 //! cargo run --example sea_orm
 //!
-//! curl -si -c jar -b jar -H 'x-user-id: 1' -d 'hello' http://127.0.0.1:3000/posts
-//! curl -s  -c jar -b jar -H 'x-user-id: 1' http://127.0.0.1:3000/posts
+//! # Post, then read your own posts (session-consistent), one post
+//! # (from the primary) and the feed (eventual).
+//! curl -si -c jar -b jar -H 'x-user-id: 1' -H 'content-type: application/json' \
+//!      -d '{"content":"hello"}' http://127.0.0.1:3000/api/posts
+//! curl -s  -c jar -b jar -H 'x-user-id: 1' http://127.0.0.1:3000/api/posts
+//! curl -s  -H 'x-user-id: 1' http://127.0.0.1:3000/api/posts/1
+//! curl -s  http://127.0.0.1:3000/api/feed
+//!
+//! # Edit your profile and read it back.
+//! curl -s  -c jar -b jar -H 'x-user-id: 1' -H 'content-type: application/json' \
+//!      -X PUT -d '{"name":"Ada","bio":"hi"}' http://127.0.0.1:3000/api/profile
+//! curl -s  -c jar -b jar -H 'x-user-id: 1' http://127.0.0.1:3000/api/profile/1
+//!
+//! # Sign up (or log in as an id) and see the next page: the cookie jar
+//! # carries the new identity (demo_user) and its token.
+//! curl -si -c jar2 -b jar2 -H 'content-type: application/json' \
+//!      -d '{"name":"Grace"}' http://127.0.0.1:3000/api/signup
+//! curl -si -c jar2 -b jar2 -H 'content-type: application/json' \
+//!      -d '{"user_id":1000000}' http://127.0.0.1:3000/api/login
+//! curl -s  -c jar2 -b jar2 http://127.0.0.1:3000/api/dashboard
+//!
+//! curl -s  http://127.0.0.1:3000/healthz
 //! ```
 //!
-//! No cluster at hand? `cargo run --example social` starts a throwaway one
-//! and prints its URLs; `tests/sea_orm.rs` runs this app on one.
+//! It runs the social app's migrations on the primary, so it can share a
+//! database with the other examples. No cluster at hand? `cargo run
+//! --example social` starts a throwaway one and prints its URLs;
+//! `tests/sea_orm.rs` runs this app on one.
 
+// `router` (no self-check first) is for callers other than this one.
+#[allow(dead_code)]
 mod app;
 
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use read_after_write::pg::PgReplicaSet;
 use read_after_write::{CheckContext, KeySet};
-use sea_orm::DatabaseConnection;
-use tower_http::timeout::TimeoutLayer;
 
 #[tokio::main]
 async fn main() {
@@ -35,9 +58,20 @@ async fn main() {
 }
 
 async fn serve() -> Result<(), Box<dyn std::error::Error>> {
-    let replicas = PgReplicaSet::from_env().await?; // DATABASE_URL, REPLICA_URLS
-    app::create_table(&DatabaseConnection::from(replicas.primary_pool().clone())).await?;
-    let layer = app::layer(replicas, KeySet::from_env("AFFINITY_KEY")?);
+    // DATABASE_URL, REPLICA_URLS: a sqlx pool per node, which SeaORM's
+    // connections share with the routing engine.
+    let replicas = PgReplicaSet::from_env().await?;
+    app::migrate(&replicas).await?;
+    let config = app::AppConfig {
+        keys: KeySet::from_env("AFFINITY_KEY")?,
+        // The cookie is `Secure` (HTTPS only) by default; this demo serves HTTP.
+        cookie_secure: false,
+        max_wait: None,
+        debug_header: true,
+        // A query on a frozen server never returns on its own: bound requests.
+        request_timeout: Some(Duration::from_secs(5)),
+    };
+    let layer = app::layer(replicas.clone(), &config);
     // Whatever would quietly cost consistency or primary capacity, if anything.
     eprint!(
         "{}",
@@ -45,14 +79,14 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
             .check(CheckContext::new().served_over_https(false))
             .await
     );
-    let app = app::router(layer)
-        // A query on a frozen server never returns on its own: bound requests.
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(5),
-        ));
+    let router = app::router_with_layer(layer, replicas.clone(), &config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("serving on http://{}", listener.local_addr()?);
-    axum::serve(listener, app).await?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    replicas.shutdown().await;
     Ok(())
 }

@@ -14,6 +14,9 @@
 //! - [`diesel_social`]: the same JSON API over diesel-async, compiled from
 //!   `examples/diesel_async/app.rs` for the `diesel_async` example, its
 //!   test and the drills' `--backend diesel-async`.
+//! - [`sea_social`]: the same JSON API over SeaORM 2 (entities and partial
+//!   models on the sqlx pools), compiled from `examples/sea_orm/app.rs` for
+//!   the `sea_orm` example, its test and the drills' `--backend sea-orm`.
 //! - [`jobs`]: background jobs that read their user's writes, compiled
 //!   from `examples/jobs/jobs.rs` for the `jobs` example and its test.
 //! - [`schema`]: waiting for a new table to reach the replicas.
@@ -35,6 +38,9 @@ pub mod tokio_social;
 
 #[path = "../../../examples/diesel_async/app.rs"]
 pub mod diesel_social;
+
+#[path = "../../../examples/sea_orm/app.rs"]
+pub mod sea_social;
 
 #[path = "../../../examples/jobs/jobs.rs"]
 pub mod jobs;

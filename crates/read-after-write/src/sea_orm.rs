@@ -71,8 +71,10 @@
 //!
 //! Entities work the same way: `Post::find().all(&db.read().await)`,
 //! `post.insert(&db.write())`, `db.write().begin().await` for a
-//! transaction. The example `examples/sea_orm.rs` is a whole axum app with
-//! entities, and `tests/pg_sea_orm.rs` proves it on a lagging cluster.
+//! transaction. The `sea_orm` example (`examples/sea_orm/`) is the social
+//! app's whole JSON API on entities and partial models, which the fault
+//! drills also serve (`--backend sea-orm`); `tests/pg_sea_orm.rs` proves
+//! this handle on a lagging cluster.
 
 use std::fmt;
 use std::time::Duration;

@@ -13,10 +13,10 @@
 //! cargo run -p read-after-write-lab --bin drills -- --short --check --backend tokio-postgres
 //! ```
 //!
-//! `--backend tokio-postgres` (or `diesel-async`) serves the same API over
-//! tokio-postgres (`examples/tokio_postgres`) or diesel-async
-//! (`examples/diesel_async`) instead of the social app on sqlx; the load,
-//! drills and checks are the same.
+//! `--backend tokio-postgres` (or `diesel-async`, or `sea-orm`) serves the
+//! same API over tokio-postgres (`examples/tokio_postgres`), diesel-async
+//! (`examples/diesel_async`) or SeaORM (`examples/sea_orm`) instead of the
+//! social app on sqlx; the load, drills and checks are the same.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,8 +63,8 @@ struct Args {
     /// Drills to run, in order (default: all).
     #[arg(long, value_delimiter = ',')]
     drills: Vec<Drill>,
-    /// The app to serve: `sqlx` (the social app), `tokio-postgres` or
-    /// `diesel-async` (the same API over that driver's pools).
+    /// The app to serve: `sqlx` (the social app), `tokio-postgres`,
+    /// `diesel-async` or `sea-orm` (the same API over that driver).
     #[arg(long, default_value_t = AppBackend::Sqlx)]
     backend: AppBackend,
     /// Roles to run each drill with (default: superuser, monitor, plain).
@@ -106,14 +106,15 @@ async fn main() -> ExitCode {
                 // thousands of expected lines. Behind a reader endpoint,
                 // sqlx logs at error level every connection a server's pool
                 // refuses because it reached another server, as the library
-                // expects. RUST_LOG brings both back. The tokio-postgres
-                // and diesel-async apps log their failed queries as the
-                // social app does.
+                // expects. RUST_LOG brings both back. The tokio-postgres,
+                // diesel-async and SeaORM apps log their failed queries as
+                // the social app does.
                 .unwrap_or_else(|_| {
                     tracing_subscriber::EnvFilter::new(
                         "error,read_after_write_lab::social=off,\
                          read_after_write_lab::tokio_social=off,\
-                         read_after_write_lab::diesel_social=off,sqlx_core::pool::inner=off",
+                         read_after_write_lab::diesel_social=off,\
+                         read_after_write_lab::sea_social=off,sqlx_core::pool::inner=off",
                     )
                 }),
         )

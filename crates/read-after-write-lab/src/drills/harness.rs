@@ -3,8 +3,9 @@
 //! replicas), the database roles, and one or two instances of the social
 //! app served over HTTP on loopback, which a drill can restart one by one.
 //! The app is the sqlx one (`examples/social`), or the same API over
-//! tokio-postgres ([`AppBackend::TokioPostgres`], `examples/tokio_postgres`)
-//! or diesel-async ([`AppBackend::DieselAsync`], `examples/diesel_async`).
+//! tokio-postgres ([`AppBackend::TokioPostgres`], `examples/tokio_postgres`),
+//! diesel-async ([`AppBackend::DieselAsync`], `examples/diesel_async`) or
+//! SeaORM ([`AppBackend::SeaOrm`], `examples/sea_orm`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,7 +23,7 @@ use super::history::{StoredAccount, StoredPost};
 use super::DrillError;
 pub use crate::roles::Role;
 use crate::social;
-use crate::{diesel_social, tokio_social};
+use crate::{diesel_social, sea_social, tokio_social};
 
 /// Which app the drills serve: the same API, over one driver or the other.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -36,14 +37,18 @@ pub enum AppBackend {
     /// The same API over diesel-async (`examples/diesel_async`), on its
     /// deadpool pools.
     DieselAsync,
+    /// The same API over SeaORM 2 (`examples/sea_orm`), on the sqlx pools
+    /// of the replica set itself.
+    SeaOrm,
 }
 
 impl AppBackend {
     /// Every one, in the order `--backend` lists them.
-    pub const ALL: [AppBackend; 3] = [
+    pub const ALL: [AppBackend; 4] = [
         AppBackend::Sqlx,
         AppBackend::TokioPostgres,
         AppBackend::DieselAsync,
+        AppBackend::SeaOrm,
     ];
 
     /// The name on the command line and in reports.
@@ -52,6 +57,7 @@ impl AppBackend {
             AppBackend::Sqlx => "sqlx",
             AppBackend::TokioPostgres => "tokio-postgres",
             AppBackend::DieselAsync => "diesel-async",
+            AppBackend::SeaOrm => "sea-orm",
         }
     }
 }
@@ -70,7 +76,7 @@ impl std::str::FromStr for AppBackend {
             .into_iter()
             .find(|backend| backend.name() == text)
             .ok_or_else(|| {
-                format!("unknown backend {text:?}: sqlx, tokio-postgres or diesel-async")
+                format!("unknown backend {text:?}: sqlx, tokio-postgres, diesel-async or sea-orm")
             })
     }
 }
@@ -100,8 +106,8 @@ pub struct AppSettings {
     /// higher than the library's default, so a run of a few thousand reads
     /// checks hundreds.
     pub canary_rate: f64,
-    /// The app served: the social app on sqlx, or the same API on
-    /// tokio-postgres.
+    /// The app served: the social app on sqlx, or the same API over
+    /// another driver.
     pub backend: AppBackend,
 }
 
@@ -301,7 +307,7 @@ impl System {
     /// Builds a replica set (primary through the proxy, replicas direct or
     /// through the endpoint) and serves a fresh router on a new port.
     async fn serve(&self, keys: KeySet) -> Result<Served, DrillError> {
-        // The three apps share their configuration's shape, not its type.
+        // The apps share their configuration's shape, not its type.
         macro_rules! config {
             ($app:ident) => {
                 $app::AppConfig {
@@ -339,6 +345,13 @@ impl System {
                 let replicas = pools.set().clone();
                 let layer = self.adjust(diesel_social::layer(pools, &config));
                 let router = diesel_social::router_with_layer(layer, replicas.clone(), &config);
+                (router, replicas)
+            }
+            AppBackend::SeaOrm => {
+                let replicas = self.connect_replica_set(|b| b.connect()).await?;
+                let config = config!(sea_social);
+                let layer = self.adjust(sea_social::layer(replicas.clone(), &config));
+                let router = sea_social::router_with_layer(layer, replicas.clone(), &config);
                 (router, replicas)
             }
         };
