@@ -74,6 +74,21 @@ const BACKEND_LABEL: &str = "const_position_source";
 const USER: u64 = 42;
 const OTHER_COOKIES_BEFORE: &str = "theme=dark";
 const OTHER_COOKIES_AFTER: &str = "_ga=GA1.2.1234567890.1700000000";
+/// What a browser sends to a site with analytics, consent and session
+/// cookies: about 1 KB in one `Cookie` header, none of them ours.
+const BROWSER_COOKIES: &str = "_ga=GA1.1.1234567890.1700000000; \
+    _ga_ABCDEF1234=GS1.1.1700000000.12.1.1700000999.0.0.0; \
+    _gid=GA1.2.987654321.1700000000; _fbp=fb.1.1700000000000.1234567890; \
+    _gcl_au=1.1.1234567890.1700000000; \
+    OptanonConsent=isGpcEnabled=0&datestamp=Tue+Nov+14+2023+10%3A00%3A00+GMT%2B0000&version=202310.1.0&browserGpcFlag=0&isIABGlobal=false&hosts=&consentId=0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0&interactionCount=1&landingPath=NotLandingPage&groups=C0001%3A1%2CC0002%3A1%2CC0003%3A1%2CC0004%3A1; \
+    OptanonAlertBoxClosed=2023-11-14T10:00:00.000Z; \
+    session=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI0MiIsImlhdCI6MTcwMDAwMDAwMCwiZXhwIjoxNzAwMDg2NDAwfQ.c2lnbmF0dXJlc2lnbmF0dXJlc2lnbmF0dXJlc2ln; \
+    csrftoken=Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9v; \
+    theme=dark; lang=en-GB; tz=Europe%2FLondon; \
+    _hjSessionUser_123456=eyJpZCI6IjAxMjM0NTY3LTg5YWItY2RlZi0wMTIzLTQ1Njc4OWFiY2RlZiIsImNyZWF0ZWQiOjE3MDAwMDAwMDAwMDAsImV4aXN0aW5nIjp0cnVlfQ==; \
+    _hjSession_123456=eyJpZCI6ImFiY2RlZjAxLTIzNDUtNjc4OS1hYmNkLWVmMDEyMzQ1Njc4OSIsImMiOjE3MDAwMDAwMDAwMDAsInMiOjAsInIiOjAsInNiIjowfQ==; \
+    intercom-id-abc123=01234567-89ab-cdef-0123-456789abcdef; \
+    intercom-session-abc123=; intercom-device-id-abc123=fedcba98-7654-3210-fedc-ba9876543210";
 /// The value a `SignedCookieJar` user would sign instead of our token: 64
 /// characters, the size of the token's raw bytes (version 2).
 const JAR_VALUE: &str = "u42.lsn-0-16B3748.tl-1.sys-7301234567890123456.exp-1800.r-a1b2c3";
@@ -207,6 +222,24 @@ fn layer(c: &mut Criterion) {
 
     // What each scenario sends; the bare baseline gets the same requests.
     let get_no_token = || request(Method::GET, "/", None, ());
+    // A browser's request: about 1 KB of other cookies, without the token
+    // and with it in the middle.
+    let browser = |cookie: Option<&str>| {
+        let mut req = request(Method::GET, "/", None, ());
+        let header = match cookie {
+            Some(cookie) => {
+                let (before, after) = BROWSER_COOKIES.split_at(BROWSER_COOKIES.len() / 2);
+                let split = after.find("; ").map_or(after.len(), |at| at + 2);
+                format!("{before}{}{cookie}; {}", &after[..split], &after[split..])
+            }
+            None => BROWSER_COOKIES.to_owned(),
+        };
+        req.headers_mut()
+            .insert(COOKIE, header.parse().expect("header value"));
+        req
+    };
+    let get_browser_no_token = || browser(None);
+    let get_browser_token = || browser(Some(&token_cookie));
     let get_token = || request(Method::GET, "/", Some(&token_cookie), ());
     let post = || {
         let others = format!("{OTHER_COOKIES_BEFORE}; {OTHER_COOKIES_AFTER}");
@@ -219,6 +252,18 @@ fn layer(c: &mut Criterion) {
     // Check the scenarios do what they are named for before timing them.
     let response = send(&mut layered, get_token());
     assert!(response.headers().get(SET_COOKIE).is_none());
+    let response = send(&mut layered, get_browser_token());
+    assert!(response.headers().get(SET_COOKIE).is_none());
+    let mut outcome = rw_layer().layer(service_fn(|req: Request<()>| async move {
+        let db = req.extensions().get::<Db<FakeBackend>>().expect("a handle");
+        assert_eq!(
+            db.token_outcome().as_str(),
+            "valid",
+            "the token among 1 KB of cookies"
+        );
+        Ok::<_, Infallible>(Response::new(()))
+    }));
+    send(&mut outcome, get_browser_token());
     let response = send(&mut layered, post());
     let set_cookie = response.headers()[SET_COOKIE].to_str().expect("ascii");
     assert!(set_cookie.starts_with("primary_affinity="), "{set_cookie}");
@@ -229,6 +274,8 @@ fn layer(c: &mut Criterion) {
         ("get_no_token", &get_no_token as &dyn Fn() -> Request<()>),
         ("get_token_cookie", &get_token),
         ("post", &post),
+        ("get_browser_cookies", &get_browser_no_token),
+        ("get_browser_cookies_token", &get_browser_token),
     ] {
         group.bench_function(format!("bare_service_fn/{name}"), |b| {
             b.iter_batched(make, |req| send(&mut bare, req), BatchSize::SmallInput)
@@ -248,6 +295,23 @@ fn layer(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    group.bench_function(format!("no_token_browser_cookies/{BACKEND_LABEL}"), |b| {
+        b.iter_batched(
+            get_browser_no_token,
+            |req| send(&mut layered, req),
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function(
+        format!("valid_token_browser_cookies/{BACKEND_LABEL}"),
+        |b| {
+            b.iter_batched(
+                get_browser_token,
+                |req| send(&mut layered, req),
+                BatchSize::SmallInput,
+            )
+        },
+    );
     group.bench_function(format!("write_sets_cookie/{BACKEND_LABEL}"), |b| {
         b.iter_batched(post, |req| send(&mut layered, req), BatchSize::SmallInput)
     });

@@ -34,23 +34,9 @@ pub(crate) fn for_each_candidate(
         }
     }
     for value in headers.get_all(COOKIE) {
-        // Parsed by hand, in one pass over the bytes with no allocation:
-        // `cookie::Cookie::split_parse` cost more than verifying the token.
-        // Pairs split on `;`, names and values trimmed, a quoted value
-        // unquoted; only our cookie's value needs to be text, so a header
-        // with other non-ASCII cookies still yields ours.
-        for pair in value.as_bytes().split(|&b| b == b';') {
-            let Some(eq) = pair.iter().position(|&b| b == b'=') else {
-                continue;
-            };
-            if pair[..eq].trim_ascii() != cookie_name.as_bytes() {
-                continue;
-            }
-            let raw = pair[eq + 1..].trim_ascii();
-            let raw = raw
-                .strip_prefix(b"\"")
-                .and_then(|inner| inner.strip_suffix(b"\""))
-                .unwrap_or(raw);
+        for raw in cookie_values(value.as_bytes(), cookie_name.as_bytes()) {
+            // Only our cookie's value needs to be text, so a header with
+            // other non-ASCII cookies still yields ours.
             let Ok(text) = std::str::from_utf8(raw) else {
                 continue;
             };
@@ -61,6 +47,39 @@ pub(crate) fn for_each_candidate(
         }
     }
     found
+}
+
+/// The values of every cookie named `name` in one `Cookie` header, in
+/// order, parsed by hand with no allocation (`cookie::Cookie::split_parse`
+/// cost more than verifying the token).
+///
+/// A browser's header is mostly other cookies (analytics, consent,
+/// sessions: often a kilobyte or more), so the header is not split into
+/// pairs: `memchr`'s substring search jumps from one occurrence of `name`
+/// to the next, and only those are looked at. An occurrence is our cookie
+/// when it starts a pair (nothing but whitespace between it and the
+/// header's start or the previous `;`) and is followed by optional
+/// whitespace and `=`: exactly the pairs, split on `;`, whose trimmed text
+/// before the first `=` is `name`, since a cookie name holds neither `;`,
+/// `=` nor whitespace ([`check_cookie_name`](crate::config::check_cookie_name)),
+/// so no occurrence that starts a pair overlaps an earlier one. The value
+/// runs to the next `;`, trimmed, and a quoted one is unquoted.
+fn cookie_values<'a>(header: &'a [u8], name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    memchr::memmem::find_iter(header, name).filter_map(move |at| {
+        let before = header[..at].trim_ascii_end();
+        if before.last().is_some_and(|&b| b != b';') {
+            return None;
+        }
+        let rest = header[at + name.len()..]
+            .trim_ascii_start()
+            .strip_prefix(b"=")?;
+        let raw = rest[..memchr::memchr(b';', rest).unwrap_or(rest.len())].trim_ascii();
+        Some(
+            raw.strip_prefix(b"\"")
+                .and_then(|inner| inner.strip_suffix(b"\""))
+                .unwrap_or(raw),
+        )
+    })
 }
 
 /// Appends the `Set-Cookie` for `token` (keeping every other cookie the
@@ -89,6 +108,72 @@ pub(crate) fn attach_token<B: Backend>(headers: &mut HeaderMap, shared: &Shared<
             Err(_) => {
                 tracing::warn!("affinity token is not a valid header value; not sent as a header")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::cookie_values;
+
+    /// The parser before `cookie_values`, kept as its specification: split
+    /// on every `;`, the name is the trimmed text before the pair's first
+    /// `=`, the value the trimmed rest, unquoted.
+    fn reference<'a>(header: &'a [u8], name: &[u8]) -> Vec<&'a [u8]> {
+        let mut values = Vec::new();
+        for pair in header.split(|&b| b == b';') {
+            let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+                continue;
+            };
+            if pair[..eq].trim_ascii() != name {
+                continue;
+            }
+            let raw = pair[eq + 1..].trim_ascii();
+            values.push(
+                raw.strip_prefix(b"\"")
+                    .and_then(|inner| inner.strip_suffix(b"\""))
+                    .unwrap_or(raw),
+            );
+        }
+        values
+    }
+
+    #[test]
+    fn finds_every_value_of_the_name_in_order() {
+        let header = b"theme=dark; primary_affinity=abc;x=primary_affinity=no;  primary_affinity = \"q\" ;primary_affinityX=no;primary_affinity;primary_affinity=";
+        let found: Vec<&[u8]> = cookie_values(header, b"primary_affinity").collect();
+        assert_eq!(found, vec![&b"abc"[..], b"q", b""]);
+        assert_eq!(found, reference(header, b"primary_affinity"));
+        assert_eq!(cookie_values(b"", b"a").count(), 0);
+        assert_eq!(cookie_values(b";;;", b"a").count(), 0);
+    }
+
+    proptest! {
+        /// Agrees with the reference on any bytes, built from the pieces
+        /// that matter (the name, separators, `=`, quotes, whitespace,
+        /// non-ASCII) so that matches are common.
+        #[test]
+        fn agrees_with_the_reference_parser(
+            pieces in proptest::collection::vec(
+                prop_oneof![
+                    Just(&b"pa"[..]),
+                    Just(&b";"[..]),
+                    Just(&b"="[..]),
+                    Just(&b" "[..]),
+                    Just(&b"\t"[..]),
+                    Just(&b"\""[..]),
+                    Just(&b"x"[..]),
+                    Just(&b"p"[..]),
+                    Just(&b"\xff"[..]),
+                ],
+                0..40,
+            )
+        ) {
+            let header: Vec<u8> = pieces.concat();
+            let found: Vec<&[u8]> = cookie_values(&header, b"pa").collect();
+            prop_assert_eq!(found, reference(&header, b"pa"));
         }
     }
 }
