@@ -190,6 +190,9 @@ pub(crate) struct Shared<B> {
     /// `Set-Cookie` text before and after the token, derived from the fields
     /// above by [`Shared::refresh`].
     pub(crate) set_cookie: (String, String),
+    /// Finds `cookie_name` in `Cookie` headers, derived by
+    /// [`Shared::refresh`]: built once, not per request.
+    pub(crate) cookie_finder: memchr::memmem::Finder<'static>,
     /// Rate limit of the "wrote without an identity" warning: one per layer
     /// per [`Throttle::INTERVAL_SECONDS`], however many requests hit it.
     pub(crate) no_identity_warning: Throttle,
@@ -279,6 +282,7 @@ impl<B: crate::Backend> Shared<B> {
             writes_on_unsafe_methods: false,
             consistency: Consistency::ReadYourWrites,
             set_cookie: (String::new(), String::new()),
+            cookie_finder: memchr::memmem::Finder::new(DEFAULT_COOKIE_NAME).into_owned(),
             no_identity_warning: Throttle::default(),
             forward_tokens: false,
             max_staleness: None,
@@ -304,6 +308,7 @@ impl<B> Shared<B> {
     /// Recomputes what is derived from the configuration.
     pub(crate) fn refresh(&mut self) {
         self.set_cookie = set_cookie_template(self);
+        self.cookie_finder = memchr::memmem::Finder::new(&self.cookie_name).into_owned();
     }
 
     /// The requester's identity; `None` means no token may be read or issued.
@@ -345,6 +350,7 @@ impl<B> Clone for Shared<B> {
             writes_on_unsafe_methods: self.writes_on_unsafe_methods,
             consistency: self.consistency,
             set_cookie: self.set_cookie.clone(),
+            cookie_finder: self.cookie_finder.clone(),
             no_identity_warning: Throttle::default(),
             forward_tokens: self.forward_tokens,
             max_staleness: self.max_staleness,

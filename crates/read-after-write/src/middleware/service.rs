@@ -199,7 +199,7 @@ fn read_token<B: Backend>(
     let mut buffer = TokenBuffer::new();
     let found = transport::for_each_candidate(
         headers,
-        &shared.cookie_name,
+        &shared.cookie_finder,
         shared.token_header.as_ref(),
         |text| {
             let now = *now.get_or_insert_with(|| shared.clock.now_unix());

@@ -3,12 +3,13 @@
 
 use http::header::{COOKIE, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use memchr::memmem::Finder;
 
 use crate::backend::Backend;
 use crate::config::Shared;
 
 /// Calls `each` with every token candidate, header first, then every cookie
-/// named `cookie_name` across all `Cookie` headers (HTTP/2 sends one header
+/// `cookie` finds the name of across all `Cookie` headers (HTTP/2 sends one header
 /// per cookie), until `each` returns true. Returns whether any candidate was
 /// found.
 ///
@@ -18,7 +19,7 @@ use crate::config::Shared;
 /// linear in the headers' size, which the HTTP server already bounds.
 pub(crate) fn for_each_candidate(
     headers: &HeaderMap,
-    cookie_name: &str,
+    cookie: &Finder<'_>,
     token_header: Option<&HeaderName>,
     mut each: impl FnMut(&str) -> bool,
 ) -> bool {
@@ -34,7 +35,7 @@ pub(crate) fn for_each_candidate(
         }
     }
     for value in headers.get_all(COOKIE) {
-        for raw in cookie_values(value.as_bytes(), cookie_name.as_bytes()) {
+        for raw in cookie_values(value.as_bytes(), cookie) {
             // Only our cookie's value needs to be text, so a header with
             // other non-ASCII cookies still yields ours.
             let Ok(text) = std::str::from_utf8(raw) else {
@@ -49,7 +50,8 @@ pub(crate) fn for_each_candidate(
     found
 }
 
-/// The values of every cookie named `name` in one `Cookie` header, in
+/// The values of every cookie whose name `name` finds in one `Cookie`
+/// header, in
 /// order, parsed by hand with no allocation (`cookie::Cookie::split_parse`
 /// cost more than verifying the token).
 ///
@@ -64,13 +66,17 @@ pub(crate) fn for_each_candidate(
 /// `=` nor whitespace ([`check_cookie_name`](crate::config::check_cookie_name)),
 /// so no occurrence that starts a pair overlaps an earlier one. The value
 /// runs to the next `;`, trimmed, and a quoted one is unquoted.
-fn cookie_values<'a>(header: &'a [u8], name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
-    memchr::memmem::find_iter(header, name).filter_map(move |at| {
+fn cookie_values<'a>(
+    header: &'a [u8],
+    name: &'a Finder<'_>,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let length = name.needle().len();
+    name.find_iter(header).filter_map(move |at| {
         let before = header[..at].trim_ascii_end();
         if before.last().is_some_and(|&b| b != b';') {
             return None;
         }
-        let rest = header[at + name.len()..]
+        let rest = header[at + length..]
             .trim_ascii_start()
             .strip_prefix(b"=")?;
         let raw = rest[..memchr::memchr(b';', rest).unwrap_or(rest.len())].trim_ascii();
@@ -116,6 +122,8 @@ pub(crate) fn attach_token<B: Backend>(headers: &mut HeaderMap, shared: &Shared<
 mod tests {
     use proptest::prelude::*;
 
+    use memchr::memmem::Finder;
+
     use super::cookie_values;
 
     /// The parser before `cookie_values`, kept as its specification: split
@@ -143,11 +151,12 @@ mod tests {
     #[test]
     fn finds_every_value_of_the_name_in_order() {
         let header = b"theme=dark; primary_affinity=abc;x=primary_affinity=no;  primary_affinity = \"q\" ;primary_affinityX=no;primary_affinity;primary_affinity=";
-        let found: Vec<&[u8]> = cookie_values(header, b"primary_affinity").collect();
+        let name = Finder::new("primary_affinity");
+        let found: Vec<&[u8]> = cookie_values(header, &name).collect();
         assert_eq!(found, vec![&b"abc"[..], b"q", b""]);
         assert_eq!(found, reference(header, b"primary_affinity"));
-        assert_eq!(cookie_values(b"", b"a").count(), 0);
-        assert_eq!(cookie_values(b";;;", b"a").count(), 0);
+        assert_eq!(cookie_values(b"", &Finder::new("a")).count(), 0);
+        assert_eq!(cookie_values(b";;;", &Finder::new("a")).count(), 0);
     }
 
     proptest! {
@@ -172,7 +181,8 @@ mod tests {
             )
         ) {
             let header: Vec<u8> = pieces.concat();
-            let found: Vec<&[u8]> = cookie_values(&header, b"pa").collect();
+            let name = Finder::new("pa");
+            let found: Vec<&[u8]> = cookie_values(&header, &name).collect();
             prop_assert_eq!(found, reference(&header, b"pa"));
         }
     }
