@@ -76,7 +76,9 @@ struct Args {
     /// Probability that a user's step is a write (then an immediate own read).
     #[arg(long, default_value_t = 0.2)]
     write_ratio: f64,
-    /// How often replicas are polled while a read waits for them (lsn-wait).
+    /// The shortest gap between two polls of a replica reads wait for, and
+    /// between two re-checks of a waiting read (the wait itself runs on the
+    /// replica).
     #[arg(long, value_parser = parse_duration, default_value = "2ms")]
     wait_poll: Duration,
     /// Unmeasured load before each strategy, to warm pools and caches.

@@ -511,7 +511,7 @@ pub enum RouteReason {
     /// Monotonic session read after this same request read the primary.
     ReadPrimaryThisRequest,
     /// Session read; no replica had replayed the token's position and none
-    /// was predicted to within the latency budget (or the prediction
+    /// was predicted to within the read's `max_wait` (or the prediction
     /// slipped past it while waiting): the primary, with no wait wasted.
     PredictedLate,
     /// Eventual read; every healthy replica lagged more than the staleness

@@ -27,7 +27,7 @@ pub enum Strategy {
     /// The library with `max_wait = 0`: a caught-up replica, else the primary.
     Lsn,
     /// The library with a fixed `max_wait` and the fixed wait policy
-    /// (`PgReplicaSetBuilder::fixed_wait`): wait that long for a replica to
+    /// (`wait_policy(WaitPolicy::Fixed)`): wait that long for a replica to
     /// catch up, then the primary. Named `lsn-wait-<n>ms`.
     LsnWait {
         /// The fixed `max_wait`, milliseconds.

@@ -147,8 +147,13 @@ impl<B: Backend> Db<B> {
             Routed::primary(backend.primary(), RouteReason::WroteThisRequest)
         } else {
             match self.own().required {
+                // Nothing to wait for: an eventual read, so within the
+                // layer's `max_staleness` like `eventual()`.
                 Required::Nothing => {
-                    let mut routed = backend.eventual();
+                    let mut routed = match self.shared.max_staleness {
+                        Some(bound) => backend.eventual_within(bound),
+                        None => backend.eventual(),
+                    };
                     if routed.target == Target::Replica {
                         routed.reason = RouteReason::NoToken;
                     }

@@ -370,8 +370,9 @@ impl<B: Backend> ReadAfterWriteLayer<B> {
     /// ever gets a token), the debug header, time-window mode and a zero
     /// `max_wait`. Then the backend's, from
     /// [`Backend::diagnose`]: for [`PgReplicaSet`](crate::pg::PgReplicaSet),
-    /// the primary's and each replica's health, a replica role without
-    /// `pg_monitor` (it cannot see timelines, so every read with a token
+    /// the primary's and each replica's health, a replica role that cannot
+    /// see timelines (no `pg_monitor`) while no heartbeat table is in use
+    /// (nothing proves what a replica holds, so every read with a token
     /// goes to the primary), and replica lag beyond `max_wait` or the token
     /// TTL. Lag is a snapshot: run the check after the backend has
     /// connected, and again from an operator endpoint if you like.

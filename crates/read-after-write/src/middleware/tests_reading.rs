@@ -34,6 +34,35 @@ async fn no_token_reads_a_replica_and_sets_nothing() {
 }
 
 #[tokio::test]
+async fn without_a_token_a_session_read_keeps_the_layers_staleness_bound() {
+    let backend = fake();
+    backend.set_replica_behind(Duration::from_secs(5));
+    let bounded =
+        App::new(layer(&backend, &ManualClock::new(NOW)).max_staleness(Duration::from_secs(1)));
+    let answer = bounded.get("/read").user(1).send().await;
+    assert_eq!(answer.seen().read_pool, "primary-pool");
+    assert_eq!(
+        answer.debug(),
+        "node=primary; reason=too_stale; token=absent"
+    );
+
+    // Within the bound, or with none, the replica, as a read without a token.
+    let loose =
+        App::new(layer(&backend, &ManualClock::new(NOW)).max_staleness(Duration::from_secs(10)));
+    let answer = loose.get("/read").user(1).send().await;
+    assert_eq!(
+        answer.debug(),
+        "node=replica-1; reason=no_token; token=absent"
+    );
+    let unbounded = App::new(layer(&backend, &ManualClock::new(NOW)));
+    let answer = unbounded.get("/read").user(1).send().await;
+    assert_eq!(
+        answer.debug(),
+        "node=replica-1; reason=no_token; token=absent"
+    );
+}
+
+#[tokio::test]
 async fn the_token_routes_later_reads_by_position() {
     let backend = fake();
     backend.set_primary_at(0x9000);

@@ -17,7 +17,9 @@ use std::time::Duration;
 /// position asks the replica predicted to get there, which answers the
 /// moment it has it (see [`WAIT_POLL_INTERVAL`]).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// How often replicas a read is waiting for are polled.
+/// The shortest gap between two polls of a replica that reads are waiting
+/// for, and between two re-checks of a waiting read; the wait itself runs
+/// on the server.
 pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(2);
 /// How often every node is polled once nothing needed positions for 5 s.
 pub const IDLE_POLL_INTERVAL: Duration = Duration::from_secs(1);

@@ -6,8 +6,9 @@
 //! and divergence rules, prediction, the primary budget, bookmarks and
 //! monotonic sessions, the canary, the write-position capture and
 //! `check()`. All of that runs on the set's own connections (a handful per
-//! instance; the set's sqlx pools built from URLs stay empty, since they
-//! open connections lazily and nothing reads through them). What a driver
+//! instance: the tracker's, and the sqlx primary pool the write-position
+//! captures use; the set's sqlx replica pools stay empty, since they open
+//! connections lazily and nothing reads through them). What a driver
 //! adds is only where handlers run their queries: one pool per node the
 //! set routes to, built by [`Driver::pool`] from a [`Node`].
 //!

@@ -22,6 +22,8 @@
 //!   primary (`lagging`). [`FakeBackend::replica_caught_up`] makes it hold
 //!   everything.
 //! - Optionally a cluster id, and a replica tag for monotonic reads.
+//! - How far behind the replica is, in time: an eventual read bounded below
+//!   that ([`Backend::eventual_within`]) goes to the primary (`too_stale`).
 
 // Each target that includes this file uses its own part of it.
 #![allow(dead_code)]
@@ -77,6 +79,8 @@ pub(crate) struct FakeBackend {
     primary_at: AtomicU64,
     /// `u64::MAX`: the replica holds everything.
     replica_replayed: AtomicU64,
+    /// How far behind the replica is, in milliseconds.
+    replica_behind_ms: AtomicU64,
     capture_fails: AtomicBool,
     captures: AtomicUsize,
     /// What `diagnose` reports.
@@ -105,6 +109,7 @@ impl FakeBackend {
             capture_yields: true,
             primary_at: AtomicU64::new(0),
             replica_replayed: AtomicU64::new(0),
+            replica_behind_ms: AtomicU64::new(0),
             capture_fails: AtomicBool::new(false),
             captures: AtomicUsize::new(0),
             findings: Mutex::new(Vec::new()),
@@ -190,6 +195,12 @@ impl FakeBackend {
         self.replica_replayed.store(lsn, Ordering::SeqCst);
     }
 
+    /// The replica is `behind` behind the primary, in time.
+    pub(crate) fn set_replica_behind(&self, behind: Duration) {
+        let millis = u64::try_from(behind.as_millis()).unwrap_or(u64::MAX);
+        self.replica_behind_ms.store(millis, Ordering::SeqCst);
+    }
+
     /// Captures fail from now on (or succeed again).
     pub(crate) fn fail_captures(&self, fail: bool) {
         self.capture_fails.store(fail, Ordering::SeqCst);
@@ -257,6 +268,15 @@ impl Backend for FakeBackend {
             RouteReason::Eventual,
             Bookmark::new(self.replica_position()),
         )
+    }
+
+    fn eventual_within(&self, max_staleness: Duration) -> Routed<'_, &'static str> {
+        let behind = Duration::from_millis(self.replica_behind_ms.load(Ordering::SeqCst));
+        if behind > max_staleness {
+            Routed::primary(&self.primary, RouteReason::TooStale)
+        } else {
+            self.eventual()
+        }
     }
 
     async fn session(
