@@ -11,13 +11,12 @@
 #[path = "../examples/diesel_async/app.rs"]
 mod app;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use app::schema::{accounts, logins, posts, profiles};
 use app::AppConfig;
-use axum::body::{to_bytes, Body};
-use axum::http::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
+use axum::body::Body;
+use axum::http::header::{CONTENT_TYPE, COOKIE};
 use axum::http::{HeaderValue, Request, StatusCode};
 use axum::Router;
 use diesel::prelude::*;
@@ -27,10 +26,14 @@ use read_after_write::pg::PgReplicaSet;
 use read_after_write::{KeySet, SigningKey};
 use read_after_write_lab::social::{self, Created, Dashboard, LoggedIn, Post, Profile};
 use read_after_write_testkit::TestCluster;
-use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 use tower::ServiceExt;
+
+#[path = "common/visitor.rs"]
+mod visitor;
+
+use visitor::{is_rfc3339_utc_micros, Visitor};
 
 static CLUSTER: OnceCell<TestCluster> = OnceCell::const_new();
 
@@ -93,88 +96,6 @@ fn social_router(pools: &DieselReplicaSet) -> Router {
     social::router(pools.set().clone(), pools.set().clone(), &config)
 }
 
-/// A browser: keeps the cookies the app sets (the affinity token, the demo
-/// identity) and sends them back, with `x-user-id` when it has a user.
-struct Visitor {
-    router: Router,
-    user: Option<i64>,
-    cookies: BTreeMap<String, String>,
-}
-
-/// A response: its status, the layer's debug header, its body.
-struct Answer {
-    status: StatusCode,
-    route: String,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json<T: DeserializeOwned>(&self) -> T {
-        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
-            panic!("{error}: {}", String::from_utf8_lossy(&self.body));
-        })
-    }
-}
-
-impl Visitor {
-    fn new(router: &Router, user: Option<i64>) -> Self {
-        Visitor {
-            router: router.clone(),
-            user,
-            cookies: BTreeMap::new(),
-        }
-    }
-
-    async fn send(&mut self, method: &str, path: &str, body: Option<Value>) -> Answer {
-        let mut request = Request::builder().method(method).uri(path);
-        if let Some(user) = self.user {
-            request = request.header("x-user-id", user.to_string());
-        }
-        if !self.cookies.is_empty() {
-            let jar: Vec<String> = self
-                .cookies
-                .iter()
-                .map(|(name, value)| format!("{name}={value}"))
-                .collect();
-            request = request.header(COOKIE, jar.join("; "));
-        }
-        let body = match body {
-            Some(body) => {
-                request = request.header(CONTENT_TYPE, "application/json");
-                Body::from(body.to_string())
-            }
-            None => Body::empty(),
-        };
-        let response = self
-            .router
-            .clone()
-            .oneshot(request.body(body).unwrap())
-            .await
-            .unwrap();
-        for value in response.headers().get_all(SET_COOKIE) {
-            let pair = value.to_str().unwrap().split(';').next().unwrap();
-            if let Some((name, value)) = pair.split_once('=') {
-                self.cookies.insert(name.to_owned(), value.to_owned());
-            }
-        }
-        let status = response.status();
-        let route = response
-            .headers()
-            .get("x-read-after-write")
-            .map(|value| value.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let body = to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap()
-            .to_vec();
-        Answer {
-            status,
-            route,
-            body,
-        }
-    }
-}
-
 /// `GET /api/posts`'s query, sent naively on the replica's own pool: does
 /// it find post `id`?
 async fn naive_finds(pools: &DieselReplicaSet, user: i64, id: i64) -> bool {
@@ -193,17 +114,6 @@ async fn naive_finds(pools: &DieselReplicaSet, user: i64, id: i64) -> bool {
         .await
         .expect("the naive read");
     found.iter().any(|post| post.id == id)
-}
-
-/// Whether `at` reads as the social app renders a timestamp:
-/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`, in UTC.
-fn is_rfc3339_utc_micros(at: &str) -> bool {
-    let shape = "0000-00-00T00:00:00.000000Z";
-    at.len() == shape.len()
-        && at.chars().zip(shape.chars()).all(|(c, s)| match s {
-            '0' => c.is_ascii_digit(),
-            _ => c == s,
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,11 +7,10 @@
 //! and compared with its answers on the same database, so the apps answer
 //! the same JSON.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::body::{to_bytes, Body};
-use axum::http::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
+use axum::body::Body;
+use axum::http::header::{CONTENT_TYPE, COOKIE};
 use axum::http::{HeaderValue, Request, StatusCode};
 use axum::Router;
 use read_after_write::pg::PgReplicaSet;
@@ -24,10 +23,14 @@ use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
     QuerySelect,
 };
-use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::OnceCell;
 use tower::ServiceExt;
+
+#[path = "common/visitor.rs"]
+mod visitor;
+
+use visitor::{is_rfc3339_utc_micros, Visitor};
 
 static CLUSTER: OnceCell<TestCluster> = OnceCell::const_new();
 
@@ -89,88 +92,6 @@ fn social_router(replicas: &PgReplicaSet) -> Router {
     social::router(replicas.clone(), replicas.clone(), &config)
 }
 
-/// A browser: keeps the cookies the app sets (the affinity token, the demo
-/// identity) and sends them back, with `x-user-id` when it has a user.
-struct Visitor {
-    router: Router,
-    user: Option<i64>,
-    cookies: BTreeMap<String, String>,
-}
-
-/// A response: its status, the layer's debug header, its body.
-struct Answer {
-    status: StatusCode,
-    route: String,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json<T: DeserializeOwned>(&self) -> T {
-        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
-            panic!("{error}: {}", String::from_utf8_lossy(&self.body));
-        })
-    }
-}
-
-impl Visitor {
-    fn new(router: &Router, user: Option<i64>) -> Self {
-        Visitor {
-            router: router.clone(),
-            user,
-            cookies: BTreeMap::new(),
-        }
-    }
-
-    async fn send(&mut self, method: &str, path: &str, body: Option<Value>) -> Answer {
-        let mut request = Request::builder().method(method).uri(path);
-        if let Some(user) = self.user {
-            request = request.header("x-user-id", user.to_string());
-        }
-        if !self.cookies.is_empty() {
-            let jar: Vec<String> = self
-                .cookies
-                .iter()
-                .map(|(name, value)| format!("{name}={value}"))
-                .collect();
-            request = request.header(COOKIE, jar.join("; "));
-        }
-        let body = match body {
-            Some(body) => {
-                request = request.header(CONTENT_TYPE, "application/json");
-                Body::from(body.to_string())
-            }
-            None => Body::empty(),
-        };
-        let response = self
-            .router
-            .clone()
-            .oneshot(request.body(body).unwrap())
-            .await
-            .unwrap();
-        for value in response.headers().get_all(SET_COOKIE) {
-            let pair = value.to_str().unwrap().split(';').next().unwrap();
-            if let Some((name, value)) = pair.split_once('=') {
-                self.cookies.insert(name.to_owned(), value.to_owned());
-            }
-        }
-        let status = response.status();
-        let route = response
-            .headers()
-            .get("x-read-after-write")
-            .map(|value| value.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let body = to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap()
-            .to_vec();
-        Answer {
-            status,
-            route,
-            body,
-        }
-    }
-}
-
 /// `GET /api/posts`'s query, the app's own partial model, sent naively on
 /// a SeaORM connection over the replica's pool: does it find post `id`?
 async fn naive_finds(replicas: &PgReplicaSet, user: i64, id: i64) -> bool {
@@ -185,17 +106,6 @@ async fn naive_finds(replicas: &PgReplicaSet, user: i64, id: i64) -> bool {
         .await
         .expect("the naive read");
     found.iter().any(|post| post.id == id)
-}
-
-/// Whether `at` reads as the social app renders a timestamp:
-/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`, in UTC.
-fn is_rfc3339_utc_micros(at: &str) -> bool {
-    let shape = "0000-00-00T00:00:00.000000Z";
-    at.len() == shape.len()
-        && at.chars().zip(shape.chars()).all(|(c, s)| match s {
-            '0' => c.is_ascii_digit(),
-            _ => c == s,
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,11 +5,10 @@
 //! dashboard show their rows on the next page. Responses are read with the
 //! sqlx social app's types, so the two apps answer the same JSON.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::body::{to_bytes, Body};
-use axum::http::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
+use axum::body::Body;
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use read_after_write::pg::PgReplicaSet;
@@ -18,9 +17,13 @@ use read_after_write::{KeySet, SigningKey};
 use read_after_write_lab::social::{Created, Dashboard, LoggedIn, Post, Profile};
 use read_after_write_lab::tokio_social::{self as app, AppConfig};
 use read_after_write_testkit::TestCluster;
-use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 use tower::ServiceExt;
+
+#[path = "common/visitor.rs"]
+mod visitor;
+
+use visitor::Visitor;
 
 static CLUSTER: OnceCell<TestCluster> = OnceCell::const_new();
 
@@ -64,88 +67,6 @@ fn router(pools: &TokioPgReplicaSet) -> Router {
         request_timeout: Some(Duration::from_secs(5)),
     };
     app::router(pools.clone(), pools.set().clone(), &config)
-}
-
-/// A browser: sends the cookies the app set (the affinity token, the demo
-/// identity) and, when given, the `x-user-id` header.
-struct Visitor {
-    router: Router,
-    user: Option<i64>,
-    cookies: BTreeMap<String, String>,
-}
-
-/// An answer: status, debug route, body.
-struct Answer {
-    status: StatusCode,
-    route: String,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json<T: DeserializeOwned>(&self) -> T {
-        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
-            panic!("{error}: {}", String::from_utf8_lossy(&self.body));
-        })
-    }
-}
-
-impl Visitor {
-    fn new(router: &Router, user: Option<i64>) -> Self {
-        Visitor {
-            router: router.clone(),
-            user,
-            cookies: BTreeMap::new(),
-        }
-    }
-
-    async fn send(&mut self, method: &str, path: &str, json: Option<serde_json::Value>) -> Answer {
-        let mut request = Request::builder().method(method).uri(path);
-        if let Some(user) = self.user {
-            request = request.header("x-user-id", user.to_string());
-        }
-        if !self.cookies.is_empty() {
-            let jar: Vec<String> = self
-                .cookies
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            request = request.header(COOKIE, jar.join("; "));
-        }
-        let body = match json {
-            Some(json) => {
-                request = request.header(CONTENT_TYPE, "application/json");
-                Body::from(json.to_string())
-            }
-            None => Body::empty(),
-        };
-        let response = self
-            .router
-            .clone()
-            .oneshot(request.body(body).unwrap())
-            .await
-            .unwrap();
-        for value in response.headers().get_all(SET_COOKIE) {
-            let pair = value.to_str().unwrap().split(';').next().unwrap();
-            if let Some((name, value)) = pair.split_once('=') {
-                self.cookies.insert(name.to_owned(), value.to_owned());
-            }
-        }
-        let status = response.status();
-        let route = response
-            .headers()
-            .get("x-read-after-write")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let body = to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap()
-            .to_vec();
-        Answer {
-            status,
-            route,
-            body,
-        }
-    }
 }
 
 /// Whether post `id` by `user` is on the replica's pool now: the naive read.
