@@ -1,15 +1,16 @@
 //! The browser the driver apps' tests drive each app with
 //! (`tests/sea_orm.rs`, `tests/diesel_async.rs`, `tests/tokio_postgres.rs`):
-//! requests straight into the router, cookies kept between them.
+//! requests straight into the router, cookies kept between them; and the
+//! requests every app must refuse.
 
 use std::collections::BTreeMap;
 
 use axum::body::{to_bytes, Body};
 use axum::http::header::{CONTENT_TYPE, COOKIE, SET_COOKIE};
-use axum::http::{Request, StatusCode};
+use axum::http::{HeaderValue, Request, StatusCode};
 use axum::Router;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tower::ServiceExt;
 
 /// A browser: keeps the cookies the app sets (the affinity token, the demo
@@ -105,4 +106,136 @@ pub fn is_rfc3339_utc_micros(at: &str) -> bool {
             '0' => c.is_ascii_digit(),
             _ => c == s,
         })
+}
+
+/// Sends `router` every request the social API must refuse, as `user` and
+/// anonymously, and asserts each gets its 4xx (401, 400, 404, 415, 413 or
+/// 422), never a 5xx: no identity, refused content (NUL characters
+/// included, which PostgreSQL text cannot store), JSON of the wrong shape,
+/// ids that are not ids, garbage `x-user-id` values, bodies that are not
+/// the JSON asked for, and one past axum's body limit. The caller checks
+/// that none of it wrote.
+#[allow(dead_code)] // the tokio-postgres test keeps its own, shorter list
+pub async fn every_refusal_is_a_4xx(router: &Router, user: i64, max_post_chars: usize) {
+    let mut anonymous = Visitor::new(router, None);
+    let mut visitor = Visitor::new(router, Some(user));
+    let long = "x".repeat(max_post_chars + 1);
+    let long_name = "n".repeat(101);
+    // No identity: 401, before any query.
+    let post = Some(json!({ "content": "hi" }));
+    let profile = Some(json!({ "name": "n" }));
+    for (method, path, body) in [
+        ("GET", "/api/posts", None),
+        ("GET", "/api/dashboard", None),
+        ("POST", "/api/posts", post),
+        ("PUT", "/api/profile", profile),
+    ] {
+        let answer = anonymous.send(method, path, body.clone()).await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+    }
+    // Content the app refuses, or JSON of the wrong shape: 422. A NUL
+    // character, which PostgreSQL cannot store in text, is refused before
+    // any query (the server would fail it, a 500).
+    let unacceptable = [
+        ("POST", "/api/posts", json!({ "content": "" })),
+        ("POST", "/api/posts", json!({ "content": " \n " })),
+        ("POST", "/api/posts", json!({ "content": long })),
+        ("POST", "/api/posts", json!({ "content": "a\u{0}b" })),
+        ("POST", "/api/posts", json!({ "text": "hi" })),
+        ("POST", "/api/posts", json!({ "content": 7 })),
+        ("PUT", "/api/profile", json!({ "name": "" })),
+        ("PUT", "/api/profile", json!({ "name": long_name })),
+        ("PUT", "/api/profile", json!({ "name": "n\u{0}" })),
+        ("PUT", "/api/profile", json!({ "name": "n", "bio": long })),
+        (
+            "PUT",
+            "/api/profile",
+            json!({ "name": "n", "bio": "\u{0}" }),
+        ),
+        ("POST", "/api/signup", json!({ "name": long_name })),
+        ("POST", "/api/signup", json!({ "name": "\u{0}" })),
+        ("POST", "/api/login", json!({ "user_id": "x" })),
+        ("POST", "/api/login", json!({ "user_id": 1.5 })),
+    ];
+    for (method, path, body) in unacceptable {
+        let answer = visitor.send(method, path, Some(body.clone())).await;
+        let status = answer.status;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{method} {path} {body}"
+        );
+    }
+    // Ids that are not one (400) or match nothing (404).
+    for (path, expected) in [
+        ("/api/posts/not-a-number", 400),
+        ("/api/posts/99999999999999999999", 400),
+        ("/api/profile/x", 400),
+        ("/api/posts/-1", 404),
+        ("/api/profile/-1", 404),
+    ] {
+        let answer = visitor.send("GET", path, None).await;
+        assert_eq!(answer.status.as_u16(), expected, "GET {path}");
+    }
+
+    // An x-user-id that is not an integer is no identity (not the
+    // cookie's): 401, on reads and writes alike.
+    let bad_ids: [&[u8]; 5] = [
+        b"not a number",
+        b"1.5",
+        b"99999999999999999999",
+        b"",
+        b"\xff\xfe",
+    ];
+    for bad in bad_ids {
+        for (method, body) in [
+            ("GET", Body::empty()),
+            ("POST", Body::from(r#"{"content":"hi"}"#)),
+        ] {
+            let request = Request::builder()
+                .method(method)
+                .uri("/api/posts")
+                .header("x-user-id", HeaderValue::from_bytes(bad).unwrap())
+                .header(COOKIE, format!("demo_user={user}"))
+                .header(CONTENT_TYPE, "application/json")
+                .body(body)
+                .unwrap();
+            let answer = router.clone().oneshot(request).await.unwrap();
+            assert_eq!(
+                answer.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {bad:?}"
+            );
+        }
+    }
+
+    // Bodies that are not the JSON asked for: broken (400), or not
+    // declared JSON (415).
+    let json_type = Some("application/json");
+    let raw: [(Option<&str>, &[u8], u16); 5] = [
+        (json_type, b"{", 400),
+        (json_type, br#"{"content":"#, 400),
+        (json_type, b"\xff\xfe", 400),
+        (Some("text/plain"), br#"{"content":"hi"}"#, 415),
+        (None, br#"{"content":"hi"}"#, 415),
+    ];
+    for (content_type, body, expected) in raw {
+        let mut request = Request::post("/api/posts").header("x-user-id", user.to_string());
+        if let Some(content_type) = content_type {
+            request = request.header(CONTENT_TYPE, content_type);
+        }
+        let request = request.body(Body::from(body.to_vec())).unwrap();
+        let answer = router.clone().oneshot(request).await.unwrap();
+        let status = answer.status().as_u16();
+        assert_eq!(status, expected, "{content_type:?} {body:?}");
+    }
+    // A body past axum's 2 MB default limit is refused unread.
+    let huge = json!({ "content": "x".repeat(3 << 20) }).to_string();
+    let request = Request::post("/api/posts")
+        .header("x-user-id", user.to_string())
+        .header(CONTENT_TYPE, "application/json")
+        .body(Body::from(huge))
+        .unwrap();
+    let answer = router.clone().oneshot(request).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
