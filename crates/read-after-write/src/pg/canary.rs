@@ -22,12 +22,19 @@
 //! servers than the tracker sees.
 //!
 //! It costs one query on an idle replica connection per sampled read, off
-//! the read's path (no idle connection: no check), and nothing when the rate
-//! is 0. Violations are `read_after_write_canary_violations_total{replica}`
+//! the read's path, and nothing when the rate is 0. A check never opens a
+//! connection nor takes one a read waits for: it looks for an idle one, and
+//! while the pool has none (the read it checks may hold the only one) it
+//! looks again every millisecond for up to [`CANARY_IDLE_WAIT`], then gives
+//! up. So a check runs at once on a busy pool with idle connections, and
+//! right after its read on a quiet one, where a sequential user's reads
+//! would otherwise never be checked. Violations are `read_after_write_canary_violations_total{replica}`
 //! and a `check()` finding; alert on any.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
@@ -43,7 +50,34 @@ pub(crate) const CANARY_SQL: &str = "select pg_last_wal_replay_lsn()::text as re
      ((extract(epoch from pg_postmaster_start_time()) * 1000000)::int8)::text as started";
 
 /// How long the canary's query may take before the check is dropped.
-pub(crate) const CANARY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const CANARY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a sampled check looks for an idle connection before it is
+/// dropped: long enough for the read it checks to give back a quiet pool's
+/// only connection, short enough that the server is asked while a wrong
+/// route would still show (a server the tracker does not see lags by more).
+pub(crate) const CANARY_IDLE_WAIT: Duration = Duration::from_millis(50);
+
+/// Runs `attempt` (the canary's query on a connection idle now; `None`
+/// when there is none or the query failed) until it answers, again every
+/// millisecond for up to [`CANARY_IDLE_WAIT`], each try bounded by
+/// [`CANARY_TIMEOUT`].
+pub(crate) async fn first_answer<F, Fut>(mut attempt: F) -> Option<[Option<String>; 5]>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<[Option<String>; 5]>>,
+{
+    let deadline = tokio::time::Instant::now() + CANARY_IDLE_WAIT;
+    loop {
+        if let Ok(Some(row)) = tokio::time::timeout(CANARY_TIMEOUT, attempt()).await {
+            return Some(row);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
 
 /// Runs a sampled check on the pool a read was handed, when that pool is
 /// not the set's own (a driver's, `pg::driver`): given the
@@ -132,22 +166,21 @@ impl Canary {
     }
 }
 
-/// Confirms on an idle connection of the set's own `pool` (no idle
-/// connection: no check).
+/// Confirms on an idle connection of the set's own `pool` ([`first_answer`]).
 async fn check_on(pool: PgPool, check: CanaryCheck) {
-    let Some(mut conn) = pool.try_acquire() else {
-        return;
-    };
-    let answer = tokio::time::timeout(
-        CANARY_TIMEOUT,
-        sqlx::raw_sql(AssertSqlSafe(CANARY_SQL)).fetch_one(&mut *conn),
-    )
+    let row = first_answer(|| async {
+        let mut conn = pool.try_acquire()?;
+        let row = sqlx::raw_sql(AssertSqlSafe(CANARY_SQL))
+            .fetch_one(&mut *conn)
+            .await
+            .ok()?;
+        let text = |i: usize| row.try_get::<Option<String>, _>(i).ok().flatten();
+        Some([text(0), text(1), text(2), text(3), text(4)])
+    })
     .await;
-    let Ok(Ok(row)) = answer else {
-        return;
-    };
-    let text = |i: usize| row.try_get::<Option<String>, _>(i).ok().flatten();
-    check.judge([text(0), text(1), text(2), text(3), text(4)]);
+    if let Some(row) = row {
+        check.judge(row);
+    }
 }
 
 impl CanaryCheck {
@@ -200,5 +233,50 @@ mod tests {
         assert_eq!(Canary::new(1.0).every, 1);
         assert_eq!(Canary::new(0.0).every, 0);
         assert_eq!(Canary::new(0.3).every, 3);
+    }
+
+    fn row() -> [Option<String>; 5] {
+        std::array::from_fn(|i| Some(i.to_string()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_waits_for_the_read_to_give_its_connection_back() {
+        // The read holds the pool's only connection for 3 ms.
+        let start = tokio::time::Instant::now();
+        let tries = std::cell::Cell::new(0);
+        let answer = first_answer(|| {
+            tries.set(tries.get() + 1);
+            let idle = start.elapsed() >= Duration::from_millis(3);
+            async move { idle.then(row) }
+        })
+        .await;
+        assert_eq!(answer, Some(row()));
+        assert!((3..=5).contains(&tries.get()), "{} tries", tries.get());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_that_never_finds_an_idle_connection_gives_up() {
+        let start = tokio::time::Instant::now();
+        let tries = std::cell::Cell::new(0);
+        let answer = first_answer(|| {
+            tries.set(tries.get() + 1);
+            async { None }
+        })
+        .await;
+        assert_eq!(answer, None);
+        let waited = start.elapsed();
+        assert!(
+            waited >= CANARY_IDLE_WAIT && waited < CANARY_IDLE_WAIT * 2,
+            "{waited:?}"
+        );
+        assert!(tries.get() <= 52, "{} tries", tries.get());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_query_that_hangs_is_dropped_after_the_timeout() {
+        let start = tokio::time::Instant::now();
+        let answer = first_answer(std::future::pending).await;
+        assert_eq!(answer, None);
+        assert!(start.elapsed() >= CANARY_TIMEOUT && start.elapsed() < CANARY_TIMEOUT * 2);
     }
 }

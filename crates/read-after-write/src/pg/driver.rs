@@ -55,7 +55,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use super::builder::{PgReplicaSetBuilder, Source};
-use super::canary::{CANARY_SQL, CANARY_TIMEOUT};
+use super::canary::{first_answer, CANARY_SQL};
 use super::endpoint::{Admission, PoolSettings};
 pub use super::error::DriverError;
 use super::error::PgSetupError;
@@ -85,8 +85,10 @@ pub trait Driver: Send + Sync + 'static {
     /// For the [canary](super#the-canary): runs `sql` (no parameters, one
     /// row of five nullable text columns) on a connection of `pool` that is
     /// idle now, and returns the row; `None` when no connection is idle (a
-    /// check must never take a connection a read is waiting for) or the
-    /// query failed. The caller bounds it in time. The default checks
+    /// check must never open a connection nor take one a read is waiting
+    /// for) or the query failed. The caller bounds it in time and, on
+    /// `None`, tries again for a few milliseconds (the read it checks may
+    /// hold the pool's only connection). The default checks
     /// nothing: a driver that does not implement it leaves its reads
     /// unconfirmed.
     fn canary(
@@ -313,10 +315,8 @@ impl<D: Driver> ReplicaPools<D> {
                     let Some(pool) = inner.servers[index].get() else {
                         return;
                     };
-                    let answer =
-                        tokio::time::timeout(CANARY_TIMEOUT, inner.driver.canary(pool, CANARY_SQL))
-                            .await;
-                    if let Ok(Some(row)) = answer {
+                    if let Some(row) = first_answer(|| inner.driver.canary(pool, CANARY_SQL)).await
+                    {
                         check.judge(row);
                     }
                 });
