@@ -21,6 +21,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -185,6 +187,29 @@ async fn handler(req: Request<()>) -> Result<Response<()>, Infallible> {
     Ok(Response::new(()))
 }
 
+/// The handle of the floor service (see `layer`): the per-request state a
+/// handler shares with the response.
+#[derive(Clone)]
+struct FloorHandle(Arc<AtomicBool>);
+
+/// The token header, named once, as the layer names it.
+static X_PRIMARY_AFFINITY: HeaderName = HeaderName::from_static("x-primary-affinity");
+
+/// The handler of the floor service: finds the handle and reads its flag.
+async fn floor_handler(req: Request<()>) -> Result<Response<()>, Infallible> {
+    if let Some(handle) = req.extensions().get::<FloorHandle>() {
+        black_box(handle.0.load(Ordering::Relaxed));
+    }
+    Ok(Response::new(()))
+}
+
+/// A handler that finds the `Db` handle and never uses it: a request that
+/// never touches the database (a static page, a health check).
+async fn untouched_handler(req: Request<()>) -> Result<Response<()>, Infallible> {
+    black_box(req.extensions().get::<Db<FakeBackend>>());
+    Ok(Response::new(()))
+}
+
 /// `ready` then `call`, the same for the bare service and the layered one.
 fn send<S>(service: &mut S, req: Request<()>) -> Response<()>
 where
@@ -219,6 +244,27 @@ fn layer(c: &mut Criterion) {
         handler(Request::from_parts(parts, body))
     });
     let mut layered = rw_layer().layer(service_fn(handler));
+    // The floor: the least any layer giving handlers a per-request handle
+    // must do on a request without a token, over the same bare service.
+    // It looks for the token (the `Cookie` header and the token header),
+    // allocates the state the handler shares with the response (here one
+    // flag: did it write?), hands the handle over through the request's
+    // extensions (what `http::Extensions` allocates: its map, table and
+    // box), and reads the flag once the handler has answered.
+    let mut floor = service_fn(|req: Request<()>| {
+        let (mut parts, body) = req.into_parts();
+        black_box(user_from_header(&parts));
+        black_box(parts.headers.get(COOKIE));
+        black_box(parts.headers.get(&X_PRIMARY_AFFINITY));
+        let wrote = Arc::new(AtomicBool::new(false));
+        parts.extensions.insert(FloorHandle(Arc::clone(&wrote)));
+        let answer = floor_handler(Request::from_parts(parts, body));
+        async move {
+            let response = answer.await;
+            black_box(wrote.load(Ordering::Relaxed));
+            response
+        }
+    });
 
     // What each scenario sends; the bare baseline gets the same requests.
     let get_no_token = || request(Method::GET, "/", None, ());
@@ -281,10 +327,25 @@ fn layer(c: &mut Criterion) {
             b.iter_batched(make, |req| send(&mut bare, req), BatchSize::SmallInput)
         });
     }
+    group.bench_function("floor_service_fn/get_no_token", |b| {
+        b.iter_batched(
+            get_no_token,
+            |req| send(&mut floor, req),
+            BatchSize::SmallInput,
+        )
+    });
     group.bench_function(format!("no_token/{BACKEND_LABEL}"), |b| {
         b.iter_batched(
             get_no_token,
             |req| send(&mut layered, req),
+            BatchSize::SmallInput,
+        )
+    });
+    let mut untouched = rw_layer().layer(service_fn(untouched_handler));
+    group.bench_function(format!("no_token_db_untouched/{BACKEND_LABEL}"), |b| {
+        b.iter_batched(
+            get_no_token,
+            |req| send(&mut untouched, req),
             BatchSize::SmallInput,
         )
     });

@@ -121,6 +121,12 @@ pub(crate) struct Claims {
 }
 
 impl Claims {
+    /// No token claimed anything here.
+    #[inline]
+    fn is_empty(&self) -> bool {
+        !self.overflow && self.bookmarks.is_empty()
+    }
+
     /// Adds what one token claims.
     pub(crate) fn add(&mut self, claimed: &Bookmarks) {
         self.overflow |= !self.bookmarks.merge(claimed);
@@ -173,6 +179,12 @@ pub(crate) struct Unread {
 }
 
 impl Unread {
+    /// Every token was read (or there was none): nothing pins a cluster.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.unknown_key.is_empty() && self.unchecked.is_empty()
+    }
+
     /// Drops what the valid tokens, merged into `carried`, already promise.
     pub(crate) fn forget_covered(&mut self, carried: &Bookmarks) {
         self.unknown_key.forget_covered(carried);
@@ -205,7 +217,9 @@ impl Unread {
     /// Why session reads of the cluster `id` must go to the primary, if an
     /// unread token names it.
     pub(crate) fn pins(&self, id: Option<u64>) -> Option<RouteReason> {
-        if self.unknown_key.names(id) {
+        if self.is_empty() {
+            None
+        } else if self.unknown_key.names(id) {
             Some(RouteReason::UnknownKey)
         } else if self.unchecked.names(id) {
             Some(RouteReason::PositionUnknown)

@@ -196,7 +196,8 @@ fn read_token<B: Backend>(
     let mut first_failure = None;
     let mut now = None;
     let mut budget = MacBudget::new(MAX_MACS_PER_REQUEST);
-    let mut buffer = TokenBuffer::new();
+    // Zeroed only for a request that has a candidate: most have none.
+    let mut buffer: Option<TokenBuffer> = None;
     let found = transport::for_each_candidate(
         headers,
         &shared.cookie_finder,
@@ -205,7 +206,8 @@ fn read_token<B: Backend>(
             let now = *now.get_or_insert_with(|| shared.clock.now_unix());
             // Expired tokens fail here, whichever key signed them: the TTL
             // bounds every promise.
-            let candidate = match UnverifiedToken::parse(text, now, &mut buffer) {
+            let buffer = buffer.get_or_insert_with(TokenBuffer::new);
+            let candidate = match UnverifiedToken::parse(text, now, buffer) {
                 Ok(candidate) => candidate,
                 Err(reason) => {
                     first_failure.get_or_insert(TokenOutcome::Rejected(reason));
@@ -276,7 +278,9 @@ fn read_token<B: Backend>(
             false
         },
     );
-    unread.forget_covered(&carried);
+    if !unread.is_empty() {
+        unread.forget_covered(&carried);
+    }
     let outcome = if valid {
         TokenOutcome::Valid
     } else if unknown_key {
