@@ -325,3 +325,18 @@ async fn bad_input_is_refused_never_a_5xx_and_writes_nothing() {
     drop(conn);
     pools.set().shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_a_demoted_primary_is_a_503_not_a_500() {
+    let cluster = cluster().await;
+    connect(cluster).await;
+    let url = visitor::demoted_primary_url(cluster).await;
+    let pools = read_after_write::diesel_async::connect(
+        PgReplicaSet::builder()
+            .primary_url(url)
+            .replica_urls(cluster.replica_urls()),
+    )
+    .await
+    .expect("connect the diesel-async pools");
+    visitor::a_write_on_a_demoted_primary_is_a_503(&router(&pools), 4_302).await;
+}

@@ -324,3 +324,17 @@ async fn bad_input_is_refused_never_a_5xx_and_writes_nothing() {
     assert_eq!(refused_accounts, 0, "a refused sign-up wrote");
     replicas.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_a_demoted_primary_is_a_503_not_a_500() {
+    let cluster = cluster().await;
+    connect(cluster).await;
+    let url = visitor::demoted_primary_url(cluster).await;
+    let replicas = PgReplicaSet::builder()
+        .primary_url(url)
+        .replica_urls(cluster.replica_urls())
+        .connect()
+        .await
+        .expect("connect the replica set");
+    visitor::a_write_on_a_demoted_primary_is_a_503(&router(&replicas), 4_303).await;
+}

@@ -897,3 +897,52 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
         );
     }
 }
+
+/// A write that reaches a primary no longer taking writes (demoted in a
+/// failover; here a role whose transactions are read-only, which
+/// PostgreSQL refuses with the same `25006`) is a 503 that clients retry,
+/// not a 500 that says the app is broken; reads still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_a_demoted_primary_is_a_503_not_a_500() {
+    let cluster = cluster().await;
+    cluster
+        .execute_on_primary(
+            "do $$ begin \
+               if not exists (select from pg_roles where rolname = 'demoted_app') then \
+                 create role demoted_app login; \
+               end if; \
+             end $$; \
+             grant pg_monitor to demoted_app; \
+             grant select, insert, update, delete on all tables in schema public to demoted_app; \
+             grant usage, select on all sequences in schema public to demoted_app; \
+             alter role demoted_app set default_transaction_read_only = on",
+        )
+        .await
+        .unwrap();
+    cluster
+        .wait_for_replicas_caught_up(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let port = cluster.primary_port();
+    let address = serve_tuned(cluster, keys(14), |builder| {
+        builder.primary_url(format!("postgres://demoted_app@127.0.0.1:{port}/postgres"))
+    })
+    .await;
+    let base = format!("http://{address}");
+    let client = browser();
+    let response = client
+        .post(format!("{base}/api/posts"))
+        .header("x-user-id", 9_100)
+        .json(&serde_json::json!({ "content": "on a demoted primary" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503, "{}", response.text().await.unwrap());
+    let response = client
+        .get(format!("{base}/api/posts"))
+        .header("x-user-id", 9_100)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}

@@ -364,3 +364,18 @@ async fn bad_input_is_refused_never_a_5xx() {
     assert!(answer.status().is_client_error(), "{}", answer.status());
     pools.set().shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_a_demoted_primary_is_a_503_not_a_500() {
+    let cluster = cluster().await;
+    connect(cluster).await;
+    let url = visitor::demoted_primary_url(cluster).await;
+    let pools = read_after_write::tokio_postgres::connect(
+        PgReplicaSet::builder()
+            .primary_url(url)
+            .replica_urls(cluster.replica_urls()),
+    )
+    .await
+    .expect("connect the pools");
+    visitor::a_write_on_a_demoted_primary_is_a_503(&router(&pools), 4_301).await;
+}

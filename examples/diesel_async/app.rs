@@ -236,18 +236,22 @@ impl From<diesel::result::Error> for AppError {
 }
 
 impl AppError {
-    /// 503 where the database could not be reached (no connection in time,
-    /// one that could not be opened, a closed pool, a query that could not
-    /// be sent or lost its connection), as the social app answers sqlx's
-    /// time-outs and I/O errors; 500 for the rest, an error the server
-    /// raised included.
+    /// 503 where the database could not serve the request now (no
+    /// connection in time, one that could not be opened, a closed pool, a
+    /// query that could not be sent or lost its connection, a write on a
+    /// primary that was demoted), as the social app answers; 500 for the
+    /// rest. diesel hands over no SQLSTATE beyond a few kinds, so a server
+    /// going away mid-query (`57P01`, see [`read_after_write::sqlstate`])
+    /// is a 500 here unless its connection is seen closed.
     fn database_status(&self) -> StatusCode {
         let unreachable = match self {
             AppError::Pool(PoolError::NoRuntimeSpecified) => false,
             AppError::Pool(_) => true,
             AppError::Query(diesel::result::Error::DatabaseError(kind, _)) => matches!(
                 kind,
-                DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection
+                DatabaseErrorKind::UnableToSendCommand
+                    | DatabaseErrorKind::ClosedConnection
+                    | DatabaseErrorKind::ReadOnlyTransaction
             ),
             _ => false,
         };

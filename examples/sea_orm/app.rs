@@ -224,10 +224,11 @@ impl From<DbErr> for AppError {
 }
 
 impl AppError {
-    /// 503 where the database could not be reached (no connection from the
-    /// pool in time, a closed pool, a connection that failed or was lost),
-    /// as the social app answers the same sqlx errors underneath; 500 for
-    /// the rest, an error the server raised included.
+    /// 503 where the database could not serve the request now (no
+    /// connection from the pool in time, a closed pool, a connection that
+    /// failed or was lost, a server going away or no longer taking writes:
+    /// [`read_after_write::sqlstate`]), as the social app answers the same
+    /// sqlx errors underneath; 500 for the rest.
     fn database_status(&self) -> StatusCode {
         let unreachable = match self {
             AppError::Database(DbErr::ConnectionAcquire(
@@ -237,10 +238,13 @@ impl AppError {
                 DbErr::Conn(RuntimeErr::SqlxError(error))
                 | DbErr::Exec(RuntimeErr::SqlxError(error))
                 | DbErr::Query(RuntimeErr::SqlxError(error)),
-            ) => matches!(
-                **error,
-                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
-            ),
+            ) => match &**error {
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
+                sqlx::Error::Database(error) => error
+                    .code()
+                    .is_some_and(|code| read_after_write::sqlstate::is_unavailable(&code)),
+                _ => false,
+            },
             _ => false,
         };
         if unreachable {

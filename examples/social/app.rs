@@ -251,15 +251,29 @@ impl IntoResponse for AppError {
             AppError::NotFound => StatusCode::NOT_FOUND.into_response(),
             AppError::Database(error) => {
                 tracing::error!(%error, "database error");
-                let status = match error {
-                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    }
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                let status = if sqlx_unavailable(&error) {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
                 };
                 (status, "database unavailable, try again").into_response()
             }
         }
+    }
+}
+
+/// Whether a sqlx error means the database could not serve the request
+/// now (503, clients retry) rather than that the request or the code is
+/// wrong (500): no connection from the pool in time, a closed pool, a
+/// connection that failed or was lost, or a server going away or no longer
+/// taking writes, as during a failover ([`read_after_write::sqlstate`]).
+fn sqlx_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| read_after_write::sqlstate::is_unavailable(&code)),
+        _ => false,
     }
 }
 

@@ -217,10 +217,10 @@ impl From<tokio_postgres::Error> for AppError {
 }
 
 impl AppError {
-    /// 503 where the database could not be reached (a checkout that timed
-    /// out, a connection that failed or was lost), as the social app
-    /// answers sqlx's pool time-outs and I/O errors; 500 for the rest (an
-    /// error the server raised included), as it answers the rest.
+    /// 503 where the database could not serve the request now (a checkout
+    /// that timed out, a connection that failed or was lost, a server going
+    /// away or no longer taking writes: [`read_after_write::sqlstate`]), as
+    /// the social app answers; 500 for the rest.
     fn database_status(&self) -> StatusCode {
         let unreachable = match self {
             AppError::Pool(PoolError::NoRuntimeSpecified) => false,
@@ -230,6 +230,9 @@ impl AppError {
                     || error
                         .source()
                         .is_some_and(|source| source.is::<std::io::Error>())
+                    || error.code().is_some_and(|state| {
+                        read_after_write::sqlstate::is_unavailable(state.code())
+                    })
             }
             _ => false,
         };

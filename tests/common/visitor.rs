@@ -239,3 +239,54 @@ pub async fn every_refusal_is_a_4xx(router: &Router, user: i64, max_post_chars: 
     let answer = router.clone().oneshot(request).await.unwrap();
     assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE);
 }
+
+/// The URL of `cluster`'s primary for a role whose every transaction is
+/// read-only: PostgreSQL refuses its writes with `25006`, as a primary
+/// demoted in a failover refuses the writes still sent to it. Creates the
+/// role once; call it after the app's schema is migrated.
+pub async fn demoted_primary_url(cluster: &read_after_write_testkit::TestCluster) -> String {
+    cluster
+        .execute_on_primary(
+            "do $$ begin \
+               if not exists (select from pg_roles where rolname = 'demoted_app') then \
+                 create role demoted_app login; \
+               end if; \
+             end $$; \
+             grant pg_monitor to demoted_app; \
+             grant select, insert, update, delete on all tables in schema public to demoted_app; \
+             grant usage, select on all sequences in schema public to demoted_app; \
+             alter role demoted_app set default_transaction_read_only = on",
+        )
+        .await
+        .expect("the demoted role");
+    cluster
+        .wait_for_replicas_caught_up(std::time::Duration::from_secs(10))
+        .await
+        .expect("the role on the replicas");
+    format!(
+        "postgres://demoted_app@127.0.0.1:{}/postgres",
+        cluster.primary_port()
+    )
+}
+
+/// Through an app whose primary refuses writes ([`demoted_primary_url`]):
+/// a post is a 503 that clients retry, never a 500, and a read still
+/// answers.
+pub async fn a_write_on_a_demoted_primary_is_a_503(router: &Router, user: i64) {
+    let mut visitor = Visitor::new(router, Some(user));
+    let answer = visitor
+        .send(
+            "POST",
+            "/api/posts",
+            Some(json!({ "content": "on a demoted primary" })),
+        )
+        .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let answer = visitor.send("GET", "/api/posts", None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+}

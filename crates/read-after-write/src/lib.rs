@@ -230,6 +230,7 @@ mod request;
 pub mod requirement;
 #[cfg(feature = "sea-orm")]
 pub mod sea_orm;
+pub mod sqlstate;
 mod telemetry;
 #[cfg(test)]
 mod testing;
