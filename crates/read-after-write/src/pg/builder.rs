@@ -15,6 +15,7 @@ use super::budget::PrimaryBudget;
 use super::defaults;
 use super::endpoint::{PoolSettings, TrackerOptions};
 use super::error::PgSetupError;
+use super::probe_conn::ProbeConnector;
 use super::route::WaitPolicy;
 use super::{env_var, PgReplicaSet, Selection};
 
@@ -55,6 +56,8 @@ pub struct PgReplicaSetBuilder {
     pub(super) heartbeat_interval: Duration,
     pub(super) discovery_interval: Duration,
     pub(super) canary_rate: f64,
+    /// Opens the tracker's own connections; `None`: sqlx's.
+    pub(super) probe_connector: Option<Arc<dyn ProbeConnector>>,
 }
 
 impl fmt::Debug for PgReplicaSetBuilder {
@@ -411,6 +414,7 @@ impl PgReplicaSetBuilder {
             heartbeat_interval: defaults::HEARTBEAT_INTERVAL,
             discovery_interval: defaults::DISCOVERY_INTERVAL,
             canary_rate: defaults::CANARY_RATE,
+            probe_connector: None,
         }
     }
 

@@ -12,6 +12,12 @@
 //! adds is only where handlers run their queries: one pool per node the
 //! set routes to, built by [`Driver::pool`] from a [`Node`].
 //!
+//! The tracker knows its own connections only through a small interface,
+//! so its rules are written once whatever the driver: a [`ProbeConnector`]
+//! opens a [`ProbeConnection`] to a node ([`ProbeTarget`]), which runs the
+//! few probe queries (simple query protocol) and answers in text rows;
+//! failures are [`ProbeError`]s. sqlx's is the default connector.
+//!
 //! A [`Node`] carries the two checks a pool must make for routing to stay
 //! true, whatever the driver:
 //! - **Admission** ([`Node::admit`]): a new connection reached the server
@@ -61,6 +67,9 @@ pub use super::error::DriverError;
 use super::error::PgSetupError;
 use super::outages::Outages;
 use super::probe;
+pub use super::probe_conn::{
+    ProbeConnection, ProbeConnector, ProbeError, ProbeFuture, ProbeTarget, Rows,
+};
 use super::server::ReplicaState;
 use super::tracker::MAX_SERVERS;
 use super::{PgReplicaSet, ReplicaStatus};

@@ -144,6 +144,8 @@ mod predict;
 mod primary;
 mod primary_poll;
 mod probe;
+mod probe_conn;
+mod probe_sqlx;
 mod route;
 mod server;
 mod status;
