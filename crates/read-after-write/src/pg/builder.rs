@@ -58,6 +58,9 @@ pub struct PgReplicaSetBuilder {
     pub(super) canary_rate: f64,
     /// Opens the tracker's own connections; `None`: sqlx's.
     pub(super) probe_connector: Option<Arc<dyn ProbeConnector>>,
+    /// Whether `tracker_connect_options` was called: a driver's connector
+    /// reaches nodes by URL and cannot apply that mapping.
+    pub(super) tracker_options_set: bool,
 }
 
 impl fmt::Debug for PgReplicaSetBuilder {
@@ -312,6 +315,7 @@ impl PgReplicaSetBuilder {
         map: impl Fn(PgConnectOptions) -> PgConnectOptions + Send + Sync + 'static,
     ) -> Self {
         self.tracker_options = Arc::new(map);
+        self.tracker_options_set = true;
         self
     }
 
@@ -415,6 +419,7 @@ impl PgReplicaSetBuilder {
             discovery_interval: defaults::DISCOVERY_INTERVAL,
             canary_rate: defaults::CANARY_RATE,
             probe_connector: None,
+            tracker_options_set: false,
         }
     }
 

@@ -46,7 +46,9 @@ pub trait ProbeConnection: Send {
 
 /// Opens the routing engine's own connections: the tracker's polls of the
 /// primary and of every replica server, discovery behind reader endpoints,
-/// and the setup's first look at the primary. The default is sqlx's.
+/// and the setup's first look at the primary. The default is sqlx's; a
+/// [`Driver`](super::driver::Driver) may give its own
+/// ([`Driver::probe_connector`](super::driver::Driver::probe_connector)).
 ///
 /// ```
 /// use std::future::Future;
