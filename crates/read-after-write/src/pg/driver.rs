@@ -9,8 +9,9 @@
 //! instance: the tracker's, and the sqlx primary pool the write-position
 //! captures use; the set's sqlx replica pools stay empty, since they open
 //! connections lazily and nothing reads through them). What a driver
-//! adds is only where handlers run their queries: one pool per node the
-//! set routes to, built by [`Driver::pool`] from a [`Node`].
+//! adds is where handlers run their queries: one pool per node the set
+//! routes to, built by [`Driver::pool`] from a [`Node`]; and, if it
+//! wants, how the tracker opens its own connections (below).
 //!
 //! The tracker knows its own connections only through a small interface,
 //! so its rules are written once whatever the driver: a [`ProbeConnector`]
