@@ -72,6 +72,7 @@
 //! ```
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use ::diesel::ConnectionError;
 use ::diesel_async::pooled_connection::deadpool::{Hook, HookError, Pool};
@@ -83,7 +84,9 @@ use ::tokio_postgres::{Config, NoTls};
 
 use crate::admitted::{self, Failure};
 use crate::handle::Db;
-use crate::pg::driver::{Driver, DriverError, Node, ReplicaPools};
+use crate::pg::driver::{
+    Driver, DriverError, Node, NodeUrls, ProbeConnector, ReplicaPools, TokioPgConnector,
+};
 use crate::pg::{PgReplicaSetBuilder, PgSetupError};
 
 /// The diesel-async this backend builds pools with (0.10): use it, or the
@@ -156,6 +159,12 @@ impl Driver for DieselDeadpool {
             }))
             .build()?;
         Ok(pool)
+    }
+
+    /// The tracker's own connections go through tokio-postgres too (as
+    /// diesel-async's do), without TLS.
+    fn probe_connector(&self, urls: NodeUrls) -> Option<Arc<dyn ProbeConnector>> {
+        Some(Arc::new(TokioPgConnector::new(NoTls, urls)))
     }
 
     async fn canary(&self, pool: &Self::Pool, sql: &'static str) -> Option<[Option<String>; 5]> {

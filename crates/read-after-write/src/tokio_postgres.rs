@@ -57,11 +57,16 @@
 //! ```
 //!
 //! TLS: give a connector ([`Deadpool::with_tls`]) and connect with
-//! [`ReplicaPools::connect`]; the routing engine's own connections use
-//! sqlx's TLS (feature `tls-rustls`).
+//! [`ReplicaPools::connect`]. The routing engine's own connections (the
+//! tracker's) are tokio-postgres connections too, through the same
+//! connector; with
+//! [`tracker_connect_options`](crate::pg::PgReplicaSetBuilder::tracker_connect_options)
+//! set they are sqlx's (TLS by sqlx's feature `tls-rustls`), and so are the
+//! write-position captures' connections.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use ::deadpool_postgres::{
     Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime,
@@ -71,7 +76,9 @@ use ::tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage, Socket};
 
 use crate::admitted::{self, Failure};
 use crate::handle::Db;
-use crate::pg::driver::{Driver, DriverError, Node, ReplicaPools};
+use crate::pg::driver::{
+    Driver, DriverError, Node, NodeUrls, ProbeConnector, ReplicaPools, TokioPgConnector,
+};
 use crate::pg::{PgReplicaSetBuilder, PgSetupError};
 
 /// The deadpool-postgres this backend builds pools with (0.14), and the
@@ -189,6 +196,12 @@ where
             }))
             .build()?;
         Ok(pool)
+    }
+
+    /// The tracker's own connections go through tokio-postgres too, with
+    /// this driver's TLS connector.
+    fn probe_connector(&self, urls: NodeUrls) -> Option<Arc<dyn ProbeConnector>> {
+        Some(Arc::new(TokioPgConnector::new(self.tls.clone(), urls)))
     }
 
     async fn canary(&self, pool: &Pool, sql: &'static str) -> Option<[Option<String>; 5]> {

@@ -16,6 +16,8 @@ mod common;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -745,4 +747,57 @@ async fn a_rotated_password_reaches_the_tokio_postgres_pools() {
 async fn a_rotated_password_reaches_the_diesel_async_pools() {
     let _serial = SERIAL.lock().await;
     rotated_password::<DieselDeadpool>(8_700).await;
+}
+
+/// A TLS connector that makes no TLS and counts the connections opened
+/// through it.
+#[derive(Clone, Default)]
+struct Counting(Arc<AtomicUsize>);
+
+impl tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> for Counting {
+    type Stream = tokio_postgres::tls::NoTlsStream;
+    type TlsConnect = tokio_postgres::NoTls;
+    type Error = Infallible;
+
+    fn make_tls_connect(&mut self, _domain: &str) -> Result<Self::TlsConnect, Infallible> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(tokio_postgres::NoTls)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tracker_of_a_tokio_postgres_set_connects_with_tokio_postgres_through_its_tls() {
+    let _serial = SERIAL.lock().await;
+    let cluster = cluster().await;
+    let counting = Counting::default();
+    let set = TokioPgReplicaSet::connect(builder(cluster), Deadpool::with_tls(counting.clone()))
+        .await
+        .unwrap();
+    for replica in cluster.replicas() {
+        wait_health(&set, replica.name(), true).await;
+    }
+    // The driver's pools open connections only for reads and writes, and
+    // none ran: every connection so far is the tracker's (the primary's, and
+    // at least one per replica), opened through the driver's connector.
+    let opened = counting.0.load(Ordering::Relaxed);
+    assert!(
+        opened > cluster.replicas().len(),
+        "the tracker opened {opened} connections through the driver's TLS connector"
+    );
+    set.set().shutdown().await;
+
+    // With the tracker's connect options mapped (sqlx options), sqlx keeps
+    // the tracker's connections: none goes through the driver.
+    let counting = Counting::default();
+    let set = TokioPgReplicaSet::connect(
+        builder(cluster).tracker_connect_options(|options| options),
+        Deadpool::with_tls(counting.clone()),
+    )
+    .await
+    .unwrap();
+    for replica in cluster.replicas() {
+        wait_health(&set, replica.name(), true).await;
+    }
+    assert_eq!(counting.0.load(Ordering::Relaxed), 0);
+    set.set().shutdown().await;
 }

@@ -15,6 +15,7 @@ use super::budget::PrimaryBudget;
 use super::defaults;
 use super::endpoint::{PoolSettings, TrackerOptions};
 use super::error::PgSetupError;
+use super::probe_conn::ProbeConnector;
 use super::route::WaitPolicy;
 use super::{env_var, PgReplicaSet, Selection};
 
@@ -55,6 +56,11 @@ pub struct PgReplicaSetBuilder {
     pub(super) heartbeat_interval: Duration,
     pub(super) discovery_interval: Duration,
     pub(super) canary_rate: f64,
+    /// Opens the tracker's own connections; `None`: sqlx's.
+    pub(super) probe_connector: Option<Arc<dyn ProbeConnector>>,
+    /// Whether `tracker_connect_options` was called: a driver's connector
+    /// reaches nodes by URL and cannot apply that mapping.
+    pub(super) tracker_options_set: bool,
 }
 
 impl fmt::Debug for PgReplicaSetBuilder {
@@ -309,6 +315,7 @@ impl PgReplicaSetBuilder {
         map: impl Fn(PgConnectOptions) -> PgConnectOptions + Send + Sync + 'static,
     ) -> Self {
         self.tracker_options = Arc::new(map);
+        self.tracker_options_set = true;
         self
     }
 
@@ -411,6 +418,8 @@ impl PgReplicaSetBuilder {
             heartbeat_interval: defaults::HEARTBEAT_INTERVAL,
             discovery_interval: defaults::DISCOVERY_INTERVAL,
             canary_rate: defaults::CANARY_RATE,
+            probe_connector: None,
+            tracker_options_set: false,
         }
     }
 

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use super::heartbeat::Heartbeat;
 use super::pools::PrimaryPools;
 use super::probe::{self, PrimaryProbe};
+use super::probe_sqlx;
 use crate::position::WalGeometry;
 
 /// Why the write position could not be captured. The layer then returns the
@@ -182,11 +183,21 @@ impl Capture {
     async fn query(&self) -> Result<PrimaryProbe, sqlx::Error> {
         let pool = self.primary.current();
         if let Some(heartbeat) = self.heartbeat.as_deref().filter(|h| h.is_enabled()) {
-            match probe::primary(pool, &heartbeat.write_sql(), true).await {
-                Err(error) if Heartbeat::is_permanent(&error) => heartbeat.disable(&error),
+            match probe_sqlx::primary(pool, &heartbeat.write_sql(), true).await {
+                Err(error) if Heartbeat::is_permanent(sqlstate(&error).as_deref()) => {
+                    heartbeat.disable(&error)
+                }
                 answer => return answer,
             }
         }
-        probe::primary(pool, &probe::primary_position_sql(None), false).await
+        probe_sqlx::primary(pool, &probe::primary_position_sql(None), false).await
     }
+}
+
+/// The SQLSTATE a sqlx error carries, if the server raised one.
+fn sqlstate(error: &sqlx::Error) -> Option<String> {
+    error
+        .as_database_error()
+        .and_then(|db| db.code())
+        .map(|code| code.into_owned())
 }

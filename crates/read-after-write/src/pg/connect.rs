@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
 use super::budget::PrimaryShare;
@@ -20,7 +20,9 @@ use super::outages::Outages;
 use super::pools::{PrimaryPools, Rebuild};
 use super::primary::PrimaryState;
 use super::probe::{self, PrimaryProbe, ProbeKind};
-use super::tracker::{describe, ReplicaTracker, TrackerConfig, TRACKER_APPLICATION_NAME};
+use super::probe_conn::{ProbeConn, ProbeConnector, ProbeTarget};
+use super::probe_sqlx::{self, SqlxConnector};
+use super::tracker::{describe, ReplicaTracker, TrackerConfig};
 use super::{Inner, PgReplicaSet};
 use crate::position::WalGeometry;
 
@@ -81,9 +83,15 @@ impl PgReplicaSetBuilder {
             bound: self.acquire_timeout + self.probe_timeout,
         };
 
+        let connector = self
+            .probe_connector
+            .take()
+            .unwrap_or_else(|| Arc::new(SqlxConnector));
         let table = self.table_to_ask_about()?;
         let cluster = cluster_facts(&primary, table.as_deref(), &errors).await?;
-        let (tracker_conn, tracker_sees) = self.tracker_connection(&primary, errors.bound).await;
+        let (tracker_conn, tracker_sees) = self
+            .tracker_connection(&*connector, &primary, errors.bound)
+            .await;
         let heartbeat = self.heartbeat(table, &cluster, tracker_sees)?;
         if cluster.aurora {
             tracing::error!(
@@ -99,7 +107,7 @@ impl PgReplicaSetBuilder {
         let first_sql = probe::primary_position_sql(heartbeat.as_deref());
         let first = tokio::time::timeout(
             errors.bound,
-            probe::primary(&primary, &first_sql, heartbeat.is_some()),
+            probe_sqlx::primary(&primary, &first_sql, heartbeat.is_some()),
         )
         .await
         .map_err(|_| errors.timed_out())?
@@ -127,6 +135,7 @@ impl PgReplicaSetBuilder {
             self.tracker_config(),
             probe_kind,
             heartbeat.clone(),
+            connector,
         );
         tracker.note_primary_position(PrimaryProbe {
             lsn: first.lsn.round_down_page_header(cluster.geometry),
@@ -194,18 +203,17 @@ impl PgReplicaSetBuilder {
     /// primary's task keeps the connection; without one it retries.
     async fn tracker_connection(
         &self,
+        connector: &dyn ProbeConnector,
         primary: &PgPool,
         bound: Duration,
-    ) -> (Option<PgConnection>, bool) {
-        let options = (self.tracker_options)(primary.connect_options().as_ref().clone());
+    ) -> (Option<ProbeConn>, bool) {
+        let target = ProbeTarget::primary((self.tracker_options)(
+            primary.connect_options().as_ref().clone(),
+        ));
         let connected = tokio::time::timeout(bound, async {
-            use sqlx::ConnectOptions;
-            let mut conn = options
-                .application_name(TRACKER_APPLICATION_NAME)
-                .connect()
-                .await?;
-            let (_, sees) = probe::identify(&mut conn).await?;
-            Ok::<_, sqlx::Error>((conn, sees))
+            let mut conn = connector.connect(&target).await?;
+            let (_, sees) = probe::identify(&mut *conn).await?;
+            Ok::<_, super::probe_conn::ProbeError>((conn, sees))
         })
         .await;
         match connected {

@@ -12,8 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::Connection;
-
 use super::tracker::ReplicaTracker;
 
 impl ReplicaTracker {

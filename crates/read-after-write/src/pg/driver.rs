@@ -9,8 +9,17 @@
 //! instance: the tracker's, and the sqlx primary pool the write-position
 //! captures use; the set's sqlx replica pools stay empty, since they open
 //! connections lazily and nothing reads through them). What a driver
-//! adds is only where handlers run their queries: one pool per node the
-//! set routes to, built by [`Driver::pool`] from a [`Node`].
+//! adds is where handlers run their queries: one pool per node the set
+//! routes to, built by [`Driver::pool`] from a [`Node`]; and, if it
+//! wants, how the tracker opens its own connections (below).
+//!
+//! The tracker knows its own connections only through a small interface,
+//! so its rules are written once whatever the driver: a [`ProbeConnector`]
+//! opens a [`ProbeConnection`] to a node ([`ProbeTarget`]), which runs the
+//! few probe queries (simple query protocol) and answers in text rows;
+//! failures are [`ProbeError`]s. sqlx's is the default connector; a driver
+//! may give its own ([`Driver::probe_connector`]), as the crate's
+//! tokio-postgres and diesel-async drivers do.
 //!
 //! A [`Node`] carries the two checks a pool must make for routing to stay
 //! true, whatever the driver:
@@ -61,6 +70,11 @@ pub use super::error::DriverError;
 use super::error::PgSetupError;
 use super::outages::Outages;
 use super::probe;
+pub use super::probe_conn::{
+    ProbeConnection, ProbeConnector, ProbeError, ProbeFuture, ProbeTarget, Rows,
+};
+#[cfg(any(feature = "tokio-postgres", feature = "diesel-async"))]
+pub(crate) use super::probe_tokio_postgres::TokioPgConnector;
 use super::server::ReplicaState;
 use super::tracker::MAX_SERVERS;
 use super::{PgReplicaSet, ReplicaStatus};
@@ -98,6 +112,66 @@ pub trait Driver: Send + Sync + 'static {
     ) -> impl Future<Output = Option<[Option<String>; 5]>> + Send {
         let _ = (pool, sql);
         std::future::ready(None)
+    }
+
+    /// Opens the routing engine's own connections (the tracker's polls,
+    /// discovery, setup) through this driver, connecting through the nodes'
+    /// `urls`. `None`, the default: sqlx opens them. Not used when the
+    /// builder maps the tracker's connect options
+    /// ([`tracker_connect_options`](PgReplicaSetBuilder::tracker_connect_options)),
+    /// a mapping of sqlx options that only sqlx can apply.
+    fn probe_connector(&self, urls: NodeUrls) -> Option<Arc<dyn ProbeConnector>> {
+        let _ = urls;
+        None
+    }
+}
+
+/// The URL of each node of a [`ReplicaPools`], as
+/// [`ReplicaPools::update_urls`] leaves it: what a driver's
+/// [`ProbeConnector`] connects through ([`Driver::probe_connector`]).
+///
+/// ```
+/// use read_after_write::pg::driver::{NodeUrls, ProbeTarget};
+/// fn url_of(urls: &NodeUrls, target: &ProbeTarget) -> Option<String> {
+///     urls.url(target.node()).map(|url| url.to_string())
+/// }
+/// # let _ = url_of;
+/// ```
+#[derive(Clone)]
+pub struct NodeUrls {
+    primary: UrlCell,
+    /// Each replica URL's name and URL, in configuration order.
+    replicas: Vec<(String, UrlCell)>,
+}
+
+impl NodeUrls {
+    /// The URL connections to `node` open through now: `primary`, or a
+    /// replica URL's name ([`ProbeTarget::node`]). `None` for a name that
+    /// is neither.
+    pub fn url(&self, node: &str) -> Option<Arc<str>> {
+        if node == "primary" {
+            return Some(read_url(&self.primary));
+        }
+        self.replicas
+            .iter()
+            .find(|(name, _)| name == node)
+            .map(|(_, cell)| read_url(cell))
+    }
+}
+
+impl fmt::Debug for NodeUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // URLs may carry passwords: names only.
+        f.debug_struct("NodeUrls")
+            .field(
+                "replicas",
+                &self
+                    .replicas
+                    .iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
     }
 }
 
@@ -252,7 +326,10 @@ impl<D: Driver> ReplicaPools<D> {
     /// `driver`'s pool for the primary. Every node must be given by URL
     /// (`primary_url`, `replica_url`, `replica_urls`, `from_env`): the
     /// driver's pools are built from them.
-    pub async fn connect(builder: PgReplicaSetBuilder, driver: D) -> Result<Self, PgSetupError> {
+    pub async fn connect(
+        mut builder: PgReplicaSetBuilder,
+        driver: D,
+    ) -> Result<Self, PgSetupError> {
         let primary_url = match &builder.primary {
             None => return Err(PgSetupError::NoPrimary),
             Some(Source::Url(url)) => url_cell(url),
@@ -267,6 +344,13 @@ impl<D: Driver> ReplicaPools<D> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let settings = builder.pool_settings();
+        if !builder.tracker_options_set {
+            let names = builder.replicas.iter().map(|(name, _)| name.clone());
+            builder.probe_connector = driver.probe_connector(NodeUrls {
+                primary: Arc::clone(&primary_url),
+                replicas: names.zip(urls.iter().map(Arc::clone)).collect(),
+            });
+        }
         let set = builder.connect().await?;
         let primary = driver
             .pool(&Node {

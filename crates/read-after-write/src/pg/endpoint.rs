@@ -28,7 +28,8 @@ use tokio::sync::Notify;
 
 use super::fingerprint::Fingerprint;
 use super::outages::Outages;
-use super::probe;
+use super::probe_conn::ProbeTarget;
+use super::probe_sqlx;
 
 /// Maps a node's connect options to the tracker's own (a monitoring role,
 /// another URL); the identity unless one was set.
@@ -206,9 +207,13 @@ impl Endpoint {
         }
     }
 
-    /// How the tracker connects through this endpoint now.
-    pub(crate) fn tracker_connect_options(&self) -> PgConnectOptions {
-        (self.tracker_options)(self.options().as_ref().clone())
+    /// Where the tracker connects through this endpoint now: its options
+    /// through the tracker's own mapping.
+    pub(crate) fn probe_target(&self) -> ProbeTarget {
+        ProbeTarget::replica(
+            &self.name,
+            (self.tracker_options)(self.options().as_ref().clone()),
+        )
     }
 
     /// Whether the library builds a pool per server (a URL), rather than
@@ -273,7 +278,7 @@ impl Endpoint {
 /// endpoint a pool takes a few tries to reach its server).
 fn admit(conn: &mut PgConnection, admission: Arc<Admission>) -> AdmitFuture<'_> {
     Box::pin(async move {
-        let found = probe::fingerprint(conn).await?;
+        let found = probe_sqlx::fingerprint(conn).await?;
         admission
             .check(found)
             .map_err(|refusal| sqlx::Error::Configuration(refusal.into()))

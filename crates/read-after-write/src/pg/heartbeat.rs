@@ -110,22 +110,20 @@ impl Heartbeat {
         )
     }
 
-    /// Whether `error` means the heartbeat cannot be written at all: no
-    /// table (42P01), no privilege (42501), a read-only transaction (25006),
-    /// or a table of another shape (42703 undefined column, 42P10 no unique
-    /// constraint for `on conflict`).
-    pub(crate) fn is_permanent(error: &sqlx::Error) -> bool {
-        let Some(db) = error.as_database_error() else {
-            return false;
-        };
+    /// Whether an error with SQLSTATE `code` (the one the server raised, if
+    /// any) means the heartbeat cannot be written at all: no table (42P01),
+    /// no privilege (42501), a read-only transaction (25006), or a table of
+    /// another shape (42703 undefined column, 42P10 no unique constraint for
+    /// `on conflict`, 42804 a column of another type).
+    pub(crate) fn is_permanent(code: Option<&str>) -> bool {
         matches!(
-            db.code().as_deref(),
+            code,
             Some("42P01" | "42501" | "25006" | "42703" | "42P10" | "42804")
         )
     }
 
     /// Stops writing the heartbeat after a permanent failure, once, loudly.
-    pub(crate) fn disable(&self, error: &sqlx::Error) {
+    pub(crate) fn disable(&self, error: &dyn std::fmt::Display) {
         if self.enabled.swap(false, Ordering::Relaxed) {
             tracing::warn!(
                 table = %self.table,

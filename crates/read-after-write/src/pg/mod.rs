@@ -144,6 +144,10 @@ mod predict;
 mod primary;
 mod primary_poll;
 mod probe;
+mod probe_conn;
+mod probe_sqlx;
+#[cfg(any(feature = "tokio-postgres", feature = "diesel-async"))]
+mod probe_tokio_postgres;
 mod route;
 mod server;
 mod status;

@@ -5,13 +5,11 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sqlx::postgres::PgConnection;
-use sqlx::{ConnectOptions, Connection};
-
 use super::fingerprint::Fingerprint;
 use super::probe;
+use super::probe_conn::{ProbeConn, ProbeError};
 use super::server::{ReplicaState, SEES_TIMELINES_NO, SEES_TIMELINES_YES};
-use super::tracker::{ReplicaTracker, REKEY_AFTER, TRACKER_APPLICATION_NAME};
+use super::tracker::{ReplicaTracker, REKEY_AFTER};
 
 impl ReplicaTracker {
     /// Opens a tracker connection through endpoint `index` and says which
@@ -19,25 +17,19 @@ impl ReplicaTracker {
     pub(crate) async fn open(
         &self,
         index: usize,
-    ) -> Result<(PgConnection, Fingerprint, bool), sqlx::Error> {
-        let options = self.endpoints[index].tracker_connect_options();
-        let mut conn = options
-            .application_name(TRACKER_APPLICATION_NAME)
-            .connect()
-            .await?;
-        let (found, sees) = probe::identify(&mut conn).await?;
+    ) -> Result<(ProbeConn, Fingerprint, bool), ProbeError> {
+        let target = self.endpoints[index].probe_target();
+        let mut conn = self.connector.connect(&target).await?;
+        let (found, sees) = probe::identify(&mut *conn).await?;
         // A replica of another cluster (a wrong URL, another environment)
         // has replay positions that mean nothing here: never admit it.
         if found.system_id != self.primary.system_id {
-            let _ = conn.close().await;
-            return Err(sqlx::Error::Configuration(
-                format!(
-                    "this node belongs to another cluster (system identifier {}, the primary's is {}); \
-                     check the replica URL",
-                    found.system_id, self.primary.system_id
-                )
-                .into(),
-            ));
+            conn.close().await;
+            return Err(ProbeError::refused(format!(
+                "this node belongs to another cluster (system identifier {}, the primary's is {}); \
+                 check the replica URL",
+                found.system_id, self.primary.system_id
+            )));
         }
         Ok((conn, found, sees))
     }
@@ -45,10 +37,7 @@ impl ReplicaTracker {
     /// A tracker connection to `server`'s server, opening connections
     /// through its URL until one lands there. One that lands on another
     /// server goes to that server's state, or starts following it.
-    pub(crate) async fn connect_to(
-        &self,
-        server: &ReplicaState,
-    ) -> Result<PgConnection, sqlx::Error> {
+    pub(crate) async fn connect_to(&self, server: &ReplicaState) -> Result<ProbeConn, ProbeError> {
         let index = server.endpoint;
         let attempts = 2 + 2 * self.servers_behind(index);
         let mut last = None;
@@ -60,16 +49,13 @@ impl ReplicaTracker {
                 Err(elsewhere) => last = Some(elsewhere),
             }
         }
-        Err(sqlx::Error::Configuration(
-            format!(
-                "{attempts} connections through the replica URL reached other servers ({}), not {}",
-                last.map_or_else(String::new, |f: Fingerprint| f.address()),
-                server
-                    .identity()
-                    .map_or_else(|| "a new one".to_owned(), |f| f.address())
-            )
-            .into(),
-        ))
+        Err(ProbeError::refused(format!(
+            "{attempts} connections through the replica URL reached other servers ({}), not {}",
+            last.map_or_else(String::new, |f: Fingerprint| f.address()),
+            server
+                .identity()
+                .map_or_else(|| "a new one".to_owned(), |f| f.address())
+        )))
     }
 
     /// Decides what a fresh tracker connection that reached `found` is for:
@@ -78,9 +64,9 @@ impl ReplicaTracker {
     pub(crate) fn place(
         &self,
         server: &ReplicaState,
-        conn: PgConnection,
+        conn: ProbeConn,
         found: &Fingerprint,
-    ) -> Result<PgConnection, Fingerprint> {
+    ) -> Result<ProbeConn, Fingerprint> {
         let index = server.endpoint;
         let endpoint = &self.endpoints[index];
         match server.identity() {
@@ -116,7 +102,7 @@ impl ReplicaTracker {
 
     /// Hands a connection that reached `found` to the state following that
     /// server, or starts one for it (a URL only), or closes it.
-    pub(crate) fn give_away(&self, index: usize, conn: PgConnection, found: &Fingerprint) {
+    pub(crate) fn give_away(&self, index: usize, conn: ProbeConn, found: &Fingerprint) {
         let endpoint = &self.endpoints[index];
         if let Some(other) = self.server_arc_of(index, found) {
             if !other.is_healthy() {

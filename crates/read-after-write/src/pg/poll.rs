@@ -8,10 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use sqlx::postgres::PgConnection;
-use sqlx::Connection;
-
 use super::probe::{self, ProbeKind, ReplicaProbe};
+use super::probe_conn::{ProbeConn, ProbeError};
 use super::server::{ReplicaState, STALE_FOREVER, UNKNOWN};
 use super::tracker::{describe, ReplicaTracker};
 use crate::position::Lsn;
@@ -44,7 +42,7 @@ impl ReplicaTracker {
     pub(crate) async fn run_server(
         self: Arc<Self>,
         server: Arc<ReplicaState>,
-        mut conn: Option<PgConnection>,
+        mut conn: Option<ProbeConn>,
     ) {
         let config = self.config;
         let mut shutdown = self.shutdown.subscribe();
@@ -90,7 +88,7 @@ impl ReplicaTracker {
     pub(crate) async fn poll_server(
         &self,
         server: &ReplicaState,
-        conn: &mut Option<PgConnection>,
+        conn: &mut Option<ProbeConn>,
     ) -> bool {
         self.polls.fetch_add(1, Ordering::Relaxed);
         if conn.is_none() {
@@ -127,9 +125,9 @@ impl ReplicaTracker {
             if conn.is_none() {
                 *conn = Some(self.connect_to(server).await?);
             }
-            match conn.as_mut() {
+            match conn.as_deref_mut() {
                 Some(connection) => probe::replica(connection, &sql).await,
-                None => Err(sqlx::Error::PoolClosed),
+                None => Err(ProbeError::unreachable("no tracker connection")),
             }
         })
         .await;
@@ -176,7 +174,7 @@ impl ReplicaTracker {
             Ok(Err(error)) => {
                 if was_healthy || !server.warned.swap(true, Ordering::Relaxed) {
                     let url = describe(&endpoint.options());
-                    if matches!(error, sqlx::Error::Configuration(_)) {
+                    if error.is_refused() {
                         // It answered: the problem is what it is, not
                         // whether it can be reached.
                         tracing::warn!(replica = name, %url, %error, "replica refused; excluded from reads");

@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use sqlx::postgres::PgConnectOptions;
-
 use super::endpoint::TrackerOptions;
 use super::outages::Outages;
 use super::pools::PrimaryPools;
+use super::probe_conn::ProbeTarget;
 use crate::position::WalGeometry;
 
 /// How far back the primary's position history reaches; longer time lags
@@ -106,12 +105,12 @@ impl PrimaryState {
         self.epoch.load(Ordering::Acquire)
     }
 
-    /// How the tracker connects to the primary now: the current pool's
+    /// Where the tracker connects to the primary now: the current pool's
     /// options (which follow rotated credentials), through the tracker's
     /// own mapping.
-    pub(crate) fn tracker_connect_options(&self) -> PgConnectOptions {
+    pub(crate) fn probe_target(&self) -> ProbeTarget {
         let current = self.pools.current().connect_options();
-        (self.tracker_options)(current.as_ref().clone())
+        ProbeTarget::primary((self.tracker_options)(current.as_ref().clone()))
     }
 
     /// Records a position the primary reported on its current timeline.

@@ -4,12 +4,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Connection};
-
 use super::heartbeat::Heartbeat;
 use super::probe::{self, PrimaryProbe};
-use super::tracker::{describe, ReplicaTracker, TRACKER_APPLICATION_NAME};
+use super::probe_conn::{ProbeConn, ProbeConnector, ProbeError, ProbeTarget};
+use super::tracker::{describe, ReplicaTracker};
 
 impl ReplicaTracker {
     /// Polls the primary's position on the tracker's own connection, with
@@ -19,7 +17,7 @@ impl ReplicaTracker {
     /// timeout; the connection is then dropped, so a repointed primary
     /// address is picked up by the next poll, and the primary's pool drops
     /// its connections that predate the outage.
-    pub(crate) async fn run_primary(self: Arc<Self>, mut conn: Option<PgConnection>) {
+    pub(crate) async fn run_primary(self: Arc<Self>, mut conn: Option<ProbeConn>) {
         let config = self.config;
         let mut shutdown = self.shutdown.subscribe();
         let plain_sql = probe::primary_position_sql(None);
@@ -40,7 +38,8 @@ impl ReplicaTracker {
             let result = tokio::time::timeout(
                 config.probe_timeout,
                 probe_primary(
-                    &self.primary.tracker_connect_options(),
+                    &*self.connector,
+                    &self.primary.probe_target(),
                     &mut conn,
                     &sql,
                     heartbeat.is_some(),
@@ -59,7 +58,7 @@ impl ReplicaTracker {
                         tracing::info!("primary reachable");
                     }
                 }
-                Ok(Err(error)) if heartbeat.is_some() && Heartbeat::is_permanent(&error) => {
+                Ok(Err(error)) if heartbeat.is_some() && Heartbeat::is_permanent(error.code()) => {
                     // The tracker's role may not write the heartbeat; the
                     // captures (the application's role) still may.
                     if !self.periodic_heartbeat_failed.swap(true, Ordering::Relaxed) {
@@ -191,21 +190,17 @@ impl ReplicaTracker {
 /// One position query on the tracker's own connection to the primary,
 /// opening it if needed.
 async fn probe_primary(
-    connect: &PgConnectOptions,
-    conn: &mut Option<PgConnection>,
+    connector: &dyn ProbeConnector,
+    target: &ProbeTarget,
+    conn: &mut Option<ProbeConn>,
     sql: &str,
     heartbeat: bool,
-) -> Result<PrimaryProbe, sqlx::Error> {
+) -> Result<PrimaryProbe, ProbeError> {
     if conn.is_none() {
-        let fresh = connect
-            .clone()
-            .application_name(TRACKER_APPLICATION_NAME)
-            .connect()
-            .await?;
-        *conn = Some(fresh);
+        *conn = Some(connector.connect(target).await?);
     }
-    let Some(connection) = conn.as_mut() else {
-        return Err(sqlx::Error::PoolClosed);
+    let Some(connection) = conn.as_deref_mut() else {
+        return Err(ProbeError::unreachable("no tracker connection"));
     };
     probe::primary(connection, sql, heartbeat).await
 }

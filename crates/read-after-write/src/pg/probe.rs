@@ -7,11 +7,9 @@
 //! change between two protocol messages. The values formatted into the SQL
 //! are integers this library produced or identifiers it checked.
 
-use sqlx::postgres::{PgConnection, PgRow};
-use sqlx::{AssertSqlSafe, Row};
-
 use super::fingerprint::Fingerprint;
 use super::heartbeat::{Heartbeat, EPOCH_EXPRESSION};
+use super::probe_conn::{ProbeConnection, ProbeError};
 use crate::position::Lsn;
 
 /// The columns of a [`Fingerprint`], as text: the system identifier, the
@@ -31,39 +29,48 @@ const FINGERPRINT_COLUMNS: &str = fingerprint_columns!();
 /// connection to tell which server it reached.
 pub(crate) const FINGERPRINT_SQL: &str = concat!("select ", fingerprint_columns!());
 
-/// Reads the fingerprint of the server `conn` reached.
-pub(crate) async fn fingerprint(conn: &mut PgConnection) -> Result<Fingerprint, sqlx::Error> {
-    let row = sqlx::raw_sql(AssertSqlSafe(FINGERPRINT_SQL))
-        .fetch_one(&mut *conn)
-        .await?;
-    read_fingerprint(&row, 0)
-}
-
 /// Reads the fingerprint of the server a tracker connection reached, and
 /// whether its role may see replica timelines (`pg_stat_wal_receiver` is
 /// shown only to members of `pg_read_all_stats`, e.g. through `pg_monitor`).
-pub(crate) async fn identify(conn: &mut PgConnection) -> Result<(Fingerprint, bool), sqlx::Error> {
-    let row = sqlx::raw_sql(AssertSqlSafe(format!(
-        "select {FINGERPRINT_COLUMNS}, pg_has_role('pg_read_all_stats', 'USAGE')::text"
-    )))
-    .fetch_one(&mut *conn)
-    .await?;
-    let sees: Option<String> = row.try_get(4)?;
-    Ok((read_fingerprint(&row, 0)?, sees.as_deref() == Some("true")))
+pub(crate) async fn identify(
+    conn: &mut dyn ProbeConnection,
+) -> Result<(Fingerprint, bool), ProbeError> {
+    let sql =
+        format!("select {FINGERPRINT_COLUMNS}, pg_has_role('pg_read_all_stats', 'USAGE')::text");
+    let rows = conn.query(&sql).await?;
+    let row = first(&rows)?;
+    let sees = column(row, 4).map_err(ProbeError::unreachable)?;
+    let found = fingerprint_of(row, 0).map_err(ProbeError::unreachable)?;
+    Ok((found, sees == Some("true")))
 }
 
-fn read_fingerprint(row: &PgRow, first: usize) -> Result<Fingerprint, sqlx::Error> {
-    let system: Option<String> = row.try_get(first)?;
-    let addr: Option<String> = row.try_get(first + 1)?;
-    let port: Option<String> = row.try_get(first + 2)?;
-    let started: Option<String> = row.try_get(first + 3)?;
+/// The first row of an answer; none is an error.
+fn first(rows: &[Vec<Option<String>>]) -> Result<&[Option<String>], ProbeError> {
+    rows.first().map(Vec::as_slice).ok_or_else(|| {
+        ProbeError::unreachable(
+            "no rows returned by a query that expected to return at least one row",
+        )
+    })
+}
+
+/// Column `index` of a text row; missing is an error.
+fn column(row: &[Option<String>], index: usize) -> Result<Option<&str>, String> {
+    row.get(index).map(Option::as_deref).ok_or_else(|| {
+        format!(
+            "the server's answer has no column {index} (it has {})",
+            row.len()
+        )
+    })
+}
+
+/// The [`Fingerprint`] in the four text columns of `row` from `first` on.
+pub(crate) fn fingerprint_of(row: &[Option<String>], first: usize) -> Result<Fingerprint, String> {
     fingerprint_from_text([
-        system.as_deref(),
-        addr.as_deref(),
-        port.as_deref(),
-        started.as_deref(),
+        column(row, first)?,
+        column(row, first + 1)?,
+        column(row, first + 2)?,
+        column(row, first + 3)?,
     ])
-    .map_err(sqlx::Error::Protocol)
 }
 
 /// A [`Fingerprint`] from the text columns of [`FINGERPRINT_SQL`]'s row, in
@@ -190,30 +197,35 @@ pub(crate) const SPIN_FOR: std::time::Duration = std::time::Duration::from_milli
 
 /// Polls a replica on `conn`.
 pub(crate) async fn replica(
-    conn: &mut PgConnection,
+    conn: &mut dyn ProbeConnection,
     sql: &str,
-) -> Result<ReplicaProbe, sqlx::Error> {
-    let rows = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
-        .fetch_all(&mut *conn)
-        .await?;
+) -> Result<ReplicaProbe, ProbeError> {
+    let rows = conn.query(sql).await?;
     // A DO block before the poll returns no row: the poll's come after.
-    let Some(first) = rows.first() else {
-        return Err(sqlx::Error::RowNotFound);
-    };
-    let replayed: Option<String> = first.try_get(0)?;
-    let in_recovery: Option<String> = first.try_get(1)?;
-    let timeline: Option<String> = first.try_get(2)?;
-    let paused: Option<String> = first.try_get(3)?;
-    let heartbeats = match rows.get(1) {
-        Some(row) => parse_heartbeats(&row.try_get::<Option<String>, _>(0)?.unwrap_or_default()),
+    let first = first(&rows)?;
+    replica_of(first, rows.get(1).map(Vec::as_slice)).map_err(ProbeError::unreachable)
+}
+
+/// What a replica poll's rows say: the poll's own row, and the heartbeat
+/// row when the poll read the heartbeat table.
+fn replica_of(
+    first: &[Option<String>],
+    heartbeat: Option<&[Option<String>]>,
+) -> Result<ReplicaProbe, String> {
+    let replayed = column(first, 0)?;
+    let in_recovery = column(first, 1)?;
+    let timeline = column(first, 2)?;
+    let paused = column(first, 3)?;
+    let heartbeats = match heartbeat {
+        Some(row) => parse_heartbeats(column(row, 0)?.unwrap_or_default()),
         None => Vec::new(),
     };
     Ok(ReplicaProbe {
         replayed: replayed.and_then(|text| text.parse().ok()),
-        in_recovery: in_recovery.as_deref() == Some("true"),
+        in_recovery: in_recovery == Some("true"),
         timeline: timeline.and_then(|t| t.parse().ok()),
-        paused: paused.as_deref() == Some("true"),
-        fingerprint: read_fingerprint(first, 4)?,
+        paused: paused == Some("true"),
+        fingerprint: fingerprint_of(first, 4)?,
         heartbeats,
     })
 }
@@ -272,26 +284,28 @@ pub(crate) fn primary_position_sql(heartbeat: Option<&Heartbeat>) -> String {
     }
 }
 
-/// Runs a position query (see [`primary_position_sql`]).
-pub(crate) async fn primary<'c>(
-    executor: impl sqlx::PgExecutor<'c>,
+/// Runs a position query (see [`primary_position_sql`]) on a tracker
+/// connection.
+pub(crate) async fn primary(
+    conn: &mut dyn ProbeConnection,
     sql: &str,
     heartbeat: bool,
-) -> Result<PrimaryProbe, sqlx::Error> {
-    let row = sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
-        .fetch_one(executor)
-        .await?;
-    let lsn: Option<String> = row.try_get(0)?;
-    let timeline: Option<String> = row.try_get(1)?;
-    let epoch: Option<String> = row.try_get(2)?;
-    let lsn_text = lsn.unwrap_or_default();
-    let timeline_text = timeline.unwrap_or_default();
+) -> Result<PrimaryProbe, ProbeError> {
+    let rows = conn.query(sql).await?;
+    primary_of(first(&rows)?, heartbeat).map_err(ProbeError::unreachable)
+}
+
+/// What a position query's row says.
+pub(crate) fn primary_of(row: &[Option<String>], heartbeat: bool) -> Result<PrimaryProbe, String> {
+    let lsn_text = column(row, 0)?.unwrap_or_default();
+    let timeline_text = column(row, 1)?.unwrap_or_default();
+    let epoch = column(row, 2)?;
     Ok(PrimaryProbe {
         lsn: lsn_text
             .parse()
-            .map_err(|_| sqlx::Error::Protocol(format!("unreadable WAL position {lsn_text:?}")))?,
-        timeline: u32::from_str_radix(&timeline_text, 16)
-            .map_err(|_| sqlx::Error::Protocol(format!("unreadable timeline {timeline_text:?}")))?,
+            .map_err(|_| format!("unreadable WAL position {lsn_text:?}"))?,
+        timeline: u32::from_str_radix(timeline_text, 16)
+            .map_err(|_| format!("unreadable timeline {timeline_text:?}"))?,
         epoch: epoch.and_then(|e| e.parse::<i64>().ok()).unwrap_or(0) as u64,
         heartbeat,
     })
@@ -319,6 +333,33 @@ mod tests {
         assert!(parse_heartbeats("").is_empty());
         // A negative int8 epoch keeps its bits.
         assert_eq!(parse_heartbeats("-1/5"), vec![(u64::MAX, 5)]);
+    }
+
+    fn row(columns: &[Option<&str>]) -> Vec<Option<String>> {
+        columns.iter().map(|c| c.map(str::to_owned)).collect()
+    }
+
+    #[test]
+    fn text_rows_read_as_probes_and_a_short_row_is_an_error() {
+        let fingerprint = [Some("7"), Some("10.0.0.2"), Some("5432"), Some("1000")];
+        let mut poll = vec![Some("0/3000060"), Some("true"), Some("1"), Some("false")];
+        poll.extend(fingerprint);
+        let beats = row(&[Some("4294967297/100")]);
+        let probe = replica_of(&row(&poll), Some(&beats)).unwrap();
+        assert_eq!(probe.replayed, Some("0/3000060".parse().unwrap()));
+        assert!(probe.in_recovery && !probe.paused);
+        assert_eq!(probe.timeline, Some(1));
+        assert_eq!(probe.fingerprint.system_id, 7);
+        assert_eq!(probe.heartbeats, vec![(4_294_967_297, 100)]);
+        assert!(replica_of(&row(&poll[..6]), None).is_err());
+
+        let position = primary_of(&row(&[Some("0/16B3748"), Some("0000000A"), None]), true);
+        let position = position.unwrap();
+        assert_eq!(position.timeline, 10);
+        assert_eq!(position.epoch, 0);
+        assert!(position.heartbeat);
+        assert!(primary_of(&row(&[Some("junk"), Some("1"), None]), false).is_err());
+        assert!(primary_of(&row(&[Some("0/1")]), false).is_err());
     }
 
     #[test]

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sqlx::postgres::PgConnection;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
@@ -20,6 +19,7 @@ use super::endpoint::Admission;
 use super::fingerprint::Fingerprint;
 use super::outages::Outages;
 use super::predict::ReplicaView;
+use super::probe_conn::ProbeConn;
 use crate::position::Lsn;
 
 /// An unset nanosecond atomic: no delay measured yet, nothing missing.
@@ -53,7 +53,7 @@ pub(crate) struct ReplicaState {
     pub(crate) admission: Arc<Admission>,
     /// A probe connection another task opened and found to reach this
     /// server, handed over for this server's task to take.
-    inbox: Mutex<Option<(PgConnection, Fingerprint)>>,
+    inbox: Mutex<Option<(ProbeConn, Fingerprint)>>,
     /// Last `pg_last_wal_replay_lsn()`; meaningful only while `healthy`.
     pub(crate) replayed: AtomicU64,
     /// Last timeline this process saw the replica receiving on
@@ -172,9 +172,9 @@ impl ReplicaState {
     /// waiting.
     pub(crate) fn hand_over(
         &self,
-        conn: PgConnection,
+        conn: ProbeConn,
         found: Fingerprint,
-    ) -> Result<(), (PgConnection, Fingerprint)> {
+    ) -> Result<(), (ProbeConn, Fingerprint)> {
         let mut inbox = self.inbox.lock().unwrap_or_else(PoisonError::into_inner);
         if inbox.is_some() {
             return Err((conn, found));
@@ -186,7 +186,7 @@ impl ReplicaState {
     }
 
     /// Takes a connection left by [`hand_over`](Self::hand_over).
-    pub(crate) fn take_handed_over(&self) -> Option<(PgConnection, Fingerprint)> {
+    pub(crate) fn take_handed_over(&self) -> Option<(ProbeConn, Fingerprint)> {
         self.inbox
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -83,6 +83,7 @@ fn set(
             heartbeat: heartbeat.as_ref().map(|h| h.table.clone()),
         },
         heartbeat.clone(),
+        Arc::new(super::probe_sqlx::SqlxConnector),
     );
     PgReplicaSet {
         inner: Arc::new(Inner {

@@ -57,6 +57,7 @@ fn tracker(heartbeat: bool) -> Arc<ReplicaTracker> {
             heartbeat: heartbeat.as_ref().map(|h| h.table.clone()),
         },
         heartbeat,
+        Arc::new(super::probe_sqlx::SqlxConnector),
     )
 }
 

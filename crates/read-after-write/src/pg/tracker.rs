@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgConnectOptions;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -20,6 +20,7 @@ use super::heartbeat::Heartbeat;
 use super::outages::Outages;
 use super::primary::PrimaryState;
 use super::probe::{self, ProbeKind};
+use super::probe_conn::{ProbeConn, ProbeConnector};
 use super::server::ReplicaState;
 
 /// `application_name` of the tracker's own connections, so they can be told
@@ -140,6 +141,9 @@ pub struct ReplicaTracker {
     pub(crate) periodic_heartbeat_failed: std::sync::atomic::AtomicBool,
     /// When a heartbeat was last written, by a capture or a poll.
     pub(crate) last_heartbeat: AtomicU64,
+    /// Opens the tracker's own connections (sqlx's unless a driver gave
+    /// its own).
+    pub(crate) connector: Arc<dyn ProbeConnector>,
     /// For the tasks and pools that need the tracker back.
     pub(crate) me: Weak<ReplicaTracker>,
 }
@@ -151,6 +155,7 @@ impl ReplicaTracker {
         config: TrackerConfig,
         probe_kind: ProbeKind,
         heartbeat: Option<Arc<Heartbeat>>,
+        connector: Arc<dyn ProbeConnector>,
     ) -> Arc<Self> {
         let probe_sql = probe::replica_probe_sql(&probe_kind);
         let tracker = Arc::new_cyclic(|me| ReplicaTracker {
@@ -171,6 +176,7 @@ impl ReplicaTracker {
             heartbeat,
             periodic_heartbeat_failed: false.into(),
             last_heartbeat: AtomicU64::new(0),
+            connector,
             me: me.clone(),
         });
         // Every URL gets its first server state now, named after it, so
@@ -183,7 +189,7 @@ impl ReplicaTracker {
 
     /// Polls every replica once, looks behind every URL for more servers,
     /// then starts the background tasks.
-    pub(crate) async fn start(self: &Arc<Self>, primary_conn: Option<PgConnection>) {
+    pub(crate) async fn start(self: &Arc<Self>, primary_conn: Option<ProbeConn>) {
         let first_polls = self.servers.arcs().cloned().map(|server| {
             let tracker = Arc::clone(self);
             async move {
@@ -223,7 +229,7 @@ impl ReplicaTracker {
     pub(crate) fn add_server(
         &self,
         index: usize,
-        found: Option<(PgConnection, Fingerprint)>,
+        found: Option<(ProbeConn, Fingerprint)>,
     ) -> Option<Arc<ReplicaState>> {
         let endpoint = &self.endpoints[index];
         let siblings = self.servers.iter().filter(|s| s.endpoint == index).count();
@@ -270,7 +276,7 @@ impl ReplicaTracker {
         Some(server)
     }
 
-    pub(crate) fn spawn_server(&self, server: Arc<ReplicaState>, conn: Option<PgConnection>) {
+    pub(crate) fn spawn_server(&self, server: Arc<ReplicaState>, conn: Option<ProbeConn>) {
         let Some(tracker) = self.me.upgrade() else {
             return;
         };
