@@ -60,8 +60,9 @@ async fn main() {
 }
 
 async fn serve() -> Result<(), Box<dyn std::error::Error>> {
-    // DATABASE_URL, REPLICA_URLS: a diesel-async pool per node, the routing
-    // engine on its own sqlx connections.
+    // DATABASE_URL, REPLICA_URLS: a diesel-async pool per node; the tracker
+    // polls through tokio-postgres, the write-position capture through a
+    // small sqlx pool to the primary.
     let pools = read_after_write::diesel_async::connect(PgReplicaSetBuilder::from_env()?).await?;
     app::migrate(pools.set()).await?;
     let config = app::AppConfig {
