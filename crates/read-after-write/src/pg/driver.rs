@@ -58,7 +58,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -68,6 +68,8 @@ use super::canary::{first_answer, CANARY_SQL};
 use super::endpoint::{Admission, PoolSettings};
 pub use super::error::DriverError;
 use super::error::PgSetupError;
+pub use super::node_urls::NodeUrls;
+use super::node_urls::{read_url, url_cell, UrlCell};
 use super::outages::Outages;
 use super::probe;
 pub use super::probe_conn::{
@@ -124,67 +126,6 @@ pub trait Driver: Send + Sync + 'static {
         let _ = urls;
         None
     }
-}
-
-/// The URL of each node of a [`ReplicaPools`], as
-/// [`ReplicaPools::update_urls`] leaves it: what a driver's
-/// [`ProbeConnector`] connects through ([`Driver::probe_connector`]).
-///
-/// ```
-/// use read_after_write::pg::driver::{NodeUrls, ProbeTarget};
-/// fn url_of(urls: &NodeUrls, target: &ProbeTarget) -> Option<String> {
-///     urls.url(target.node()).map(|url| url.to_string())
-/// }
-/// # let _ = url_of;
-/// ```
-#[derive(Clone)]
-pub struct NodeUrls {
-    primary: UrlCell,
-    /// Each replica URL's name and URL, in configuration order.
-    replicas: Vec<(String, UrlCell)>,
-}
-
-impl NodeUrls {
-    /// The URL connections to `node` open through now: `primary`, or a
-    /// replica URL's name ([`ProbeTarget::node`]). `None` for a name that
-    /// is neither.
-    pub fn url(&self, node: &str) -> Option<Arc<str>> {
-        if node == "primary" {
-            return Some(read_url(&self.primary));
-        }
-        self.replicas
-            .iter()
-            .find(|(name, _)| name == node)
-            .map(|(_, cell)| read_url(cell))
-    }
-}
-
-impl fmt::Debug for NodeUrls {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // URLs may carry passwords: names only.
-        f.debug_struct("NodeUrls")
-            .field(
-                "replicas",
-                &self
-                    .replicas
-                    .iter()
-                    .map(|(name, _)| name)
-                    .collect::<Vec<_>>(),
-            )
-            .finish_non_exhaustive()
-    }
-}
-
-/// A configured URL, which [`ReplicaPools::update_urls`] may replace
-/// (rotating credentials) while pools built on it run.
-type UrlCell = Arc<RwLock<Arc<str>>>;
-
-fn url_cell(url: &str) -> UrlCell {
-    Arc::new(RwLock::new(Arc::from(url)))
-}
-
-fn read_url(cell: &UrlCell) -> Arc<str> {
-    Arc::clone(&cell.read().unwrap_or_else(PoisonError::into_inner))
 }
 
 /// One node a [`Driver`] builds a pool for: the primary, or one replica
@@ -346,10 +287,10 @@ impl<D: Driver> ReplicaPools<D> {
         let settings = builder.pool_settings();
         if !builder.tracker_options_set {
             let names = builder.replicas.iter().map(|(name, _)| name.clone());
-            builder.probe_connector = driver.probe_connector(NodeUrls {
-                primary: Arc::clone(&primary_url),
-                replicas: names.zip(urls.iter().map(Arc::clone)).collect(),
-            });
+            builder.probe_connector = driver.probe_connector(NodeUrls::new(
+                Arc::clone(&primary_url),
+                names.zip(urls.iter().map(Arc::clone)).collect(),
+            ));
         }
         let set = builder.connect().await?;
         let primary = driver

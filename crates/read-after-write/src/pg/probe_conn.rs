@@ -19,7 +19,9 @@ use std::pin::Pin;
 
 use sqlx::postgres::PgConnectOptions;
 
-use super::tracker::TRACKER_APPLICATION_NAME;
+/// `application_name` of the tracker's own connections, so they can be told
+/// apart in `pg_stat_activity`.
+pub const TRACKER_APPLICATION_NAME: &str = "read_after_write_tracker";
 
 /// The rows a query answered, over all its statements in order: each a
 /// list of nullable text columns.

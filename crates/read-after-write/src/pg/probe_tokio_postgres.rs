@@ -12,7 +12,7 @@ use ::tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use ::tokio_postgres::{Client, Config, SimpleQueryMessage, Socket};
 use tokio::task::JoinHandle;
 
-use super::driver::NodeUrls;
+use super::node_urls::NodeUrls;
 use super::probe_conn::{
     ProbeConn, ProbeConnection, ProbeConnector, ProbeError, ProbeFuture, ProbeTarget, Rows,
 };

@@ -23,10 +23,6 @@ use super::probe::{self, ProbeKind};
 use super::probe_conn::{ProbeConn, ProbeConnector};
 use super::server::ReplicaState;
 
-/// `application_name` of the tracker's own connections, so they can be told
-/// apart in `pg_stat_activity`.
-pub const TRACKER_APPLICATION_NAME: &str = "read_after_write_tracker";
-
 /// The most replica servers one replica set follows, over all its URLs.
 pub(crate) const MAX_SERVERS: usize = 64;
 
