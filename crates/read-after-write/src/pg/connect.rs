@@ -135,7 +135,7 @@ impl PgReplicaSetBuilder {
             self.tracker_config(),
             probe_kind,
             heartbeat.clone(),
-            connector,
+            Arc::clone(&connector),
         );
         tracker.note_primary_position(PrimaryProbe {
             lsn: first.lsn.round_down_page_header(cluster.geometry),
@@ -159,7 +159,13 @@ impl PgReplicaSetBuilder {
         );
         Ok(PgReplicaSet {
             inner: Arc::new(Inner {
-                capture: Capture::new(pools, heartbeat, cluster.geometry, self.capture_timeout),
+                capture: Capture::new(
+                    pools,
+                    connector,
+                    heartbeat,
+                    cluster.geometry,
+                    self.capture_timeout,
+                ),
                 tracker,
                 selection: self.selection,
                 wait_poll_interval: self.wait_poll_interval.max(Duration::from_micros(100)),

@@ -89,6 +89,7 @@ fn set(
         inner: Arc::new(Inner {
             capture: Capture::new(
                 pools,
+                Arc::new(super::probe_sqlx::SqlxConnector),
                 heartbeat,
                 WalGeometry::default(),
                 Duration::from_secs(1),
