@@ -14,15 +14,19 @@
 //! [`ProbeConnector`] as the application's role (the primary pool's
 //! options, or the driver's primary URL). A query that fails or does not
 //! answer in time drops it, so a frozen or failed-over primary never keeps
-//! it stuck; the next capture opens another.
+//! it stuck; the next capture opens another. So does a primary outage the
+//! tracker saw, as it does for the primary pool's connections: the address
+//! may point elsewhere now.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::heartbeat::Heartbeat;
+use super::outages::Outages;
 use super::pools::PrimaryPools;
 use super::probe::{self, PrimaryProbe};
 use super::probe_conn::{ProbeConn, ProbeConnection, ProbeConnector, ProbeError, ProbeTarget};
@@ -58,9 +62,13 @@ pub(crate) struct Capture {
     /// one in use (the application's role, as rotated credentials left it).
     primary: Arc<PrimaryPools>,
     connector: Arc<dyn ProbeConnector>,
-    /// The capture's connection to the primary, between queries. Only the
-    /// driver task takes it, for one query at a time.
-    conn: Mutex<Option<ProbeConn>>,
+    /// The capture's connection to the primary between queries, and when
+    /// it was opened. Only the driver task takes it, for one query at a
+    /// time.
+    conn: Mutex<Option<(ProbeConn, Instant)>>,
+    /// When the tracker last saw the primary down: a connection opened
+    /// before that is not used again.
+    outages: Arc<Outages>,
     /// Written by every capture while replicas are proven by heartbeats:
     /// the capture is then an upsert returning the same position.
     heartbeat: Option<Arc<Heartbeat>>,
@@ -81,6 +89,7 @@ impl Capture {
     pub(crate) fn new(
         primary: Arc<PrimaryPools>,
         connector: Arc<dyn ProbeConnector>,
+        outages: Arc<Outages>,
         heartbeat: Option<Arc<Heartbeat>>,
         geometry: WalGeometry,
         timeout: Duration,
@@ -89,6 +98,7 @@ impl Capture {
             primary,
             connector,
             conn: Mutex::new(None),
+            outages,
             heartbeat,
             geometry,
             timeout,
@@ -157,11 +167,14 @@ impl Capture {
             metrics::counter!("read_after_write_capture_queries_total").increment(1);
             // The connection is taken for the query: if it fails or does
             // not answer in time, it is dropped with it.
+            // A connection opened before the primary was last seen down
+            // may reach a server the address no longer points to: dropped.
             let held = self
                 .conn
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .take();
+                .take()
+                .filter(|(_, opened)| !self.outages.predates_last_outage(opened.elapsed()));
             let result = match tokio::time::timeout(self.timeout, self.on_connection(held)).await {
                 Ok(Ok((conn, position))) => {
                     *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
@@ -211,19 +224,20 @@ impl Capture {
     /// connection. Returns the connection to keep with the answer.
     async fn on_connection(
         &self,
-        held: Option<ProbeConn>,
-    ) -> Result<(ProbeConn, PrimaryProbe), ProbeError> {
-        if let Some(mut conn) = held {
+        held: Option<(ProbeConn, Instant)>,
+    ) -> Result<((ProbeConn, Instant), PrimaryProbe), ProbeError> {
+        if let Some((mut conn, opened)) = held {
             match self.query(&mut *conn).await {
-                Ok(position) => return Ok((conn, position)),
+                Ok(position) => return Ok(((conn, opened), position)),
                 Err(error) => {
                     tracing::debug!(%error, "capture connection failed; opening another");
                 }
             }
         }
+        let opened = Instant::now();
         let mut conn = self.connect().await?;
         let position = self.query(&mut *conn).await?;
-        Ok((conn, position))
+        Ok(((conn, opened), position))
     }
 
     /// Opens the capture's connection to the primary, as the application's
@@ -329,7 +343,7 @@ mod tests {
         }
     }
 
-    fn capture(fake: &Arc<Fake>) -> Arc<Capture> {
+    fn capture(fake: &Arc<Fake>, outages: &Arc<Outages>) -> Arc<Capture> {
         let pool = PgPoolOptions::new().connect_lazy_with(
             PgConnectOptions::new()
                 .host("127.0.0.1")
@@ -339,6 +353,7 @@ mod tests {
         Capture::new(
             Arc::new(PrimaryPools::new(pool, None)),
             Arc::new(FakeConnector(Arc::clone(fake))),
+            Arc::clone(outages),
             None,
             WalGeometry::default(),
             Duration::from_millis(200),
@@ -356,7 +371,7 @@ mod tests {
     #[tokio::test]
     async fn one_connection_serves_captures_one_after_another() {
         let fake = fake(&[]);
-        let capture = capture(&fake);
+        let capture = capture(&fake, &Outages::new());
         for _ in 0..3 {
             let position = capture.capture().await.unwrap();
             assert_eq!(position.lsn.to_string(), "0/1100");
@@ -373,7 +388,7 @@ mod tests {
         // The first capture's query fails on a new connection: an error,
         // and that connection is not kept.
         let fake = fake(&[Next::Fail]);
-        let capture = capture(&fake);
+        let capture = capture(&fake, &Outages::new());
         let error = capture.capture().await.unwrap_err();
         assert!(
             matches!(&error, CaptureError::Query(e) if e.message() == "connection reset"),
@@ -388,7 +403,7 @@ mod tests {
     #[tokio::test]
     async fn a_kept_connection_that_was_cut_is_replaced_within_the_capture() {
         let fake = fake(&[]);
-        let capture = capture(&fake);
+        let capture = capture(&fake, &Outages::new());
         assert_eq!(capture.capture().await.unwrap().lsn.to_string(), "0/1100");
         // The kept connection was cut while idle: the capture opens another
         // and answers from it.
@@ -401,7 +416,7 @@ mod tests {
     #[tokio::test]
     async fn a_capture_that_times_out_drops_the_stuck_connection() {
         let fake = fake(&[]);
-        let capture = capture(&fake);
+        let capture = capture(&fake, &Outages::new());
         assert_eq!(capture.capture().await.unwrap().lsn.to_string(), "0/1100");
         // The primary freezes: the query on the kept connection never
         // answers, and the capture gives up.
@@ -409,6 +424,22 @@ mod tests {
         let error = capture.capture().await.unwrap_err();
         assert!(matches!(error, CaptureError::TimedOut(_)), "{error:?}");
         // The next capture does not wait on the stuck connection again.
+        assert_eq!(capture.capture().await.unwrap().lsn.to_string(), "0/2100");
+        assert_eq!(fake.opened.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_primary_outage_retires_the_kept_connection() {
+        let fake = fake(&[]);
+        let outages = Outages::new();
+        let capture = capture(&fake, &outages);
+        assert_eq!(capture.capture().await.unwrap().lsn.to_string(), "0/1100");
+        // The tracker saw the primary down: the address may point to
+        // another server now, so the kept connection is not used again.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        outages.mark_down();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(capture.capture().await.unwrap().lsn.to_string(), "0/2100");
         assert_eq!(capture.capture().await.unwrap().lsn.to_string(), "0/2100");
         assert_eq!(fake.opened.load(Ordering::SeqCst), 2);
     }

@@ -127,7 +127,7 @@ impl PgReplicaSetBuilder {
             Arc::clone(&self.tracker_options),
             cluster.geometry,
             cluster.system_id,
-            outages,
+            Arc::clone(&outages),
         ));
         let tracker = ReplicaTracker::new(
             endpoints,
@@ -162,6 +162,7 @@ impl PgReplicaSetBuilder {
                 capture: Capture::new(
                     pools,
                     connector,
+                    outages,
                     heartbeat,
                     cluster.geometry,
                     self.capture_timeout,

@@ -90,6 +90,7 @@ fn set(
             capture: Capture::new(
                 pools,
                 Arc::new(super::probe_sqlx::SqlxConnector),
+                Outages::new(),
                 heartbeat,
                 WalGeometry::default(),
                 Duration::from_secs(1),
