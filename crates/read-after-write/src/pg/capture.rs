@@ -166,9 +166,9 @@ impl Capture {
             self.queries.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("read_after_write_capture_queries_total").increment(1);
             // The connection is taken for the query: if it fails or does
-            // not answer in time, it is dropped with it.
-            // A connection opened before the primary was last seen down
-            // may reach a server the address no longer points to: dropped.
+            // not answer in time, it is dropped with it. One opened before
+            // the primary was last seen down may reach a server the address
+            // no longer points to: dropped now.
             let held = self
                 .conn
                 .lock()
