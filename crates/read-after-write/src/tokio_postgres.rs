@@ -58,11 +58,11 @@
 //!
 //! TLS: give a connector ([`Deadpool::with_tls`]) and connect with
 //! [`ReplicaPools::connect`]. The routing engine's own connections (the
-//! tracker's) are tokio-postgres connections too, through the same
-//! connector; with
+//! tracker's, and the write-position capture's to the primary) are
+//! tokio-postgres connections too, through the same connector; with
 //! [`tracker_connect_options`](crate::pg::PgReplicaSetBuilder::tracker_connect_options)
-//! set they are sqlx's (TLS by sqlx's feature `tls-rustls`), and so are the
-//! write-position captures' connections.
+//! set they are sqlx's (TLS by sqlx's feature `tls-rustls`). Setup's
+//! first queries on the primary are sqlx's whatever the connector.
 
 use std::fmt;
 use std::str::FromStr;

@@ -127,7 +127,7 @@ impl PgReplicaSetBuilder {
             Arc::clone(&self.tracker_options),
             cluster.geometry,
             cluster.system_id,
-            outages,
+            Arc::clone(&outages),
         ));
         let tracker = ReplicaTracker::new(
             endpoints,
@@ -135,7 +135,7 @@ impl PgReplicaSetBuilder {
             self.tracker_config(),
             probe_kind,
             heartbeat.clone(),
-            connector,
+            Arc::clone(&connector),
         );
         tracker.note_primary_position(PrimaryProbe {
             lsn: first.lsn.round_down_page_header(cluster.geometry),
@@ -159,7 +159,14 @@ impl PgReplicaSetBuilder {
         );
         Ok(PgReplicaSet {
             inner: Arc::new(Inner {
-                capture: Capture::new(pools, heartbeat, cluster.geometry, self.capture_timeout),
+                capture: Capture::new(
+                    pools,
+                    connector,
+                    outages,
+                    heartbeat,
+                    cluster.geometry,
+                    self.capture_timeout,
+                ),
                 tracker,
                 selection: self.selection,
                 wait_poll_interval: self.wait_poll_interval.max(Duration::from_micros(100)),

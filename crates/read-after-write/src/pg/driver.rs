@@ -6,17 +6,19 @@
 //! and divergence rules, prediction, the primary budget, bookmarks and
 //! monotonic sessions, the canary, the write-position capture and
 //! `check()`. All of that runs on the set's own connections (a handful per
-//! instance: the tracker's, and the sqlx primary pool the write-position
-//! captures use; the set's sqlx replica pools stay empty, since they open
-//! connections lazily and nothing reads through them). What a driver
+//! instance: the tracker's, and the write-position capture's one
+//! connection to the primary; the set's sqlx primary pool serves only
+//! setup's first queries, and its sqlx replica pools stay empty, since they
+//! open connections lazily and nothing reads through them). What a driver
 //! adds is where handlers run their queries: one pool per node the set
 //! routes to, built by [`Driver::pool`] from a [`Node`]; and, if it
-//! wants, how the tracker opens its own connections (below).
+//! wants, how the routing engine opens its own connections (below).
 //!
-//! The tracker knows its own connections only through a small interface,
-//! so its rules are written once whatever the driver: a [`ProbeConnector`]
-//! opens a [`ProbeConnection`] to a node ([`ProbeTarget`]), which runs the
-//! few probe queries (simple query protocol) and answers in text rows;
+//! The tracker and the capture know their own connections only through a
+//! small interface, so the rules are written once whatever the driver: a
+//! [`ProbeConnector`] opens a [`ProbeConnection`] to a node
+//! ([`ProbeTarget`]), which runs the few probe and capture queries (simple
+//! query protocol) and answers in text rows;
 //! failures are [`ProbeError`]s. sqlx's is the default connector; a driver
 //! may give its own ([`Driver::probe_connector`]), as the crate's
 //! tokio-postgres and diesel-async drivers do.

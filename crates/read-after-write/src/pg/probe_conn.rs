@@ -48,7 +48,8 @@ pub trait ProbeConnection: Send {
 
 /// Opens the routing engine's own connections: the tracker's polls of the
 /// primary and of every replica server, discovery behind reader endpoints,
-/// and the setup's first look at the primary. The default is sqlx's; a
+/// the setup's first look at the primary, and the write-position capture's
+/// connection to the primary. The default is sqlx's; a
 /// [`Driver`](super::driver::Driver) may give its own
 /// ([`Driver::probe_connector`](super::driver::Driver::probe_connector)).
 ///
@@ -80,8 +81,8 @@ pub trait ProbeConnection: Send {
 ///         target: &'a ProbeTarget,
 ///     ) -> ProbeFuture<'a, Box<dyn ProbeConnection>> {
 ///         // A real connector opens a connection to `target.node()` (the
-///         // primary, or a replica URL by name) with `application_name` set
-///         // to `target.application_name()`.
+///         // primary, or a replica URL by name), with `application_name` set
+///         // to `target.application_name()` when that is given.
 ///         Box::pin(async move {
 ///             if target.node().is_empty() {
 ///                 return Err(ProbeError::refused("no such node"));
@@ -94,7 +95,8 @@ pub trait ProbeConnection: Send {
 /// ```
 pub trait ProbeConnector: Send + Sync + 'static {
     /// Opens a connection to `target`, with `application_name` set to
-    /// [`ProbeTarget::application_name`]. A server that answered but will
+    /// [`ProbeTarget::application_name`] when it is given (otherwise the
+    /// node's own settings stand). A server that answered but will
     /// not serve (authentication, a database that does not exist, a
     /// setting the driver refuses) is a [`ProbeError::refused`]; a server
     /// that could not be reached is a [`ProbeError::unreachable`]. The
@@ -105,6 +107,11 @@ pub trait ProbeConnector: Send + Sync + 'static {
 /// Where a [`ProbeConnector`] is asked to connect: the primary, or the
 /// servers behind one configured replica URL (each connection may reach
 /// another of them; the tracker tells them apart by their fingerprint).
+///
+/// The tracker's connections carry [`TRACKER_APPLICATION_NAME`]; the
+/// write-position capture's connection to the primary carries none of its
+/// own ([`application_name`](Self::application_name) is `None`): it is the
+/// application's, like the primary pool's connections it used to borrow.
 ///
 /// ```
 /// use read_after_write::pg::driver::ProbeTarget;
@@ -117,8 +124,10 @@ pub trait ProbeConnector: Send + Sync + 'static {
 pub struct ProbeTarget {
     node: String,
     primary: bool,
+    application_name: Option<&'static str>,
     /// How sqlx connects: the node's options through the tracker's own
-    /// mapping (`tracker_connect_options`), as they are now.
+    /// mapping (`tracker_connect_options`), as they are now; for the
+    /// capture, the primary pool's own options.
     pub(crate) options: PgConnectOptions,
 }
 
@@ -128,6 +137,19 @@ impl ProbeTarget {
         ProbeTarget {
             node: "primary".to_owned(),
             primary: true,
+            application_name: Some(TRACKER_APPLICATION_NAME),
+            options,
+        }
+    }
+
+    /// The primary, for the write-position capture: reached with the
+    /// primary pool's `options` (the application's role and settings, as
+    /// rotated credentials left them), keeping their `application_name`.
+    pub(crate) fn capture(options: PgConnectOptions) -> Self {
+        ProbeTarget {
+            node: "primary".to_owned(),
+            primary: true,
+            application_name: None,
             options,
         }
     }
@@ -137,6 +159,7 @@ impl ProbeTarget {
         ProbeTarget {
             node: name.to_owned(),
             primary: false,
+            application_name: Some(TRACKER_APPLICATION_NAME),
             options,
         }
     }
@@ -152,11 +175,14 @@ impl ProbeTarget {
         self.primary
     }
 
-    /// The `application_name` the connection must carry,
-    /// [`TRACKER_APPLICATION_NAME`], so the tracker's connections can be
-    /// told apart in `pg_stat_activity`.
-    pub fn application_name(&self) -> &'static str {
-        TRACKER_APPLICATION_NAME
+    /// The `application_name` the connection must carry:
+    /// [`TRACKER_APPLICATION_NAME`] for the tracker's connections, so they
+    /// can be told apart in `pg_stat_activity`; `None` for the
+    /// write-position capture's, which keeps whatever the node's URL or
+    /// options set (the application's own, as its primary pool's
+    /// connections have).
+    pub fn application_name(&self) -> Option<&'static str> {
+        self.application_name
     }
 }
 
@@ -165,6 +191,7 @@ impl fmt::Debug for ProbeTarget {
         f.debug_struct("ProbeTarget")
             .field("node", &self.node)
             .field("primary", &self.primary)
+            .field("application_name", &self.application_name)
             .finish_non_exhaustive()
     }
 }

@@ -1,8 +1,8 @@
 //! sqlx's implementation of the probe interface
 //! ([`probe_conn`](super::probe_conn)): the default connector, and the
-//! text-row reading the sqlx pools share with it (the write-position
-//! capture and setup run on the primary's sqlx pool, the admission check
-//! on each sqlx replica pool's new connections).
+//! text-row reading the sqlx pools share with it (setup runs on the
+//! primary's sqlx pool, the admission check on each sqlx replica pool's new
+//! connections).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,20 +18,18 @@ use super::probe_conn::{
 
 /// Opens the tracker's connections with sqlx, from the target's connect
 /// options (the node's, through `tracker_connect_options`, as rotated
-/// credentials left them).
+/// credentials left them), and the capture's, from the primary pool's.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct SqlxConnector;
 
 impl ProbeConnector for SqlxConnector {
     fn connect<'a>(&'a self, target: &'a ProbeTarget) -> ProbeFuture<'a, ProbeConn> {
         Box::pin(async move {
-            let conn = target
-                .options
-                .clone()
-                .application_name(target.application_name())
-                .connect()
-                .await
-                .map_err(probe_error)?;
+            let mut options = target.options.clone();
+            if let Some(name) = target.application_name() {
+                options = options.application_name(name);
+            }
+            let conn = options.connect().await.map_err(probe_error)?;
             Ok(Box::new(SqlxProbe(conn)) as ProbeConn)
         })
     }
@@ -102,7 +100,7 @@ pub(crate) async fn fingerprint(conn: &mut PgConnection) -> Result<Fingerprint, 
 }
 
 /// Runs a position query (see [`probe::primary_position_sql`]) on a sqlx
-/// pool or connection: the write-position capture's and setup's.
+/// pool or connection: setup's.
 pub(crate) async fn primary<'c>(
     executor: impl sqlx::PgExecutor<'c>,
     sql: &str,

@@ -1,7 +1,7 @@
 //! tokio-postgres's implementation of the probe interface
-//! ([`probe_conn`](super::probe_conn)): the tracker's own connections of a
-//! replica set routing over the `tokio-postgres` or `diesel-async` driver,
-//! opened through each node's URL (as rotated credentials leave it) with
+//! ([`probe_conn`](super::probe_conn)): the tracker's own connections and
+//! the write-position capture's of a replica set routing over the
+//! `tokio-postgres` or `diesel-async` driver, opened through each node's URL (as rotated credentials leave it) with
 //! the driver's TLS connector.
 
 use std::future::Future;
@@ -47,7 +47,9 @@ where
             let mut config = Config::from_str(&url).map_err(|error| {
                 ProbeError::refused(format!("invalid PostgreSQL URL for {node}: {error}"))
             })?;
-            config.application_name(target.application_name());
+            if let Some(name) = target.application_name() {
+                config.application_name(name);
+            }
             let (client, connection) = config
                 .connect(self.tls.clone())
                 .await

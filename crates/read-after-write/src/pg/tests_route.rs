@@ -89,6 +89,8 @@ fn set(
         inner: Arc::new(Inner {
             capture: Capture::new(
                 pools,
+                Arc::new(super::probe_sqlx::SqlxConnector),
+                Outages::new(),
                 heartbeat,
                 WalGeometry::default(),
                 Duration::from_secs(1),
