@@ -591,14 +591,48 @@ async fn rotated_password<D: Queries>(user: i64) {
         "select count(pg_terminate_backend(pid)) from pg_stat_activity where usename = '{ROTATING}'"
     );
     cluster.execute_on_primary(&cut).await.unwrap();
-    for index in 0..cluster.replica_count() {
-        cluster.execute_on_replica(index, &cut).await.unwrap();
+    let mut admins = Vec::new();
+    for replica in cluster.replicas() {
+        let admin = sqlx::PgPool::connect(replica.url()).await.unwrap();
+        let cut_at: String = sqlx::query_scalar(
+            "select clock_timestamp()::text from (select count(pg_terminate_backend(pid)) \
+             from pg_stat_activity where usename = $1) cut",
+        )
+        .bind(ROTATING)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        admins.push((replica.name().to_owned(), admin, cut_at));
     }
-    // Every connection the pools held is gone; wait for the tracker to
-    // be back on both replicas with the new password.
-    wait_health(&set, "replica-1", false).await;
-    wait_health(&set, "replica-1", true).await;
-    wait_health(&set, "replica-2", true).await;
+    // Every connection the pools and the tracker held is gone; wait for
+    // the tracker to be back on both replicas with a connection opened
+    // after the cut, so with the new password. (Its replica may look
+    // unhealthy for a poll or two only: too short to wait for.)
+    for (name, admin, cut_at) in &admins {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let back: i64 = sqlx::query_scalar(
+                "select count(*) from pg_stat_activity where usename = $1 \
+                 and application_name = $2 and backend_start > $3::timestamptz",
+            )
+            .bind(ROTATING)
+            .bind(read_after_write::pg::TRACKER_APPLICATION_NAME)
+            .bind(cut_at)
+            .fetch_one(admin)
+            .await
+            .unwrap();
+            if back > 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the tracker never reconnected to {name} with the new password: {:?}",
+                set.replicas()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wait_health(&set, name, true).await;
+    }
     let (mut stale, mut on_replicas, mut failed) = (0, 0, 0);
     let mut routes = Vec::new();
     for i in 0..20 {
