@@ -11,6 +11,11 @@ use read_after_write_testkit::TestCluster;
 use reqwest::header::COOKIE;
 use tokio::sync::OnceCell;
 
+// The driver apps' browser; here only its demoted-primary role.
+#[allow(dead_code)]
+#[path = "common/visitor.rs"]
+mod visitor;
+
 static CLUSTER: OnceCell<TestCluster> = OnceCell::const_new();
 
 async fn cluster() -> &'static TestCluster {
@@ -905,29 +910,8 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_exported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_a_demoted_primary_is_a_503_not_a_500() {
     let cluster = cluster().await;
-    cluster
-        .execute_on_primary(
-            "do $$ begin \
-               if not exists (select from pg_roles where rolname = 'demoted_app') then \
-                 create role demoted_app login; \
-               end if; \
-             end $$; \
-             grant pg_monitor to demoted_app; \
-             grant select, insert, update, delete on all tables in schema public to demoted_app; \
-             grant usage, select on all sequences in schema public to demoted_app; \
-             alter role demoted_app set default_transaction_read_only = on",
-        )
-        .await
-        .unwrap();
-    cluster
-        .wait_for_replicas_caught_up(Duration::from_secs(10))
-        .await
-        .unwrap();
-    let port = cluster.primary_port();
-    let address = serve_tuned(cluster, keys(14), |builder| {
-        builder.primary_url(format!("postgres://demoted_app@127.0.0.1:{port}/postgres"))
-    })
-    .await;
+    let url = visitor::demoted_primary_url(cluster).await;
+    let address = serve_tuned(cluster, keys(14), |builder| builder.primary_url(url)).await;
     let base = format!("http://{address}");
     let client = browser();
     let response = client
