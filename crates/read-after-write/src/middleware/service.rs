@@ -221,7 +221,8 @@ fn read_token<B: Backend>(
             // be forged; it is counted by what it claims. A version 3 token
             // under an unknown key may be anyone's: it counts as the
             // requester's.
-            let Some(user) = user.filter(|user| candidate.may_name(user, &shared.keys)) else {
+            let naming = user.map(|user| (user, candidate.naming(user, &shared.keys)));
+            let Some((user, naming)) = naming.filter(|(_, naming)| naming.may_be_theirs()) else {
                 first_failure.get_or_insert(match (known_key, user) {
                     (false, _) => TokenOutcome::Rejected(TokenError::UnknownKey),
                     (true, None) => TokenOutcome::NoIdentity,
@@ -242,7 +243,7 @@ fn read_token<B: Backend>(
             if valid && !candidate.adds_to(&carried) {
                 return false;
             }
-            match candidate.authenticate(&shared.cookie_name, &shared.keys, user, &mut budget) {
+            match candidate.authenticate_as(&shared.cookie_name, &naming, user, &mut budget) {
                 Checked::Authentic(token) => {
                     valid = true;
                     expires_at = expires_at.max(token.expires_at());

@@ -5,8 +5,7 @@ use std::fmt;
 use std::hint::black_box;
 use std::sync::Arc;
 
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-use base64::Engine as _;
+use base64_simd::{Out, STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -251,9 +250,14 @@ impl SigningKey {
         // succeeds, fails half way or the key is refused. Base64 never
         // decodes to more bytes than it has characters.
         let mut bytes = Zeroizing::new(vec![0u8; text.len()]);
+        let text = text.as_bytes();
         let len = [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
             .iter()
-            .find_map(|engine| engine.decode_slice(text, bytes.as_mut_slice()).ok())
+            .find_map(|engine| {
+                let len = engine.decoded_length(text).ok()?;
+                let out = bytes.get_mut(..len)?;
+                engine.decode(text, Out::from_slice(out)).ok().map(|_| len)
+            })
             .ok_or(KeyError::InvalidBase64)?;
         Self::from_bytes(&bytes[..len])
     }
@@ -292,7 +296,7 @@ impl SigningKey {
     pub fn generate_base64() -> Result<String, KeyError> {
         let mut bytes = Zeroizing::new([0u8; 32]);
         getrandom::fill(bytes.as_mut_slice()).map_err(|_| KeyError::Random)?;
-        Ok(STANDARD.encode(bytes.as_slice()))
+        Ok(STANDARD.encode_to_string(bytes.as_slice()))
     }
 
     /// The key's one-byte id, written into every token it signs.

@@ -332,11 +332,12 @@ impl AffinityToken {
         if !keys.knows(token.key_id()) {
             return Err(TokenError::UnknownKey);
         }
-        if !token.may_name(user, keys) {
+        let naming = token.naming(user, keys);
+        if !naming.may_be_theirs() {
             return Err(TokenError::OtherUser);
         }
         // One caller, one token: no budget but the key list's.
-        match token.authenticate(name, keys, user, &mut MacBudget::new(usize::MAX)) {
+        match token.authenticate_as(name, &naming, user, &mut MacBudget::new(usize::MAX)) {
             Checked::Authentic(token) => Ok(token),
             Checked::Forged | Checked::Unchecked => Err(TokenError::BadSignature),
         }

@@ -1,5 +1,8 @@
 //! Keys: parsing, ids, rotation lists, errors, and wiping.
 
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+
 use super::*;
 
 #[test]

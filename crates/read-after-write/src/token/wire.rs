@@ -1,8 +1,7 @@
 //! The token's bytes: layouts of every version read, encoding of the one
 //! written, the cheap checks, and the MAC.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
+use base64_simd::{Out, URL_SAFE_NO_PAD};
 use hmac::Mac;
 use smallvec::SmallVec;
 
@@ -73,7 +72,7 @@ pub(super) fn encode(token: &AffinityToken, key: &SigningKey, name: &str) -> Str
     }
     let tag = mac_v3(key, name, &raw).finalize().into_bytes();
     raw.extend_from_slice(&tag[..TAG_LEN]);
-    URL_SAFE_NO_PAD.encode(&raw)
+    URL_SAFE_NO_PAD.encode_to_string(&raw)
 }
 
 /// Encodes `token` as version 2 did (the user id in clear, the old MAC
@@ -94,7 +93,7 @@ pub(super) fn encode_v2(token: &AffinityToken, key: &SigningKey, name: &str) -> 
     }
     let tag = mac_legacy(key, name, &raw).finalize().into_bytes();
     raw.extend_from_slice(&tag[..TAG_LEN]);
-    URL_SAFE_NO_PAD.encode(&raw)
+    URL_SAFE_NO_PAD.encode_to_string(&raw)
 }
 
 /// Room for a decoded token, on the caller's stack: parsing borrows it
@@ -142,6 +141,35 @@ pub(crate) enum Checked {
     Unchecked,
 }
 
+/// Under which keys a token is a requester's
+/// ([`UnverifiedToken::naming`]).
+pub(crate) enum Naming<'k> {
+    /// The token's key id is not in the key set: it may be the requester's
+    /// (a version 3 token's tag cannot be checked without its key).
+    UnknownKey,
+    /// The keys with the token's id under which it names the requester;
+    /// none: it is another user's.
+    Keys(SmallVec<[&'k SigningKey; 2]>),
+}
+
+impl Naming<'_> {
+    /// Whether the token may be the requester's.
+    pub(crate) fn may_be_theirs(&self) -> bool {
+        match self {
+            Naming::UnknownKey => true,
+            Naming::Keys(keys) => !keys.is_empty(),
+        }
+    }
+
+    /// The keys worth a MAC: none for an unknown key id.
+    fn keys(&self) -> &[&SigningKey] {
+        match self {
+            Naming::UnknownKey => &[],
+            Naming::Keys(keys) => keys,
+        }
+    }
+}
+
 /// How a token names its user.
 enum Binding<'a> {
     /// Versions 1 and 2: the id itself, in clear.
@@ -176,10 +204,17 @@ impl<'a> UnverifiedToken<'a> {
         if text.len() > super::MAX_ENCODED_LEN {
             return Err(TokenError::TooLong);
         }
+        // Canonical base64url only: no padding, whitespace or stray
+        // trailing bits, so one token has one spelling.
         let len = URL_SAFE_NO_PAD
-            .decode_slice(text.as_bytes(), &mut buffer.0)
+            .decoded_length(text.as_bytes())
             .map_err(|_| TokenError::Malformed)?;
-        let raw = &buffer.0[..len];
+        // The length check above keeps `len` within the buffer; `get_mut`
+        // keeps that from being a panic should the two ever disagree.
+        let out = buffer.0.get_mut(..len).ok_or(TokenError::Malformed)?;
+        let raw: &[u8] = URL_SAFE_NO_PAD
+            .decode(text.as_bytes(), Out::from_slice(out))
+            .map_err(|_| TokenError::Malformed)?;
         if len < MIN_RAW_LEN {
             return Err(TokenError::Malformed);
         }
@@ -237,18 +272,36 @@ impl<'a> UnverifiedToken<'a> {
         }
     }
 
-    /// Whether the token may be `user`'s: it names them under some key of
-    /// `keys` with its id. A version 3 token under a key id the set does not
-    /// hold cannot be told apart from the requester's (its tag is keyed), so
-    /// it may be: unknown means unsafe.
-    pub(crate) fn may_name(&self, user: &UserId, keys: &KeySet) -> bool {
-        match self.binding() {
-            Binding::Id(id) => id == user.as_bytes(),
-            Binding::Tag(_) if !keys.knows(self.key_id()) => true,
-            Binding::Tag(_) => keys
-                .with_id(self.key_id())
-                .any(|key| self.names_under(user, key)),
+    /// Under which keys of `keys` the token is `user`'s, worked out once
+    /// per token: each key costs a version 3 token a SipHash, and the keys
+    /// that name the requester are the only ones worth a MAC.
+    pub(crate) fn naming<'k>(&self, user: &UserId, keys: &'k KeySet) -> Naming<'k> {
+        if !keys.knows(self.key_id()) {
+            // A version 3 token under a key id the set does not hold cannot
+            // be told apart from the requester's (its tag is keyed), so it
+            // may be theirs: unknown means unsafe.
+            let theirs = match self.binding() {
+                Binding::Id(id) => id == user.as_bytes(),
+                Binding::Tag(_) => true,
+            };
+            return if theirs {
+                Naming::UnknownKey
+            } else {
+                Naming::Keys(SmallVec::new())
+            };
         }
+        Naming::Keys(
+            keys.with_id(self.key_id())
+                .filter(|key| self.names_under(user, key))
+                .collect(),
+        )
+    }
+
+    /// Whether the token may be `user`'s: it names them under some key of
+    /// `keys` with its id, or its key id is one the set does not hold.
+    #[cfg(test)]
+    pub(crate) fn may_name(&self, user: &UserId, keys: &KeySet) -> bool {
+        self.naming(user, keys).may_be_theirs()
     }
 
     /// The bookmarks the token claims.
@@ -304,12 +357,9 @@ impl<'a> UnverifiedToken<'a> {
         !known.covers(&self.bookmarks())
     }
 
-    /// Checks the tag (HMAC-SHA256, compared in constant time) against each
-    /// key with the token's id under which the token names `user`, one MAC
-    /// of `budget` per key tried. Ids are one byte, so several keys may
-    /// share one: counting keys, not tokens, keeps the budget a bound on
-    /// work whatever the key list. A key under which the token is another
-    /// user's costs nothing: it could only ever be that other user's token.
+    /// [`authenticate_as`](Self::authenticate_as) under the keys that name
+    /// `user`, for tests.
+    #[cfg(test)]
     pub(crate) fn authenticate(
         &self,
         name: &str,
@@ -317,11 +367,24 @@ impl<'a> UnverifiedToken<'a> {
         user: &UserId,
         budget: &mut MacBudget,
     ) -> Checked {
+        self.authenticate_as(name, &self.naming(user, keys), user, budget)
+    }
+
+    /// Checks the tag (HMAC-SHA256, compared in constant time) against each
+    /// key [`naming`](Self::naming) found for `user`, one MAC
+    /// of `budget` per key tried. Ids are one byte, so several keys may
+    /// share one: counting keys, not tokens, keeps the budget a bound on
+    /// work whatever the key list. A key under which the token is another
+    /// user's costs nothing: it could only ever be that other user's token.
+    pub(crate) fn authenticate_as(
+        &self,
+        name: &str,
+        naming: &Naming<'_>,
+        user: &UserId,
+        budget: &mut MacBudget,
+    ) -> Checked {
         let (payload, tag) = self.raw.split_at(self.raw.len() - TAG_LEN);
-        for key in keys
-            .with_id(self.key_id())
-            .filter(|key| self.names_under(user, key))
-        {
+        for key in naming.keys() {
             if !budget.take() {
                 return Checked::Unchecked;
             }
