@@ -522,6 +522,11 @@ pub enum RouteReason {
     /// promise a write, so the primary, never an eventual read. See
     /// [`KeySet`](crate::KeySet) for rotating keys without it.
     UnknownKey,
+    /// Session read with a token in a format version this instance does
+    /// not read (a release with a newer token format rolling out): it may
+    /// promise a write in any cluster, so the primary, never an eventual
+    /// read. See [later versions](crate::token#later-versions).
+    UnknownVersion,
 }
 
 impl RouteReason {
@@ -553,6 +558,7 @@ impl RouteReason {
             RouteReason::PredictedLate => "predicted_late",
             RouteReason::TooStale => "too_stale",
             RouteReason::UnknownKey => "unknown_key",
+            RouteReason::UnknownVersion => "unknown_version",
         }
     }
 }

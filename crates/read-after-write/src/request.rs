@@ -22,9 +22,10 @@ pub enum TokenOutcome {
     Valid,
     /// A token was refused; it is treated as absent, but for one signed
     /// with a key id this instance does not know
-    /// ([`TokenError::UnknownKey`]) that names the requester and has not
-    /// expired: it may promise a write, so the clusters it names are read
-    /// from the primary (see the
+    /// ([`TokenError::UnknownKey`]) or in a later release's format
+    /// ([`TokenError::WrongVersion`]) that names the requester and has not
+    /// expired: it may promise a write, so the clusters it names (every
+    /// cluster, for a later format) are read from the primary (see the
     /// [middleware docs](crate::middleware#tokens-the-layer-cannot-read)).
     Rejected(TokenError),
     /// A token verified but belongs to another user; treated as absent.
@@ -174,6 +175,9 @@ pub(crate) struct Unread {
     /// Claims of tokens under a key id this instance does not know (a key
     /// rotation rolling out).
     pub(crate) unknown_key: Claims,
+    /// Claims of tokens in a later release's format (every cluster: their
+    /// bookmarks cannot be read).
+    pub(crate) unknown_version: Claims,
     /// Claims of tokens the MAC budget left unchecked.
     pub(crate) unchecked: Claims,
 }
@@ -182,36 +186,42 @@ impl Unread {
     /// Every token was read (or there was none): nothing pins a cluster.
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
-        self.unknown_key.is_empty() && self.unchecked.is_empty()
+        self.unknown_key.is_empty() && self.unknown_version.is_empty() && self.unchecked.is_empty()
     }
 
     /// Drops what the valid tokens, merged into `carried`, already promise.
     pub(crate) fn forget_covered(&mut self, carried: &Bookmarks) {
         self.unknown_key.forget_covered(carried);
+        self.unknown_version.forget_covered(carried);
         self.unchecked.forget_covered(carried);
     }
 
     /// Every cluster an unread token names by its system identifier.
     pub(crate) fn clusters(&self) -> impl Iterator<Item = u64> + '_ {
-        self.unknown_key.clusters().chain(self.unchecked.clusters())
+        self.unknown_key
+            .clusters()
+            .chain(self.unknown_version.clusters())
+            .chain(self.unchecked.clusters())
     }
 
     /// Whether an unread token claims the all-zero position, which pins
     /// every cluster.
     pub(crate) fn claims_every_cluster(&self) -> bool {
-        [&self.unknown_key, &self.unchecked].iter().any(|claims| {
-            claims
-                .bookmarks
-                .as_slice()
-                .iter()
-                .any(Bookmark::pins_every_cluster)
-        })
+        [&self.unknown_key, &self.unknown_version, &self.unchecked]
+            .iter()
+            .any(|claims| {
+                claims
+                    .bookmarks
+                    .as_slice()
+                    .iter()
+                    .any(Bookmark::pins_every_cluster)
+            })
     }
 
     /// Whether some unread token's clusters found no room: which clusters
     /// they were is lost.
     pub(crate) fn overflowed(&self) -> bool {
-        self.unknown_key.overflow || self.unchecked.overflow
+        self.unknown_key.overflow || self.unknown_version.overflow || self.unchecked.overflow
     }
 
     /// Why session reads of the cluster `id` must go to the primary, if an
@@ -221,6 +231,8 @@ impl Unread {
             None
         } else if self.unknown_key.names(id) {
             Some(RouteReason::UnknownKey)
+        } else if self.unknown_version.names(id) {
+            Some(RouteReason::UnknownVersion)
         } else if self.unchecked.names(id) {
             Some(RouteReason::PositionUnknown)
         } else {

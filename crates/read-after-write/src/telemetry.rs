@@ -19,7 +19,7 @@ static METADATA: Metadata<'static> =
 const TARGETS: [Target; 2] = [Target::Primary, Target::Replica];
 
 /// Every reason, in declaration order, so `reason as usize` indexes it.
-const REASONS: [RouteReason; 21] = [
+const REASONS: [RouteReason; 22] = [
     RouteReason::NoToken,
     RouteReason::CaughtUp,
     RouteReason::CaughtUpAfterWait,
@@ -41,6 +41,7 @@ const REASONS: [RouteReason; 21] = [
     RouteReason::PredictedLate,
     RouteReason::TooStale,
     RouteReason::UnknownKey,
+    RouteReason::UnknownVersion,
 ];
 
 const TOKEN_ERRORS: [TokenError; 6] = [

@@ -1,6 +1,7 @@
 //! Production deploys on a real primary with two streaming replicas that lag
-//! by 50 ms and 200 ms: a key rotation rolled out to some instances only,
-//! and identities a handler establishes (sign-up, login). Each test also
+//! by 50 ms and 200 ms: a key rotation or an upgrade that changes the token
+//! format rolled out to some instances only, and identities a handler
+//! establishes (sign-up, login). Each test also
 //! runs the naive way on the same cluster and shows it going stale, so it
 //! could fail.
 //!
@@ -279,6 +280,89 @@ async fn a_key_rotation_rolled_out_to_one_instance_never_serves_a_stale_own_read
     }
     eprintln!(
         "{reads} own reads through the instance without the new key: {stale} stale; \
+         the same reads made eventual: {naive_stale} stale"
+    );
+    assert_eq!(stale, 0, "an own read through B was stale");
+    assert!(
+        naive_stale > 0,
+        "the eventual reads were never stale: the lag is not real"
+    );
+}
+
+/// The cookie `issued` as a release with a later token format would have
+/// written it: every format from version 3 on begins with the same head
+/// (version, key id, user tag, expiry), the rest is the later release's
+/// own. The stand-in keeps the head, raises the version and appends a
+/// field; this release can read no more of a real one.
+fn in_a_later_format(issued: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    let text = issued.trim_start_matches("primary_affinity=");
+    let mut raw = URL_SAFE_NO_PAD
+        .decode(text)
+        .expect("a token of this release");
+    raw[0] = read_after_write::token::TOKEN_VERSION + 1;
+    raw.push(0xA5);
+    format!("primary_affinity={}", URL_SAFE_NO_PAD.encode(raw))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_that_changes_the_token_format_never_serves_a_stale_own_read() {
+    let cluster = cluster().await;
+    let keys = KeySet::new(key(4));
+    // Instance A runs a release with a later token format (its tokens are
+    // re-labelled below); instance B still runs this one.
+    let a = app(replica_set(cluster).await, keys.clone());
+    let b = app(replica_set(cluster).await, keys);
+
+    const USERS: i64 = 5;
+    const ROUNDS: usize = 12;
+    let (mut stale, mut naive_stale, mut reads) = (0, 0, 0);
+    for user in 8_000..8_000 + USERS {
+        let mut cookie: Option<String> = None;
+        for _ in 0..ROUNDS {
+            let (wrote, issued) = send(
+                &a,
+                Method::POST,
+                &format!("/posts/{user}"),
+                Some(user),
+                cookie.as_deref(),
+            )
+            .await;
+            cookie = issued.or(cookie);
+            let id = wrote.id.unwrap();
+            let later = in_a_later_format(cookie.as_deref().unwrap());
+            // The naive control on B: what treating that token as absent
+            // does, an eventual read.
+            let (naive, _) = send(
+                &b,
+                Method::GET,
+                &format!("/eventual/posts/{id}"),
+                Some(user),
+                Some(&later),
+            )
+            .await;
+            naive_stale += usize::from(!naive.found.unwrap());
+            // The session read on B.
+            let (read, _) = send(
+                &b,
+                Method::GET,
+                &format!("/read/posts/{id}"),
+                Some(user),
+                Some(&later),
+            )
+            .await;
+            reads += 1;
+            stale += usize::from(!read.found.unwrap());
+            assert_eq!(read.reason, Some(RouteReason::UnknownVersion));
+            assert_eq!(
+                read.outcome,
+                Some(TokenOutcome::Rejected(TokenError::WrongVersion))
+            );
+        }
+    }
+    eprintln!(
+        "{reads} own reads through the instance on the older release: {stale} stale; \
          the same reads made eventual: {naive_stale} stale"
     );
     assert_eq!(stale, 0, "an own read through B was stale");

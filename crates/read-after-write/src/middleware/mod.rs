@@ -44,6 +44,11 @@
 //!   rotation rolls out instance by instance (see [`KeySet`](crate::KeySet) for the order
 //!   that avoids it); it costs no MAC and counts as `unknown_key` in
 //!   `read_after_write_tokens_total`;
+//! - one in a later release's token format, as when an upgrade that
+//!   changes the format rolls out instance by instance: its head (key id,
+//!   user tag, expiry) is read, its bookmarks are not, so it names every
+//!   cluster ([later versions](crate::token#later-versions)); it costs no
+//!   MAC and counts as `wrong_version`;
 //! - one the MAC budget left unchecked;
 //! - a valid token whose clusters found no room beside the other valid
 //!   tokens' (more than [`MAX_CLUSTERS`](crate::bookmark::MAX_CLUSTERS)).
@@ -51,8 +56,8 @@
 //! None is treated as absent. Unless the request's valid tokens already
 //! promise as much, every cluster such a token names (each one the layer
 //! serves, for a backend that reports no cluster id) is read from the
-//! primary: `reason="unknown_key"` for an unknown key, `position_unknown`
-//! otherwise. A cluster it does not name reads as it would without it. An
+//! primary: `reason="unknown_key"` for an unknown key, `unknown_version`
+//! for a later format, `position_unknown` otherwise. A cluster it does not name reads as it would without it. An
 //! expired one is absent like any expired token: the TTL bounds every
 //! promise. These are rows of [the failure table](crate::guide::failures#tokens),
 //! with the tests that prove them.

@@ -180,8 +180,9 @@ impl ReadTokens {
 /// can hold a stale host-only cookie beside a fresh domain cookie, or a
 /// client a stale header beside a fresh cookie: the valid tokens are merged,
 /// every promise holds. A token that names the requester but cannot be read
-/// (its key id is unknown here, or the budget ran out before it) is not
-/// absent: what it claims goes into [`Unread`].
+/// (its key id is unknown here, its format is a later release's, or the
+/// budget ran out before it) is not absent: what it claims goes into
+/// [`Unread`].
 fn read_token<B: Backend>(
     shared: &Shared<B>,
     headers: &http::HeaderMap,
@@ -191,6 +192,7 @@ fn read_token<B: Backend>(
     let mut unread = Unread::default();
     let mut valid = false;
     let mut unknown_key = false;
+    let mut newer = false;
     let mut budget_spent = false;
     let mut expires_at = 0;
     let mut first_failure = None;
@@ -230,6 +232,15 @@ fn read_token<B: Backend>(
                 });
                 return false;
             };
+            if candidate.is_newer() {
+                // A later release's format, naming the requester (under a
+                // known key) or anyone (under an unknown one): during a
+                // rolling upgrade, another instance's genuine token. Its
+                // bookmarks cannot be read, so it claims every cluster.
+                newer = true;
+                unread.unknown_version.add(&candidate.bookmarks());
+                return false;
+            }
             if !known_key {
                 // Signed with a key this instance does not have: during a
                 // rolling key rotation, another instance's genuine token. It
@@ -285,8 +296,10 @@ fn read_token<B: Backend>(
     let outcome = if valid {
         TokenOutcome::Valid
     } else if unknown_key {
-        // The one refusal that decides where reads go.
+        // The two refusals that decide where reads go.
         TokenOutcome::Rejected(TokenError::UnknownKey)
+    } else if newer {
+        TokenOutcome::Rejected(TokenError::WrongVersion)
     } else if found {
         first_failure.unwrap_or(TokenOutcome::Rejected(TokenError::Malformed))
     } else {

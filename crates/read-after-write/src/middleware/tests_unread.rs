@@ -348,6 +348,130 @@ async fn a_token_under_an_unknown_key_is_read_from_the_primary_not_eventually() 
     );
 }
 
+/// `text`, a token of this release, as a later release would write it:
+/// the head every format shares kept, the version raised and a field
+/// appended (the MAC, now inside it, no longer checks out here).
+fn later_format(text: &str) -> String {
+    let mut raw = URL_SAFE_NO_PAD.decode(text).unwrap();
+    raw[0] = crate::token::TOKEN_VERSION + 1;
+    raw.push(0xA5);
+    URL_SAFE_NO_PAD.encode(raw)
+}
+
+#[tokio::test]
+async fn a_token_of_a_later_release_is_read_from_the_primary_in_every_cluster() {
+    let metrics = Metrics::record();
+    // An upgrade that changes the token format is rolling out: the user's
+    // token comes from an instance already on the later release.
+    let layer = two_clusters(old_keys());
+    let newer = later_format(&token(&[at(0x500, 7)], &old_keys()));
+    let cookie = format!("primary_affinity={newer}");
+    let macs = crate::token::macs_computed();
+    let read = send(&layer, "/read/orders/read", &cookie).await;
+    // Which clusters it names cannot be read: every cluster's reads go to
+    // the primary, at once.
+    assert_eq!(
+        read.seen().reasons,
+        [RouteReason::UnknownVersion, RouteReason::UnknownVersion]
+    );
+    assert_eq!(
+        read.seen().outcome,
+        TokenOutcome::Rejected(TokenError::WrongVersion)
+    );
+    assert_eq!(crate::token::macs_computed(), macs, "no MAC spent");
+    // Under a key this instance does not know as well: a later format
+    // counts as such first.
+    let unknown_key = later_format(&token(&[at(0x500, 7)], &new_keys()));
+    let read = send(&layer, "/read", &format!("primary_affinity={unknown_key}")).await;
+    assert_eq!(read.seen().reasons, [RouteReason::UnknownVersion]);
+    // Beside a valid token of this release, it still may promise more.
+    let valid = token(&[at(0x500, 7)], &old_keys());
+    let both = format!("{cookie}; primary_affinity={valid}");
+    let read = send(&layer, "/read", &both).await;
+    assert_eq!(
+        (read.seen().outcome, &read.seen().reasons[..]),
+        (TokenOutcome::Valid, &[RouteReason::UnknownVersion][..])
+    );
+    // A write captures the cluster it wrote; the other stays pinned in the
+    // token this release issues, which it reads itself.
+    let wrote = send(&layer, "/write", &cookie).await;
+    let issued = wrote.issued().unwrap();
+    let decoded = decode(&issued, &old_keys());
+    assert_eq!(
+        decoded.bookmark(7),
+        Some(&Bookmark::new(FakeBackend::cluster(7).at(0x1000)))
+    );
+    assert_eq!(decoded.bookmark(8), Some(&Bookmark::pinned(8)));
+    assert_eq!(
+        decoded.bookmark(0),
+        None,
+        "the every-cluster claim is replaced"
+    );
+    let read = send(
+        &layer,
+        "/read/orders/read",
+        &format!("primary_affinity={issued}"),
+    )
+    .await;
+    assert_eq!(
+        read.seen().reasons,
+        [RouteReason::CaughtUp, RouteReason::PositionUnknown]
+    );
+    // Over one cluster the capture covers everything the token could have
+    // promised.
+    let wrote = send(&one_cluster(old_keys()), "/write", &cookie).await;
+    assert_eq!(
+        decode(&wrote.issued().unwrap(), &old_keys()).bookmarks(),
+        &Bookmarks::one(Bookmark::new(FakeBackend::cluster(7).at(0x1000)))
+    );
+
+    let counts = metrics.token_counts();
+    assert!(
+        counts
+            .iter()
+            .any(|(outcome, n)| outcome == "wrong_version" && *n == 4),
+        "{counts:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_later_format_of_another_user_or_expired_is_absent() {
+    let layer = one_cluster(old_keys());
+    // Under a key this instance knows, the tag says whose it is.
+    let other = AffinityToken::new(UserId::from(USER + 1), at(0x500, 7).position, NOW + 30)
+        .sign(DEFAULT_COOKIE_NAME, &old_keys());
+    let cookie = format!("primary_affinity={}", later_format(&other));
+    let read = send(&layer, "/read", &cookie).await;
+    assert_eq!(
+        (read.seen().outcome, &read.seen().reasons[..]),
+        (TokenOutcome::OtherUser, &[RouteReason::NoToken][..])
+    );
+    // Expired, it is absent like any expired token: the TTL bounds every
+    // promise, whatever the format.
+    let newer = later_format(&token(&[at(0x500, 7)], &old_keys()));
+    let late = one_cluster(old_keys()).clock(ManualClock::new(NOW + 30));
+    let read = send(&late, "/read", &format!("primary_affinity={newer}")).await;
+    assert_eq!(
+        (read.seen().outcome, &read.seen().reasons[..]),
+        (
+            TokenOutcome::Rejected(TokenError::Expired),
+            &[RouteReason::NoToken][..]
+        )
+    );
+    // Too short to hold the shared head and a MAC: malformed, absent.
+    let mut raw = vec![crate::token::TOKEN_VERSION + 1; 30];
+    raw[10..18].copy_from_slice(&(NOW + 30).to_be_bytes());
+    let short = format!("primary_affinity={}", URL_SAFE_NO_PAD.encode(raw));
+    let read = send(&layer, "/read", &short).await;
+    assert_eq!(
+        (read.seen().outcome, &read.seen().reasons[..]),
+        (
+            TokenOutcome::Rejected(TokenError::Malformed),
+            &[RouteReason::NoToken][..]
+        )
+    );
+}
+
 /// `count` keys whose one-byte ids are all the same: ids are one byte, so
 /// a long enough key list has such keys, and a token's MAC is then tried
 /// under each of them.

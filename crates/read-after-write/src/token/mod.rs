@@ -41,6 +41,25 @@
 //! (a version 2 token with a 255-byte user id and four clusters) is
 //! rejected before it is decoded, and parsing never panics.
 //!
+//! # Later versions
+//!
+//! A rolling upgrade to a release that writes a new format has, for a
+//! while, instances of this release meeting tokens they cannot read, each
+//! of which may promise a write. So every version from 3 on begins with
+//! the same 18 bytes meaning the same thing: version, key id, user tag
+//! (keyed as above) and expiry; the rest, the bookmarks and the MAC, are
+//! the version's own. A token of a version above [`TOKEN_VERSION`] is read
+//! that far: past its expiry it is refused as
+//! [`Expired`](TokenError::Expired), under a known key with another user's
+//! tag it is another user's, and otherwise it may be the requester's. The
+//! layer then sends every cluster's session reads to the primary (counted
+//! as [`RouteReason::UnknownVersion`](crate::RouteReason::UnknownVersion))
+//! and pins them in any token the response issues, until a write's
+//! capture replaces the pin: unknown means unsafe. [`AffinityToken::verify`]
+//! refuses it as [`WrongVersion`](TokenError::WrongVersion). Upgrade
+//! across a format change in any order; the instances still on the older
+//! release cost primary reads for one TTL, never a stale one.
+//!
 //! # Checks, cheapest first
 //!
 //! Verification is two steps. The first needs no MAC and allocates nothing:
@@ -122,9 +141,11 @@ pub const TOKEN_VERSION: u8 = 3;
 pub const MAX_ENCODED_LEN: usize = (wire::MAX_RAW_LEN * 4).div_ceil(3);
 
 /// Why a token was refused. Each is a reason to treat the token as absent,
-/// but one: a token under a key id this instance does not know
-/// ([`UnknownKey`](Self::UnknownKey)) that names the requester and has not
-/// expired may promise a write, so the layer reads from the primary instead.
+/// but two: a token under a key id this instance does not know
+/// ([`UnknownKey`](Self::UnknownKey)) or in a later release's format
+/// ([`WrongVersion`](Self::WrongVersion)) that names the requester and has
+/// not expired may promise a write, so the layer reads from the primary
+/// instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenError {
@@ -146,8 +167,15 @@ pub enum TokenError {
     /// The token's expiry has passed.
     #[error("affinity token has expired")]
     Expired,
-    /// The token has a format version this crate does not read.
-    #[error("affinity token has an unsupported version")]
+    /// The token has a format version this crate does not read. The
+    /// layer treats one of a later version that names the requester and
+    /// has not expired like [`UnknownKey`](Self::UnknownKey): it may
+    /// promise a write, so the primary (see
+    /// [later versions](crate::token#later-versions)).
+    #[error(
+        "affinity token has a format version this server does not read (a release with a newer \
+         token format rolling out?)"
+    )]
     WrongVersion,
     /// The token is longer than [`MAX_ENCODED_LEN`].
     #[error("affinity token is longer than any valid token")]
@@ -329,6 +357,9 @@ impl AffinityToken {
     ) -> Result<Self, TokenError> {
         let mut buffer = TokenBuffer::new();
         let token = UnverifiedToken::parse(text, now_unix, &mut buffer)?;
+        if token.is_newer() {
+            return Err(TokenError::WrongVersion);
+        }
         if !keys.knows(token.key_id()) {
             return Err(TokenError::UnknownKey);
         }

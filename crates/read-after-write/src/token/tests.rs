@@ -214,6 +214,62 @@ fn oversize_garbage_and_foreign_versions_are_refused() {
     );
 }
 
+/// `text` (a token of this release) as a later release would write it:
+/// the head every format shares kept, `version` in it, a field appended.
+fn later_format(text: &str, version: u8) -> String {
+    let mut raw = URL_SAFE_NO_PAD.decode(text).unwrap();
+    raw[0] = version;
+    raw.push(0xA5);
+    URL_SAFE_NO_PAD.encode(raw)
+}
+
+#[test]
+fn a_later_format_keeps_its_head_and_claims_every_cluster() {
+    let known = keys(1);
+    let signed = sample(7).sign(NAME, &known);
+    for version in [TOKEN_VERSION + 1, 9, u8::MAX] {
+        let text = later_format(&signed, version);
+        let mut buffer = TokenBuffer::new();
+        let token = UnverifiedToken::parse(&text, NOW, &mut buffer).unwrap();
+        assert!(token.is_newer());
+        // The head every version from 3 on shares: key id, tag, expiry.
+        assert_eq!(token.key_id(), known.current().id());
+        assert_eq!(token.expires_at(), NOW + 30);
+        assert!(token.may_name(&user(7), &known));
+        assert!(!token.may_name(&user(8), &known), "another user's tag");
+        let stranger = keys(2);
+        assert_ne!(stranger.current().id(), known.current().id());
+        assert!(
+            token.may_name(&user(8), &stranger),
+            "under an unknown key, anyone's"
+        );
+        // Its bookmarks are the later release's: it may promise a write in
+        // any cluster.
+        assert_eq!(
+            token.bookmarks(),
+            Bookmarks::one(crate::bookmark::Bookmark::EVERY_CLUSTER)
+        );
+        // Never authentic here, and not worth a MAC.
+        let macs = macs_computed();
+        assert_eq!(
+            token.authenticate(NAME, &known, &user(7), &mut MacBudget::new(16)),
+            Checked::Unchecked
+        );
+        assert_eq!(macs_computed(), macs);
+        assert_eq!(verify(&text, &known, 7), Err(TokenError::WrongVersion));
+        // Past its expiry, expired like any token.
+        assert_eq!(
+            UnverifiedToken::parse(&text, NOW + 30, &mut TokenBuffer::new()).err(),
+            Some(TokenError::Expired)
+        );
+    }
+    // Version 0 never existed.
+    assert_eq!(
+        verify(&later_format(&signed, 0), &known, 7),
+        Err(TokenError::WrongVersion)
+    );
+}
+
 #[test]
 fn previous_keys_still_verify_after_rotation() {
     let old = SigningKey::from_bytes(&[1; 32]).unwrap();

@@ -231,6 +231,9 @@ impl<'a> UnverifiedToken<'a> {
             1 => legacy_body + V1_FIXED_LEN + TAG_LEN,
             2 => legacy_body + V2_FIXED_LEN + count(legacy_body + 8)? * BOOKMARK_LEN + TAG_LEN,
             3 => V3_HEAD_LEN + count(V3_HEAD_LEN - 1)? * BOOKMARK_LEN + TAG_LEN,
+            // A later release's format: of its layout only the head every
+            // version from 3 on begins with is known (see the module docs).
+            version if version > TOKEN_VERSION => len,
             _ => return Err(TokenError::WrongVersion),
         };
         if len != expected {
@@ -245,6 +248,14 @@ impl<'a> UnverifiedToken<'a> {
 
     fn version(&self) -> u8 {
         self.raw[0]
+    }
+
+    /// Whether the token is in a format of a later release than this one:
+    /// its head (key id, user tag, expiry) is read, its bookmarks and MAC
+    /// are not. It may promise a write in any cluster, so it claims every
+    /// cluster ([`bookmarks`](Self::bookmarks)) and is never authentic.
+    pub(crate) fn is_newer(&self) -> bool {
+        self.version() > TOKEN_VERSION
     }
 
     /// The id of the key the token claims to be signed with.
@@ -307,6 +318,7 @@ impl<'a> UnverifiedToken<'a> {
     /// The bookmarks the token claims.
     pub(crate) fn bookmarks(&self) -> Bookmarks {
         let entries = match self.version() {
+            version if version > TOKEN_VERSION => return Bookmarks::one(Bookmark::EVERY_CLUSTER),
             1 => {
                 let at = self.legacy_body();
                 let fixed = &self.raw[at..at + V1_FIXED_LEN];
@@ -383,6 +395,10 @@ impl<'a> UnverifiedToken<'a> {
         user: &UserId,
         budget: &mut MacBudget,
     ) -> Checked {
+        if self.is_newer() {
+            // Its MAC's input is a later release's: it cannot be checked here.
+            return Checked::Unchecked;
+        }
         let (payload, tag) = self.raw.split_at(self.raw.len() - TAG_LEN);
         for key in naming.keys() {
             if !budget.take() {
@@ -412,6 +428,9 @@ impl<'a> UnverifiedToken<'a> {
     /// anonymous id stands in for it).
     #[cfg(test)]
     pub(crate) fn authenticate_whoever(&self, name: &str, keys: &KeySet) -> Option<AffinityToken> {
+        if self.is_newer() {
+            return None;
+        }
         let (payload, tag) = self.raw.split_at(self.raw.len() - TAG_LEN);
         keys.with_id(self.key_id()).find_map(|key| {
             let mac = match self.version() {
