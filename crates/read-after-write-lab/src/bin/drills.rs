@@ -44,8 +44,9 @@ struct Args {
     /// Exit non-zero on any stale own read, any hung request or error
     /// outside a fault window, any canary violation, or any drill that
     /// could not be carried out or did not exercise what it is for (no read
-    /// for an unknown key in rolling-key-rotation, none checked after a
-    /// sign-up); or when the negative control (tokens off) shows no stale
+    /// for an unknown key in rolling-key-rotation, none for a later token
+    /// format in rolling-format-upgrade, none checked after a sign-up); or
+    /// when the negative control (tokens off) shows no stale
     /// own read, its stale reads being expected.
     #[arg(long)]
     check: bool,

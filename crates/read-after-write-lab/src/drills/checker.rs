@@ -91,6 +91,11 @@ pub struct RunFigures {
     /// rotation's drill proves nothing without some.
     #[serde(default)]
     pub unknown_key_reads: u64,
+    /// Successful reads the app routed because their token was in a later
+    /// release's format (`reason=unknown_version`): a rolling format
+    /// upgrade's drill proves nothing without some.
+    #[serde(default)]
+    pub unknown_version_reads: u64,
     /// Profile and dashboard reads checked for the user's own sign-up or
     /// login (counted in `own_reads_checked` too).
     #[serde(default)]
@@ -174,6 +179,9 @@ pub fn check(history: &History, facts: &Facts) -> RunFigures {
         }
         if op.kind.is_read() && op.succeeded() && op.reason.as_deref() == Some("unknown_key") {
             figures.unknown_key_reads += 1;
+        }
+        if op.kind.is_read() && op.succeeded() && op.reason.as_deref() == Some("unknown_version") {
+            figures.unknown_version_reads += 1;
         }
         if op.is_session_read() && op.succeeded() {
             let target = if op.on_primary() {

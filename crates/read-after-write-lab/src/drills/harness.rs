@@ -175,6 +175,17 @@ struct Served {
     server: JoinHandle<()>,
     base: String,
     keys: KeySet,
+    release: Release,
+}
+
+/// Which release an app instance runs, as far as tokens go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// This one.
+    This,
+    /// A later release with a newer token format: this one behind
+    /// [`later_format`](super::later_format)'s re-labelling.
+    LaterFormat,
 }
 
 /// The cluster, the proxies, the app instances and the addresses clients
@@ -239,7 +250,7 @@ impl System {
             canary: (0, 0),
         };
         for _ in 0..topology.instances.max(1) {
-            let served = system.serve(old_keys()?).await?;
+            let served = system.serve(old_keys()?, Release::This).await?;
             system.apps.push(Some(served));
         }
         system.publish();
@@ -306,7 +317,7 @@ impl System {
 
     /// Builds a replica set (primary through the proxy, replicas direct or
     /// through the endpoint) and serves a fresh router on a new port.
-    async fn serve(&self, keys: KeySet) -> Result<Served, DrillError> {
+    async fn serve(&self, keys: KeySet, release: Release) -> Result<Served, DrillError> {
         // The apps share their configuration's shape, not its type.
         macro_rules! config {
             ($app:ident) => {
@@ -355,6 +366,12 @@ impl System {
                 (router, replicas)
             }
         };
+        let router = match release {
+            Release::This => router,
+            Release::LaterFormat => router.layer(axum::middleware::from_fn(
+                super::later_format::later_release,
+            )),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|error| DrillError::Setup(format!("binding the app's port: {error}")))?;
@@ -378,6 +395,7 @@ impl System {
             server,
             base: format!("http://{address}"),
             keys,
+            release,
         })
     }
 
@@ -426,7 +444,7 @@ impl System {
     /// Stops serving instance `index`, shuts its replica set's tracker down
     /// and drops it, keeping what its canary found. Every wait is bounded:
     /// a frozen node must not hold the drill.
-    async fn stop_instance(&mut self, index: usize) -> Option<KeySet> {
+    async fn stop_instance(&mut self, index: usize) -> Option<(KeySet, Release)> {
         let app = self.apps.get_mut(index)?.take()?;
         self.publish();
         let _ = app.stop.send(());
@@ -447,7 +465,7 @@ impl System {
             tracing::warn!("the replica set's shutdown took longer than 5 s");
         }
         drop(app.replicas);
-        Some(app.keys)
+        Some((app.keys, app.release))
     }
 
     /// Stops every instance, each with its in-flight requests bounded by
@@ -463,11 +481,11 @@ impl System {
     /// follow the new addresses and keep their cookies.
     pub async fn restart_app(&mut self) -> Result<(), DrillError> {
         for index in 0..self.apps.len() {
-            let keys = match self.stop_instance(index).await {
-                Some(keys) => keys,
-                None => old_keys()?,
+            let (keys, release) = match self.stop_instance(index).await {
+                Some(stopped) => stopped,
+                None => (old_keys()?, Release::This),
             };
-            self.restart_instance(index, keys).await?;
+            self.restart_instance(index, keys, release).await?;
         }
         Ok(())
     }
@@ -475,13 +493,33 @@ impl System {
     /// Instance `index` stops and serves again, now with `keys`: one step
     /// of a rolling deploy.
     pub async fn redeploy(&mut self, index: usize, keys: KeySet) -> Result<(), DrillError> {
-        self.stop_instance(index).await;
-        self.restart_instance(index, keys).await
+        let release = self
+            .stop_instance(index)
+            .await
+            .map_or(Release::This, |(_, release)| release);
+        self.restart_instance(index, keys, release).await
     }
 
-    async fn restart_instance(&mut self, index: usize, keys: KeySet) -> Result<(), DrillError> {
+    /// Instance `index` stops and serves again on a later release with a
+    /// newer token format, with the keys it had: one step of a rolling
+    /// upgrade.
+    pub async fn upgrade(&mut self, index: usize) -> Result<(), DrillError> {
+        let keys = match self.stop_instance(index).await {
+            Some((keys, _)) => keys,
+            None => old_keys()?,
+        };
+        self.restart_instance(index, keys, Release::LaterFormat)
+            .await
+    }
+
+    async fn restart_instance(
+        &mut self,
+        index: usize,
+        keys: KeySet,
+        release: Release,
+    ) -> Result<(), DrillError> {
         self.restarts += 1;
-        let served = self.serve(keys).await?;
+        let served = self.serve(keys, release).await?;
         if let Some(slot) = self.apps.get_mut(index) {
             *slot = Some(served);
         }

@@ -3,8 +3,8 @@
 //! history, the way Jepsen tests are.
 //!
 //! ```sh
-//! cargo run -p read-after-write-lab --release --bin drills             # 11 drills × 3 roles × 3 runs
-//! cargo run -p read-after-write-lab --bin drills -- --short --check    # CI: 11 runs, roles rotated, and the control
+//! cargo run -p read-after-write-lab --release --bin drills             # 12 drills × 3 roles × 3 runs
+//! cargo run -p read-after-write-lab --bin drills -- --short --check    # CI: 12 runs, roles rotated, and the control
 //! cargo run -p read-after-write-lab --release --bin drills -- --drills frozen-primary --roles plain --runs 1
 //! ```
 //!
@@ -25,8 +25,11 @@
 //!    in ten, fixed signing keys shared by every app instance. An app
 //!    restart stops serving, shuts the replica set down, drops it and
 //!    serves a fresh one on a new port; users follow the new address and
-//!    keep their cookies. `rolling-key-rotation` serves two instances, and
-//!    users alternate between them request by request.
+//!    keep their cookies. `rolling-key-rotation` and
+//!    `rolling-format-upgrade` serve two instances, and users alternate
+//!    between them request by request; the latter's upgraded instances are
+//!    a stand-in for a release with a newer token format
+//!    ([`later_format`]).
 //! 3. The load ([`load`]): 12 writers (post, then read their own posts) and
 //!    4 readers (own posts, the feed, an occasional post), each with its
 //!    own cookie jar, 5–20 ms think time; `sign-up` adds 4 users who sign
@@ -84,6 +87,7 @@
 pub mod checker;
 pub mod harness;
 pub mod history;
+pub mod later_format;
 pub mod load;
 pub mod report;
 pub mod scenarios;

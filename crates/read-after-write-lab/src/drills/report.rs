@@ -94,6 +94,9 @@ pub struct Row {
     pub own_read_routes: BTreeMap<String, u64>,
     /// Reads routed for a token under an unknown key id, summed over runs.
     pub unknown_key_reads: u64,
+    /// Reads routed for a token in a later release's format, summed over
+    /// runs.
+    pub unknown_version_reads: u64,
     /// Profile and dashboard reads checked for a sign-up or login.
     pub sign_up_reads_checked: u64,
     /// Of those, how many were stale.
@@ -185,6 +188,7 @@ pub fn rows(runs: &[RunRecord]) -> Vec<Row> {
                     },
                 ),
                 unknown_key_reads: sum(&|f| f.unknown_key_reads),
+                unknown_version_reads: sum(&|f| f.unknown_version_reads),
                 sign_up_reads_checked: sum(&|f| f.sign_up_reads_checked),
                 stale_sign_up_reads: sum(&|f| f.stale_sign_up_reads),
                 last_stuck_start_ms: each(&|f| f.last_stuck_start_ms)
@@ -215,7 +219,7 @@ const HEADERS: [&str; 20] = [
     "primary before",
     "during",
     "after",
-    "unknown key",
+    "unknown key/format",
     "stuck until",
     "canary",
 ];
@@ -246,7 +250,7 @@ fn cells(row: &Row) -> [String; 20] {
         share(row.primary_share_before),
         share(row.primary_share_during),
         share(row.primary_share_after),
-        row.unknown_key_reads.to_string(),
+        format!("{}/{}", row.unknown_key_reads, row.unknown_version_reads),
         ms(row.last_stuck_start_ms),
         format!("{}/{}", row.canary_violations, row.canary_checks),
     ]
@@ -357,8 +361,9 @@ pub fn markdown(report: &CampaignReport) -> String {
          not; fault→write: from the fault to the first successful write sent after it took \
          effect (median of runs); replicas again: from the fault to the first own read a \
          replica served among those sent after recovery (median; - when none did); primary \
-         before / during / after: the primary's share of reads (mean of runs); unknown key: \
-         reads routed for a token signed with a key the instance did not know (to the primary); \
+         before / during / after: the primary's share of reads (mean of runs); unknown \
+         key/format: reads routed for a token signed with a key the instance did not know, and \
+         for one in a later release's format (both to the primary); \
          stuck until: from the fault to the start of the last request in the window that ran \
          into the app's request timeout (latest of runs); canary: session reads the canary \
          found on a server lacking their write, of those it checked. A sign-up's profile read \
@@ -463,6 +468,13 @@ pub fn failures(report: &CampaignReport) -> Vec<String> {
             failures.push(format!(
                 "{name}: no read was routed for an unknown key; the drill did not exercise the \
                  rotation"
+            ));
+        }
+        if row.runs > 0 && row.drill.needs_unknown_version_reads() && row.unknown_version_reads == 0
+        {
+            failures.push(format!(
+                "{name}: no read was routed for a token in a later release's format; the drill \
+                 did not exercise the upgrade"
             ));
         }
         if row.runs > 0 && row.drill == Drill::SignUp && row.sign_up_reads_checked == 0 {

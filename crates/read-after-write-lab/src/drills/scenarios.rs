@@ -60,6 +60,15 @@ pub enum Drill {
     /// a key id it does not know, and must read them from the primary
     /// (`unknown_key`), never eventually.
     RollingKeyRotation,
+    /// Two app instances, requests alternating between them, both on
+    /// this release. An upgrade to a release with a newer token format
+    /// rolled out the same way: instance A restarts on the later release
+    /// (this one behind [`later_format`](super::later_format)'s
+    /// re-labelling) while B still runs this one; B follows 3 s later.
+    /// Meanwhile B meets A's tokens in a format it cannot read, and must
+    /// read them from the primary (`unknown_version`), never eventually;
+    /// once both are upgraded, A's and B's tokens are read again.
+    RollingFormatUpgrade,
     /// Four more users sign up (no identity before), read their new
     /// profile, log in and read their dashboard, in a loop, each round as a
     /// new account; the fault is an app restart mid-load, so some sign-ups
@@ -75,7 +84,7 @@ pub enum Drill {
 
 impl Drill {
     /// Every drill, in campaign order.
-    pub const ALL: [Drill; 11] = [
+    pub const ALL: [Drill; 12] = [
         Drill::PlannedFailover,
         Drill::UnplannedFailoverOrphan,
         Drill::SplitBrain,
@@ -86,6 +95,7 @@ impl Drill {
         Drill::ReaderEndpoint,
         Drill::FrozenReplica,
         Drill::RollingKeyRotation,
+        Drill::RollingFormatUpgrade,
         Drill::SignUp,
     ];
 
@@ -102,6 +112,7 @@ impl Drill {
             Drill::ReaderEndpoint => "reader-endpoint",
             Drill::FrozenReplica => "frozen-replica",
             Drill::RollingKeyRotation => "rolling-key-rotation",
+            Drill::RollingFormatUpgrade => "rolling-format-upgrade",
             Drill::SignUp => "sign-up",
             Drill::ControlNaive => "control-naive",
         }
@@ -114,7 +125,7 @@ impl Drill {
                 instances: 1,
                 reader_endpoint: true,
             },
-            Drill::RollingKeyRotation => Topology {
+            Drill::RollingKeyRotation | Drill::RollingFormatUpgrade => Topology {
                 instances: 2,
                 reader_endpoint: false,
             },
@@ -135,6 +146,12 @@ impl Drill {
     /// the drill did not exercise what it is for.
     pub fn needs_unknown_key_reads(self) -> bool {
         self == Drill::RollingKeyRotation
+    }
+
+    /// Whether its checker must see reads routed for a token in a later
+    /// release's format, or the drill did not exercise what it is for.
+    pub fn needs_unknown_version_reads(self) -> bool {
+        self == Drill::RollingFormatUpgrade
     }
 
     /// Whether this is the negative control rather than a fault drill.
@@ -533,6 +550,13 @@ async fn inject(
             let applied = recorder.now_ms();
             until(recorder, t0 + 3000.0).await;
             system.redeploy(1, rotated_keys()?).await?;
+            applied
+        }
+        Drill::RollingFormatUpgrade => {
+            system.upgrade(0).await?;
+            let applied = recorder.now_ms();
+            until(recorder, t0 + 3000.0).await;
+            system.upgrade(1).await?;
             applied
         }
         Drill::SignUp => {

@@ -371,7 +371,7 @@ fn a_dashboard_read_after_a_login_must_show_it_or_a_later_one() {
 }
 
 #[test]
-fn unknown_key_routes_and_stuck_requests_are_counted() {
+fn unknown_key_and_version_routes_and_stuck_requests_are_counted() {
     let mut unknown = read(1, 1200.0, 1210.0, &[]);
     unknown.node = Some("primary".into());
     unknown.reason = Some("unknown_key".into());
@@ -380,8 +380,13 @@ fn unknown_key_routes_and_stuck_requests_are_counted() {
     stuck.outcome = Outcome::Status(503);
     let mut earlier = read(1, 1100.0, 3100.0, &[]);
     earlier.outcome = Outcome::Status(503);
-    let f = check(&history(vec![unknown, stuck, earlier]), &facts(&[]));
+    let mut later = read(1, 1300.0, 1310.0, &[]);
+    later.node = Some("primary".into());
+    later.reason = Some("unknown_version".into());
+    let f = check(&history(vec![unknown, later, stuck, earlier]), &facts(&[]));
     assert_eq!(f.unknown_key_reads, 1);
+    assert_eq!(f.unknown_version_reads, 1);
+    assert_eq!(f.own_read_routes.get("primary/unknown_version"), Some(&1));
     assert_eq!(f.last_stuck_start_ms, Some(500.0));
     assert_eq!(f.own_read_routes.get("primary/unknown_key"), Some(&1));
 }

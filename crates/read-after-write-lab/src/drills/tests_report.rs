@@ -128,6 +128,29 @@ fn a_rotation_drill_that_met_no_unknown_key_proves_nothing() {
 }
 
 #[test]
+fn an_upgrade_drill_that_met_no_later_format_proves_nothing() {
+    let mut upgrade = run(Drill::RollingFormatUpgrade, Role::Plain, 0, 300);
+    let failures_without = failures(&report(vec![control(250), upgrade.clone()]));
+    assert_eq!(failures_without.len(), 1, "{failures_without:?}");
+    assert!(failures_without[0].contains("in a later release's format"));
+    if let Some(figures) = upgrade.figures.as_mut() {
+        // Reads for an unknown key do not stand in for them.
+        figures.unknown_key_reads = 12;
+    }
+    assert_eq!(
+        failures(&report(vec![control(250), upgrade.clone()])).len(),
+        1
+    );
+    if let Some(figures) = upgrade.figures.as_mut() {
+        figures.unknown_version_reads = 12;
+    }
+    assert_eq!(
+        failures(&report(vec![control(250), upgrade])),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
 fn the_control_row_comes_last_set_apart_and_explained() {
     let r = report(vec![
         control(250),
