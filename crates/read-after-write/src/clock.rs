@@ -36,7 +36,7 @@ pub trait Clock: Send + Sync + 'static {
 ///
 /// On Linux it reads the kernel's coarse wall clock
 /// (`CLOCK_REALTIME_COARSE`), which the kernel updates every tick (1 to
-/// 4 ms): reading it is a load through the vDSO, about 3 ns, where
+/// 10 ms, with the kernel's `HZ`): reading it is a load through the vDSO, about 3 ns, where
 /// [`SystemTime::now`](std::time::SystemTime::now) asks the hardware clock (about 33 ns on a cloud VM),
 /// and every request with a token reads the clock once. Expiry is in whole
 /// seconds, so a reading up to one tick old changes nothing but that a

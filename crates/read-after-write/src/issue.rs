@@ -239,7 +239,8 @@ pub(crate) fn mint_token<B>(
 ) -> Option<String> {
     // The clock has whole seconds and a token is valid while `now <
     // expires_at`: one more second makes it live at least the full TTL
-    // whatever fraction of a second it was issued in.
+    // whatever fraction of a second it was issued in (less the coarse
+    // clock's tick, against a precise one: milliseconds).
     let ttl = crate::config::ttl_seconds(shared).unsigned_abs();
     let expires_at = shared
         .clock

@@ -165,9 +165,10 @@ impl Claims {
 
 /// What the request's tokens claimed that the layer could not read:
 /// candidates that name the requester and have not expired but were signed
-/// with a key id this instance does not know, or were left unchecked when
-/// the MAC budget ran out (and verified bookmarks that found no room beside
-/// the others). Not the same as no token: if genuine, each may promise a
+/// with a key id this instance does not know, are in a later release's
+/// format (claiming every cluster), or were left unchecked when the MAC
+/// budget ran out (and verified bookmarks that found no room beside the
+/// others). Not the same as no token: if genuine, each may promise a
 /// write. The clusters they name are read from the primary, and pinned in
 /// the token the response issues unless the request captured them.
 #[derive(Clone, Debug, Default)]

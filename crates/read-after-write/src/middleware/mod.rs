@@ -57,9 +57,12 @@
 //! promise as much, every cluster such a token names (each one the layer
 //! serves, for a backend that reports no cluster id) is read from the
 //! primary: `reason="unknown_key"` for an unknown key, `unknown_version`
-//! for a later format, `position_unknown` otherwise. A cluster it does not name reads as it would without it. An
-//! expired one is absent like any expired token: the TTL bounds every
-//! promise. These are rows of [the failure table](crate::guide::failures#tokens),
+//! for a later format, `position_unknown` otherwise. A cluster it does not
+//! name reads as it would without it. An expired one is absent like any
+//! expired token: the TTL bounds every promise. So is one under an unknown key or in a later format that
+//! claims an expiry more than [`MAX_TTL`] and a day ahead, which no
+//! instance issues: random bytes that happen to parse, or a planted token
+//! meant to pin a user for good. These are rows of [the failure table](crate::guide::failures#tokens),
 //! with the tests that prove them.
 //!
 //! # What an issued token keeps

@@ -118,6 +118,11 @@ where
     }
 }
 
+/// The furthest ahead a token the layer cannot verify may claim to expire,
+/// in seconds from now: the longest TTL any instance issues, and a day for
+/// clocks that disagree.
+const UNVERIFIABLE_HORIZON: u64 = crate::config::MAX_TTL_SECONDS + 24 * 60 * 60;
+
 /// What a request's tokens said, all of them checked and merged.
 struct ReadTokens {
     outcome: TokenOutcome,
@@ -217,15 +222,29 @@ fn read_token<B: Backend>(
                 }
             };
             let known_key = shared.keys.knows(candidate.key_id());
+            // A token the layer cannot verify (a later format, an unknown
+            // key) claims its expiry unchecked. No instance issues one
+            // further ahead than the longest TTL: beyond that (and a day
+            // for clocks that disagree) it is junk that happened to parse,
+            // not a promise, and a planted one cannot pin a user longer.
+            if (candidate.is_newer() || !known_key)
+                && candidate.expires_at() > now.saturating_add(UNVERIFIABLE_HORIZON)
+            {
+                first_failure.get_or_insert(TokenOutcome::Rejected(TokenError::Malformed));
+                return false;
+            }
             // Bound to its user before the MAC (by the user id of versions 1
             // and 2, by the keyed tag of version 3): a token that could not
             // be used even if authentic is not worth one. Such a token may
             // be forged; it is counted by what it claims. A version 3 token
             // under an unknown key may be anyone's: it counts as the
             // requester's.
-            let naming = user.map(|user| (user, candidate.naming(user, &shared.keys)));
-            let Some((user, naming)) = naming.filter(|(_, naming)| naming.may_be_theirs()) else {
+            let naming = user.map(|user| candidate.naming(user, &shared.keys));
+            let Some(naming) = naming.filter(|naming| naming.may_be_theirs()) else {
                 first_failure.get_or_insert(match (known_key, user) {
+                    (false, _) if candidate.is_newer() => {
+                        TokenOutcome::Rejected(TokenError::WrongVersion)
+                    }
                     (false, _) => TokenOutcome::Rejected(TokenError::UnknownKey),
                     (true, None) => TokenOutcome::NoIdentity,
                     (true, Some(_)) => TokenOutcome::OtherUser,
@@ -254,7 +273,7 @@ fn read_token<B: Backend>(
             if valid && !candidate.adds_to(&carried) {
                 return false;
             }
-            match candidate.authenticate_as(&shared.cookie_name, &naming, user, &mut budget) {
+            match candidate.authenticate_as(&shared.cookie_name, &naming, &mut budget) {
                 Checked::Authentic(token) => {
                     valid = true;
                     expires_at = expires_at.max(token.expires_at());

@@ -458,17 +458,70 @@ async fn a_later_format_of_another_user_or_expired_is_absent() {
             &[RouteReason::NoToken][..]
         )
     );
-    // Too short to hold the shared head and a MAC: malformed, absent.
-    let mut raw = vec![crate::token::TOKEN_VERSION + 1; 30];
-    raw[10..18].copy_from_slice(&(NOW + 30).to_be_bytes());
-    let short = format!("primary_affinity={}", URL_SAFE_NO_PAD.encode(raw));
-    let read = send(&layer, "/read", &short).await;
+    // Too short to hold the shared head and a MAC (33 bytes): malformed,
+    // absent. 34 bytes hold both: a later format's token.
+    for (len, expected) in [
+        (33, (TokenError::Malformed, RouteReason::NoToken)),
+        (34, (TokenError::WrongVersion, RouteReason::UnknownVersion)),
+    ] {
+        let mut raw = vec![crate::token::TOKEN_VERSION + 1; len];
+        raw[1] = 0;
+        raw[10..18].copy_from_slice(&(NOW + 30).to_be_bytes());
+        let cookie = format!("primary_affinity={}", URL_SAFE_NO_PAD.encode(raw));
+        let read = send(&layer, "/read", &cookie).await;
+        assert_eq!(
+            (read.seen().outcome, &read.seen().reasons[..]),
+            (TokenOutcome::Rejected(expected.0), &[expected.1][..]),
+            "{len} bytes"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unverifiable_token_claiming_an_expiry_no_instance_issues_is_junk() {
+    let layer = one_cluster(old_keys());
+    // Unchecked, its expiry could be anything: random bytes that parse as
+    // a later format, or a planted token meant to pin a user for years.
+    // No instance issues one further ahead than the longest TTL; with a
+    // day's slack for clocks, beyond it is junk.
+    let horizon = NOW + crate::middleware::MAX_TTL.as_secs() + 24 * 60 * 60;
+    let claiming = |expires_at: u64, keys: &KeySet| {
+        let token = AffinityToken::new(UserId::from(USER), at(0x500, 7).position, expires_at)
+            .sign(DEFAULT_COOKIE_NAME, keys);
+        [
+            format!("primary_affinity={token}"),
+            format!("primary_affinity={}", later_format(&token)),
+        ]
+    };
+    let [unknown_key, later] = claiming(horizon, &new_keys());
+    assert_eq!(
+        send(&layer, "/read", &unknown_key).await.seen().reasons,
+        [RouteReason::UnknownKey]
+    );
+    assert_eq!(
+        send(&layer, "/read", &later).await.seen().reasons,
+        [RouteReason::UnknownVersion]
+    );
+    let junk = (
+        TokenOutcome::Rejected(TokenError::Malformed),
+        &[RouteReason::NoToken][..],
+    );
+    let [unknown_key, later] = claiming(horizon + 1, &new_keys());
+    for cookie in [unknown_key, later] {
+        let read = send(&layer, "/read", &cookie).await;
+        assert_eq!((read.seen().outcome, &read.seen().reasons[..]), junk);
+    }
+    // A later format under a key it holds is no more checked than under
+    // one it does not.
+    let [own, later] = claiming(horizon + 1, &old_keys());
+    let read = send(&layer, "/read", &later).await;
+    assert_eq!((read.seen().outcome, &read.seen().reasons[..]), junk);
+    // This release's own format under a key it holds is verified: its
+    // signer is trusted, whatever the expiry.
+    let read = send(&layer, "/read", &own).await;
     assert_eq!(
         (read.seen().outcome, &read.seen().reasons[..]),
-        (
-            TokenOutcome::Rejected(TokenError::Malformed),
-            &[RouteReason::NoToken][..]
-        )
+        (TokenOutcome::Valid, &[RouteReason::CaughtUp][..])
     );
 }
 

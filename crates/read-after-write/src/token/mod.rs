@@ -45,20 +45,31 @@
 //!
 //! A rolling upgrade to a release that writes a new format has, for a
 //! while, instances of this release meeting tokens they cannot read, each
-//! of which may promise a write. So every version from 3 on begins with
-//! the same 18 bytes meaning the same thing: version, key id, user tag
-//! (keyed as above) and expiry; the rest, the bookmarks and the MAC, are
-//! the version's own. A token of a version above [`TOKEN_VERSION`] is read
-//! that far: past its expiry it is refused as
-//! [`Expired`](TokenError::Expired), under a known key with another user's
-//! tag it is another user's, and otherwise it may be the requester's. The
-//! layer then sends every cluster's session reads to the primary (counted
-//! as [`RouteReason::UnknownVersion`](crate::RouteReason::UnknownVersion))
-//! and pins them in any token the response issues, until a write's
-//! capture replaces the pin: unknown means unsafe. [`AffinityToken::verify`]
-//! refuses it as [`WrongVersion`](TokenError::WrongVersion). Upgrade
-//! across a format change in any order; the instances still on the older
-//! release cost primary reads for one TTL, never a stale one.
+//! of which may promise a write. So every version from 3 on keeps what
+//! this release needs to tell that a token is the requester's and
+//! unexpired: the same encoding (base64url without padding, at most
+//! [`MAX_ENCODED_LEN`] characters) and the same first 18 bytes meaning the
+//! same thing: version, key id, user tag (keyed as above) and expiry. The
+//! rest, the bookmarks and the MAC (at least 16 bytes), are the version's
+//! own. A token of a version above [`TOKEN_VERSION`] is read that far:
+//! past its expiry it is refused as [`Expired`](TokenError::Expired), under
+//! a known key with another user's tag it is another user's, and otherwise
+//! it may be the requester's. The layer then sends every cluster's session
+//! reads to the primary (counted as
+//! [`RouteReason::UnknownVersion`](crate::RouteReason::UnknownVersion)) and
+//! pins them in any token the response issues, until a write's capture
+//! replaces the pin: unknown means unsafe. Its expiry is unchecked, so one
+//! claiming more than [`MAX_TTL`](crate::middleware::MAX_TTL) and a day
+//! ahead is junk that happened to parse (as for a token under an unknown
+//! key). [`AffinityToken::verify`] refuses it as
+//! [`WrongVersion`](TokenError::WrongVersion). Upgrade across a format
+//! change in any order; the instances still on the older release cost
+//! primary reads for one TTL, never a stale one in this layer's clusters.
+//! Other services' bookmarks in such a token cannot be read: a write
+//! through an older instance replaces the every-cluster claim with what it
+//! captured, so in setups where services pass tokens on, upgrade the
+//! services that read other services' bookmarks first (see [what an issued
+//! token keeps](crate::middleware#what-an-issued-token-keeps)).
 //!
 //! # Checks, cheapest first
 //!
@@ -368,7 +379,7 @@ impl AffinityToken {
             return Err(TokenError::OtherUser);
         }
         // One caller, one token: no budget but the key list's.
-        match token.authenticate_as(name, &naming, user, &mut MacBudget::new(usize::MAX)) {
+        match token.authenticate_as(name, &naming, &mut MacBudget::new(usize::MAX)) {
             Checked::Authentic(token) => Ok(token),
             Checked::Forged | Checked::Unchecked => Err(TokenError::BadSignature),
         }

@@ -27,8 +27,14 @@ const BOOKMARK_LEN: usize = 8 + 4 + 8 + 8;
 /// [`MAX_CLUSTERS`] bookmarks.
 pub(super) const MAX_RAW_LEN: usize =
     LEGACY_HEAD_LEN + UserId::MAX_LEN + V2_FIXED_LEN + MAX_CLUSTERS * BOOKMARK_LEN + TAG_LEN;
-/// The shortest raw token of any version: version 1 with an empty user id.
+/// The shortest raw token of versions 1 to 3: version 1 with an empty
+/// user id.
 const MIN_RAW_LEN: usize = LEGACY_HEAD_LEN + V1_FIXED_LEN + TAG_LEN;
+/// The head every version from 3 on begins with: version, key id, user
+/// tag, expiry.
+pub(crate) const SHARED_HEAD_LEN: usize = 1 + 1 + 8 + 8;
+/// The shortest raw token of a later version: the shared head and a MAC.
+const MIN_LATER_LEN: usize = SHARED_HEAD_LEN + TAG_LEN;
 
 /// The MAC of version 3 and on: HMAC-SHA256 over a length-prefixed `name`
 /// then the token's bytes, so that no two (name, payload) pairs give the
@@ -142,31 +148,26 @@ pub(crate) enum Checked {
 }
 
 /// Under which keys a token is a requester's
-/// ([`UnverifiedToken::naming`]).
-pub(crate) enum Naming<'k> {
-    /// The token's key id is not in the key set: it may be the requester's
-    /// (a version 3 token's tag cannot be checked without its key).
-    UnknownKey,
-    /// The keys with the token's id under which it names the requester;
-    /// none: it is another user's.
-    Keys(SmallVec<[&'k SigningKey; 2]>),
+/// ([`UnverifiedToken::naming`]): it carries the requester, so that a token
+/// authenticated under it is theirs and no one else's.
+pub(crate) struct Naming<'a> {
+    user: &'a UserId,
+    /// The keys with the token's id under which it names `user` (none: it
+    /// is another user's); `None` when the id is not in the key set, so
+    /// that it may be theirs (a version 3 token's tag cannot be checked
+    /// without its key).
+    keys: Option<SmallVec<[&'a SigningKey; 2]>>,
 }
 
 impl Naming<'_> {
     /// Whether the token may be the requester's.
     pub(crate) fn may_be_theirs(&self) -> bool {
-        match self {
-            Naming::UnknownKey => true,
-            Naming::Keys(keys) => !keys.is_empty(),
-        }
+        self.keys.as_ref().is_none_or(|keys| !keys.is_empty())
     }
 
     /// The keys worth a MAC: none for an unknown key id.
     fn keys(&self) -> &[&SigningKey] {
-        match self {
-            Naming::UnknownKey => &[],
-            Naming::Keys(keys) => keys,
-        }
+        self.keys.as_deref().unwrap_or_default()
     }
 }
 
@@ -215,7 +216,8 @@ impl<'a> UnverifiedToken<'a> {
         let raw: &[u8] = URL_SAFE_NO_PAD
             .decode(text.as_bytes(), Out::from_slice(out))
             .map_err(|_| TokenError::Malformed)?;
-        if len < MIN_RAW_LEN {
+        let newer = raw.first().is_some_and(|&version| version > TOKEN_VERSION);
+        if len < if newer { MIN_LATER_LEN } else { MIN_RAW_LEN } {
             return Err(TokenError::Malformed);
         }
         let count = |at: usize| -> Result<usize, TokenError> {
@@ -232,7 +234,8 @@ impl<'a> UnverifiedToken<'a> {
             2 => legacy_body + V2_FIXED_LEN + count(legacy_body + 8)? * BOOKMARK_LEN + TAG_LEN,
             3 => V3_HEAD_LEN + count(V3_HEAD_LEN - 1)? * BOOKMARK_LEN + TAG_LEN,
             // A later release's format: of its layout only the head every
-            // version from 3 on begins with is known (see the module docs).
+            // version from 3 on begins with is known (see
+            // `crate::token#later-versions`).
             version if version > TOKEN_VERSION => len,
             _ => return Err(TokenError::WrongVersion),
         };
@@ -286,7 +289,7 @@ impl<'a> UnverifiedToken<'a> {
     /// Under which keys of `keys` the token is `user`'s, worked out once
     /// per token: each key costs a version 3 token a SipHash, and the keys
     /// that name the requester are the only ones worth a MAC.
-    pub(crate) fn naming<'k>(&self, user: &UserId, keys: &'k KeySet) -> Naming<'k> {
+    pub(crate) fn naming<'n>(&self, user: &'n UserId, keys: &'n KeySet) -> Naming<'n> {
         if !keys.knows(self.key_id()) {
             // A version 3 token under a key id the set does not hold cannot
             // be told apart from the requester's (its tag is keyed), so it
@@ -295,17 +298,19 @@ impl<'a> UnverifiedToken<'a> {
                 Binding::Id(id) => id == user.as_bytes(),
                 Binding::Tag(_) => true,
             };
-            return if theirs {
-                Naming::UnknownKey
-            } else {
-                Naming::Keys(SmallVec::new())
+            return Naming {
+                user,
+                keys: (!theirs).then(SmallVec::new),
             };
         }
-        Naming::Keys(
-            keys.with_id(self.key_id())
-                .filter(|key| self.names_under(user, key))
-                .collect(),
-        )
+        Naming {
+            user,
+            keys: Some(
+                keys.with_id(self.key_id())
+                    .filter(|key| self.names_under(user, key))
+                    .collect(),
+            ),
+        }
     }
 
     /// Whether the token may be `user`'s: it names them under some key of
@@ -379,7 +384,7 @@ impl<'a> UnverifiedToken<'a> {
         user: &UserId,
         budget: &mut MacBudget,
     ) -> Checked {
-        self.authenticate_as(name, &self.naming(user, keys), user, budget)
+        self.authenticate_as(name, &self.naming(user, keys), budget)
     }
 
     /// Checks the tag (HMAC-SHA256, compared in constant time) against each
@@ -392,7 +397,6 @@ impl<'a> UnverifiedToken<'a> {
         &self,
         name: &str,
         naming: &Naming<'_>,
-        user: &UserId,
         budget: &mut MacBudget,
     ) -> Checked {
         if self.is_newer() {
@@ -414,7 +418,7 @@ impl<'a> UnverifiedToken<'a> {
                 return Checked::Authentic(AffinityToken::decoded(
                     self.version(),
                     self.key_id(),
-                    user.clone(),
+                    naming.user.clone(),
                     self.bookmarks(),
                     self.expires_at(),
                 ));
