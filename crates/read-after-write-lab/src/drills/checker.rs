@@ -96,6 +96,11 @@ pub struct RunFigures {
     /// upgrade's drill proves nothing without some.
     #[serde(default)]
     pub unknown_version_reads: u64,
+    /// Of those, the ones sent after the window: in a rolling format
+    /// upgrade every instance reads the later format by then, so any means
+    /// the upgraded instances do not read their own tokens.
+    #[serde(default)]
+    pub unknown_version_reads_after: u64,
     /// Profile and dashboard reads checked for the user's own sign-up or
     /// login (counted in `own_reads_checked` too).
     #[serde(default)]
@@ -182,6 +187,9 @@ pub fn check(history: &History, facts: &Facts) -> RunFigures {
         }
         if op.kind.is_read() && op.succeeded() && op.reason.as_deref() == Some("unknown_version") {
             figures.unknown_version_reads += 1;
+            if op.start_ms > window_end {
+                figures.unknown_version_reads_after += 1;
+            }
         }
         if op.is_session_read() && op.succeeded() {
             let target = if op.on_primary() {

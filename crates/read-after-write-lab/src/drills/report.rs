@@ -97,6 +97,8 @@ pub struct Row {
     /// Reads routed for a token in a later release's format, summed over
     /// runs.
     pub unknown_version_reads: u64,
+    /// Of those, the ones sent after the window, summed over runs.
+    pub unknown_version_reads_after: u64,
     /// Profile and dashboard reads checked for a sign-up or login.
     pub sign_up_reads_checked: u64,
     /// Of those, how many were stale.
@@ -189,6 +191,7 @@ pub fn rows(runs: &[RunRecord]) -> Vec<Row> {
                 ),
                 unknown_key_reads: sum(&|f| f.unknown_key_reads),
                 unknown_version_reads: sum(&|f| f.unknown_version_reads),
+                unknown_version_reads_after: sum(&|f| f.unknown_version_reads_after),
                 sign_up_reads_checked: sum(&|f| f.sign_up_reads_checked),
                 stale_sign_up_reads: sum(&|f| f.stale_sign_up_reads),
                 last_stuck_start_ms: each(&|f| f.last_stuck_start_ms)
@@ -475,6 +478,13 @@ pub fn failures(report: &CampaignReport) -> Vec<String> {
             failures.push(format!(
                 "{name}: no read was routed for a token in a later release's format; the drill \
                  did not exercise the upgrade"
+            ));
+        }
+        if row.drill.needs_unknown_version_reads() && row.unknown_version_reads_after > 0 {
+            failures.push(format!(
+                "{name}: {} reads were routed for a later format after every instance was \
+                 upgraded; the upgraded instances do not read their own tokens",
+                row.unknown_version_reads_after
             ));
         }
         if row.runs > 0 && row.drill == Drill::SignUp && row.sign_up_reads_checked == 0 {

@@ -386,6 +386,7 @@ fn unknown_key_and_version_routes_and_stuck_requests_are_counted() {
     let f = check(&history(vec![unknown, later, stuck, earlier]), &facts(&[]));
     assert_eq!(f.unknown_key_reads, 1);
     assert_eq!(f.unknown_version_reads, 1);
+    assert_eq!(f.unknown_version_reads_after, 0, "inside the window");
     assert_eq!(f.own_read_routes.get("primary/unknown_version"), Some(&1));
     assert_eq!(f.last_stuck_start_ms, Some(500.0));
     assert_eq!(f.own_read_routes.get("primary/unknown_key"), Some(&1));

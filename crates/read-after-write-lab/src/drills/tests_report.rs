@@ -145,9 +145,17 @@ fn an_upgrade_drill_that_met_no_later_format_proves_nothing() {
         figures.unknown_version_reads = 12;
     }
     assert_eq!(
-        failures(&report(vec![control(250), upgrade])),
+        failures(&report(vec![control(250), upgrade.clone()])),
         Vec::<String>::new()
     );
+    // Still routed so once both instances run the later release: the
+    // stand-in does not read its own tokens.
+    if let Some(figures) = upgrade.figures.as_mut() {
+        figures.unknown_version_reads_after = 2;
+    }
+    let failures = failures(&report(vec![control(250), upgrade]));
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(failures[0].contains("after every instance was upgraded"));
 }
 
 #[test]
