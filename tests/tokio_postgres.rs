@@ -140,7 +140,7 @@ async fn own_posts_are_never_stale_and_the_naive_read_is() {
         .wait_for_replicas_caught_up(Duration::from_secs(10))
         .await
         .unwrap();
-    let answer = visitor.send("GET", "/api/posts", None).await;
+    let answer = visitor.get_until_served_by("/api/posts", "replica-1").await;
     assert!(answer.route.contains("node=replica-1"), "{}", answer.route);
     assert_eq!(answer.json::<Vec<Post>>().len(), POSTS);
 

@@ -46,6 +46,24 @@ impl Visitor {
         }
     }
 
+    /// `GET path` until `node` serves it, every 50 ms for at most 5 s, and
+    /// that answer (or, failing, the last). Right after a replica has
+    /// replayed a write, the app's tracker learns it at its next poll, not
+    /// the moment the test does: until then a read may still go to the
+    /// primary, by design.
+    pub async fn get_until_served_by(&mut self, path: &str, node: &str) -> Answer {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let answer = self.send("GET", path, None).await;
+            let served = answer.route.contains(&format!("node={node};"))
+                || answer.route.ends_with(&format!("node={node}"));
+            if served || tokio::time::Instant::now() >= deadline {
+                return answer;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn send(&mut self, method: &str, path: &str, body: Option<Value>) -> Answer {
         let mut request = Request::builder().method(method).uri(path);
         if let Some(user) = self.user {
