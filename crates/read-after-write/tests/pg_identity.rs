@@ -208,6 +208,32 @@ where
     (done, cookie)
 }
 
+/// Reads post `id` back on `service` as `user` with `cookie`: first the
+/// naive control, an eventual read (what treating the token as absent
+/// does), whether it found the post; then the session read.
+async fn read_back<S>(service: &S, user: i64, id: i64, cookie: &str) -> (bool, Done)
+where
+    S: Service<Request<()>, Response = Response<()>, Error = Infallible> + Clone,
+{
+    let (naive, _) = send(
+        service,
+        Method::GET,
+        &format!("/eventual/posts/{id}"),
+        Some(user),
+        Some(cookie),
+    )
+    .await;
+    let (read, _) = send(
+        service,
+        Method::GET,
+        &format!("/read/posts/{id}"),
+        Some(user),
+        Some(cookie),
+    )
+    .await;
+    (naive.found.unwrap(), read)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_rotation_rolled_out_to_one_instance_never_serves_a_stale_own_read() {
     let cluster = cluster().await;
@@ -249,26 +275,8 @@ async fn a_key_rotation_rolled_out_to_one_instance_never_serves_a_stale_own_read
                 &UserId::from(user),
             );
             assert_eq!(token.map(|t| t.key_id()), Ok(new.id()));
-            // The naive control on B: what treating that token as absent
-            // does, an eventual read.
-            let (naive, _) = send(
-                &b,
-                Method::GET,
-                &format!("/eventual/posts/{id}"),
-                Some(user),
-                cookie.as_deref(),
-            )
-            .await;
-            naive_stale += usize::from(!naive.found.unwrap());
-            // The session read on B.
-            let (read, _) = send(
-                &b,
-                Method::GET,
-                &format!("/read/posts/{id}"),
-                Some(user),
-                cookie.as_deref(),
-            )
-            .await;
+            let (naive, read) = read_back(&b, user, id, cookie.as_deref().unwrap()).await;
+            naive_stale += usize::from(!naive);
             reads += 1;
             stale += usize::from(!read.found.unwrap());
             assert_eq!(read.reason, Some(RouteReason::UnknownKey));
@@ -332,26 +340,8 @@ async fn an_upgrade_that_changes_the_token_format_never_serves_a_stale_own_read(
             cookie = issued.or(cookie);
             let id = wrote.id.unwrap();
             let later = in_a_later_format(cookie.as_deref().unwrap());
-            // The naive control on B: what treating that token as absent
-            // does, an eventual read.
-            let (naive, _) = send(
-                &b,
-                Method::GET,
-                &format!("/eventual/posts/{id}"),
-                Some(user),
-                Some(&later),
-            )
-            .await;
-            naive_stale += usize::from(!naive.found.unwrap());
-            // The session read on B.
-            let (read, _) = send(
-                &b,
-                Method::GET,
-                &format!("/read/posts/{id}"),
-                Some(user),
-                Some(&later),
-            )
-            .await;
+            let (naive, read) = read_back(&b, user, id, &later).await;
+            naive_stale += usize::from(!naive);
             reads += 1;
             stale += usize::from(!read.found.unwrap());
             assert_eq!(read.reason, Some(RouteReason::UnknownVersion));

@@ -7,7 +7,6 @@
 //! diesel-async ([`AppBackend::DieselAsync`], `examples/diesel_async`) or
 //! SeaORM ([`AppBackend::SeaOrm`], `examples/sea_orm`).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
@@ -15,11 +14,9 @@ use std::time::Duration;
 use read_after_write::pg::{PgReplicaSet, PgReplicaSetBuilder, PgSetupError};
 use read_after_write::{Backend, Consistency, KeySet, ReadAfterWriteLayer, SigningKey};
 use read_after_write_testkit::{TcpProxy, TestCluster};
-use sqlx::Connection;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use super::history::{StoredAccount, StoredPost};
 use super::DrillError;
 pub use crate::roles::Role;
 use crate::social;
@@ -525,73 +522,6 @@ impl System {
         }
         self.publish();
         Ok(())
-    }
-
-    /// Reads the rows of the node at `port` as `postgres` directly (not
-    /// through a proxy), bounded by 10 s.
-    async fn read_node<T, F>(&self, port: u16, what: &str, read: F) -> Result<T, DrillError>
-    where
-        F: AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
-    {
-        let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        let attempt = async {
-            let mut conn = sqlx::PgConnection::connect(&url).await?;
-            let rows = read(&mut conn).await?;
-            let _ = conn.close().await;
-            Ok::<_, sqlx::Error>(rows)
-        };
-        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-            Ok(Ok(rows)) => Ok(rows),
-            Ok(Err(error)) => Err(DrillError::Facts(format!(
-                "reading the {what} on port {port}: {error}"
-            ))),
-            Err(_) => Err(DrillError::Facts(format!(
-                "reading the {what} on port {port} took longer than 10 s"
-            ))),
-        }
-    }
-
-    /// Every post on the node at `port`.
-    pub async fn posts_on(&self, port: u16) -> Result<HashMap<i64, StoredPost>, DrillError> {
-        let rows: Vec<(i64, i64, String)> = self
-            .read_node(port, "posts", async |conn| {
-                sqlx::query_as("select id, user_id, content from posts")
-                    .fetch_all(conn)
-                    .await
-            })
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, user, content)| (id, StoredPost { user, content }))
-            .collect())
-    }
-
-    /// Every account, and every login, on the node at `port`.
-    pub async fn accounts_on(
-        &self,
-        port: u16,
-    ) -> Result<(HashMap<i64, StoredAccount>, HashMap<i64, i64>), DrillError> {
-        let accounts: Vec<(i64, String)> = self
-            .read_node(port, "accounts", async |conn| {
-                sqlx::query_as("select id, name from accounts")
-                    .fetch_all(conn)
-                    .await
-            })
-            .await?;
-        let logins: Vec<(i64, i64)> = self
-            .read_node(port, "logins", async |conn| {
-                sqlx::query_as("select id, user_id from logins")
-                    .fetch_all(conn)
-                    .await
-            })
-            .await?;
-        Ok((
-            accounts
-                .into_iter()
-                .map(|(id, name)| (id, StoredAccount { name }))
-                .collect(),
-            logins.into_iter().collect(),
-        ))
     }
 }
 

@@ -6,9 +6,13 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use sqlx::Connection;
 
 use serde::{Deserialize, Serialize};
+
+use super::DrillError;
 
 /// What an operation did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,4 +314,67 @@ impl Default for Recorder {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Reads the rows of the node at `port` as `postgres` directly (not
+/// through a proxy), bounded by 10 s.
+async fn read_node<T, F>(port: u16, what: &str, read: F) -> Result<T, DrillError>
+where
+    F: AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+{
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let attempt = async {
+        let mut conn = sqlx::PgConnection::connect(&url).await?;
+        let rows = read(&mut conn).await?;
+        let _ = conn.close().await;
+        Ok::<_, sqlx::Error>(rows)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(error)) => Err(DrillError::Facts(format!(
+            "reading the {what} on port {port}: {error}"
+        ))),
+        Err(_) => Err(DrillError::Facts(format!(
+            "reading the {what} on port {port} took longer than 10 s"
+        ))),
+    }
+}
+
+/// Every post on the node at `port`, read directly as `postgres`.
+pub async fn posts_on(port: u16) -> Result<HashMap<i64, StoredPost>, DrillError> {
+    let rows: Vec<(i64, i64, String)> = read_node(port, "posts", async |conn| {
+        sqlx::query_as("select id, user_id, content from posts")
+            .fetch_all(conn)
+            .await
+    })
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, user, content)| (id, StoredPost { user, content }))
+        .collect())
+}
+
+/// Every account, and every login, on the node at `port`.
+pub async fn accounts_on(
+    port: u16,
+) -> Result<(HashMap<i64, StoredAccount>, HashMap<i64, i64>), DrillError> {
+    let accounts: Vec<(i64, String)> = read_node(port, "accounts", async |conn| {
+        sqlx::query_as("select id, name from accounts")
+            .fetch_all(conn)
+            .await
+    })
+    .await?;
+    let logins: Vec<(i64, i64)> = read_node(port, "logins", async |conn| {
+        sqlx::query_as("select id, user_id from logins")
+            .fetch_all(conn)
+            .await
+    })
+    .await?;
+    Ok((
+        accounts
+            .into_iter()
+            .map(|(id, name)| (id, StoredAccount { name }))
+            .collect(),
+        logins.into_iter().collect(),
+    ))
 }

@@ -407,9 +407,8 @@ pub async fn run_once(
             // Whichever node the proxy sends the app to at the end is the
             // primary whose data counts.
             let final_primary = system.proxy.target_port();
-            match system.posts_on(final_primary).await {
-                Ok(posts) => system
-                    .accounts_on(final_primary)
+            match super::history::posts_on(final_primary).await {
+                Ok(posts) => super::history::accounts_on(final_primary)
                     .await
                     .map(|(accounts, logins)| (window, posts, accounts, logins)),
                 Err(error) => Err(error),
